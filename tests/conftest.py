@@ -8,15 +8,24 @@ local loop.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Hermetic datasets cache for the whole session (subprocesses inherit it): a map cached by an
+# earlier run must not hide the work a test expects to see. Set before `datasets` is imported.
+_DATASETS_CACHE = tempfile.mkdtemp(prefix="reflectune-test-datasets-")
+os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
+if "datasets" in sys.modules:  # pragma: no cover - a plugin imported it first
+    sys.modules["datasets"].config.HF_DATASETS_CACHE = _DATASETS_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("REFLECTUNE_SHARED", REPO.parent / "shared"))
@@ -89,6 +98,16 @@ def stop_llama_server(server: LlamaServer) -> None:
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_DATASETS_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_oracle_cache(tmp_path, monkeypatch):
+    """Each test gets its own oracle cache file; converted models stay in the shared cache root."""
+    monkeypatch.setenv("REFLECTUNE_HF_ORACLE_CACHE", str(tmp_path / "oracle.sqlite"))
 
 
 @pytest.fixture(scope="session")
