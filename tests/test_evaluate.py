@@ -1,0 +1,306 @@
+"""Evaluation stages: GenerateResponses and PairwiseJudge with a scripted oracle, load_eval_set on
+small files and on the five public test sets, the eval script (REFERENCE.md §11)."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+import pickle
+import re
+import subprocess
+import sys
+
+import pytest
+from datasets import Dataset
+from datasets.fingerprint import Hasher
+
+import reflectune_hf.evaluate as evaluate_mod
+from reflectune_hf.data import ColumnError
+from reflectune_hf.evaluate import GenerateResponses, PairwiseJudge, judge_summary, load_eval_set
+from reflectune_hf.oracles.base import ChatResult
+from reflectune_hf.prompts import JUDGE_SYSTEM, judge_messages
+
+from conftest import REPO
+
+QUALITY = {"good": 9, "fair": 6, "poor": 3}
+
+
+class ScriptedOracle:
+    """A deterministic test double of the oracle protocol: canned answers keyed on the request.
+
+    As an answering model: "fail" in the question gives an oracle error, "silent" a blank answer,
+    "long" a truncated one; otherwise it echoes the question. As a judge: each answer's score is
+    QUALITY of its first word (+`bias` for the answer shown first); an answer containing
+    "garble" gets prose without scores, "boom" an oracle error.
+    """
+
+    def __init__(self, bias: int = 0, record: bool = True):
+        self.bias = bias
+        self.requests = [] if record else None
+
+    def complete(self, requests):
+        if self.requests is not None:
+            self.requests.extend(requests)
+        return [self._answer(r) for r in requests]
+
+    def _answer(self, request):
+        user = request.message_dicts[-1]["content"]
+        usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+        if user.startswith("[Question]"):
+            answers = re.findall(r"\[The Start of Assistant \d's Answer\]\n(.*?)\n\n\[The End", user, re.S)
+            if any("boom" in a for a in answers):
+                return ChatResult.failure("HTTP 500 from judge")
+            if any("garble" in a for a in answers):
+                return ChatResult(texts=["Both assistants tried their best."], finish_reasons=["stop"], usage=usage)
+            s1, s2 = (QUALITY[a.split()[0]] for a in answers)
+            return ChatResult(texts=[f"{s1 + self.bias} {s2}\nExplanation."], finish_reasons=["stop"], usage=usage)
+        if "fail" in user:
+            return ChatResult.failure("connection reset")
+        if "silent" in user:
+            return ChatResult(texts=["  "], finish_reasons=["stop"], usage=usage)
+        reason = "length" if "long" in user else "stop"
+        return ChatResult(texts=[f"answer to: {user}"], finish_reasons=[reason], usage=usage)
+
+
+class MiscountingOracle:
+    def complete(self, requests):
+        return [ChatResult(texts=["x"])]
+
+
+# --------------------------------------------------------------------------- GenerateResponses
+
+
+def test_generate_responses_statuses_rows_and_requests():
+    ds = Dataset.from_dict({
+        "id": [10, 11, 12, 13, 14, 15],
+        "instruction": ["Say hi.", "Summarise.", "Please fail.", "Stay silent.", "Write long.", ""],
+        "input": ["", "Some text.", "", None, "", ""],
+        "keep": list("abcdef"),
+    })
+    oracle = ScriptedOracle()
+    stage = GenerateResponses(oracle, column="response_a", max_tokens=64, temperature=0.7, top_p=0.9, seed=3,
+                              system_prompt="Be brief.")
+    out = ds.map(stage, batched=True, batch_size=4)
+    assert out["id"] == [10, 11, 12, 13, 14, 15] and out["keep"] == list("abcdef")
+    assert out["response_a_status"] == ["ok", "ok", "oracle_error", "empty", "truncated", "empty_instruction"]
+    assert out["response_a"][0] == "answer to: Say hi."
+    assert out["response_a"][1] == "answer to: Summarise.\n\nSome text."     # input after a blank line
+    assert out["response_a"][2:4] == ["", ""] and out["response_a"][5] == ""
+    assert out["response_a_error"] == ["", "", "connection reset", "", "", ""]
+    assert len(oracle.requests) == 5                                         # the empty instruction is not sent
+    request = oracle.requests[0]
+    assert request.message_dicts[0] == {"role": "system", "content": "Be brief."}
+    assert (request.max_tokens, request.temperature, request.top_p, request.seed) == (64, 0.7, 0.9, 3)
+    assert stage.usage == {"prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60}
+
+
+def test_generate_responses_bad_input_and_bad_oracle():
+    with pytest.raises(ColumnError, match="instruction"):
+        Dataset.from_dict({"prompt": ["x"]}).map(GenerateResponses(ScriptedOracle()), batched=True)
+    with pytest.raises(ColumnError, match="must hold strings"):
+        GenerateResponses(ScriptedOracle())({"instruction": [3]})
+    with pytest.raises(TypeError, match="complete"):
+        GenerateResponses(object())
+    with pytest.raises(RuntimeError, match="1 results for 2 requests"):
+        GenerateResponses(MiscountingOracle())({"instruction": ["a", "b"]})
+
+
+def test_stage_fingerprint_ignores_runtime_state():
+    stage = GenerateResponses(ScriptedOracle(record=False))
+    before = Hasher.hash(stage)
+    stage({"instruction": ["Say hi."]})
+    assert stage.usage["total_tokens"] == 15
+    assert Hasher.hash(stage) == before                       # usage counters are transient
+    assert pickle.loads(pickle.dumps(stage)).usage is None
+    assert Hasher.hash(GenerateResponses(ScriptedOracle(record=False), temperature=0.5)) != before
+
+
+# --------------------------------------------------------------------------- PairwiseJudge
+
+
+def _pairs():
+    return Dataset.from_dict({
+        "id": list(range(7)),
+        "instruction": ["Q0", "Q1", "Q2", "Q3", "Q4", "Q5", "Q6"],
+        "input": ["", "ctx", "", "", "", "", ""],
+        "response_a": ["good one", "poor one", "fair one", "good garble", "good boom", "", "fair one"],
+        "response_b": ["poor one", "good one", "fair one", "poor one", "poor one", "good one", "fair one"],
+    })
+
+
+def test_pairwise_judge_both_orders_verdicts_and_failures():
+    oracle = ScriptedOracle()
+    judge = PairwiseJudge(oracle, max_tokens=32)
+    out = _pairs().map(judge, batched=True, batch_size=3)
+    assert out["id"] == list(range(7))
+    assert out["verdict"] == ["win", "lose", "tie", "error", "error", "error", "tie"]
+    assert out["judge_status"] == ["ok", "ok", "ok", "unparseable", "oracle_error", "missing_response", "ok"]
+    assert out["scores_ab"][0] == [9.0, 3.0] and out["scores_ba"][0] == [3.0, 9.0]
+    assert all(math.isnan(x) for x in out["scores_ab"][3] + out["scores_ba"][4] + out["scores_ab"][5])
+    assert out["judge_ab"][0].startswith("9 3") and out["judge_ba"][3] == "Both assistants tried their best."
+    assert "no score line" in out["judge_error"][3] and "HTTP 500" in out["judge_error"][4]
+    assert out["judge_error"][5] == "empty answer in response_a" and out["judge_error"][0] == ""
+    # Both orders were sent, A first then B first, with the prompt of §11; nothing for the empty answer.
+    assert len(oracle.requests) == 2 * 6
+    ab, ba = oracle.requests[2], oracle.requests[3]          # row 1 (has an input)
+    assert ab.message_dicts == judge_messages("Q1\n\nctx", "poor one", "good one")
+    assert ba.message_dicts == judge_messages("Q1\n\nctx", "good one", "poor one")
+    assert ab.message_dicts[0]["content"] == JUDGE_SYSTEM and (ab.max_tokens, ab.temperature) == (32, 0.0)
+    s = judge_summary(out)
+    assert (s["wins"], s["ties"], s["losses"], s["errors"], s["judged"]) == (1, 2, 1, 3, 4)
+    assert s["win_score"] == 1.0
+
+
+def test_pairwise_judge_position_bias_is_cancelled():
+    # This judge adds 1 to whatever it reads first: one order alone would call equal answers a win.
+    biased = PairwiseJudge(ScriptedOracle(bias=1))
+    out = _pairs().select([0, 1, 2, 6]).map(biased, batched=True)
+    assert out["scores_ab"][2] == [7.0, 6.0] and out["scores_ba"][2] == [7.0, 6.0]
+    assert out["verdict"] == ["win", "lose", "tie", "tie"]
+
+
+def test_pairwise_judge_custom_columns_and_missing_columns():
+    ds = Dataset.from_dict({"instruction": ["Q"], "new": ["good"], "old": ["poor"]})
+    assert ds.map(PairwiseJudge(ScriptedOracle(), columns=("new", "old")), batched=True)["verdict"] == ["win"]
+    with pytest.raises(ColumnError, match="response_b"):
+        ds.map(PairwiseJudge(ScriptedOracle()), batched=True)
+
+
+def test_generate_then_judge_pipeline():
+    questions = Dataset.from_dict({"instruction": ["good question", "fair question"], "input": ["", ""]})
+
+    class Answerer(ScriptedOracle):
+        def __init__(self, word):
+            super().__init__()
+            self.word = word
+
+        def _answer(self, request):
+            return ChatResult(texts=[f"{self.word} answer"], finish_reasons=["stop"])
+
+    ds = questions.map(GenerateResponses(Answerer("good"), column="response_a"), batched=True)
+    ds = ds.map(GenerateResponses(Answerer("poor"), column="response_b"), batched=True)
+    judged = ds.map(PairwiseJudge(ScriptedOracle()), batched=True)
+    assert judge_summary(judged)["wins"] == 2
+
+
+# --------------------------------------------------------------------------- load_eval_set
+
+SMALL_SETS = {
+    "vicuna": [{"question_id": 1, "text": "How can I sleep better?", "category": "generic"}],
+    "wizardlm": [{"idx": 5, "Skill": "Math", "Difficulty": 1, "Instruction": "f(x) = 6x^2, so f(4) ="}],
+    "koala": [{"id": "koala_0", "prompt": "List 3 films."}],
+    "sinstruct": [{"id": "t0", "motivation_app": "Grammarly", "instruction": "Rewrite concisely.",
+                   "instances": [{"input": "If you have any questions, please ask.", "output": "Ask away."}]},
+                  {"id": "t1", "motivation_app": "x", "instruction": "Tell a joke.",
+                   "instances": [{"input": "", "output": "..."}]}],
+    "lima": [{"conversations": "Write a haiku."}, {"conversations": ["Turn one?", "Answer one."]}],
+}
+EXPECTED = {
+    "vicuna": [("How can I sleep better?", "", "1")],
+    "wizardlm": [("f(x) = 6x^2, so f(4) =", "", "5")],
+    "koala": [("List 3 films.", "", "koala_0")],
+    "sinstruct": [("Rewrite concisely.", "If you have any questions, please ask.", "t0"), ("Tell a joke.", "", "t1")],
+    "lima": [("Write a haiku.", "", "0"), ("Turn one?", "", "1")],
+}
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_SETS))
+def test_load_eval_set_small_files(tmp_path, name):
+    ds = load_eval_set(_write_jsonl(tmp_path / f"{name}_test_set.jsonl", SMALL_SETS[name]))
+    assert ds.column_names == ["id", "instruction", "input", "test_set", "source_id"]
+    assert [(r["instruction"], r["input"], r["source_id"]) for r in ds] == EXPECTED[name]
+    assert ds["id"] == list(range(len(ds))) and set(ds["test_set"]) == {name}
+
+
+def test_load_eval_set_names_arrays_limits_and_errors(tmp_path, monkeypatch):
+    _write_jsonl(tmp_path / "koala_test_set.jsonl", SMALL_SETS["koala"] * 3)
+    assert len(load_eval_set("koala", eval_dir=tmp_path)) == 3
+    monkeypatch.setenv("REFLECTUNE_HF_EVAL_DIR", str(tmp_path))
+    assert len(load_eval_set("koala", max_rows=2)) == 2
+    array = tmp_path / "mine.json"
+    array.write_text(json.dumps([{"instruction": "Add.", "input": "2 3"}]))
+    assert load_eval_set(array)[0]["input"] == "2 3"                          # plain Alpaca rows, JSON array
+    forced = load_eval_set(_write_jsonl(tmp_path / "both.jsonl", [{"text": "T", "prompt": "P"}]), format="vicuna")
+    assert forced["instruction"] == ["T"]
+    with pytest.raises(FileNotFoundError, match="not bundled"):
+        load_eval_set("no_such_set")
+    with pytest.raises(ValueError, match="Cannot tell the test-set format.*'question'"):
+        load_eval_set(_write_jsonl(tmp_path / "odd.jsonl", [{"question": "?"}]))
+    with pytest.raises(ValueError, match="Unknown test-set format"):
+        load_eval_set(array, format="mmlu")
+    with pytest.raises(ValueError, match="row 1 has no 'prompt'"):
+        load_eval_set(_write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a"}, {"text": "b"}]))
+    with pytest.raises(ValueError, match="holds no rows"):
+        load_eval_set(_write_jsonl(tmp_path / "empty.jsonl", []))
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{oops\n')
+    with pytest.raises(ValueError, match="not JSON"):
+        load_eval_set(tmp_path / "broken.jsonl")
+    with pytest.raises(ValueError, match="must be a string"):
+        load_eval_set(_write_jsonl(tmp_path / "num.jsonl", [{"text": 5}]))
+
+
+def test_load_eval_set_the_five_public_sets(shared_data):
+    sizes = {"vicuna": 80, "wizardlm": 218, "koala": 180, "sinstruct": 252, "lima": 300}
+    for name, size in sizes.items():
+        ds = load_eval_set(name, eval_dir=shared_data / "eval")
+        assert len(ds) == size and set(ds["test_set"]) == {name}
+        assert all(q.strip() for q in ds["instruction"]), name
+    sinstruct = load_eval_set(shared_data / "eval" / "sinstruct_test_set.jsonl")
+    assert sum(1 for x in sinstruct["input"] if x) == 208               # instances[0].input where present
+    assert load_eval_set(shared_data / "eval" / "vicuna_test_set.jsonl")[0]["instruction"] == \
+        "How can I improve my time management skills?"
+
+
+# --------------------------------------------------------------------------- the eval script
+
+
+def _script(*args, **kwargs):
+    env = {**kwargs.pop("env", {}), "PYTHONPATH": str(REPO)}
+    import os
+
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), *args], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=300, **kwargs)
+
+
+def test_eval_script_rejects_inconsistent_flags():
+    result = _script("--model_a", "x", "--judge_model", "j")
+    assert result.returncode == 2 and "--model_b" in result.stderr
+    result = _script("--responses_a", "a.jsonl", "--judge_model", "j")
+    assert result.returncode == 2 and "both --responses_a and --responses_b" in result.stderr
+    result = _script("--model_a", "x", "--model_b", "y", "--test_sets", "vicuna")
+    assert result.returncode == 2 and "--judge_model is required" in result.stderr
+
+
+def test_run_eval_with_response_files(tmp_path, monkeypatch):
+    from reflectune_hf import eval_run
+
+    rows = [{"id": i, "instruction": f"Q{i}", "test_set": "mine"} for i in range(4)]
+    _write_jsonl(tmp_path / "a.jsonl", [{**r, "response": w} for r, w in zip(rows, ["good", "good", "fair", "poor"])])
+    _write_jsonl(tmp_path / "b.jsonl", [{**r, "output": w} for r, w in zip(rows[::-1], ["fair", "fair", "poor", "good"])])
+    monkeypatch.setattr(eval_run, "make_oracle", lambda model, base_url, max_tokens: ScriptedOracle())
+    config = eval_run.EvalConfig(responses_a=str(tmp_path / "a.jsonl"), responses_b=str(tmp_path / "b.jsonl"),
+                                 judge_model="scripted", output_dir=str(tmp_path / "out"))
+    result = eval_run.run_eval(config)
+    # b is in reverse order: aligned by id, so the pairs are (good, good) (good, poor) (fair, fair) (poor, fair).
+    s = result["summaries"]["mine"]
+    assert (s["wins"], s["ties"], s["losses"], s["errors"]) == (1, 2, 1, 0)
+    judged = [json.loads(line) for line in open(result["files"]["mine"])]
+    assert [r["verdict"] for r in judged] == ["tie", "win", "tie", "lose"]
+    summary = json.loads(open(result["files"]["summary"]).read())
+    assert summary["summaries"]["mine"]["judged"] == 4 and summary["config"]["judge_model"] == "scripted"
+    assert "mine" in result["table"] and open(result["files"]["chart"], "rb").read(4) == b"\x89PNG"
+    bad = tmp_path / "c.jsonl"
+    _write_jsonl(bad, [{"id": i, "instruction": f"other {i}", "response": "x"} for i in range(4)])
+    with pytest.raises(ValueError, match="different questions"):
+        eval_run.run_eval(eval_run.EvalConfig(responses_a=str(tmp_path / "a.jsonl"), responses_b=str(bad),
+                                              judge_model="scripted", output_dir=str(tmp_path / "out2")))
+
+
+def test_doctests():
+    assert doctest.testmod(evaluate_mod, optionflags=doctest.ELLIPSIS).failed == 0

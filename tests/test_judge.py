@@ -1,0 +1,125 @@
+"""Judge arithmetic: score parsing on judge texts we wrote, the two-order verdict rule on all nine
+combinations, the summary and the stacked bar chart (REFERENCE.md §11)."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+
+import pytest
+from matplotlib.image import imread
+
+import reflectune_hf.judge as judge_mod
+from reflectune_hf.judge import format_judge_table, judge_summary, judge_verdict, parse_judge_scores, plot_judge
+
+# (judge text, expected (Assistant 1, Assistant 2) scores or None when unparseable)
+JUDGE_TEXTS = [
+    ("8 7\nAssistant 1 is more detailed.", (8.0, 7.0)),                          # the requested form
+    ("8, 7\nBoth are relevant.", (8.0, 7.0)),                                    # the reference's comma form
+    ("7.5 9\nAssistant 2 explains the steps.", (7.5, 9.0)),                      # decimals
+    ("  \n\n9 6\nLeading blank lines.", (9.0, 6.0)),
+    ("Assistant 1: 8\nAssistant 2: 7\nExplanation follows.", (8.0, 7.0)),       # labelled, one per line
+    ("**Assistant 1**: 8/10\n**Assistant 2**: 6.5/10", (8.0, 6.5)),             # markdown and /10
+    ("Assistant 1 receives a score of 9, Assistant 2 receives a score of 4.", (9.0, 4.0)),
+    ("Assistant 1's overall score is: **8**. Assistant 2's overall score is: **6**.", (8.0, 6.0)),
+    ("Assistant 2: 5\nAssistant 1: 9", (9.0, 5.0)),                              # labels out of order
+    ("Scores: 8 and 7\nThe first is better.", (8.0, 7.0)),
+    ("The scores are 3 and 10.", (3.0, 10.0)),
+    ("**Scores**\n8 7\nblah", (8.0, 7.0)),                                       # score line after a heading
+    ("Here is my evaluation:\n\n9 / 10, 8 / 10", (9.0, 8.0)),
+    ("8 out of 10, 7 out of 10", (8.0, 7.0)),
+    ("10 10\nBoth perfect.", (10.0, 10.0)),
+    ("0 0\nNeither answered.", (0.0, 0.0)),
+    # unparseable: must never become a result
+    ("Both answers are fine.", None),
+    ("", None),
+    ("   \n  ", None),
+    ("11 12\nOut of range.", None),
+    ("-1 -1", None),                                                              # the reference's failure marker
+    ("Assistant 1 lists 3 tips while Assistant 2 lists 5.", None),               # numbers that are not scores
+    ("1. Helpfulness: 8 vs 7\n2. Accuracy: 6 vs 9", None),                       # per-criterion, no overall line
+    ("Assistant 1: 8", None),                                                     # one score only
+    ("I would rate them highly because Assistant 2 was", None),                  # truncated prose
+    ("8 7 6\nThree numbers.", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", JUDGE_TEXTS, ids=[f"text{i}" for i in range(len(JUDGE_TEXTS))])
+def test_parse_judge_scores(text, expected):
+    assert parse_judge_scores(text) == expected
+
+
+def test_parse_judge_scores_non_strings():
+    assert parse_judge_scores(None) is None
+    assert parse_judge_scores(42) is None
+
+
+def _order(sign: int) -> tuple[float, float]:
+    """Scores (shown first, shown second) in one order where A is better (+1), tied (0) or worse (-1)."""
+    return {1: (8.0, 6.0), 0: (7.0, 7.0), -1: (5.0, 9.0)}[sign]
+
+
+# (A vs B in the A-first order, A vs B in the B-first order) -> verdict, per REFERENCE.md §11
+NINE = {(1, 1): "win", (1, 0): "win", (0, 1): "win",
+        (-1, -1): "lose", (-1, 0): "lose", (0, -1): "lose",
+        (0, 0): "tie", (1, -1): "tie", (-1, 1): "tie"}
+
+
+@pytest.mark.parametrize("first,second", sorted(NINE))
+def test_verdict_all_nine_order_combinations(first, second):
+    scores_ab = _order(first)                    # (A, B)
+    a_second, b_first = _order(second)           # in the B-first order A is Assistant 2
+    scores_ba = (b_first, a_second)              # as printed: (B, A)
+    assert judge_verdict(scores_ab, scores_ba) == NINE[(first, second)]
+    # Swapping the models' roles mirrors the verdict.
+    mirrored = {"win": "lose", "lose": "win", "tie": "tie"}[NINE[(first, second)]]
+    assert judge_verdict((scores_ab[1], scores_ab[0]), (scores_ba[1], scores_ba[0])) == mirrored
+
+
+@pytest.mark.parametrize("scores_ab,scores_ba", [
+    (None, (8, 7)), ((8, 7), None), (None, None), ((math.nan, math.nan), (8, 7)), ((8, 7), [7.0, math.nan]),
+    ((8,), (7, 8)),
+])
+def test_verdict_error_without_scores(scores_ab, scores_ba):
+    assert judge_verdict(scores_ab, scores_ba) == "error"
+
+
+def test_position_bias_cancels():
+    # A judge that adds 2 to whichever answer it sees first: equal answers come out as a tie.
+    assert judge_verdict((9, 7), (9, 7)) == "tie"
+
+
+def test_judge_summary_counts_and_win_score():
+    verdicts = ["win"] * 5 + ["tie"] * 3 + ["lose"] * 2 + ["error"] * 4
+    s = judge_summary({"verdict": verdicts})
+    assert (s["rows"], s["wins"], s["ties"], s["losses"], s["errors"], s["judged"]) == (14, 5, 3, 2, 4, 10)
+    assert s["win_score"] == pytest.approx((5 - 2) / 10 + 1)       # errors are not in "All"
+    assert s["win_rate"] == 0.5 and s["tie_rate"] == 0.3 and s["lose_rate"] == 0.2
+    json.dumps(s, allow_nan=False)
+    nothing = judge_summary(["error", "error"])
+    assert nothing["judged"] == 0 and nothing["win_score"] is None and nothing["win_rate"] is None
+    with pytest.raises(ValueError, match="outside"):
+        judge_summary({"verdict": ["win", "draw"]})
+
+
+def test_plot_judge_png_and_table(tmp_path):
+    summaries = {
+        "vicuna": judge_summary(["win"] * 40 + ["tie"] * 25 + ["lose"] * 12 + ["error"] * 3),
+        "koala": judge_summary(["win"] * 70 + ["tie"] * 60 + ["lose"] * 50),
+        "lima": judge_summary(["error"] * 5),
+    }
+    path = plot_judge(summaries, tmp_path / "sub" / "judge.png", title="recycled vs alpaca",
+                      labels=("recycled", "alpaca"))
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 150 and image.shape[1] > 600
+    assert plot_judge(summaries["vicuna"], tmp_path / "one.png").is_file()  # a single summary: one bar
+    with pytest.raises(ValueError):
+        plot_judge({}, tmp_path / "none.png")
+    table = format_judge_table(summaries).splitlines()
+    assert table[2].split() == ["vicuna", "40", "25", "12", "3", "1.364"]
+    assert table[4].split()[-1] == "n/a"
+
+
+def test_doctests():
+    assert doctest.testmod(judge_mod, optionflags=doctest.ELLIPSIS).failed == 0

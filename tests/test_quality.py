@@ -1,0 +1,158 @@
+"""Data-quality report: real MiniLM coherence, perplexity from scorer columns or a student model,
+token lengths, IFD, and what is said when something is omitted (REFERENCE.md §11)."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+
+import numpy as np
+import pytest
+from datasets import Dataset, DatasetDict
+
+import reflectune_hf.quality as quality_mod
+from reflectune_hf.models import load_causal_lm
+from reflectune_hf.prompts import get_scoring_template
+from reflectune_hf.quality import (EmbeddingModelNotAvailable, MiniLMEmbedder, coherence_scores, minilm_path,
+                                   quality_report, response_perplexity)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return MiniLMEmbedder(batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def student(smollm2_dir):
+    return load_causal_lm(smollm2_dir, device="cpu")
+
+
+def _shuffled(ds, seed=0):
+    """The same rows with every response moved to another row's instruction."""
+    n = len(ds)
+    perm = np.random.default_rng(seed).permutation(n)
+    perm = np.where(perm == np.arange(n), np.roll(perm, 1), perm)   # no row keeps its own response
+    assert not (perm == np.arange(n)).any()
+    outputs = list(ds["output"])
+    return ds.remove_columns("output").add_column("output", [outputs[i] for i in perm])
+
+
+def test_coherence_matched_beats_shuffled(sample, student, embedder):
+    tokenizer = student[1]
+    matched = quality_report(sample, tokenizer=tokenizer, embedder=embedder)["splits"]["data"]["coherence"]
+    shuffled = quality_report(_shuffled(sample), tokenizer=tokenizer, embedder=embedder)["splits"]["data"]["coherence"]
+    assert matched["count"] == shuffled["count"] == 40 and matched["missing"] == 0
+    assert matched["mean"] > shuffled["mean"] + 0.2
+    assert -1.0 <= shuffled["min"] <= matched["max"] <= 1.0
+    assert matched["median"] > shuffled["q95"] - 0.2
+
+
+def test_minilm_matches_sentence_transformers(embedder):
+    st = pytest.importorskip("sentence_transformers")
+    texts = ["A cat sat on the mat.", "", "Explain photosynthesis. " * 80, "Quantum computing basics"]
+    reference = st.SentenceTransformer(str(minilm_path()), device="cpu").encode(texts, normalize_embeddings=True)
+    assert np.abs(embedder.encode(texts) - reference).max() < 1e-5      # mean pooling, 256-token truncation
+
+
+def test_coherence_scores_blank_and_mismatch(embedder):
+    scores = coherence_scores(["Name a fruit.", " ", "Name a fruit."], ["An apple.", "x", ""], embedder)
+    assert scores[0] > 0.3 and math.isnan(scores[1]) and math.isnan(scores[2])
+    with pytest.raises(ValueError, match="2 instructions but 1 responses"):
+        coherence_scores(["a", "b"], ["c"], embedder)
+
+
+def _scored(ds, seed):
+    rng = np.random.default_rng(seed)
+    n = len(ds)
+    losses = {c: rng.uniform(0.5, 3.0, n) for c in ("loss_ins_alone", "loss_out_alone", "loss_ins_condition",
+                                                       "loss_out_condition")}
+    status = ["ok"] * n
+    status[0] = status[1] = "error"
+    ifd = np.exp(losses["loss_out_condition"] - losses["loss_out_alone"])
+    ifd[0] = ifd[1] = 0.0           # the reference's failure marker must not count
+    return ds.add_column("score_status", status).add_column("ifd", ifd.tolist()), losses
+
+
+def test_quality_report_from_scorer_columns(sample, student, embedder):
+    tokenizer = student[1]
+    origin, losses = _scored(sample, 0)
+    for name, values in losses.items():
+        origin = origin.add_column(name.replace("loss_", "ppl_"), np.exp(values).tolist())
+    only_losses, losses_b = _scored(sample.select(range(10)), 1)
+    for name, values in losses_b.items():
+        only_losses = only_losses.add_column(name, values.tolist())
+    report = quality_report(DatasetDict({"origin": origin, "reflect": only_losses}), tokenizer=tokenizer,
+                            embedder=embedder)
+    json.dumps(report, allow_nan=False)
+    assert report["length_unit"] == "tokens" and list(report["splits"]) == ["origin", "reflect"]
+    entry = report["splits"]["origin"]
+    ppl = entry["perplexity"]
+    assert ppl["source"] == "columns" and set(ppl["columns"]) == {"ppl_ins_alone", "ppl_out_alone",
+                                                                  "ppl_ins_condition", "ppl_out_condition"}
+    expected = np.exp(losses["loss_out_condition"][2:])        # rows whose score_status is not ok are missing
+    assert ppl["columns"]["ppl_out_condition"]["count"] == 38
+    assert ppl["columns"]["ppl_out_condition"]["missing"] == 2
+    assert ppl["columns"]["ppl_out_condition"]["mean"] == pytest.approx(expected.mean())
+    assert entry["ifd"]["count"] == 38 and entry["ifd"]["missing"] == 2
+    n_tokens = len(tokenizer(sample[5]["output"], add_special_tokens=False)["input_ids"])
+    lengths = [len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in sample["output"]]
+    assert entry["lengths"]["response"]["max"] == max(lengths) and n_tokens in lengths
+    reflect = report["splits"]["reflect"]
+    assert reflect["rows"] == 10
+    assert reflect["perplexity"]["columns"]["ppl_ins_alone"]["mean"] == pytest.approx(
+        np.exp(losses_b["loss_ins_alone"][2:]).mean())                # exp of the loss columns
+    assert reflect["coherence"]["count"] == 10
+
+
+def test_quality_report_says_what_is_omitted(sample, student, monkeypatch):
+    small = sample.select(range(4))
+    report = quality_report(small, tokenizer=student[1], coherence=False)
+    entry = report["splits"]["data"]
+    assert "no student" in entry["perplexity"]["omitted"] and entry["coherence"] == {"omitted": "coherence=False"}
+    assert "ifd" not in entry
+
+    def missing():
+        raise EmbeddingModelNotAvailable("Coherence needs the all-MiniLM-L6-v2 model of the package ...\npip ...")
+
+    monkeypatch.setattr(quality_mod, "minilm_path", missing)
+    entry = quality_report(small, tokenizer=student[1])["splits"]["data"]
+    assert entry["coherence"]["omitted"].startswith("Coherence needs")
+    with pytest.raises(EmbeddingModelNotAvailable):
+        quality_report(small, tokenizer=student[1], coherence=True)
+    with pytest.raises(TypeError):
+        quality_report([{"instruction": "x"}])
+
+
+def test_quality_report_student_perplexity(sample, student):
+    model, tokenizer = student
+    shortest = np.argsort([len(q) + len(i) + len(o) for q, i, o in zip(sample["instruction"], sample["input"],
+                                                                         sample["output"])])[:4]
+    rows = sample.select(shortest).to_list()
+    rows[3]["output"] = ""                                             # nothing to score: missing, not 0
+    ds = Dataset.from_list(rows)
+    report = quality_report(ds, student=student, coherence=False)
+    ppl = report["splits"]["data"]["perplexity"]
+    assert ppl["source"].startswith("student") and ppl["template"] == "vicuna"
+    stats = ppl["columns"]["ppl_out_condition"]
+    assert stats["count"] == 3 and stats["missing"] == 1 and stats["min"] > 1.0
+    # The batched value (padded beside a longer row) equals transformers' own loss on the response tokens.
+    import torch
+
+    tmpl = get_scoring_template("vicuna")
+    prompt = tmpl.format(rows[0]["instruction"], rows[0]["input"])
+    long_prompt = tmpl.format(rows[1]["instruction"], rows[1]["input"])
+    ours = response_perplexity(model, tokenizer, [prompt, long_prompt, prompt],
+                               [rows[0]["output"], rows[1]["output"], ""], batch_size=2)
+    assert ours[1] > 1.0 and math.isnan(ours[2])
+    ids = tokenizer(prompt + rows[0]["output"], return_tensors="pt")["input_ids"]
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    labels = ids.clone()
+    labels[:, :n_prompt] = -100
+    with torch.inference_mode():
+        loss = model(input_ids=ids, labels=labels).loss.item()
+    assert ours[0] == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_doctests():
+    assert doctest.testmod(quality_mod, optionflags=doctest.ELLIPSIS).failed == 0
