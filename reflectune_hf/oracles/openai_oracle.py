@@ -235,11 +235,12 @@ class OpenAIOracle(CachingOracle):
         try:
             async with self._client() as client:
                 await self._check_reachable(client)
-                tasks = [asyncio.ensure_future(worker(client)) for _ in range(min(self.max_concurrency, len(requests)))]
+                workers = min(self.max_concurrency, len(requests))
+                tasks = [asyncio.ensure_future(worker(client)) for _ in range(workers)]
                 try:
                     await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                     for task in tasks:
-                        if task.done() and task.exception() is not None:
+                        if task.done() and not task.cancelled() and task.exception() is not None:
                             raise task.exception()
                 finally:
                     for task in tasks:
