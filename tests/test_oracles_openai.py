@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, free_port
 
-from reflectune_hf.oracles import ChatRequest, OpenAIOracle, OracleCache, OracleConfigurationError
+from reflectune_hf.oracles import ChatRequest, OpenAIOracle, Oracle, OracleCache, OracleConfigurationError
 from reflectune_hf.oracles.loopback import LoopbackServer
 
 
@@ -168,6 +168,7 @@ def test_fingerprint_is_the_configuration_only_and_equal_across_processes(monkey
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-env-key-never-pickled")
     oracle = OpenAIOracle("m", base_url="http://127.0.0.1:9/v1")
+    assert isinstance(oracle, Oracle)
     code = ("from datasets.fingerprint import Hasher; from reflectune_hf.oracles import OpenAIOracle; "
             "print(Hasher.hash(OpenAIOracle('m', base_url='http://127.0.0.1:9/v1')))")
     env = {**subprocess_env(), "OPENAI_API_KEY": "another-key"}
