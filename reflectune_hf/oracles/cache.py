@@ -265,7 +265,8 @@ class CachingOracle(LazyState):
         keys = [r.key(model, base_url) for r in requests]
         store = self.cache_store
         found = store.get_many(keys) if store is not None else {}
-        self.usage["cached"] += sum(k in found for k in keys)
+        hits = sum(k in found for k in keys)
+        self.usage["cached"] += hits
         pending = {k: r for k, r in zip(keys, requests) if k not in found}
         if pending:
             todo_keys, todo = list(pending), list(pending.values())
@@ -278,8 +279,15 @@ class CachingOracle(LazyState):
                 elif store is not None:
                     store.put(todo_keys[i], result, request=todo[i], model=model, base_url=base_url)
 
-            for key, result in zip(todo_keys, self._send(todo, on_result)):
+            answers = self._send(todo, on_result)
+            for key, result in zip(todo_keys, answers):
                 found[key] = result
+            failed = [r.error for r in answers if not r.ok]
+            logger.info("%s: %d requests, %d from the cache, %d sent (duplicates once), %d failed",
+                        type(self).__name__, len(requests), hits, len(todo), len(failed))
+            if failed:
+                logger.warning("%d of %d requests failed (not cached: a rerun retries them). First error: %s",
+                               len(failed), len(todo), failed[0])
         seen: set = set()
         out = []
         for key in keys:  # duplicates get their own copy, so callers may mutate results freely

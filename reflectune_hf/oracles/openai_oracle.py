@@ -143,10 +143,10 @@ class OpenAIOracle(CachingOracle):
             here travels to `num_proc` workers inside the pickled oracle (so it enters the
             `datasets` fingerprint hash) but never appears in `repr`, logs, the cache or results.
             Local servers need none.
-        max_concurrency: requests in flight at once.
+        max_concurrency: requests in flight at once (per process: `num_proc=N` multiplies it).
         timeout: seconds per HTTP attempt. max_retries: the SDK's retries (429, 408, 409, 5xx,
             timeouts, dropped connections; honours `Retry-After`). Logged at debug level.
-        requests_per_minute, tokens_per_minute: optional client-side budget.
+        requests_per_minute, tokens_per_minute: optional client-side budget (per process).
         cache: True (default cache file), False, a path or an `OracleCache`.
         progress: show a tqdm bar; None shows it for runs of more than 64 requests.
 
