@@ -60,7 +60,9 @@ class BatchServer(LoopbackServer):
         if "/files/" in path and path.endswith("/content"):
             return handler._send(200, self.files[path.split("/")[-2]])
         if "/batches/" in path:
-            batch = self.batches[path.split("/")[-1]]
+            batch = self.batches.get(path.split("/")[-1])
+            if batch is None:
+                return handler._send(404, {"error": {"message": "No batch found"}})
             if batch["status"] not in ("completed", "failed") and not self.hold.is_set():
                 self._run(batch)
             elif batch["status"] == "validating":
@@ -135,6 +137,15 @@ def test_a_restarted_run_collects_instead_of_resubmitting():
         assert [r.text for r in results] == ["echo: y", "echo: x", "echo: z"]
         assert len(server.batches) == 2  # the old batch collected, one new batch for "z" only
         assert server.batches["batch_1"]["request_counts"]["total"] == 1
+
+        # A stored batch the service no longer knows is dropped, and its requests go out again.
+        server.hold.set()
+        assert "still" in batch_oracle(server, max_wait=0.1).complete(ask("w"))[0].error
+        server.batches.clear()
+        lost = batch_oracle(server).complete(ask("w"))[0]
+        assert "ended (unknown)" in lost.error
+        server.hold.clear()
+        assert batch_oracle(server).complete(ask("w"))[0].text == "echo: w"
 
 
 def test_authentication_error_raises():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from types import SimpleNamespace
 from typing import Optional
 
 from .base import ChatRequest, ChatResult, OracleConfigurationError, usage_add
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 MAX_REQUESTS_PER_BATCH = 50_000
 MAX_BYTES_PER_BATCH = 200 * 1024 * 1024
-TERMINAL = ("completed", "failed", "expired", "cancelled")
+TERMINAL = ("completed", "failed", "expired", "cancelled", "unknown")  # unknown: the server forgot it
 ENDPOINT = "/v1/chat/completions"
 
 
@@ -237,6 +238,10 @@ class OpenAIBatchOracle(OpenAIOracle):
             statuses[batch_id] = client.batches.retrieve(batch_id)
         except (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as err:
             logger.warning("Could not poll batch %s (%s); trying again", batch_id, type(err).__name__)
+        except openai.NotFoundError:
+            logger.warning("Batch %s is unknown to the server: its requests will be submitted again", batch_id)
+            statuses[batch_id] = SimpleNamespace(id=batch_id, status="unknown", request_counts=None, errors=None,
+                                                 output_file_id=None, error_file_id=None)
         except openai.OpenAIError as err:
             config = self._config_error(err)
             if config is None:
