@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from itertools import groupby
 from pathlib import Path
 from typing import ClassVar, Optional
@@ -174,8 +175,11 @@ class TransformersOracle(CachingOracle):
                       output_logits=request.logprobs)
         if not greedy:
             kwargs.update(temperature=request.temperature, top_p=request.top_p, top_k=0)
-        with torch.inference_mode(), torch.random.fork_rng(devices=[] if model.device.type == "cpu" else None):
-            if request.seed is not None:
+        seeded = request.seed is not None and not greedy
+        # A seed applies to this call only: the global random state is restored afterwards.
+        rng = torch.random.fork_rng(devices=[] if model.device.type == "cpu" else None) if seeded else nullcontext()
+        with torch.inference_mode(), rng:
+            if seeded:
                 torch.manual_seed(request.seed)
             out = model.generate(**inputs, **kwargs)
         eos = model.generation_config.eos_token_id
