@@ -21,3 +21,11 @@ from .report import plot_summary, summarize  # noqa: E402
 from .select import ifd_below, is_scored, rifd_below, select_v1, select_v2, top_k_by  # noqa: E402
 
 __all__ += ["ifd_below", "is_scored", "plot_summary", "rifd_below", "select_v1", "select_v2", "summarize", "top_k_by"]
+
+from .oracles import (  # noqa: E402
+    ChatRequest, ChatResult, OpenAIBatchOracle, OpenAIOracle, OracleCache, OracleConfigurationError,
+    TransformersOracle, estimate,
+)
+
+__all__ += ["ChatRequest", "ChatResult", "OpenAIBatchOracle", "OpenAIOracle", "OracleCache",
+            "OracleConfigurationError", "TransformersOracle", "estimate"]
