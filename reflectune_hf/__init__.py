@@ -22,6 +22,14 @@ from .select import ifd_below, is_scored, rifd_below, select_v1, select_v2, top_
 
 __all__ += ["ifd_below", "is_scored", "plot_summary", "rifd_below", "select_v1", "select_v2", "summarize", "top_k_by"]
 
+from .oracles import (  # noqa: E402
+    ChatRequest, ChatResult, OpenAIBatchOracle, OpenAIOracle, OracleCache, OracleConfigurationError,
+    TransformersOracle, estimate,
+)
+
+__all__ += ["ChatRequest", "ChatResult", "OpenAIBatchOracle", "OpenAIOracle", "OracleCache",
+            "OracleConfigurationError", "TransformersOracle", "estimate"]
+
 from .evaluate import GenerateResponses, PairwiseJudge, judge_summary, load_eval_set, plot_judge, quality_report  # noqa: E402
 
 __all__ += ["GenerateResponses", "PairwiseJudge", "judge_summary", "load_eval_set", "plot_judge", "quality_report"]

@@ -26,6 +26,7 @@ from typing import Optional
 
 from .evaluate import GenerateResponses, PairwiseJudge, load_eval_set
 from .judge import format_judge_table, judge_summary, plot_judge
+from .oracles.cache import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,9 @@ def run_eval(config: EvalConfig) -> dict:
     title = f"{config.label_a} vs {config.label_b} (judge: {config.judge_model})"
     files["chart"] = str(plot_judge(summaries, out / "judge.png", title=title, labels=(config.label_a, config.label_b)))
     files["summary"] = str(out / "summary.json")
-    settings = {k: v for k, v in asdict(config).items()}  # no key fields: servers read their keys from the env
+    # No key fields exist (servers read keys from the environment); URLs lose any user:password@.
+    settings = {k: (redact_url(v) if k.startswith(("base_url", "judge_base_url")) else v)
+                for k, v in asdict(config).items()}
     Path(files["summary"]).write_text(json.dumps({"config": settings, "summaries": summaries}, indent=2) + "\n")
     table = format_judge_table(summaries)
     print(f"{title}\n{table}")
