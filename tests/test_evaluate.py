@@ -6,6 +6,7 @@ from __future__ import annotations
 import doctest
 import json
 import math
+import os
 import pickle
 import re
 import subprocess
@@ -30,14 +31,15 @@ class ScriptedOracle:
     """A deterministic test double of the oracle protocol: canned answers keyed on the request.
 
     As an answering model: "fail" in the question gives an oracle error, "silent" a blank answer,
-    "long" a truncated one; otherwise it echoes the question. As a judge: each answer's score is
-    QUALITY of its first word (+`bias` for the answer shown first); an answer containing
-    "garble" gets prose without scores, "boom" an oracle error.
+    "long" a truncated one; otherwise it echoes the question (after `word` when given). As a
+    judge: each answer's score is QUALITY of its first word (+`bias` for the answer shown first);
+    an answer containing "garble" gets prose without scores, "boom" an oracle error.
     """
 
-    def __init__(self, bias: int = 0, record: bool = True):
+    def __init__(self, bias: int = 0, record: bool = True, word: str = ""):
         self.bias = bias
         self.requests = [] if record else None
+        self.word = word
 
     def complete(self, requests):
         if self.requests is not None:
@@ -60,7 +62,7 @@ class ScriptedOracle:
         if "silent" in user:
             return ChatResult(texts=["  "], finish_reasons=["stop"], usage=usage)
         reason = "length" if "long" in user else "stop"
-        return ChatResult(texts=[f"answer to: {user}"], finish_reasons=[reason], usage=usage)
+        return ChatResult(texts=[f"{self.word} answer to: {user}".strip()], finish_reasons=[reason], usage=usage)
 
 
 class MiscountingOracle:
@@ -169,17 +171,8 @@ def test_pairwise_judge_custom_columns_and_missing_columns():
 
 def test_generate_then_judge_pipeline():
     questions = Dataset.from_dict({"instruction": ["good question", "fair question"], "input": ["", ""]})
-
-    class Answerer(ScriptedOracle):
-        def __init__(self, word):
-            super().__init__()
-            self.word = word
-
-        def _answer(self, request):
-            return ChatResult(texts=[f"{self.word} answer"], finish_reasons=["stop"])
-
-    ds = questions.map(GenerateResponses(Answerer("good"), column="response_a"), batched=True)
-    ds = ds.map(GenerateResponses(Answerer("poor"), column="response_b"), batched=True)
+    ds = questions.map(GenerateResponses(ScriptedOracle(word="good"), column="response_a"), batched=True)
+    ds = ds.map(GenerateResponses(ScriptedOracle(word="poor"), column="response_b"), batched=True)
     judged = ds.map(PairwiseJudge(ScriptedOracle()), batched=True)
     assert judge_summary(judged)["wins"] == 2
 
@@ -260,20 +253,19 @@ def test_load_eval_set_the_five_public_sets(shared_data):
 # --------------------------------------------------------------------------- the eval script
 
 
-def _script(*args, **kwargs):
-    env = {**kwargs.pop("env", {}), "PYTHONPATH": str(REPO)}
-    import os
-
+def run_script(*args):
+    """`python scripts/evaluate.py ARGS` with this checkout's package first on the path."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), *args], capture_output=True,
-                          text=True, env={**os.environ, **env}, timeout=300, **kwargs)
+                          text=True, env=env, timeout=540)
 
 
 def test_eval_script_rejects_inconsistent_flags():
-    result = _script("--model_a", "x", "--judge_model", "j")
+    result = run_script("--model_a", "x", "--judge_model", "j")
     assert result.returncode == 2 and "--model_b" in result.stderr
-    result = _script("--responses_a", "a.jsonl", "--judge_model", "j")
+    result = run_script("--responses_a", "a.jsonl", "--judge_model", "j")
     assert result.returncode == 2 and "both --responses_a and --responses_b" in result.stderr
-    result = _script("--model_a", "x", "--model_b", "y", "--test_sets", "vicuna")
+    result = run_script("--model_a", "x", "--model_b", "y", "--test_sets", "vicuna")
     assert result.returncode == 2 and "--judge_model is required" in result.stderr
 
 
@@ -285,14 +277,17 @@ def test_run_eval_with_response_files(tmp_path, monkeypatch):
     _write_jsonl(tmp_path / "b.jsonl", [{**r, "output": w} for r, w in zip(rows[::-1], ["fair", "fair", "poor", "good"])])
     monkeypatch.setattr(eval_run, "make_oracle", lambda model, base_url, max_tokens: ScriptedOracle())
     config = eval_run.EvalConfig(responses_a=str(tmp_path / "a.jsonl"), responses_b=str(tmp_path / "b.jsonl"),
-                                 judge_model="scripted", output_dir=str(tmp_path / "out"))
+                                 judge_model="scripted", judge_base_url="http://user:s3cret@127.0.0.1:9/v1",
+                                 output_dir=str(tmp_path / "out"))
     result = eval_run.run_eval(config)
     # b is in reverse order: aligned by id, so the pairs are (good, good) (good, poor) (fair, fair) (poor, fair).
     s = result["summaries"]["mine"]
     assert (s["wins"], s["ties"], s["losses"], s["errors"]) == (1, 2, 1, 0)
     judged = [json.loads(line) for line in open(result["files"]["mine"])]
     assert [r["verdict"] for r in judged] == ["tie", "win", "tie", "lose"]
-    summary = json.loads(open(result["files"]["summary"]).read())
+    text = open(result["files"]["summary"]).read()
+    assert "s3cret" not in text and "http://127.0.0.1:9/v1" in text          # credentials never stored
+    summary = json.loads(text)
     assert summary["summaries"]["mine"]["judged"] == 4 and summary["config"]["judge_model"] == "scripted"
     assert "mine" in result["table"] and open(result["files"]["chart"], "rb").read(4) == b"\x89PNG"
     bad = tmp_path / "c.jsonl"
@@ -300,6 +295,40 @@ def test_run_eval_with_response_files(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="different questions"):
         eval_run.run_eval(eval_run.EvalConfig(responses_a=str(tmp_path / "a.jsonl"), responses_b=str(bad),
                                               judge_model="scripted", output_dir=str(tmp_path / "out2")))
+
+
+def test_make_oracle_picks_server_or_local():
+    from reflectune_hf import eval_run
+    from reflectune_hf.oracles import OpenAIOracle, TransformersOracle
+
+    remote = eval_run.make_oracle("m", "http://127.0.0.1:9/v1", 64)
+    assert isinstance(remote, OpenAIOracle) and remote.model == "m" and remote.base_url == "http://127.0.0.1:9/v1"
+    local = eval_run.make_oracle("smollm2-135m-instruct", None, 64)        # loads nothing until first use
+    assert isinstance(local, TransformersOracle) and local.max_new_tokens == 64
+
+
+def test_run_eval_two_models_on_named_test_sets(tmp_path, monkeypatch, capsys):
+    from reflectune_hf import eval_run
+
+    _write_jsonl(tmp_path / "vicuna_test_set.jsonl", [{"question_id": i, "text": f"good q{i}"} for i in range(3)])
+    _write_jsonl(tmp_path / "koala_test_set.jsonl", [{"id": f"k{i}", "prompt": f"fair q{i}"} for i in range(4)])
+
+    made = []
+
+    def fake(model, base_url, max_tokens):
+        made.append((model, base_url, max_tokens))
+        return ScriptedOracle(word={"ma": "good", "mb": "poor"}.get(model, ""))
+
+    monkeypatch.setattr(eval_run, "make_oracle", fake)
+    config = eval_run.EvalConfig(test_sets=["vicuna", "koala"], eval_dir=str(tmp_path), max_rows=2, model_a="ma",
+                                 model_b="mb", base_url_b="http://127.0.0.1:9/v1", judge_model="j",
+                                 max_new_tokens=32, judge_max_tokens=16, output_dir=str(tmp_path / "out"))
+    result = eval_run.run_eval(config)
+    assert made == [("ma", None, 32), ("mb", "http://127.0.0.1:9/v1", 32), ("j", None, 16)]
+    assert {k: (s["rows"], s["wins"]) for k, s in result["summaries"].items()} == {"vicuna": (2, 2), "koala": (2, 2)}
+    koala = [json.loads(line) for line in open(result["files"]["koala"])]
+    assert koala[0]["response_a"] == "good answer to: fair q0" and koala[0]["source_id"] == "k0"
+    assert "koala" in capsys.readouterr().out
 
 
 def test_doctests():
