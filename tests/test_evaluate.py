@@ -108,6 +108,24 @@ def test_generate_responses_bad_input_and_bad_oracle():
         GenerateResponses(MiscountingOracle())({"instruction": ["a", "b"]})
 
 
+def test_generate_responses_with_local_model_uses_its_chat_template(smollm2_dir):
+    import torch
+
+    from reflectune_hf.oracles import TransformersOracle
+
+    oracle = TransformersOracle("smollm2-135m-instruct", batch_size=2, max_new_tokens=64)
+    ds = Dataset.from_dict({"instruction": ["Name a colour.", "Translate to French:"], "input": ["", "Good morning"]})
+    out = ds.map(GenerateResponses(oracle, max_tokens=8), batched=True)
+    assert set(out["response_status"]) <= {"ok", "truncated"} and all(out["response"])
+    # The same answer as greedy decoding of the tokenizer's chat-templated question.
+    model, tokenizer = oracle._load()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Translate to French:\n\nGood morning"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        ids = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert out["response"][1] == tokenizer.decode(ids[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def test_stage_fingerprint_ignores_runtime_state():
     stage = GenerateResponses(ScriptedOracle(record=False))
     before = Hasher.hash(stage)

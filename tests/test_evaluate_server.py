@@ -17,7 +17,7 @@ from reflectune_hf.oracles import OpenAIOracle
 
 from test_evaluate import run_script
 
-ANSWER_TOKENS = 32
+ANSWER_TOKENS = 24
 JUDGE_TOKENS = 16  # the score line comes first; the explanation is not needed for the verdict
 
 
