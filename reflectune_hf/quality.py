@@ -241,11 +241,11 @@ def quality_report(data, student=None, *, tokenizer=None, coherence: Optional[bo
     from .prompts import get_scoring_template
 
     splits = _as_splits(data)
-    model = student_name = None
+    model = student_tokenizer = student_name = None
     if student is not None:
         model, student_tokenizer, student_name = _student(student)
-        tokenizer = tokenizer or student_tokenizer
-    tokenizer = DEFAULT_TOKENIZER if tokenizer is None else tokenizer
+    if tokenizer is None:
+        tokenizer = DEFAULT_TOKENIZER if student_tokenizer is None else student_tokenizer
     if isinstance(tokenizer, str):
         tokenizer_name, tokenizer = tokenizer, load_tokenizer(tokenizer)
     else:
@@ -279,7 +279,7 @@ def quality_report(data, student=None, *, tokenizer=None, coherence: Optional[bo
             tmpl = get_scoring_template(template)
             inputs = ds["input"] if "input" in ds.column_names else [""] * len(ds)
             prompts = [tmpl.format(q or "", i or "") for q, i in zip(ds["instruction"], inputs)]
-            values = response_perplexity(model, tokenizer, prompts, responses, batch_size, max_length)
+            values = response_perplexity(model, student_tokenizer, prompts, responses, batch_size, max_length)
             entry["perplexity"] = {"source": f"student {student_name}", "template": template, "columns": {
                 "ppl_out_condition": {**_stats(values), "missing": int(np.isnan(values).sum())}}}
         else:

@@ -125,33 +125,35 @@ def test_quality_report_says_what_is_omitted(sample, student, monkeypatch):
 
 
 def test_quality_report_student_perplexity(sample, student):
+    import torch
+    from transformers import AutoTokenizer
+
     model, tokenizer = student
     shortest = np.argsort([len(q) + len(i) + len(o) for q, i, o in zip(sample["instruction"], sample["input"],
                                                                          sample["output"])])[:4]
     rows = sample.select(shortest).to_list()
     rows[3]["output"] = ""                                             # nothing to score: missing, not 0
-    ds = Dataset.from_list(rows)
-    report = quality_report(ds, student=student, coherence=False)
+    # Lengths in another tokenizer's tokens must not change the student's perplexity.
+    bert = AutoTokenizer.from_pretrained(str(minilm_path()))
+    report = quality_report(Dataset.from_list(rows), student=student, tokenizer=bert, coherence=False)
     ppl = report["splits"]["data"]["perplexity"]
     assert ppl["source"].startswith("student") and ppl["template"] == "vicuna"
     stats = ppl["columns"]["ppl_out_condition"]
     assert stats["count"] == 3 and stats["missing"] == 1 and stats["min"] > 1.0
-    # The batched value (padded beside a longer row) equals transformers' own loss on the response tokens.
-    import torch
-
+    assert report["splits"]["data"]["lengths"]["response"]["max"] == max(
+        len(bert(r["output"], add_special_tokens=False)["input_ids"]) for r in rows)
     tmpl = get_scoring_template("vicuna")
-    prompt = tmpl.format(rows[0]["instruction"], rows[0]["input"])
-    long_prompt = tmpl.format(rows[1]["instruction"], rows[1]["input"])
-    ours = response_perplexity(model, tokenizer, [prompt, long_prompt, prompt],
-                               [rows[0]["output"], rows[1]["output"], ""], batch_size=2)
-    assert ours[1] > 1.0 and math.isnan(ours[2])
-    ids = tokenizer(prompt + rows[0]["output"], return_tensors="pt")["input_ids"]
-    n_prompt = len(tokenizer(prompt)["input_ids"])
-    labels = ids.clone()
-    labels[:, :n_prompt] = -100
-    with torch.inference_mode():
-        loss = model(input_ids=ids, labels=labels).loss.item()
-    assert ours[0] == pytest.approx(math.exp(loss), rel=1e-5)
+    prompts = [tmpl.format(r["instruction"], r["input"]) for r in rows]
+    ours = response_perplexity(model, tokenizer, prompts, [r["output"] for r in rows], batch_size=2)
+    assert math.isnan(ours[3]) and stats["mean"] == pytest.approx(np.nanmean(ours), rel=1e-6)
+    # Each batched value (padded beside longer rows) equals transformers' own loss on the response tokens.
+    for prompt, row, value in zip(prompts[:3], rows, ours):
+        ids = tokenizer(prompt + row["output"], return_tensors="pt")["input_ids"]
+        labels = ids.clone()
+        labels[:, :len(tokenizer(prompt)["input_ids"])] = -100
+        with torch.inference_mode():
+            loss = model(input_ids=ids, labels=labels).loss.item()
+        assert value == pytest.approx(math.exp(loss), rel=1e-5)
 
 
 def test_doctests():
