@@ -163,7 +163,7 @@ def run_eval(config: EvalConfig) -> dict:
     files["chart"] = str(plot_judge(summaries, out / "judge.png", title=title, labels=(config.label_a, config.label_b)))
     files["summary"] = str(out / "summary.json")
     # No key fields exist (servers read keys from the environment); URLs lose any user:password@.
-    settings = {k: (redact_url(v) if k.startswith(("base_url", "judge_base_url")) else v)
+    settings = {k: (redact_url(v) if v and k.endswith(("base_url", "base_url_a", "base_url_b")) else v)
                 for k, v in asdict(config).items()}
     Path(files["summary"]).write_text(json.dumps({"config": settings, "summaries": summaries}, indent=2) + "\n")
     table = format_judge_table(summaries)

@@ -306,6 +306,7 @@ def test_run_eval_with_response_files(tmp_path, monkeypatch):
     text = open(result["files"]["summary"]).read()
     assert "s3cret" not in text and "http://127.0.0.1:9/v1" in text          # credentials never stored
     summary = json.loads(text)
+    assert summary["config"]["base_url_a"] is None and summary["config"]["label_a"] == "A"
     assert summary["summaries"]["mine"]["judged"] == 4 and summary["config"]["judge_model"] == "scripted"
     assert "mine" in result["table"] and open(result["files"]["chart"], "rb").read(4) == b"\x89PNG"
     bad = tmp_path / "c.jsonl"
