@@ -109,7 +109,7 @@ def token_scores(p: np.ndarray, formula: str = "paper") -> np.ndarray:
 
     Example:
         >>> from reflectune_hf.selectit import token_scores
-        >>> float(token_scores([0.1, 0.2, 0.4, 0.2, 0.1]))  # rating 3, spread (0.3+0.2+0.2+0.3)/4
+        >>> round(float(token_scores([0.1, 0.2, 0.4, 0.2, 0.1])), 6)  # rating 3, spread (.3+.2+.2+.3)/4
         0.75
     """
     q = normalize_ratings(p, formula)
@@ -304,6 +304,8 @@ class SelectITScorer(LazyState):
         models = (models,) if isinstance(models, str) else tuple(models)
         if not models or not all(isinstance(m, str) and m for m in models):
             raise ValueError(f"{STAGE}: models must be one or more model names, got {models!r}")
+        if isinstance(rating_prompts, str):
+            raise ValueError(f"{STAGE}: rating_prompts must be a sequence of rating lines, not one string")
         lines = tuple(SELECTIT_RATING_LINES if rating_prompts is None else rating_prompts)
         if not all(isinstance(line, str) and line for line in lines):
             raise ValueError(f"{STAGE}: rating_prompts must be non-empty strings")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def test_an_interrupted_assembly_leaves_nothing_that_looks_complete(tmp_path, mo
     folder = tmp_path / "gguf" / "toy-unknown"
     assert not (folder / "toy.gguf").exists() and not list(folder.glob(".toy.gguf.tmp-*"))
 
-    monkeypatch.setitem(EMBEDDED_MODELS, "toy", EmbeddedModel(**{**spec.__dict__, "assemble": good}))
+    monkeypatch.setitem(EMBEDDED_MODELS, "toy", dataclasses.replace(spec, assemble=good))
     path = gguf_path("toy")
     assert path == folder / "toy.gguf" and path.read_bytes() == b"GGUF whole"
     assert gguf_path("toy") == path and len(calls) == 2  # the second call reuses the file

@@ -104,6 +104,8 @@ def test_configuration_is_checked_up_front():
         SelectITScorer(k=10)
     with pytest.raises(ValueError, match="k must be"):
         SelectITScorer(k=3, rating_prompts=["a", "b"])
+    with pytest.raises(ValueError, match="not one string"):
+        SelectITScorer(rating_prompts="Rate it.", k=1)
     with pytest.raises(ValueError, match="formula"):
         SelectITScorer(formula="exp")
     with pytest.raises(ValueError, match="alpha"):
