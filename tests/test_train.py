@@ -237,6 +237,9 @@ def test_trl_labels_train_only_answer_and_eos(tmp_path, sample, smollm2_dir):
     assert "smollm2-135m-instruct" in card and "sample" in card and "vicuna_v1.1" in card
     assert "| learning rate | 2e-05 |" in card and "assistant tokens only" in card
     assert str(tmp_path) not in card and smollm2_dir not in card  # no local paths in cards
+    trainer.create_model_card(dataset_name="my-org/recycled")  # what push_to_hub calls: our card, not TRL's
+    pushed = (Path(args.output_dir) / "README.md").read_text()
+    assert "Reflection-Tuning" in pushed and "- my-org/recycled" in pushed.split("---")[1]
 
 
 def test_llama_model_gets_one_bos_through_trl(tmp_path, sample):
@@ -375,6 +378,18 @@ def test_accelerate_configs_are_valid():
         assert all(f"--{key}" in options for key in nested), path
     assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero3": "DEEPSPEED"}
     assert yaml.safe_load((CONFIGS / "accelerate" / "zero3.yaml").read_text())["deepspeed_config"]["zero_stage"] == 3
+
+
+def test_script_loads_sample_disk_and_files(tmp_path, sample):
+    from trl import DatasetMixtureConfig, ScriptArguments
+
+    script = load_script()
+    sample.select(range(3)).save_to_disk(str(tmp_path / "disk"))
+    sample.select(range(2)).to_json(str(tmp_path / "rows.jsonl"))
+    for name, rows in (("sample", 40), (str(tmp_path / "disk"), 3), (str(tmp_path / "rows.jsonl"), 2)):
+        assert len(script.load_datasets(ScriptArguments(dataset_name=name), DatasetMixtureConfig())["train"]) == rows
+    mixture = DatasetMixtureConfig(datasets=[{"path": "json", "data_files": str(tmp_path / "rows.jsonl")}])
+    assert script.dataset_label(ScriptArguments(), mixture) == "json (rows.jsonl)"
 
 
 def test_script_rejects_bad_data_before_loading_the_model(tmp_path):
