@@ -341,6 +341,7 @@ def _trainer_class():
         def model_card(self, model_name=None, dataset_name=None, tags=None):
             return render_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
 
+    VicunaSFTTrainer.__qualname__ = "VicunaSFTTrainer"  # importable (and picklable) as reflectune_hf.train.VicunaSFTTrainer
     return VicunaSFTTrainer
 
 
@@ -440,12 +441,15 @@ def vicuna_sft_trainer(model, train_dataset, args=None, *, eval_dataset=None, sy
     """
     args = args if args is not None else vicuna_sft_config()
     args.chat_template_path = resolve_chat_template_path(args.chat_template_path)
+    from trl.trainer.utils import global_then_local_main_first
+
     n_rows = len(train_dataset) if hasattr(train_dataset, "__len__") else None
-    train_dataset = prepare_sft_dataset(train_dataset, system=system)
-    if isinstance(eval_dataset, Mapping):
-        eval_dataset = {name: prepare_sft_dataset(split, system=system) for name, split in eval_dataset.items()}
-    elif eval_dataset is not None:
-        eval_dataset = prepare_sft_dataset(eval_dataset, system=system)
+    with global_then_local_main_first():  # as TRL prepares data: one process writes the map cache first
+        train_dataset = prepare_sft_dataset(train_dataset, system=system)
+        if isinstance(eval_dataset, Mapping):
+            eval_dataset = {name: prepare_sft_dataset(split, system=system) for name, split in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = prepare_sft_dataset(eval_dataset, system=system)
     base_model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
     if isinstance(model, str):
         model = resolve_model(model)
