@@ -319,10 +319,13 @@ def test_bad_input_fails_before_any_model_loads(sample):
 
 
 def test_vicuna_sft_config_has_the_paper_recipe(tmp_path):
+    import torch
+
     args = vicuna_sft_config(tmp_path, world_size=1)
     assert (args.learning_rate, args.num_train_epochs, args.max_length) == (2e-5, 3, 2048)
     assert (args.warmup_steps, args.weight_decay, args.lr_scheduler_type.value) == (0.03, 0.0, "cosine")
-    assert args.assistant_only_loss and not args.packing and not args.bf16  # no GPU here
+    assert args.assistant_only_loss and not args.packing
+    assert args.bf16 == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())  # bf16 on a GPU, fp32 on CPU
     assert Path(args.chat_template_path) == chat_template_path()
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 32)
     assert vicuna_sft_config(tmp_path, world_size=8).gradient_accumulation_steps == 4
