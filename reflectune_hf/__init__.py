@@ -27,6 +27,7 @@ from .oracles import (  # noqa: E402
 from .report import plot_summary, summarize  # noqa: E402
 from .select import ifd_below, is_scored, rifd_below, select_v1, select_v2, top_k_by  # noqa: E402
 from .selectit import SelectITScorer  # noqa: E402
+from .train import to_messages, vicuna_sft_config, vicuna_sft_trainer  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -37,6 +38,8 @@ __all__ = [
     "OracleConfigurationError", "TransformersOracle", "estimate",
     # selection and statistics
     "ifd_below", "is_scored", "rifd_below", "select_v1", "select_v2", "top_k_by", "plot_summary", "summarize",
+    # fine-tuning
+    "to_messages", "vicuna_sft_config", "vicuna_sft_trainer",
     # peer methods
     "SelectITScorer",
 ]
