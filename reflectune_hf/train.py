@@ -39,6 +39,7 @@ from typing import Mapping, Optional
 
 from .data import ColumnError, require_columns
 from .models import resolve_model
+from .utils import card_template
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ STAGE = "vicuna_sft"
 TEMPLATE_NAME = "vicuna_v1.1"
 PAPER_GLOBAL_BATCH_SIZE = 128
 DEFAULT_PER_DEVICE_BATCH_SIZE = 4
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "cards" / "model_card.md"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +396,7 @@ def render_model_card(trainer, model_name=None, dataset_name=None, tags=None):
         tags=["reflectune_hf", "reflection-tuning", "vicuna", "trl", "sft", *(tags or [])],
     )
     return ModelCard.from_template(
-        card_data, template_path=str(MODEL_CARD_TEMPLATE),
+        card_data, template_path=str(card_template("model_card.md")),
         model_title=model_name or Path(args.output_dir).name, base_model_name=base_model, dataset_name=dataset,
         num_rows=info.get("rows"), recipe=recipe, chat_template=template, rendered_example=example,
         template_name=TEMPLATE_NAME, hub_model_id=getattr(trainer, "hub_model_id", None) or Path(args.output_dir).name,
