@@ -13,23 +13,36 @@ Example:
 __version__ = "0.1.0"
 
 from .data import add_ids, load_data, load_sample, to_alpaca  # noqa: E402
+from .evaluate import GenerateResponses, PairwiseJudge, judge_summary, load_eval_set, plot_judge, quality_report  # noqa: E402
 from .models import load_causal_lm, resolve_model  # noqa: E402
-
-__all__ = ["__version__", "add_ids", "load_causal_lm", "load_data", "load_sample", "resolve_model", "to_alpaca"]
-
+from .oracles import (  # noqa: E402
+    ChatRequest,
+    ChatResult,
+    OpenAIBatchOracle,
+    OpenAIOracle,
+    OracleCache,
+    OracleConfigurationError,
+    TransformersOracle,
+    estimate,
+)
 from .report import plot_summary, summarize  # noqa: E402
 from .select import ifd_below, is_scored, rifd_below, select_v1, select_v2, top_k_by  # noqa: E402
+from .selectit import SelectITScorer  # noqa: E402
+from .train import to_messages, vicuna_sft_config, vicuna_sft_trainer  # noqa: E402
 
-__all__ += ["ifd_below", "is_scored", "plot_summary", "rifd_below", "select_v1", "select_v2", "summarize", "top_k_by"]
-
-from .oracles import (  # noqa: E402
-    ChatRequest, ChatResult, OpenAIBatchOracle, OpenAIOracle, OracleCache, OracleConfigurationError,
-    TransformersOracle, estimate,
-)
-
-__all__ += ["ChatRequest", "ChatResult", "OpenAIBatchOracle", "OpenAIOracle", "OracleCache",
-            "OracleConfigurationError", "TransformersOracle", "estimate"]
-
-from .evaluate import GenerateResponses, PairwiseJudge, judge_summary, load_eval_set, plot_judge, quality_report  # noqa: E402
-
-__all__ += ["GenerateResponses", "PairwiseJudge", "judge_summary", "load_eval_set", "plot_judge", "quality_report"]
+__all__ = [
+    "__version__",
+    # data and models
+    "add_ids", "load_data", "load_sample", "to_alpaca", "load_causal_lm", "resolve_model",
+    # oracles
+    "ChatRequest", "ChatResult", "OpenAIBatchOracle", "OpenAIOracle", "OracleCache",
+    "OracleConfigurationError", "TransformersOracle", "estimate",
+    # selection and statistics
+    "ifd_below", "is_scored", "rifd_below", "select_v1", "select_v2", "top_k_by", "plot_summary", "summarize",
+    # fine-tuning
+    "to_messages", "vicuna_sft_config", "vicuna_sft_trainer",
+    # peer methods
+    "SelectITScorer",
+    # evaluation
+    "GenerateResponses", "PairwiseJudge", "judge_summary", "load_eval_set", "plot_judge", "quality_report",
+]

@@ -271,11 +271,11 @@ def test_load_eval_set_the_five_public_sets(shared_data):
 # --------------------------------------------------------------------------- the eval script
 
 
-def run_script(*args):
-    """`python scripts/evaluate.py ARGS` with this checkout's package first on the path."""
+def run_script(*args, cli: bool = False):
+    """`python scripts/evaluate.py ARGS` (or `reflectune eval ARGS` with `cli=True`), this checkout first."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), *args], capture_output=True,
-                          text=True, env=env, timeout=540)
+    command = ["-m", "reflectune_hf", "eval"] if cli else [str(REPO / "scripts" / "evaluate.py")]
+    return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, env=env, timeout=540)
 
 
 def test_eval_script_rejects_inconsistent_flags():
@@ -283,8 +283,9 @@ def test_eval_script_rejects_inconsistent_flags():
     assert result.returncode == 2 and "--model_b" in result.stderr
     result = run_script("--responses_a", "a.jsonl", "--judge_model", "j")
     assert result.returncode == 2 and "both --responses_a and --responses_b" in result.stderr
-    result = run_script("--model_a", "x", "--model_b", "y", "--test_sets", "vicuna")
+    result = run_script("--model_a", "x", "--model_b", "y", "--test_sets", "vicuna", cli=True)   # reflectune eval
     assert result.returncode == 2 and "--judge_model is required" in result.stderr
+    assert "usage: reflectune eval" in result.stderr
 
 
 def test_run_eval_with_response_files(tmp_path, monkeypatch):

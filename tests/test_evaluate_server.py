@@ -65,7 +65,7 @@ def test_generate_and_judge_vicuna_with_real_oracles(llama_server, shared_data, 
 @pytest.mark.slow
 @pytest.mark.server
 def test_eval_script_response_files_with_server_judge(llama_server, tmp_path):
-    """The job in a subprocess, as a user runs it: two response files, the server as judge."""
+    """`reflectune eval` in a subprocess, as a user runs it: two response files, the server as judge."""
     rows = [{"id": 0, "instruction": "What is the capital of France?"},
             {"id": 1, "instruction": "Name a primary colour."}]
     files = {}
@@ -75,8 +75,9 @@ def test_eval_script_response_files_with_server_judge(llama_server, tmp_path):
                                        for r, t in zip(rows, answers)))
     out = tmp_path / "out"
     result = run_script("--responses_a", str(files["good"]), "--responses_b", str(files["bad"]),
-                     "--judge_model", llama_server.model, "--judge_base_url", llama_server.base_url,
-                     "--judge_max_tokens", "12", "--label_a", "good", "--label_b", "bad", "--output_dir", str(out))
+                        "--judge_model", llama_server.model, "--judge_base_url", llama_server.base_url,
+                        "--judge_max_tokens", "12", "--label_a", "good", "--label_b", "bad", "--output_dir", str(out),
+                        cli=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "good vs bad" in result.stdout and "quiz" in result.stdout
     saved = json.loads((out / "summary.json").read_text())

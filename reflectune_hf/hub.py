@@ -1,0 +1,299 @@
+"""Publishing: `push_to_hub` and `save_local`, each with a generated dataset card and plots.
+
+The card is rendered from `cards/dataset_card.md` with huggingface_hub's `DatasetCard` /
+`DatasetCardData`: what was done (method, papers), the configuration (oracle model and the
+*host* of its base URL only, student model, template, thresholds, prompt set), counts per split
+and per status, score statistics, the PNGs of `report.plot_summary`, tags, and the source
+dataset and its license when known. Secrets never reach it: keys that name a key, token,
+secret or password are dropped from the context, and URLs lose everything but their host.
+
+Example:
+    >>> import tempfile
+    >>> from datasets import load_from_disk
+    >>> from reflectune_hf import load_sample
+    >>> from reflectune_hf.hub import save_local
+    >>> out = save_local(load_sample(), tempfile.mkdtemp(), card_context={"source_dataset": "sample"})
+    >>> len(load_from_disk(str(out / "arrow")))
+    40
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+from urllib.parse import urlsplit
+
+from . import __version__
+from .report import plot_summary, summarize
+from .select import VARIANT_SPLITS
+from .utils import card_template
+
+logger = logging.getLogger(__name__)
+
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|authorization|credential)", re.I)
+SPLIT_DESCRIPTIONS = {
+    "origin": "the source pairs (inputs folded into the instruction when compressed)",
+    "reflect_instruction": "instruction reflection: a new instruction and its answer",
+    "reflect_response": "response reflection of the original pair",
+    "reflect_both": "response reflection of the instruction-reflected pair (V1, *Recycled*)",
+}
+PLOT_TITLES = {
+    "ifd_hist.png": "IFD per split",
+    "rifd_hist.png": "r-IFD per split",
+    "lengths.png": "Instruction and response lengths",
+    "selection_funnel.png": "Selective Reflection-Tuning funnel",
+}
+
+
+def _splits(data) -> dict:
+    """{split name: Dataset} for a Dataset (one split, "train") or a DatasetDict."""
+    from datasets import Dataset, DatasetDict
+
+    if isinstance(data, DatasetDict):
+        if not len(data):
+            raise ValueError("The DatasetDict has no splits")
+        return dict(data)
+    if isinstance(data, Dataset):
+        return {"train": data}
+    raise TypeError(f"Expected a datasets.Dataset or DatasetDict, got {type(data).__name__}")
+
+
+def host_only(url: str) -> str:
+    """The host (and port) of a URL, without user, password, path or query.
+
+    Example:
+        >>> from reflectune_hf.hub import host_only
+        >>> host_only("https://user:sk-secret@api.example.com:8443/v1?key=abc")
+        'api.example.com:8443'
+    """
+    parts = urlsplit(url if "//" in url else f"//{url}")
+    host = parts.hostname or ""
+    return f"{host}:{parts.port}" if parts.port else host
+
+
+def sanitize_context(context: Optional[Mapping[str, Any]]) -> dict:
+    """The card context without secrets: secret-named keys dropped, URLs reduced to their host.
+
+    Example:
+        >>> from reflectune_hf.hub import sanitize_context
+        >>> sanitize_context({"oracle_base_url": "http://u:p@127.0.0.1:8000/v1", "api_key": "sk-1"})
+        {'oracle_base_url': '127.0.0.1:8000'}
+    """
+    clean = {}
+    for key, value in (context or {}).items():
+        if SECRET_KEY.search(str(key)):
+            continue
+        if isinstance(value, str) and (str(key).endswith("url") or re.match(r"^[a-z][a-z0-9+.-]*://", value)):
+            value = host_only(value)
+        if isinstance(value, Mapping):
+            value = sanitize_context(value)
+        clean[str(key)] = value
+    return clean
+
+
+def _format(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _status_rows(splits: dict) -> list[dict]:
+    rows = []
+    for name, ds in splits.items():
+        for column in ds.column_names:
+            if column.endswith("_status") and ds.features[column].dtype in ("string", "large_string"):
+                counts = Counter(ds[column])
+                text = ", ".join(f"{k or '(none)'}: {n}" for k, n in counts.most_common())
+                rows.append({"split": name, "column": column, "counts": text})
+    return rows
+
+
+def _score_rows(summary: dict) -> list[dict]:
+    rows = []
+    for split, stats in summary.get("splits", {}).items():
+        for name in ("ifd", "rifd"):
+            s = stats.get(name)
+            if isinstance(s, Mapping) and s.get("count"):
+                rows.append({"split": split, "name": name.upper().replace("RIFD", "r-IFD"),
+                             **{k: _format(s.get(k)) for k in ("count", "mean", "median", "q05", "q95")}})
+    return rows
+
+
+def _selection_rows(summary: dict) -> list[dict]:
+    selection = summary.get("selection") or {}
+    rows = []
+    if "v1" in selection:
+        rows.append({"name": "V1 (recycled, `reflect_both`): rows", "rows": selection["v1"].get("rows")})
+        rows.append({"name": "V1: rows really reflected (status ok)", "rows": selection["v1"].get("reflection_ok")})
+    v2 = selection.get("v2")
+    if v2:
+        rows.append({"name": f"V2 (selective, ratio={v2.get('ratio')}, require_below_one={v2.get('require_below_one')})",
+                     "rows": v2.get("selected")})
+        for source, n in (v2.get("by_source") or {}).items():
+            rows.append({"name": f"V2 from `{source}`", "rows": n})
+    return rows
+
+
+def _size_category(n: int) -> str:
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return label
+    return "1M<n<10M"
+
+
+def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[dict] = None,
+               plot_files=(), repo_id: Optional[str] = None):
+    """Render the dataset card (`huggingface_hub.DatasetCard`) of a Dataset or variants DatasetDict.
+
+    Args:
+        data: the `Dataset` or `DatasetDict` published.
+        card_context: configuration to show (oracle_model, oracle_base_url, student_model,
+            template, prompt_set, thresholds, source_dataset, license, pretty_name, tags...);
+            secrets are removed by `sanitize_context`.
+        summary: `report.summarize(data)`, computed when not given.
+        plot_files: PNG names, relative to the card (e.g. `plots/ifd_hist.png`).
+        repo_id: the Hub id shown in the usage snippet.
+    """
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    splits = _splits(data)
+    context = sanitize_context(card_context)
+    summary = summary if summary is not None else summarize(data)
+    is_variants = set(splits) == set(VARIANT_SPLITS)
+    rows = max(len(ds) for ds in splits.values())
+    card_data = DatasetCardData(
+        license=context.get("license"),
+        language=context.get("language", ["en"]),
+        pretty_name=context.get("pretty_name", "Reflection-Tuning recycled data"),
+        size_categories=[_size_category(rows)],
+        source_datasets=[context["source_dataset"]] if context.get("source_dataset") else None,
+        task_categories=["text-generation"],
+        tags=sorted({"reflection-tuning", "instruction-tuning", "data-recycling", "reflectune_hf",
+                     *context.get("tags", [])}),
+        configs=[{"config_name": "default",
+                  "data_files": [{"split": name, "path": f"data/{name}-*"} for name in splits]}],
+    )
+    skip = {"license", "language", "pretty_name", "tags"}
+    config_rows = [{"name": k, "value": _format(v) if not isinstance(v, (dict, list)) else json.dumps(v)}
+                   for k, v in context.items() if k not in skip]
+    config_rows.append({"name": "reflectune_hf version", "value": __version__})
+    return DatasetCard.from_template(
+        card_data,
+        template_path=str(card_template("dataset_card.md")),
+        pretty_name=card_data.pretty_name,
+        package_version=__version__,
+        source_dataset=context.get("source_dataset"),
+        license=context.get("license"),
+        repo_id=repo_id or "<your-namespace>/<dataset>",
+        is_variants=is_variants,
+        has_scores=any("ifd" in ds.column_names for ds in splits.values()),
+        splits=[{"name": n, "rows": len(ds), "description": SPLIT_DESCRIPTIONS.get(n, "")} for n, ds in splits.items()],
+        status_rows=_status_rows(splits),
+        score_rows=_score_rows(summary),
+        selection_rows=_selection_rows(summary),
+        plots=[{"path": p, "title": PLOT_TITLES.get(Path(p).name, Path(p).stem)} for p in plot_files],
+        config_rows=config_rows,
+    )
+
+
+def with_messages(data):
+    """Add the `messages` column of `train.to_messages` to every split (kept when present), so
+    the published data trains as it is with `trl sft` (`assistant_only_loss` and the Vicuna
+    template). Rows that cannot train (empty instruction or output) raise before anything is
+    written, naming the row.
+    """
+    from datasets import DatasetDict
+
+    from .train import to_messages
+
+    splits = _splits(data)
+    done = {n: ds if "messages" in ds.column_names else ds.map(to_messages, batched=True, desc=f"messages ({n})")
+            for n, ds in splits.items()}
+    return DatasetDict(_same_columns(done)) if isinstance(data, DatasetDict) else done["train"]
+
+
+def _same_columns(splits: dict) -> dict:
+    """One schema for all splits (the Hub loads the splits of a config with one schema): a column
+    missing from a split is added as nulls, in the column order of the first split that has it."""
+    from datasets import Features
+
+    features: dict = {}
+    for ds in splits.values():
+        for name in ds.column_names:
+            features.setdefault(name, ds.features[name])
+    out = {}
+    for name, ds in splits.items():
+        for column in features:
+            if column not in ds.column_names:
+                ds = ds.add_column(column, [None] * len(ds), feature=features[column])
+        out[name] = ds.select_columns(list(features)).cast(Features(features))
+    return out
+
+
+def _write_plots(data, summary: dict, out_dir: Path) -> list[str]:
+    """PNGs of `plot_summary` in `out_dir/plots`, as paths relative to `out_dir`."""
+    paths = plot_summary(summary, out_dir / "plots")
+    return [str(Path(p).relative_to(out_dir)) for p in paths]
+
+
+def save_local(data, out_dir: Union[str, Path], card_context: Optional[Mapping] = None, tokenizer=None) -> Path:
+    """Write what `push_to_hub` would publish to a folder, for users without a Hub account.
+
+    Every split gets a `messages` column (`with_messages`), so the folder trains with `trl sft`.
+
+    Layout: `arrow/` (`save_to_disk`, reload with `load_from_disk`), `data/<split>-00000-of-00001.parquet`
+    (the Hub's layout; `load_dataset(str(out_dir))` reads the splits the README declares, or
+    `load_dataset("parquet", data_files={split: f"{out_dir}/data/{split}-*.parquet", ...})`),
+    `README.md` (the card), `plots/*.png`, `summary.json`. Returns `out_dir`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = with_messages(data)
+    splits = _splits(data)
+    summary = summarize(data, tokenizer=tokenizer)
+    data.save_to_disk(str(out / "arrow"))
+    (out / "data").mkdir(exist_ok=True)
+    for name, ds in splits.items():
+        ds.to_parquet(str(out / "data" / f"{name}-00000-of-00001.parquet"))
+    plots = _write_plots(data, summary, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False), encoding="utf-8")
+    build_card(data, card_context, summary, plots).save(str(out / "README.md"))
+    logger.info("Saved %s to %s", {k: len(v) for k, v in splits.items()}, out)
+    return out
+
+
+def push_to_hub(data, repo_id: str, private: bool = True, token: Optional[str] = None,
+                card_context: Optional[Mapping] = None, tokenizer=None, commit_message: Optional[str] = None) -> str:
+    """Push a Dataset or the variants DatasetDict (splits kept) to the Hub with its card and plots.
+
+    Every split gets a `messages` column (`with_messages`), so the dataset trains with `trl sft`.
+
+    Three commits: the data (datasets' own `push_to_hub`, parquet shards under `data/`), the
+    plots under `plots/`, then the README card, which links the plots and declares the splits.
+    The repository is private unless `private=False`. Returns the repository URL.
+
+    Example:
+        >>> from reflectune_hf.hub import push_to_hub
+        >>> push_to_hub(variants, "me/alpaca-recycled", card_context={"oracle_model": "gpt-4o-mini"})  # doctest: +SKIP
+    """
+    from huggingface_hub import HfApi
+
+    data = with_messages(data)  # also the type check, before anything is sent
+    summary = summarize(data, tokenizer=tokenizer)
+    message = commit_message or "Upload data recycled with reflectune_hf"
+    data.push_to_hub(repo_id, private=private, token=token, commit_message=message)
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        plots = _write_plots(data, summary, Path(tmp))
+        api.upload_folder(folder_path=str(Path(tmp) / "plots"), path_in_repo="plots", repo_id=repo_id,
+                          repo_type="dataset", commit_message="Add reflectune_hf plots")
+    card = build_card(data, card_context, summary, plots, repo_id=repo_id)
+    card.push_to_hub(repo_id, token=token, repo_type="dataset", commit_message="Add the dataset card")
+    return f"https://huggingface.co/datasets/{repo_id}"

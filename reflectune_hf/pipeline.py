@@ -1,0 +1,375 @@
+"""The jobs behind the `reflectune` command, as plain Python: configs are dataclasses (the same
+field names in Python, YAML files and command-line flags), jobs are functions.
+
+`recycle` is the whole method: load → compress → four variants → extract → IFD/r-IFD scores →
+selection → save (and push) with a card → closing summary. Every step is a `Dataset.map` served
+by datasets' cache on a rerun, and every oracle answer is cached per request, so a killed run
+rerun with the same configuration resumes where it stopped and sends nothing twice.
+
+Example:
+    >>> from reflectune_hf.pipeline import RecycleConfig, recycle
+    >>> config = RecycleConfig(oracle_model="local:smollm2-135m-instruct", limit=4, max_new_tokens=64,
+    ...                        output_dir="out")
+    >>> result = recycle(config)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .data import load_data
+from .oracles import ChatRequest, OpenAIBatchOracle, OpenAIOracle, TransformersOracle
+from .prompts import get_prompt_set
+
+logger = logging.getLogger(__name__)
+LOCAL_PREFIX = "local:"
+SELECTED_SPLIT = "selected"
+CONTEXT_FILE = "reflectune_config.json"  # the (sanitized) configuration, for `reflectune push` later
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and where results go."""
+
+    data: str = field(default="sample", metadata=_help(
+        "'sample' (the bundled 40 rows), a Hub dataset id, a JSON/JSONL/Parquet file, or a folder written by "
+        "save_to_disk or by an earlier reflectune command"))
+    split: str = field(default="train", metadata=_help("split to read from a Hub id or a DatasetDict"))
+    limit: Optional[int] = field(default=None, metadata=_help("use only the first N rows"))
+    output_dir: str = field(default="reflectune-output", metadata=_help("where data, card and plots are written"))
+    push_to_hub: Optional[str] = field(default=None, metadata=_help("also push the result to this Hub dataset repo"))
+    private: bool = field(default=True, metadata=_help("make the pushed repo private"))
+
+
+@dataclass
+class OracleConfig:
+    """The oracle LLM that compresses and reflects."""
+
+    oracle_model: Optional[str] = field(default=None, metadata=_help(
+        "model name on an OpenAI-compatible server (OPENAI_API_KEY, --base_url), or local:<model> for a "
+        "transformers model run here (e.g. local:smollm2-135m-instruct)"))
+    base_url: Optional[str] = field(default=None, metadata=_help(
+        "OpenAI-compatible server (vLLM, TGI, Ollama, llama.cpp); default OPENAI_BASE_URL or api.openai.com"))
+    batch_api: bool = field(default=False, metadata=_help("use the OpenAI Batch API (half price, hours of latency)"))
+    max_concurrency: int = field(default=32, metadata=_help("requests in flight"))
+    requests_per_minute: Optional[float] = field(default=None, metadata=_help("rate limit"))
+    tokens_per_minute: Optional[float] = field(default=None, metadata=_help("rate limit"))
+    local_batch_size: int = field(default=8, metadata=_help("generation batch of a local: oracle"))
+    max_new_tokens: int = field(default=2048, metadata=_help("completion budget per oracle request"))
+    temperature: float = field(default=0.0, metadata=_help("sampling temperature of the first request"))
+    prompt_set: str = field(default="paper", metadata=_help("'paper' (byte-identical to the method) or 'clean'"))
+    compress: bool = field(default=True, metadata=_help("fold inputs into instructions first (stage 0)"))
+    format_retries: int = field(default=1, metadata=_help("re-asks when an answer does not parse"))
+    reflect_batch_size: int = field(default=64, metadata=_help("rows per map batch (one oracle call each)"))
+
+
+@dataclass
+class StudentConfig:
+    """The student model that scores IFD and r-IFD."""
+
+    student_model: str = field(default="smollm2-135m-instruct", metadata=_help("alias, Hub id or local path"))
+    template: str = field(default="vicuna", metadata=_help(
+        "scoring template: vicuna, alpaca, wizardlm, or plain (for base models that know no chat template)"))
+    max_length: int = field(default=2048, metadata=_help("token limit per scored text"))
+    dtype: str = field(default="float32", metadata=_help("float32, bfloat16 or float16"))
+    device: Optional[str] = field(default=None, metadata=_help("cpu, cuda, cuda:1 ... (default: CUDA if present)"))
+    max_tokens_per_batch: int = field(default=16384, metadata=_help("padded tokens per forward pass"))
+    score_batch_size: int = field(default=256, metadata=_help("rows per map batch"))
+
+
+@dataclass
+class SelectionConfig:
+    """How the recycled data is selected."""
+
+    selection: str = field(default="v2", metadata=_help("v2 (Selective Reflection-Tuning), v1 (reflect_both) or none"))
+    require_below_one: bool = field(default=True, metadata=_help("V2: the reference code's extra IFD/r-IFD < 1 checks"))
+    ratio: str = field(default="ppl", metadata=_help("ppl (ratios of perplexities, V2 code) or loss (Cherry LLM)"))
+    top_fraction: Optional[float] = field(default=None, metadata=_help("then keep the top fraction by IFD"))
+
+
+@dataclass
+class ReflectConfig(OracleConfig, DataConfig):
+    """`reflectune reflect`: the four variants, no scores."""
+
+
+@dataclass
+class ScoreConfig(StudentConfig, DataConfig):
+    """`reflectune score`: IFD / r-IFD columns for every split of the data."""
+
+
+@dataclass
+class SelectConfig(SelectionConfig, DataConfig):
+    """`reflectune select`: selection on scored variants."""
+
+
+@dataclass
+class RecycleConfig(SelectionConfig, StudentConfig, OracleConfig, DataConfig):
+    """`reflectune recycle`: the whole method, from raw pairs to selected, published data."""
+
+
+@dataclass
+class EstimateConfig(OracleConfig, DataConfig):
+    """`reflectune estimate`: tokens and money of a reflect run, before anything is sent."""
+
+    input_price: Optional[float] = field(default=None, metadata=_help("price per million prompt tokens"))
+    output_price: Optional[float] = field(default=None, metadata=_help("price per million output tokens"))
+    tokenizer: str = field(default="smollm2-135m-instruct", metadata=_help("tokenizer that counts prompt tokens"))
+
+
+# --------------------------------------------------------------------------------------------- steps
+
+
+def load_input(config: DataConfig):
+    """The data of `config.data`: a `DatasetDict` when it is a saved multi-split folder, else a
+    `Dataset` through `data.load_data`; `limit` keeps the first rows of every split."""
+    from datasets import DatasetDict, load_from_disk
+
+    path = Path(config.data).expanduser()
+    saved = path / "arrow" if (path / "arrow").is_dir() else path
+    if (saved / "dataset_dict.json").is_file():
+        data = load_from_disk(str(saved))
+    else:
+        data = load_data(config.data, split=config.split)
+    if config.limit is not None:
+        if config.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {config.limit}")
+        cut = lambda ds: ds.select(range(min(config.limit, len(ds))))  # noqa: E731
+        data = DatasetDict({k: cut(v) for k, v in data.items()}) if isinstance(data, DatasetDict) else cut(data)
+    if isinstance(data, DatasetDict):
+        empty = [name for name, ds in data.items() if len(ds) == 0]
+    else:
+        empty = ["data"] if len(data) == 0 else []
+    if empty:
+        raise ValueError(f"{config.data}: no rows in {empty}")
+    return data
+
+
+def make_oracle(config: OracleConfig):
+    """The oracle of `config.oracle_model`: `local:<model>` runs a transformers model here; any
+    other name goes to an OpenAI-compatible server (the Batch API with `batch_api`)."""
+    name = config.oracle_model
+    if not name:
+        raise ValueError("--oracle_model is required: a model name on an OpenAI-compatible server "
+                         "(with --base_url for vLLM, TGI, Ollama or llama.cpp) or local:<model>")
+    if name.startswith(LOCAL_PREFIX):
+        return TransformersOracle(model=name[len(LOCAL_PREFIX):] or "smollm2-135m-instruct",
+                                  batch_size=config.local_batch_size, max_new_tokens=config.max_new_tokens)
+    if config.batch_api:
+        return OpenAIBatchOracle(name, base_url=config.base_url)
+    return OpenAIOracle(name, base_url=config.base_url, max_concurrency=config.max_concurrency,
+                        requests_per_minute=config.requests_per_minute, tokens_per_minute=config.tokens_per_minute)
+
+
+def _stage_kwargs(config: OracleConfig) -> dict:
+    return {"prompt_set": config.prompt_set, "max_tokens": config.max_new_tokens,
+            "temperature": config.temperature, "format_retries": config.format_retries}
+
+
+def reflect(config: ReflectConfig, data=None, oracle=None):
+    """The four aligned variants (`variants.build_variants`) of the configured data."""
+    from datasets import DatasetDict
+
+    from .variants import build_variants
+
+    data = load_input(config) if data is None else data
+    if isinstance(data, DatasetDict):
+        raise ValueError(f"{config.data} holds several splits {list(data)}; reflect takes one (pick it with --split "
+                         "from a Hub id or a file)")
+    oracle = make_oracle(config) if oracle is None else oracle
+    return build_variants(data, oracle, compress=config.compress, batch_size=config.reflect_batch_size,
+                          **_stage_kwargs(config))
+
+
+def score(config: StudentConfig, data):
+    """IFD / r-IFD columns (`scoring.IFDScorer`) on every split of `data`."""
+    from .scoring import IFDScorer
+
+    scorer = IFDScorer(model=config.student_model, template=config.template, max_length=config.max_length,
+                       dtype=config.dtype, device=config.device, max_tokens_per_batch=config.max_tokens_per_batch)
+    return data.map(scorer, batched=True, batch_size=config.score_batch_size, desc="IFD / r-IFD")
+
+
+def select(config: SelectionConfig, variants):
+    """The selected rows (`select.select_v2` / `select_v1`, then `top_k_by`), or None."""
+    from .select import select_v1, select_v2, top_k_by
+
+    if config.selection not in ("v2", "v1", "none"):
+        raise ValueError(f"selection must be v2, v1 or none, got {config.selection!r}")
+    if config.selection == "none":
+        return None
+    chosen = (select_v2(variants, require_below_one=config.require_below_one, ratio=config.ratio)
+              if config.selection == "v2" else select_v1(variants))
+    if config.top_fraction is not None:
+        column = "ifd" if config.ratio == "ppl" else "ifd_loss"
+        chosen = top_k_by(chosen, column, fraction=config.top_fraction)
+    return chosen
+
+
+def publish(config: DataConfig, data, card_context: dict) -> Path:
+    """Save to `output_dir` (data, card, plots) and push when `push_to_hub` is set."""
+    import json
+
+    from .hub import push_to_hub, sanitize_context, save_local
+
+    out = save_local(data, config.output_dir, card_context=card_context)
+    (out / CONTEXT_FILE).write_text(json.dumps(sanitize_context(card_context), indent=2, default=str))
+    if config.push_to_hub:
+        url = push_to_hub(data, config.push_to_hub, private=config.private, card_context=card_context)
+        logger.info("Pushed to %s", url)
+    return out
+
+
+def card_context(config, oracle=None) -> dict:
+    """What the card shows of a configuration (hub.sanitize_context strips secrets and URL paths)."""
+    context = {k: v for k, v in asdict(config).items() if v is not None and k not in ("output_dir", "private", "limit")}
+    if isinstance(config, DataConfig):
+        context["source_dataset"] = config.data
+    if oracle is not None and getattr(oracle, "base_url", None) and "base_url" not in context:
+        context["oracle_base_url"] = oracle.base_url
+    return context
+
+
+@dataclass
+class JobResult:
+    """What a job produced: the data, where it went, and counts for the closing table."""
+
+    data: object
+    output_dir: Path
+    rows: dict
+    statuses: dict
+    selected: Optional[int]
+    oracle_usage: dict
+    seconds: float
+
+    def table(self) -> str:
+        """The closing summary table printed by the CLI."""
+        lines = [f"{'split':<22}{'rows':>7}  statuses"]
+        for split, n in self.rows.items():
+            counts = ", ".join(f"{k}: {v}" for k, v in self.statuses.get(split, {}).items())
+            lines.append(f"{split:<22}{n:>7}  {counts}")
+        if self.selected is not None:
+            lines.append(f"{'selected':<22}{self.selected:>7}")
+        if self.oracle_usage:
+            lines.append("oracle usage: " + ", ".join(f"{k}={v}" for k, v in sorted(self.oracle_usage.items())))
+        lines.append(f"written to {self.output_dir} in {self.seconds:.0f} s")
+        return "\n".join(lines)
+
+
+def _result(data, out: Path, selected, oracle, started: float) -> JobResult:
+    from collections import Counter
+
+    from datasets import DatasetDict
+
+    splits = dict(data) if isinstance(data, DatasetDict) else {"train": data}
+    statuses = {}
+    for name, ds in splits.items():
+        column = next((c for c in ("reflection_status", "score_status") if c in ds.column_names), None)
+        statuses[name] = dict(Counter(ds[column]).most_common()) if column else {}
+    usage = dict(getattr(oracle, "usage", None) or {})
+    return JobResult(data, out, {k: len(v) for k, v in splits.items()}, statuses,
+                     None if selected is None else len(selected), usage, time.monotonic() - started)
+
+
+def _with_selected(variants, chosen):
+    from datasets import DatasetDict
+
+    return variants if chosen is None else DatasetDict({**variants, SELECTED_SPLIT: chosen})
+
+
+def run_reflect(config: ReflectConfig) -> JobResult:
+    started = time.monotonic()
+    oracle = make_oracle(config)
+    variants = reflect(config, oracle=oracle)
+    return _result(variants, publish(config, variants, card_context(config, oracle)), None, oracle, started)
+
+
+def run_score(config: ScoreConfig) -> JobResult:
+    started = time.monotonic()
+    scored = score(config, load_input(config))
+    return _result(scored, publish(config, scored, card_context(config)), None, None, started)
+
+
+def run_select(config: SelectConfig) -> JobResult:
+    from .select import VARIANT_SPLITS
+
+    started = time.monotonic()
+    variants = load_input(config)
+    missing = [s for s in VARIANT_SPLITS if s not in getattr(variants, "keys", lambda: [])()]
+    if missing:
+        raise ValueError(f"{config.data} lacks the variant split(s) {missing}: select reads the output of "
+                         "`reflectune recycle` or `reflectune score`")
+    variants = {k: v for k, v in variants.items() if k in VARIANT_SPLITS}
+    from datasets import DatasetDict
+
+    variants = DatasetDict(variants)
+    chosen = select(config, variants)
+    data = _with_selected(variants, chosen)
+    return _result(data, publish(config, data, card_context(config)), chosen, None, started)
+
+
+def run_recycle(config: RecycleConfig) -> JobResult:
+    """The whole method; see the module docstring."""
+    started = time.monotonic()
+    oracle = make_oracle(config)
+    variants = reflect(config, oracle=oracle)
+    variants = score(config, variants)
+    chosen = select(config, variants)
+    data = _with_selected(variants, chosen)
+    return _result(data, publish(config, data, card_context(config, oracle)), chosen, oracle, started)
+
+
+def estimate_requests(config: OracleConfig, data) -> tuple[list[ChatRequest], list[ChatRequest]]:
+    """First-attempt requests of a reflect run over `data` (re-asks not counted), as
+    `(requests, stand_ins)`: compression of rows with an input, instruction reflection and response
+    reflection of the original pair; then, as stand-ins for the response reflection of the
+    reflected pair (its instruction is unknown before the run), the original pair's request."""
+    from .data import text_column
+
+    prompts = get_prompt_set(config.prompt_set)
+    batch = data.to_dict()
+    instructions = text_column(batch, "instruction", "estimate")
+    outputs = text_column(batch, "output", "estimate")
+    inputs = text_column(batch, "input", "estimate") if "input" in batch else [""] * len(instructions)
+    params = {"temperature": config.temperature, "max_tokens": config.max_new_tokens}
+    requests, stand_ins = [], []
+    for ins, inp, out in zip(instructions, inputs, outputs):
+        if inp and config.compress:
+            requests.append(ChatRequest(prompts.compress_messages(ins, inp), **params))
+            ins, inp = f"{ins}\n\n{inp}", ""
+        requests.append(ChatRequest(prompts.instruction_messages(ins, out), **params))
+        requests.append(ChatRequest(prompts.response_messages(ins, out, inp), **params))
+        stand_ins.append(requests[-1])
+    return requests, stand_ins
+
+
+def run_estimate(config: EstimateConfig) -> dict:
+    """Requests, tokens and money of a reflect run over the data; nothing is sent (the oracle's
+    cache is only looked up, so requests answered before are not counted)."""
+    from datasets import DatasetDict
+
+    from .oracles.usage import estimate
+
+    data = load_input(config)
+    if isinstance(data, DatasetDict):
+        raise ValueError(f"{config.data} holds several splits {list(data)}; estimate takes one")
+    oracle = make_oracle(config)
+    prices = None
+    if config.input_price is not None or config.output_price is not None:
+        prices = {"input": config.input_price or 0.0, "output": config.output_price or 0.0}
+    requests, stand_ins = estimate_requests(config, data)
+    known = oracle.estimate(requests, prices=prices, tokenizer=config.tokenizer).to_dict()
+    later = estimate(stand_ins, prices=prices, tokenizer=config.tokenizer).to_dict()
+    total = {k: known[k] + later[k] for k in ("requests", "prompt_tokens", "output_tokens", "total_tokens")}
+    total["cost"] = None if prices is None else known["cost"] + later["cost"]
+    total.update(rows=len(data), cached_requests=known["cached_requests"], tokenizer=known["tokenizer"],
+                 note="first attempts only; output tokens are max_new_tokens per request (an upper bound); "
+                      "prompt tokens counted with a local tokenizer (an estimate)")
+    return total

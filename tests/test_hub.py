@@ -1,0 +1,135 @@
+"""Publishing: push_to_hub (Hub calls patched and asserted), save_local, the card offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from huggingface_hub import DatasetCard, HfApi
+
+from reflectune_hf import load_sample
+from reflectune_hf.hub import build_card, host_only, push_to_hub, sanitize_context, save_local
+
+from synthetic_variants import make_variants
+
+SECRET = "sk-test-5f1c0ffee-never-publish"
+CONTEXT = {
+    "oracle_model": "gpt-4o-mini",
+    "oracle_base_url": f"https://user:{SECRET}@api.example.com/v1?key={SECRET}",
+    "api_key": SECRET,
+    "hf_token": SECRET,
+    "student_model": "smollm2-135m-instruct",
+    "template": "vicuna",
+    "prompt_set": "paper",
+    "require_below_one": True,
+    "source_dataset": "tatsu-lab/alpaca",
+    "license": "cc-by-nc-4.0",
+}
+
+
+@pytest.fixture(scope="module")
+def variants():
+    return make_variants(load_sample())
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Patch every network call of publishing; record what would have been sent."""
+    calls = Recorder()
+
+    def data_push(self, repo_id, **kwargs):
+        calls.calls.append(("data", repo_id, kwargs, {n: len(ds) for n, ds in dict(self).items()}
+                            if isinstance(self, DatasetDict) else {"train": len(self)},
+                            list(self.column_names.values())[0] if isinstance(self, DatasetDict) else self.column_names))
+
+    def upload_folder(self, *, folder_path, path_in_repo, repo_id, repo_type, **kwargs):
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        pngs_ok = all(Path(folder_path, f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
+        calls.calls.append(("folder", repo_id, {"path_in_repo": path_in_repo, "repo_type": repo_type}, files, pngs_ok))
+
+    def card_push(self, repo_id, **kwargs):
+        calls.calls.append(("card", repo_id, kwargs, str(self)))
+
+    monkeypatch.setattr(DatasetDict, "push_to_hub", data_push)
+    monkeypatch.setattr(Dataset, "push_to_hub", data_push)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(DatasetCard, "push_to_hub", card_push)
+    return calls
+
+
+def test_push_variants(variants, hub_calls):
+    url = push_to_hub(variants, "me/recycled", card_context=CONTEXT)
+    assert url == "https://huggingface.co/datasets/me/recycled"
+    kinds = [c[0] for c in hub_calls.calls]
+    assert kinds == ["data", "folder", "card"]
+    _, repo, kwargs, rows, columns = hub_calls.calls[0]
+    assert repo == "me/recycled" and kwargs["private"] is True
+    assert rows == {n: 40 for n in ("origin", "reflect_instruction", "reflect_response", "reflect_both")}
+    assert "messages" in columns and "ifd" in columns
+    _, repo, where, files, pngs_ok = hub_calls.calls[1]
+    assert where == {"path_in_repo": "plots", "repo_type": "dataset"} and pngs_ok
+    assert {"ifd_hist.png", "rifd_hist.png", "lengths.png", "selection_funnel.png"} <= set(files)
+    _, repo, kwargs, readme = hub_calls.calls[2]
+    assert kwargs["repo_type"] == "dataset"
+    for expected in ("gpt-4o-mini", "api.example.com", "smollm2-135m-instruct", "vicuna", "paper",
+                     "tatsu-lab/alpaca", "cc-by-nc-4.0", "plots/ifd_hist.png", "reflect_both", "Selective"):
+        assert expected in readme, expected
+    assert SECRET not in readme and "user:" not in readme
+
+
+def test_push_single_dataset_public(hub_calls):
+    push_to_hub(load_sample(), "me/plain", private=False, token="hf_dummy")
+    _, repo, kwargs, rows, _ = hub_calls.calls[0]
+    assert kwargs["private"] is False and kwargs["token"] == "hf_dummy" and rows == {"train": 40}
+    assert "hf_dummy" not in hub_calls.calls[2][3]
+
+
+def test_push_rejects_untrainable_rows_before_sending(hub_calls):
+    bad = Dataset.from_dict({"id": [0, 1], "instruction": ["a", "b"], "input": ["", ""], "output": ["x", ""]})
+    with pytest.raises(ValueError, match="id=1"):
+        push_to_hub(bad, "me/bad")
+    assert hub_calls.calls == []
+
+
+def test_save_local_reloads_and_card_parses(variants, tmp_path):
+    out = save_local(variants, tmp_path / "out", card_context=CONTEXT)
+    reloaded = load_from_disk(str(out / "arrow"))
+    assert isinstance(reloaded, DatasetDict) and reloaded["reflect_both"]["id"] == variants["reflect_both"]["id"]
+    files = {name: str(out / "data" / f"{name}-*.parquet") for name in variants}
+    parquet = load_dataset("parquet", data_files=files)
+    assert set(parquet) == set(variants) and len(parquet["origin"]) == 40
+    via_card = load_dataset(str(out))  # the README's `configs` declare the splits
+    assert set(via_card) == set(variants)
+    card = DatasetCard.load(str(out / "README.md"))
+    assert card.data.license == "cc-by-nc-4.0" and "reflection-tuning" in card.data.tags
+    assert card.data.source_datasets == ["tatsu-lab/alpaca"]
+    for png in ("ifd_hist.png", "selection_funnel.png"):
+        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_save_local_single_dataset(tmp_path):
+    out = save_local(load_sample(), tmp_path / "one")
+    assert len(load_from_disk(str(out / "arrow"))) == 40
+    assert len(load_dataset(str(out), split="train")) == 40
+
+
+def test_sanitize_and_host_only():
+    assert host_only("http://127.0.0.1:8000/v1") == "127.0.0.1:8000"
+    assert host_only("api.openai.com") == "api.openai.com"
+    clean = sanitize_context({"nested": {"token": "x", "url": "https://a:b@h/p"}, "OPENAI_API_KEY": "k", "n": 3})
+    assert clean == {"nested": {"url": "h"}, "n": 3}
+
+
+def test_card_of_unscored_data_has_no_score_section():
+    card = str(build_card(load_sample()))
+    assert "### Scores" not in card and "| `train` | 40 |" in card
