@@ -207,13 +207,14 @@ def plot_judge(summary_by_testset: Mapping[str, Mapping], path, title: str = "A 
     fig = Figure(figsize=(9, 0.55 * len(names) + 1.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
+    legend = {"win": f"{labels[0]} wins", "tie": "tie", "lose": f"{labels[1]} wins"}
     for y, name in enumerate(names):
         s = summary_by_testset[name]
         left = 0.0
         for key, count in (("win", s["wins"]), ("tie", s["ties"]), ("lose", s["losses"])):
             share = count / s["judged"] if s["judged"] else 0.0
             ax.barh(y, share, left=left, color=COLORS[key], edgecolor="white",
-                    label={"win": f"{labels[0]} wins", "tie": "tie", "lose": f"{labels[1]} wins"}[key] if y == 0 else None)
+                    label=legend[key] if y == 0 else None)
             if share >= 0.06:
                 ax.text(left + share / 2, y, str(count), ha="center", va="center", fontsize=9)
             left += share

@@ -260,7 +260,8 @@ def quality_report(data, student=None, *, tokenizer=None, coherence: Optional[bo
         try:
             minilm_path()
             embedder = MiniLMEmbedder()
-            report["embedding_model"] = f"{MINILM_NAME} ({MINILM_DISTRIBUTION} {importlib.metadata.version(MINILM_DISTRIBUTION)})"
+            version = importlib.metadata.version(MINILM_DISTRIBUTION)
+            report["embedding_model"] = f"{MINILM_NAME} ({MINILM_DISTRIBUTION} {version})"
         except EmbeddingModelNotAvailable as err:
             if coherence:
                 raise

@@ -29,7 +29,8 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
     if subparsers is not None:
         return subparsers.add_parser("eval", help="Judge two models' answers pairwise", dataclass_types=(EvalConfig,))
-    return TrlParser((EvalConfig,), prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return TrlParser((EvalConfig,), prog=prog, description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def main(config) -> dict:

@@ -293,7 +293,8 @@ def test_run_eval_with_response_files(tmp_path, monkeypatch):
 
     rows = [{"id": i, "instruction": f"Q{i}", "test_set": "mine"} for i in range(4)]
     _write_jsonl(tmp_path / "a.jsonl", [{**r, "response": w} for r, w in zip(rows, ["good", "good", "fair", "poor"])])
-    _write_jsonl(tmp_path / "b.jsonl", [{**r, "output": w} for r, w in zip(rows[::-1], ["fair", "fair", "poor", "good"])])
+    _write_jsonl(tmp_path / "b.jsonl",
+                 [{**r, "output": w} for r, w in zip(rows[::-1], ["fair", "fair", "poor", "good"])])
     monkeypatch.setattr(eval_run, "make_oracle", lambda model, base_url, max_tokens: ScriptedOracle())
     config = eval_run.EvalConfig(responses_a=str(tmp_path / "a.jsonl"), responses_b=str(tmp_path / "b.jsonl"),
                                  judge_model="scripted", judge_base_url="http://user:s3cret@127.0.0.1:9/v1",
