@@ -29,3 +29,8 @@ from .oracles import (  # noqa: E402
 
 __all__ += ["ChatRequest", "ChatResult", "OpenAIBatchOracle", "OpenAIOracle", "OracleCache",
             "OracleConfigurationError", "TransformersOracle", "estimate"]
+
+# Tuna's data stages; TunaTrainer, TunaConfig and tuna_loss load torch: `from reflectune_hf.tuna import TunaTrainer`.
+from .tuna import ContextualRank, SampleResponses, rank_by_logprob  # noqa: E402
+
+__all__ += ["ContextualRank", "SampleResponses", "rank_by_logprob"]
