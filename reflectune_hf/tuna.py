@@ -186,12 +186,15 @@ class SampleResponses(_OracleCaller):
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
 
+    def request(self, prompt: str) -> ChatRequest:
+        """The request for one formatted prompt: `n` samples with logprobs."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return ChatRequest(messages=system + [{"role": "user", "content": prompt}], temperature=self.temperature,
+                           top_p=self.top_p, max_tokens=self.max_tokens, n=self.n, logprobs=True, seed=self.seed)
+
     def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
         out = self._ids(batch, indices)
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        requests = [ChatRequest(messages=system + [{"role": "user", "content": p}], temperature=self.temperature,
-                                top_p=self.top_p, max_tokens=self.max_tokens, n=self.n, logprobs=True, seed=self.seed)
-                    for p in self._prompts(batch)]
+        requests = [self.request(p) for p in self._prompts(batch)]
         columns = {"responses": [], "avg_logprobs": [], "sample_status": [], "sample_error": []}
         for result in self._complete(requests):
             if not result.ok:
@@ -389,7 +392,10 @@ class ContextualRank(_OracleCaller):
     def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
         out = self._ids(batch, indices)
         prompts = self._prompts(batch)
-        responses = _list_column(batch, "responses", self.stage_name)
+        responses = [["" if r is None else r for r in row] for row in _list_column(batch, "responses", self.stage_name)]
+        for row, texts in enumerate(responses):
+            if any(not isinstance(r, str) for r in texts):
+                raise ColumnError(f"{self.stage_name}: column 'responses' must hold lists of strings (row {row})")
         n = len(prompts)
         texts, errors, answered = [""] * n, [""] * n, [False] * n
         pending = [i for i in range(n) if responses[i]]

@@ -89,10 +89,12 @@ def tuna_loss(avg_logprobs: torch.Tensor, ce, margin: float = 0.1, mle_weight: f
 
 
 def candidate_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
-    """Per sequence `[M, L]`: (mean response-token log-prob with NaN when it has no token, summed
-    negative log-likelihood, number of response tokens). Labels are shifted here."""
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+    """Per sequence of `[M, L]` labels: (mean response-token log-prob, NaN when it has no token;
+    summed negative log-likelihood; number of response tokens). Position t predicts label t+1."""
+    # Shift the labels, not the logits: a view of the logits, no [M, L, vocab] copy (beyond the
+    # float32 upcast of half-precision logits, as transformers' own causal-LM loss does).
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                           reduction="none").view(targets.shape)
     counts = targets.ne(IGNORE_INDEX).sum(-1)
     nll_sum = nll.sum(-1)  # ignored positions are 0
@@ -282,6 +284,9 @@ class TunaTrainer(Trainer):
         if empty:
             logger.warning("TunaTrainer: %d %s rows have no ranked response and are left out", empty, name)
             dataset = dataset.filter(lambda c: len(c) > 0, input_columns="candidate_ids")
+        if len(dataset) == 0:
+            raise ValueError(f"TunaTrainer: no {name} row has a ranked response to train on (see the ranking_status "
+                             "column of the ranking stage)")
         full = dataset.filter(lambda c: all(len(x) == 0 for x in c), input_columns="candidate_ids").num_rows
         if full:
             logger.warning("TunaTrainer: %d %s rows have prompts of >= max_length=%d tokens: no response token "

@@ -9,6 +9,9 @@ ranked first, and `ranked_dataset_path` keeps the ranked data (`save_to_disk`):
   (`SampleResponses`), ranked by mean token log-probability (`rank_by_logprob`).
 - `stage: contextual`: the model being trained answers `num_responses` times (unless the data has
   `responses`), and the judge `oracle_model` ranks them with its own reference (`ContextualRank`).
+  The student answers through its chat template (the Alpaca prompt is the user message); a model
+  without one is served with `student_base_url` (e.g. vLLM with `--chat-template`) or its answers
+  come in a `responses` column.
 
 The oracle is an OpenAI-compatible server when `oracle_base_url` is set (key in `OPENAI_API_KEY`),
 else a local transformers model. Oracle answers are cached, so a rerun does not pay twice.
@@ -55,6 +58,9 @@ class TunaScriptArguments:
     sample_max_tokens: int = field(default=512, metadata={"help": "Token budget of each sampled response."})
     judge_max_tokens: int = field(default=2048, metadata={"help": "Token budget of the judge's answer."})
     oracle_max_concurrency: int = field(default=32, metadata={"help": "Requests in flight to the server."})
+    student_base_url: Optional[str] = field(default=None, metadata={
+        "help": "contextual: a server answering for the model being trained (needed when it has no chat template); "
+                "unset: the model itself through transformers."})
     ranked_dataset_path: Optional[str] = field(default=None, metadata={
         "help": "save_to_disk the ranked data here before training."})
     mix_original: bool = field(default=False, metadata={
@@ -86,7 +92,8 @@ def rank_dataset(ds, script_args, student_model: str):
         ds = ds.map(rank_by_logprob, batched=True, desc="Tuna: ranking by log-probability")
     elif script_args.stage == "contextual":
         if "responses" not in ds.column_names:
-            student = make_oracle(student_model, None, script_args.sample_max_tokens)
+            student = make_oracle(student_model, script_args.student_base_url, script_args.sample_max_tokens,
+                                  script_args.oracle_max_concurrency)
             ds = ds.map(SampleResponses(student, **sample), batched=True, desc="Tuna: sampling the student")
         judge = ContextualRank(oracle, max_tokens=script_args.judge_max_tokens)
         ds = ds.map(judge, batched=True, desc="Tuna: contextual ranking")

@@ -211,13 +211,19 @@ def test_rank_by_logprob_ties_and_errors():
         SampleResponses(Teacher(), template="nope")
 
 
-def test_sample_responses_with_the_local_transformers_oracle(smollm2_dir):
+def test_local_transformers_oracle_as_teacher_and_judge(smollm2_dir):
     from reflectune_hf.oracles import TransformersOracle
 
-    out = SampleResponses(TransformersOracle(cache=False), n=2, max_tokens=4, seed=1)(
-        {"id": [7], "instruction": ["Name a colour."]})
+    oracle = TransformersOracle(cache=False)
+    out = SampleResponses(oracle, n=2, max_tokens=4, seed=1)({"id": [7], "instruction": ["Name a colour."]})
     assert out["sample_status"] == ["ok"] and len(out["responses"][0]) == 2
     assert all(math.isfinite(v) and v <= 0 for v in out["avg_logprobs"][0])
+    # A real (if tiny) judge reading the whole Tuna prompt: whatever it writes, the row says what happened.
+    judged = ContextualRank(oracle, max_tokens=12, format_retries=0)({"id": [7], "instruction": ["Name a colour."],
+                                                                     "responses": out["responses"]})
+    assert judged["ranking_raw"][0] and oracle.usage["requests"] == 2
+    assert judged["ranking_status"][0] in ("ok", "repaired", "no_ranking")
+    assert all(0 <= k <= 2 for k in judged["rank"][0])
 
 
 def test_a_first_batch_of_failures_does_not_fix_the_column_types():

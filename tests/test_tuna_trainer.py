@@ -149,6 +149,10 @@ def test_tokenize_truncates_and_drops_rows_without_candidates(tmp_path, caplog):
                                                  "dataset_num_proc": None}, "train")
     assert prepared.num_rows == 2 and "1 train rows have no ranked response" in caplog.text
     assert "prompts of >= max_length=40" in caplog.text
+    with pytest.raises(ValueError, match="no train row has a ranked response"):
+        TunaTrainer._prepare_dataset(data.select([1]), tokenizer, TunaConfig(str(tmp_path)),
+                                     {"template": "alpaca", "max_length": 40, "max_candidates": None,
+                                      "dataset_num_proc": None}, "train")
     with pytest.raises(ValueError, match="ce_candidates"):
         TunaConfig(str(tmp_path), ce_candidates="worst")
 
