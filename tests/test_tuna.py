@@ -239,3 +239,23 @@ def test_a_first_batch_of_failures_does_not_fix_the_column_types():
     judge = Judge([ChatResult.failure("down"), ok("rank: [1, 0]")])
     ranked = out.map(ContextualRank(judge, template=None, format_retries=0), batched=True, batch_size=1)
     assert ranked["ranking_status"] == ["no_responses", "oracle_error", "ok"] and ranked["rank"][2] == [1, 0]
+
+
+CALLS = []
+
+
+class CountingJudge:
+    """A picklable judge that records its calls outside itself (its pickle, the fingerprint, stays the same)."""
+
+    def complete(self, requests):
+        CALLS.extend(requests)
+        return [ok("###Response 2:\nA reference.\n\nrank: [2, 1, 0]") for _ in requests]
+
+
+def test_a_repeated_map_is_served_by_the_datasets_cache(sample):
+    rows = sample.select(range(3)).map(lambda r: {"responses": [r["output"], "Another answer."]})
+    CALLS.clear()
+    first = rows.map(ContextualRank(CountingJudge()), batched=True)
+    again = rows.map(ContextualRank(CountingJudge()), batched=True)
+    assert len(CALLS) == 3 and again["rank"] == first["rank"] == [[2, 1, 0]] * 3
+    assert first.cache_files and again.cache_files[0]["filename"] == first.cache_files[0]["filename"]
