@@ -29,6 +29,8 @@ from .report import plot_summary, summarize  # noqa: E402
 from .select import ifd_below, is_scored, rifd_below, select_v1, select_v2, top_k_by  # noqa: E402
 from .selectit import SelectITScorer  # noqa: E402
 from .train import to_messages, vicuna_sft_config, vicuna_sft_trainer  # noqa: E402
+# Tuna's data stages; TunaTrainer, TunaConfig and tuna_loss load torch: `from reflectune_hf.tuna import TunaTrainer`.
+from .tuna import ContextualRank, SampleResponses, rank_by_logprob  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -42,7 +44,7 @@ __all__ = [
     # fine-tuning
     "to_messages", "vicuna_sft_config", "vicuna_sft_trainer",
     # peer methods
-    "SelectITScorer",
+    "SelectITScorer", "ContextualRank", "SampleResponses", "rank_by_logprob",
     # evaluation
     "GenerateResponses", "PairwiseJudge", "judge_summary", "load_eval_set", "plot_judge", "quality_report",
 ]

@@ -240,3 +240,58 @@ def judge_messages(question: str, answer_1: str, answer_2: str) -> list[dict]:
     """Chat messages of the pairwise judge for one order of the two answers."""
     user = JUDGE_TEMPLATE.format(question=question, answer_1=answer_1, answer_2=answer_2, criteria=JUDGE_CRITERIA)
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuna contextual ranking (REFERENCE.md §10)
+# ---------------------------------------------------------------------------------------------
+
+TUNA_RANKING_SYSTEM = "You are a professional and experienced data annotator."
+
+# Byte-identical to the published prompt for 4 responses (missing spaces after "responses." and
+# "steps.", the "[i, j ,k, l, m]" spacing). `{listed}` is "0/1/2/3", `{reference}` the index of
+# the judge's own response (4), `{compared}` "0/1/2/3/4"; other response counts fill them in.
+TUNA_RANKING_CRITERIA = (
+    "\n\nWe would like you to rate Response {listed} in reply to the given instruction displayed above.\n"
+    "First, identify if the instruction requires open-ended or close-ended responses."
+    "Second, you need to generate one high quality '###Response {reference}' in answer to the instruction. "
+    "It needs to have the same format as other responses and will be used as a reference later.\n"
+    "Third, identify if there are duplicate responses and keep only one of the duplicate responses for the "
+    "following steps."
+    "Fourth, compare Response {reference} with Response {compared} and assign each response an overall score on a "
+    "scale of 0 to 15 where a higher score indicates better overall quality. For an open-ended instruction, please "
+    "rate based on the relevance (score 0 to 5), level of details/justification: (score 0 to 5) and accuracy "
+    "(score 0 to 5) of each response; for a close-ended instruction, please rate based on the accuracy (score 0 to "
+    "5), level of details/justification (score 0 to 5) and clarity (score 0 to 5) of each response. The ratings "
+    "should have the format: 'Response k: [sum of the 3 individual scores you give to response k]'.\n"
+    "Last, rank the responses in decreasing order of their overall scores. The ranking should have the format: "
+    "'rank: [i, j ,k, l, m]'. If there are duplicate responses, keep only one of them in the rank, that is, the "
+    "ranking may become: 'rank: [i, j, k, l]', 'rank: [i, j, k]' 'rank: [i, j]' or even 'rank: [i]'.\n"
+)
+
+
+def tuna_ranking_prompt(prompt: str, responses) -> str:
+    """The user message of Tuna's contextual ranking: the formatted instruction (the reference
+    passes the Alpaca-template prompt), the numbered responses, then the ranking criteria.
+
+    The judge's own reference response gets the next index (4 for 4 responses).
+
+    Example:
+        >>> from reflectune_hf.prompts import tuna_ranking_prompt
+        >>> text = tuna_ranking_prompt("Name a colour.", ["Red.", "Blue."])
+        >>> text.startswith("Name a colour.\\n\\n###Response 0:\\nRed.\\n\\n###Response 1:\\nBlue.\\n\\n\\nWe would")
+        True
+    """
+    responses = list(responses)
+    numbered = "\n".join(f"###Response {j}:\n{r}\n" for j, r in enumerate(responses))
+    indices = [str(j) for j in range(len(responses))]
+    criteria = TUNA_RANKING_CRITERIA.format(
+        listed="/".join(indices), reference=len(responses), compared="/".join(indices + [str(len(responses))])
+    )
+    return prompt + "\n\n" + numbered + criteria
+
+
+def tuna_ranking_messages(prompt: str, responses) -> list[dict]:
+    """Chat messages of Tuna's contextual ranking (system and user, REFERENCE.md §10)."""
+    return [{"role": "system", "content": TUNA_RANKING_SYSTEM},
+            {"role": "user", "content": tuna_ranking_prompt(prompt, responses)}]

@@ -1,0 +1,95 @@
+"""Reading Tuna's contextual-ranking answers: the judge's `rank: [...]` list and its own reference
+response (`###Response 4:`). Pure functions of the text; `ContextualRank` (in `reflectune_hf.tuna`)
+turns their findings into per-row statuses.
+
+Example:
+    >>> from reflectune_hf.tuna_parse import parse_ranking
+    >>> parse_ranking("Response 0: 9\\nResponse 4: 15\\nrank: [4, 0, 1]", 5).rank
+    [4, 0, 1]
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_RANK_LABEL = re.compile(r"\brank(?:ing)?[\s*_]*:[\s*_]*", re.IGNORECASE)
+_REFERENCE_START = r"#+[ \t]*Response[ \t]*{index}\b[ \t]*:?"
+_JUDGE_WORDS = r"(?:duplicat|identical|unique|score|rating|rate\b|rank|compar|evaluat)"
+_REFERENCE_END = re.compile(  # where the judge's reference response stops: its next step
+    r"^[ \t>*_-]*(?:\d+[.)][ \t]*)?(?:"
+    r"#+[ \t]*(?:\d+[.)][ \t]*)?(?:response|third|fourth|fifth|last|final|step|" + _JUDGE_WORDS + ")"
+    r"|(?:third|fourth|fifth|last|finally|step[ \t]*\d)\b[^\n]*?" + _JUDGE_WORDS  # the prompt's later steps
+    + r"|(?:there (?:are|is) )?(?:no )?duplicat"  # the duplicate check
+    r"|response[ \t]*\d+[ \t*]*:[ \t*]*\[?[ \t]*\d"  # a score line
+    r"|rank(?:ing)?[\s*_]*:"  # the ranking
+    r")", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class ParsedRanking:
+    """What `parse_ranking` read: the cleaned ranking, what was dropped, and whether one was found."""
+
+    rank: list
+    found: bool
+    duplicates: list
+    out_of_range: list
+
+    @property
+    def repaired(self) -> bool:
+        return bool(self.duplicates or self.out_of_range)
+
+
+def parse_ranking(text: str, num_candidates: int) -> ParsedRanking:
+    """Read the judge's ranking: the list after the last `rank:` or `ranking:` label that holds a
+    number (any case, markdown bold allowed), bracketed (`[4, 0, 2]`) or the rest of the line.
+
+    Indices outside `0..num_candidates-1` and repeated indices (after the first) are dropped and
+    reported. (The reference reads every number after the first `rank:` to the end of the text,
+    score lines and prose included.)
+
+    Example:
+        >>> from reflectune_hf.tuna import parse_ranking
+        >>> parse_ranking("Response 4: 15\\nrank: [4, 2, 2, 0, 7]", 5).rank
+        [4, 2, 0]
+    """
+    for match in reversed(list(_RANK_LABEL.finditer(text or ""))):
+        rest = text[match.end():]
+        if rest[:1] in "[(":
+            close = rest.find("]" if rest[0] == "[" else ")")
+            span = rest[1:close] if close >= 0 else rest.split("\n", 1)[0]
+        else:
+            span = rest.split("\n", 1)[0]
+        numbers = [int(x) for x in re.findall(r"-?\d+", span)]
+        if not numbers:
+            continue  # e.g. the prompt's format echoed back: "rank: [i, j ,k, l, m]"
+        rank, duplicates, out_of_range = [], [], []
+        for k in numbers:
+            if not 0 <= k < num_candidates:
+                out_of_range.append(k)
+            elif k in rank:
+                duplicates.append(k)
+            else:
+                rank.append(k)
+        return ParsedRanking(rank, True, duplicates, out_of_range)
+    return ParsedRanking([], False, [], [])
+
+
+def extract_reference_response(text: str, index: int = 4) -> str:
+    """The judge's own response (`###Response 4:` in Tuna's prompt), or `""` when absent.
+
+    It runs to the next step of the answer (a heading, "Third"/"Fourth"/"Last", the duplicate
+    check, a score line `Response k: 12`, the ranking) or the end of the text. (The reference
+    stops at the first blank line and finds nothing at the very end of a text.)
+
+    Example:
+        >>> from reflectune_hf.tuna import extract_reference_response
+        >>> extract_reference_response("###Response 4:\\nParis.\\n\\nIt is on the Seine.\\n\\nThird, no duplicates.")
+        'Paris.\\n\\nIt is on the Seine.'
+    """
+    start = re.search(_REFERENCE_START.format(index=index), text or "", re.IGNORECASE)
+    if start is None:
+        return ""
+    body = text[start.end():]
+    end = _REFERENCE_END.search(body, 1 if body[:1] not in "\n" else 0)
+    return (body[:end.start()] if end else body).strip()

@@ -1,0 +1,192 @@
+"""Tuna's loss: the pure function on hand-checked numbers, and `TunaTrainer.compute_loss` against the
+formula computed independently, candidate by candidate, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from reflectune_hf.tuna_trainer import DataCollatorForTuna, TunaConfig, TunaTrainer, ranking_loss, tuna_loss
+
+NAN = float("nan")
+
+
+def test_tuna_loss_hand_checked():
+    scores = torch.tensor([[-1.0, -1.2, -0.9, NAN],
+                           [-0.5, -0.5, NAN, NAN]])
+    # gap 1: row 0 pairs (0,1) max(0, -1.2 + 1.0 + 0.1) = 0, (1,2) max(0, -0.9 + 1.2 + 0.1) = 0.4;
+    #        row 1 pair (0,1) max(0, 0 + 0.1) = 0.1; pairs with a NaN are left out: (0 + 0.4 + 0.1) / 3
+    # gap 2: row 0 pair (0,2) max(0, -0.9 + 1.0 + 0.2) = 0.3 -> 0.3
+    # gap 3: no pair -> 0
+    expected_rank = 0.5 / 3 + 0.3
+    assert float(ranking_loss(scores)) == pytest.approx(expected_rank, abs=1e-6)
+    assert float(tuna_loss(scores, ce=torch.tensor(2.0))) == pytest.approx(2.0 + expected_rank, abs=1e-6)
+    assert float(tuna_loss(scores, ce=2.0, margin=0.0, mle_weight=0.5)) == pytest.approx(1.0 + 0.3 / 3 + 0.1, abs=1e-6)
+    # A gap-g pair only counts when both sides have a score; an all-NaN batch has no ranking loss.
+    assert float(ranking_loss(torch.full((2, 3), NAN))) == 0.0
+
+
+def test_ranking_loss_gradients_are_finite_with_missing_candidates():
+    scores = torch.tensor([[-1.0, NAN, -0.8]], requires_grad=True)
+    loss = ranking_loss(scores)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(0.4, abs=1e-6)  # max(0, -0.8 + 1.0 + 0.2)
+    assert scores.grad.tolist() == [[-1.0, 0.0, 1.0]]
+    with pytest.raises(ValueError, match=r"\[batch, N\]"):
+        ranking_loss(torch.zeros(3))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random Llama (vocab 64) and a SmolLM2 tokenizer's pad id stand-in."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+class TinyTokenizer:
+    """Just enough of a tokenizer for the Trainer (the batch is built by hand)."""
+
+    pad_token_id, eos_token_id, pad_token, eos_token = 0, 1, "<pad>", "</s>"
+
+
+def trainer_for(model, tmp_path, **tuna):
+    args = TunaConfig(str(tmp_path / "out"), use_cpu=True, report_to="none", save_strategy="no", **tuna)
+    return TunaTrainer(model, args=args, processing_class=TinyTokenizer())
+
+
+# Two prompts; the first has 3 ranked candidates, the second 2 (its third slot is absent).
+FEATURES = [
+    {"prompt_ids": [2, 10, 11, 12], "candidate_ids": [[20, 21, 1], [22, 1], [23, 24, 25, 1]]},
+    {"prompt_ids": [2, 13], "candidate_ids": [[30, 31, 32, 33, 1], [34, 1]]},
+]
+
+
+def formula(model, features, margin=0.1, mle_weight=1.0, ce="all"):
+    """Tuna's loss computed the slow way: one unpadded forward per candidate, Python arithmetic."""
+    scores, nll_total, token_total = [], 0.0, 0
+    with torch.no_grad():
+        for feature in features:
+            row = []
+            for rank, candidate in enumerate(feature["candidate_ids"]):
+                ids = feature["prompt_ids"] + candidate
+                logprobs = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+                start = len(feature["prompt_ids"])
+                token_lps = [float(logprobs[t - 1, ids[t]]) for t in range(start, len(ids))]
+                row.append(sum(token_lps) / len(token_lps) if token_lps else NAN)
+                if ce == "all" or rank == 0:
+                    nll_total -= sum(token_lps)
+                    token_total += len(token_lps)
+            scores.append(row)
+    width = max(len(r) for r in scores)
+    scores = [r + [NAN] * (width - len(r)) for r in scores]
+    rank_loss = 0.0
+    for gap in range(1, width):
+        hinges = [max(0.0, r[j + gap] - r[j] + margin * gap) for r in scores for j in range(width - gap)
+                  if not math.isnan(r[j]) and not math.isnan(r[j + gap])]
+        rank_loss += sum(hinges) / len(hinges) if hinges else 0.0
+    return mle_weight * nll_total / token_total + rank_loss, scores
+
+
+@pytest.mark.parametrize("ce", ["all", "best"])
+def test_compute_loss_equals_the_formula(tiny, tmp_path, ce):
+    trainer = trainer_for(tiny, tmp_path, margin=0.3, mle_weight=0.7, ce_candidates=ce)
+    inputs = DataCollatorForTuna(pad_token_id=0)(FEATURES)
+    assert inputs["input_ids"].shape == (5, 8) and inputs["candidate_index"].tolist() == [[0, 1, 2], [3, 4, -1]]
+    loss, outputs = trainer.compute_loss(tiny, inputs, return_outputs=True)
+    expected, scores = formula(tiny, FEATURES, margin=0.3, mle_weight=0.7, ce=ce)
+    assert float(loss.detach()) == pytest.approx(expected, abs=1e-5)
+    got = outputs["avg_logprobs"].tolist()
+    assert math.isnan(got[1][2]) and got[0] == pytest.approx(scores[0], abs=1e-5)
+    assert got[1][:2] == pytest.approx(scores[1][:2], abs=1e-5)
+    assert set(trainer._metrics["eval"]) == {"ce_loss", "rank_loss", "rank_accuracy"}
+
+
+def test_compute_loss_is_nan_safe_when_a_candidate_is_truncated_away(tiny, tmp_path):
+    trainer = trainer_for(tiny, tmp_path)
+    # Row 2's prompt filled max_length: its candidates kept no response token (TunaTokenize gives []).
+    features = FEATURES[:1] + [{"prompt_ids": [2, 13, 14, 15], "candidate_ids": [[], []]}]
+    inputs = DataCollatorForTuna(pad_token_id=0)(features)
+    tiny.train()
+    try:
+        loss = trainer.compute_loss(tiny, inputs)
+        loss.backward()
+    finally:
+        tiny.eval()
+    expected, _ = formula(tiny, features[:1])
+    assert math.isfinite(float(loss.detach())) and float(loss.detach()) == pytest.approx(expected, abs=1e-5)
+    grads = [p.grad for p in tiny.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    tiny.zero_grad()
+
+
+def test_tokenize_truncates_and_drops_rows_without_candidates(tmp_path, caplog):
+    from datasets import Dataset
+
+    from reflectune_hf.models import load_tokenizer
+    from reflectune_hf.tuna_trainer import TunaTokenize
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    data = Dataset.from_dict({"id": [0, 1, 2], "instruction": ["Say hi.", "Count.", "word " * 80],
+                              "input": ["", "1 to 3", ""],
+                              "ranked_responses": [["Hi there, friend!", "Hello."], [], ["One."]]})
+    out = data.map(TunaTokenize(tokenizer, max_length=40, max_candidates=1), batched=True)
+    prompt = tokenizer("Below is an instruction that describes a task. Write a response that appropriately "
+                       "completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:")["input_ids"]
+    assert out["prompt_ids"][0] == prompt
+    assert out["candidate_ids"][0] == [(tokenizer("Hi there, friend!", add_special_tokens=False)["input_ids"]
+                                        + [tokenizer.eos_token_id])[:40 - len(prompt)]]
+    assert out["candidate_ids"][1] == [] and len(out["prompt_ids"][2]) == 40 and out["candidate_ids"][2] == [[]]
+    with caplog.at_level("WARNING"):
+        prepared = TunaTrainer._prepare_dataset(data, tokenizer, TunaConfig(str(tmp_path), max_length=40),
+                                                {"template": "alpaca", "max_length": 40, "max_candidates": None,
+                                                 "dataset_num_proc": None}, "train")
+    assert prepared.num_rows == 2 and "1 train rows have no ranked response" in caplog.text
+    assert "prompts of >= max_length=40" in caplog.text
+    with pytest.raises(ValueError, match="no train row has a ranked response"):
+        TunaTrainer._prepare_dataset(data.select([1]), tokenizer, TunaConfig(str(tmp_path)),
+                                     {"template": "alpaca", "max_length": 40, "max_candidates": None,
+                                      "dataset_num_proc": None}, "train")
+    with pytest.raises(ValueError, match="ce_candidates"):
+        TunaConfig(str(tmp_path), ce_candidates="worst")
+
+
+def test_recipes_parse():
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("tuna_script", repo / "scripts" / "tuna.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for stage, lr in (("probabilistic", 1e-5), ("contextual", 1e-6)):
+        script_args, args, model_args = script.make_parser().parse_args_and_config(
+            ["--config", str(repo / "scripts" / "configs" / f"tuna_{stage}.yaml"), "--use_cpu", "true",
+             "--bf16", "false", "--output_dir", "unused"])
+        assert (script_args.stage, args.learning_rate, args.num_train_epochs, args.max_length) == (stage, lr, 1, 512)
+        assert (args.template, args.margin, args.mle_weight, args.ce_candidates) == ("alpaca", 0.1, 1.0, "all")
+        assert model_args.dtype == "bfloat16" and not args.remove_unused_columns
+
+
+def test_trainer_accumulates_and_evaluates_pretokenized_rows(tiny, tmp_path):
+    from datasets import Dataset
+
+    data = Dataset.from_list(FEATURES * 2)  # already tokenized: used as it is
+    args = TunaConfig(str(tmp_path / "out"), use_cpu=True, report_to="none", save_strategy="no", max_steps=2,
+                      per_device_train_batch_size=1, gradient_accumulation_steps=2, per_device_eval_batch_size=2,
+                      train_sampling_strategy="sequential", learning_rate=0.0, logging_steps=1, disable_tqdm=True)
+    trainer = TunaTrainer(tiny, args=args, train_dataset=data, eval_dataset=data, processing_class=TinyTokenizer())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # Each step accumulates the rows F0 and F1: its loss is the mean of theirs (the Trainer divides ours by 2).
+    per_row = [formula(tiny, FEATURES[i:i + 1])[0] for i in range(2)]
+    assert losses == pytest.approx([sum(per_row) / 2] * 2, abs=1e-4)
+    metrics = trainer.evaluate()  # one batch of F0 and F1 together
+    assert metrics["eval_loss"] == pytest.approx(formula(tiny, FEATURES)[0], abs=1e-4)
+    assert {"eval_ce_loss", "eval_rank_loss", "eval_rank_accuracy"} <= set(metrics)
