@@ -14,6 +14,9 @@ The splits have the same rows in the same order (aligned by `id`) and the same c
 
 - `id`, `instruction`, `input`, `output`: the pair of that variant.
 - The compression columns of `CompressInstruction` (with `compress=True`).
+- `reflection_status`: the status of the split's last reflection step (instruction reflection
+  for `reflect_instruction`, response reflection for `reflect_response` and `reflect_both`; `""`
+  for `origin`), the column `reflectune_hf.select` reads.
 - `instruction_reflection_{raw,error,attempts,finish_reason,status}`: the instruction reflection
   behind the row (`reflect_instruction`, `reflect_both`); `""` / `0` in the other splits.
 - `response_reflection_{raw,error,attempts,finish_reason,status}`: the response reflection
@@ -47,14 +50,22 @@ def _prefixed(ds, prefix: str):
     return ds.rename_columns({f"reflection_{f}": f"{prefix}_reflection_{f}" for f in REFLECTION_FIELDS})
 
 
-def _fill_columns(batch: dict, defaults: dict) -> dict:
+# The reflection step whose status is a split's `reflection_status` (what `select` reads).
+LAST_STEP = {"origin": None, "reflect_instruction": "instruction", "reflect_response": "response",
+             "reflect_both": "response"}
+
+
+def _finish_split(batch: dict, defaults: dict, last_step: Optional[str]) -> dict:
     n = len(next(iter(batch.values()))) if batch else 0
-    return {name: [value] * n for name, value in defaults.items()}
+    out = {name: [value] * n for name, value in defaults.items()}
+    out["reflection_status"] = list(batch[f"{last_step}_reflection_status"]) if last_step else [""] * n
+    return out
 
 
 def _align(splits: dict) -> dict:
-    """Give every split the union of the columns, in one order, filling absent ones with ""/0."""
-    from datasets import Features
+    """Give every split the same columns in one order: absent reflection columns filled with
+    ""/0, and `reflection_status`, the status of the split's last reflection step."""
+    from datasets import Features, Value
 
     order, features = [], {}
     for ds in splits.values():
@@ -62,15 +73,17 @@ def _align(splits: dict) -> dict:
             if name not in features:
                 order.append(name)
                 features[name] = ds.features[name]
+    first_reflection = next(i for i, name in enumerate(order) if name.endswith("_reflection_raw"))
+    order.insert(first_reflection, "reflection_status")
     aligned = {}
     for split, ds in splits.items():
-        missing = [name for name in order if name not in ds.column_names]
-        if missing:
-            defaults = {name: ("" if getattr(features[name], "dtype", "") in ("string", "large_string") else 0)
-                        for name in missing}
-            full = Features({**ds.features, **{name: features[name] for name in missing}})
-            ds = ds.map(_fill_columns, batched=True, fn_kwargs={"defaults": defaults}, features=full,
-                        desc=f"Aligning {split}")
+        missing = [name for name in features if name not in ds.column_names]
+        defaults = {name: ("" if getattr(features[name], "dtype", "") in ("string", "large_string") else 0)
+                    for name in missing}
+        full = Features({**ds.features, **{name: features[name] for name in missing},
+                         "reflection_status": Value("string")})
+        ds = ds.map(_finish_split, batched=True, fn_kwargs={"defaults": defaults, "last_step": LAST_STEP[split]},
+                    features=full, desc=f"Aligning {split}")
         aligned[split] = ds.select_columns(order)
     return aligned
 

@@ -62,6 +62,11 @@ def test_four_aligned_splits_with_one_schema_and_statuses(arrow_ds, tmp_path):
     assert list(rb["instruction"]) == list(ri["instruction"])
     assert list(rb["instruction_reflection_status"]) == list(ri["instruction_reflection_status"])
     assert list(rb["response_reflection_status"]) == ["ok", "ok", "ok", "ok"]
+    # reflection_status: the split's last reflection step (what reflectune_hf.select reads)
+    assert list(ri["reflection_status"]) == list(ri["instruction_reflection_status"])
+    assert list(rb["reflection_status"]) == list(rb["response_reflection_status"])
+    assert list(rr["reflection_status"]) == list(rr["response_reflection_status"])
+    assert set(origin["reflection_status"]) == {""}
     # Columns a split did not go through are empty, never missing.
     assert set(origin["instruction_reflection_status"]) == {""} and set(ri["response_reflection_status"]) == {""}
     assert set(rr["instruction_reflection_raw"]) == {""} and set(origin["response_reflection_attempts"]) == {0}
