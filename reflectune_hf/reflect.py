@@ -15,7 +15,8 @@ configuration, prompt set, sampling parameters; runtime usage counters are left 
 Arrow-backed dataset from its cache without calling the oracle.
 
 Format re-ask (`format_retries`, default 1, as the reference): when an answer cannot be parsed
-into the requested format, the same prompt is sent again as a *distinct* request: `seed` is the
+into the requested format (for instruction reflection: when the new instruction or the new
+answer is missing; the reference re-asks only when both are), the same prompt is sent again as a *distinct* request: `seed` is the
 attempt number (plus `seed` when set) and the temperature is raised to at least
 `retry_temperature` (0.7). The distinct seed gives the re-ask its own cache key, so the per-request
 oracle cache cannot hand back the same unparsable text, and the higher temperature makes it a real
