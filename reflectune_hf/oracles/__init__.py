@@ -4,5 +4,12 @@ See `base` for the contract (`ChatRequest`, `ChatResult`, `Oracle`).
 """
 
 from .base import ChatRequest, ChatResult, Oracle, OracleConfigurationError
+from .batch import OpenAIBatchOracle
+from .cache import CachingOracle, OracleCache
+from .local import TransformersOracle
+from .openai_oracle import OpenAIOracle, RateLimiter
+from .usage import UsageEstimate, estimate
 
 __all__ = ["ChatRequest", "ChatResult", "Oracle", "OracleConfigurationError"]
+__all__ += ["CachingOracle", "OpenAIBatchOracle", "OpenAIOracle", "OracleCache", "RateLimiter",
+            "TransformersOracle", "UsageEstimate", "estimate"]

@@ -1,0 +1,285 @@
+"""`OpenAIBatchOracle`: the OpenAI Batch API (half price, answers within the completion window).
+
+`complete(requests)` writes the uncached requests as JSONL (`custom_id` = the request's cache
+key), uploads it (`purpose="batch"`), creates one batch per part (a part holds at most 50,000
+requests and 200 MB, the service's limits), polls with a progress bar until every batch ends,
+then downloads the output and error files and maps each line back by `custom_id`. Successes go
+to the `OracleCache` (the same keys as `OpenAIOracle`'s, so either path reuses the other's
+answers); failed lines become results with `error` set.
+
+Resumable: each batch id is stored with the keys it covers in the cache database the moment the
+batch is created. A restarted run (or a run stopped by `max_wait`) finds the batches still in
+flight for its requests and collects them instead of submitting again; answers of a batch that
+a later run no longer asks for are still cached, never thrown away.
+
+Tested against a local server implementing the files and batches endpoints (there is no real
+Batch service in the test environment); the wire format follows OpenAI's documentation.
+
+Example:
+    >>> from reflectune_hf.oracles import ChatRequest, OpenAIBatchOracle
+    >>> oracle = OpenAIBatchOracle("gpt-4o-mini", poll_interval=60)  # doctest: +SKIP
+    >>> results = oracle.complete([ChatRequest([{"role": "user", "content": "Hi"}], max_tokens=16)])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from types import SimpleNamespace
+from typing import Optional
+
+from .base import ChatRequest, ChatResult, OracleConfigurationError, usage_add
+from .cache import OracleCache, redact_url
+from .openai_oracle import OpenAIOracle, _parse_choices
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUESTS_PER_BATCH = 50_000
+MAX_BYTES_PER_BATCH = 200 * 1024 * 1024
+TERMINAL = ("completed", "failed", "expired", "cancelled", "unknown")  # unknown: the server forgot it
+ENDPOINT = "/v1/chat/completions"
+
+
+def _ensure_tables(cache: OracleCache) -> None:
+    cache.execute("CREATE TABLE IF NOT EXISTS batch_jobs (batch_id TEXT PRIMARY KEY, model TEXT, base_url TEXT, "
+                  "input_file_id TEXT, status TEXT, created REAL, done INTEGER NOT NULL DEFAULT 0)")
+    cache.execute("CREATE TABLE IF NOT EXISTS batch_requests (key TEXT NOT NULL, batch_id TEXT NOT NULL, "
+                  "PRIMARY KEY (key, batch_id))")
+
+
+def split_lines(lines: list[bytes], max_requests: int, max_bytes: int) -> list[list[bytes]]:
+    """Consecutive parts of at most `max_requests` lines and `max_bytes` bytes each."""
+    parts, current, size = [], [], 0
+    for line in lines:
+        if len(line) > max_bytes:
+            raise ValueError(f"one request is {len(line)} bytes, over the batch limit of {max_bytes}")
+        if current and (len(current) >= max_requests or size + len(line) > max_bytes):
+            parts.append(current)
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    return parts + ([current] if current else [])
+
+
+class OpenAIBatchOracle(OpenAIOracle):
+    """Chat completions through the Batch API, resumable and cached per request.
+
+    Args:
+        model, base_url, api_key, timeout, max_retries, cache, progress: as `OpenAIOracle`
+            (the cache is required: it also stores the submitted batch ids).
+        completion_window: the service's window ("24h").
+        poll_interval: seconds between status checks.
+        max_wait: stop polling after this many seconds (None: wait until the batches end); rows
+            not answered yet come back with an error and the next `complete` collects them.
+        max_requests_per_batch, max_bytes_per_batch: split larger submissions.
+    """
+
+    def __init__(self, model: str, base_url: Optional[str] = None, api_key: Optional[str] = None,
+                 completion_window: str = "24h", poll_interval: float = 30.0, max_wait: Optional[float] = None,
+                 max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH, max_bytes_per_batch: int = MAX_BYTES_PER_BATCH,
+                 timeout: float = 120.0, max_retries: int = 6, cache=True, progress: Optional[bool] = None):
+        if not cache:
+            raise ValueError("OpenAIBatchOracle needs the cache: it stores the submitted batch ids to resume")
+        super().__init__(model, base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries,
+                         cache=cache, progress=progress)
+        self.completion_window = completion_window
+        self.poll_interval = float(poll_interval)
+        self.max_wait = max_wait
+        self.max_requests_per_batch = int(max_requests_per_batch)
+        self.max_bytes_per_batch = int(max_bytes_per_batch)
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("OpenAIOracle(", "OpenAIBatchOracle(", 1)
+
+    def _sync_client(self):
+        from openai import OpenAI
+
+        return OpenAI(api_key=self._key_value(), base_url=self.base_url, timeout=self.timeout,
+                      max_retries=self.max_retries)
+
+    def _config_error(self, err) -> Optional[OracleConfigurationError]:
+        """The configuration error an SDK exception means, if it means one."""
+        import openai
+
+        if isinstance(err, (openai.AuthenticationError, openai.PermissionDeniedError)):
+            return OracleConfigurationError(self._explain(err))
+        if isinstance(err, openai.NotFoundError):
+            return OracleConfigurationError(f"{self._explain(err)} (does the server implement the Batch API?)")
+        if isinstance(err, openai.APIConnectionError):
+            return OracleConfigurationError(f"Cannot reach {redact_url(self.base_url)}: {self._cause(err)}")
+        return None
+
+    def _api(self, call, *args, **kwargs):
+        """One SDK call; authentication, missing endpoints and a dead server raise clearly."""
+        import openai
+
+        try:
+            return call(*args, **kwargs)
+        except openai.OpenAIError as err:
+            config = self._config_error(err)
+            if config is None:
+                raise
+            raise config from None
+
+    # -- submission ---------------------------------------------------------------------------
+    def _send(self, requests: list[ChatRequest], on_result) -> list[ChatResult]:
+        cache = self.cache_store
+        _ensure_tables(cache)
+        model, base_url = self._identity()
+        keys = [r.key(model, base_url) for r in requests]
+        index = {k: i for i, k in enumerate(keys)}
+        results: list[Optional[ChatResult]] = [None] * len(requests)
+        client = self._sync_client()
+        try:
+            inflight = self._inflight(cache, keys)
+            if inflight:
+                logger.info("Collecting %d batch(es) submitted earlier instead of resubmitting",
+                            len(set(inflight.values())))
+            todo = [i for i, k in enumerate(keys) if k not in inflight]
+            batch_ids = list(dict.fromkeys(inflight.values())) + self._submit(client, cache, requests, keys, todo)
+            statuses = self._poll(client, batch_ids)
+
+            def deliver(key: str, item: dict) -> None:
+                i = index.get(key)
+                result = self._line_result(item, None if i is None else requests[i])
+                if i is None:  # an answer a later run no longer asks for: cached all the same
+                    if result.ok:
+                        cache.put(key, result, model=model, base_url=base_url)
+                elif results[i] is None or (not results[i].ok and result.ok):
+                    results[i] = result
+
+            for batch in statuses.values():
+                if batch.status in TERMINAL:
+                    self._collect(client, batch, deliver)
+                    cache.execute("UPDATE batch_jobs SET status = ?, done = 1 WHERE batch_id = ?",
+                                  (batch.status, batch.id))
+        finally:
+            client.close()
+        owner = {k: b for b in batch_ids
+                 for (k,) in cache.execute("SELECT key FROM batch_requests WHERE batch_id = ?", (b,))}
+        for i, key in enumerate(keys):
+            if results[i] is None:
+                batch = statuses.get(owner.get(key))
+                if batch is not None and batch.status not in TERMINAL:
+                    results[i] = ChatResult.failure(f"batch {batch.id} is still {batch.status}: call complete() again "
+                                                    "to collect it (it will not be resubmitted)")
+                else:
+                    status = batch.status if batch is not None else "unknown"
+                    results[i] = ChatResult.failure(
+                        f"batch {owner.get(key)} ended ({status}) without an answer for this request")
+            on_result(i, results[i])
+        return results
+
+    def _inflight(self, cache: OracleCache, keys: list[str]) -> dict[str, str]:
+        """`{key: batch_id}` of batches not yet collected that cover some of `keys`."""
+        found: dict[str, str] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            rows = cache.execute(
+                "SELECT r.key, r.batch_id FROM batch_requests r JOIN batch_jobs j ON r.batch_id = j.batch_id "
+                f"WHERE j.done = 0 AND j.model = ? AND j.base_url = ? AND r.key IN ({','.join('?' * len(chunk))})",
+                [self.model, redact_url(self.base_url), *chunk])
+            found.update(dict(rows))
+        return found
+
+    def _submit(self, client, cache: OracleCache, requests, keys, todo: list[int]) -> list[str]:
+        lines = [(json.dumps({"custom_id": keys[i], "method": "POST", "url": ENDPOINT,
+                              "body": self._body(requests[i], requests[i].n, requests[i].seed)}) + "\n").encode()
+                 for i in todo]
+        by_line = dict(zip(lines, (keys[i] for i in todo)))
+        batch_ids = []
+        for part in split_lines(lines, self.max_requests_per_batch, self.max_bytes_per_batch):
+            upload = self._api(client.files.create, purpose="batch",
+                               file=("reflectune-batch.jsonl", b"".join(part), "application/jsonl"))
+            batch = self._api(client.batches.create, input_file_id=upload.id, endpoint=ENDPOINT,
+                              completion_window=self.completion_window, metadata={"created_by": "reflectune_hf"})
+            with cache.transaction() as conn:  # the batch and its keys, recorded together
+                conn.execute("INSERT OR REPLACE INTO batch_jobs (batch_id, model, base_url, input_file_id, status, "
+                             "created) VALUES (?,?,?,?,?,?)",
+                             (batch.id, self.model, redact_url(self.base_url), upload.id, batch.status, time.time()))
+                conn.executemany("INSERT OR IGNORE INTO batch_requests (key, batch_id) VALUES (?, ?)",
+                                 [(by_line[line], batch.id) for line in part])
+            logger.info("Submitted batch %s with %d requests", batch.id, len(part))
+            batch_ids.append(batch.id)
+        return batch_ids
+
+    # -- waiting and collecting ---------------------------------------------------------------
+    def _poll(self, client, batch_ids: list[str]) -> dict:
+        from tqdm.auto import tqdm
+
+        deadline = None if self.max_wait is None else time.monotonic() + self.max_wait
+        statuses: dict = {}
+        show = self.progress if self.progress is not None else True
+        bar = tqdm(desc=f"batch {self.model}", unit="req", disable=not show or not batch_ids)
+        try:
+            while True:
+                for batch_id in batch_ids:
+                    if batch_id not in statuses or statuses[batch_id].status not in TERMINAL:
+                        self._refresh(client, batch_id, statuses)
+                counts = [b.request_counts for b in statuses.values() if b.request_counts is not None]
+                bar.total = sum(c.total for c in counts) or None
+                bar.n = sum(c.completed + c.failed for c in counts)
+                bar.set_postfix_str(",".join(sorted({b.status for b in statuses.values()})), refresh=False)
+                bar.refresh()
+                running = [b for b in batch_ids if b not in statuses or statuses[b].status not in TERMINAL]
+                if not running or (deadline is not None and time.monotonic() >= deadline):
+                    return statuses
+                wait = self.poll_interval if deadline is None else min(self.poll_interval, deadline - time.monotonic())
+                time.sleep(max(0.0, wait))
+        finally:
+            bar.close()
+
+    def _refresh(self, client, batch_id: str, statuses: dict) -> None:
+        """Update one batch's status; a network hiccup during a long wait is only a warning."""
+        import openai
+
+        try:
+            statuses[batch_id] = client.batches.retrieve(batch_id)
+        except (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as err:
+            logger.warning("Could not poll batch %s (%s); trying again", batch_id, type(err).__name__)
+        except openai.NotFoundError:
+            logger.warning("Batch %s is unknown to the server: its requests will be submitted again", batch_id)
+            statuses[batch_id] = SimpleNamespace(id=batch_id, status="unknown", request_counts=None, errors=None,
+                                                 output_file_id=None, error_file_id=None)
+        except openai.OpenAIError as err:
+            config = self._config_error(err)
+            if config is None:
+                raise
+            raise config from None
+
+    def _collect(self, client, batch, deliver) -> None:
+        """Map a finished batch's output and error lines back to their requests."""
+        if batch.status != "completed":
+            reasons = "; ".join(e.message or e.code or "" for e in (batch.errors.data or [])) if batch.errors else ""
+            logger.warning("Batch %s ended with status %s%s", batch.id, batch.status, f": {reasons}" if reasons else "")
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if not file_id:
+                continue
+            for line in self._api(client.files.content, file_id).text.splitlines():
+                if line.strip():
+                    item = json.loads(line)
+                    deliver(item.get("custom_id"), item)
+
+    def _line_result(self, item: dict, request: Optional[ChatRequest]) -> ChatResult:
+        """One output/error line as a result; `request` is None for answers no longer asked for."""
+        response = item.get("response") or {}
+        body = response.get("body") or {}
+        if item.get("error") or response.get("status_code") != 200:
+            error = item.get("error") or body.get("error") or {}
+            message = error.get("message") if isinstance(error, dict) else str(error)
+            return ChatResult.failure(self._redact(f"HTTP {response.get('status_code')}: {message}"))
+        try:
+            if request is not None:
+                with_logprobs, want = request.logprobs, request.n
+            else:
+                with_logprobs = any((c.get("logprobs") or {}).get("content") is not None for c in body["choices"])
+                want = len(body["choices"])
+            got = _parse_choices(body, want, with_logprobs)
+        except (AttributeError, TypeError, KeyError, ValueError) as err:
+            return ChatResult.failure(f"malformed batch answer: {err}")
+        if len(got) < want:
+            return ChatResult.failure(f"the batch answer has {len(got)} choices where n={want} was asked")
+        texts, reasons, logprobs = (list(x) for x in zip(*got))
+        return ChatResult(texts=texts, finish_reasons=reasons, usage=usage_add({}, body.get("usage")),
+                          logprobs=logprobs if with_logprobs else None)

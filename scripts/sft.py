@@ -1,0 +1,141 @@
+"""Supervised fine-tuning with the Vicuna v1.1 template and assistant-only loss, TRL-style.
+
+The same arguments as TRL's `trl sft` (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig),
+with the paper's hyperparameters as defaults (`reflectune_hf.train.paper_hyperparameters`), the
+packaged Vicuna template as `chat_template_path`, embedded model aliases and Alpaca data accepted:
+Alpaca rows are turned into `messages` and checked before the model loads.
+
+# CPU smoke run (16 rows of the bundled sample, the embedded SmolLM2, a few steps)
+```bash
+python scripts/sft.py --config scripts/configs/smoke_cpu.yaml
+```
+
+# The paper's 7B recipe on 8 GPUs (FSDP); any YAML key can be overridden on the command line
+```bash
+accelerate launch --config_file scripts/configs/accelerate/fsdp.yaml scripts/sft.py \
+    --config scripts/configs/vicuna_7b.yaml --dataset_name my-org/recycled-alpaca --output_dir llama2-7b-recycled
+```
+
+The recipes use only TRL's own keys, so `trl sft --config <recipe>.yaml` runs them too (with a Hub id
+or local path as the model and a dataset that already has a `messages` column).
+"""
+
+import argparse
+import logging
+import os
+
+logger = logging.getLogger("reflectune_hf.scripts.sft")
+
+
+def load_datasets(script_args, dataset_args):
+    """A DatasetDict from `datasets:` (TRL's mixture), or `dataset_name`: `"sample"` (the bundled
+    40 rows), a directory saved with `save_to_disk`, a data file, or a Hub id."""
+    import datasets
+    from trl import get_dataset
+
+    from reflectune_hf.data import load_sample
+
+    if dataset_args is not None and dataset_args.datasets:
+        if script_args.dataset_name:
+            logger.warning("Both `datasets` and `dataset_name` are set; `datasets` is used.")
+        return get_dataset(dataset_args)
+    name = script_args.dataset_name
+    if not name:
+        raise ValueError("Set `dataset_name` (a Hub id, a local path or 'sample') or `datasets` in the config.")
+    if name == "sample":
+        return datasets.DatasetDict({"train": load_sample()})
+    if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_info.json", "dataset_dict.json")):
+        loaded = datasets.load_from_disk(name)
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    if os.path.isfile(name):
+        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(name)[1])
+        if builder is None:
+            raise ValueError(f"Unsupported data file {name}: use .json, .jsonl, .parquet or .csv")
+        return datasets.load_dataset(builder, data_files=name)
+    return datasets.load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+
+
+def dataset_label(script_args, dataset_args) -> str:
+    """What the model card names as the data: the Hub id or path, or the mixture's sources."""
+    if dataset_args is None or not dataset_args.datasets:
+        return script_args.dataset_name
+    names = []
+    for source in dataset_args.datasets:
+        files = source.data_files
+        files = list(files.values()) if isinstance(files, dict) else [files] if isinstance(files, str) else files
+        names.append(source.path + (f" ({', '.join(os.path.basename(str(f)) for f in files)})" if files else ""))
+    return " + ".join(names)
+
+
+def main(script_args, training_args, model_args, dataset_args=None):
+    import transformers
+    from packaging.version import Version
+    from trl import get_peft_config, get_quantization_config
+
+    from reflectune_hf.train import PAPER_GLOBAL_BATCH_SIZE, vicuna_sft_trainer
+
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if training_args.model_init_kwargs is not None:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = model_init_kwargs
+
+    global_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                    * training_args.world_size)
+    if global_batch != PAPER_GLOBAL_BATCH_SIZE:
+        logger.warning("Global batch is %d (per-device %d x accumulation %d x %d processes); the paper used %d.",
+                       global_batch, training_args.per_device_train_batch_size,
+                       training_args.gradient_accumulation_steps, training_args.world_size, PAPER_GLOBAL_BATCH_SIZE)
+
+    dataset = load_datasets(script_args, dataset_args)
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = dataset[script_args.dataset_test_split]
+    trainer = vicuna_sft_trainer(
+        model_args.model_name_or_path,
+        dataset[script_args.dataset_train_split],
+        training_args,
+        eval_dataset=eval_dataset,
+        dataset_name=dataset_label(script_args, dataset_args),
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)  # weights, tokenizer with the template, README.md card
+    trainer.save_state()  # trainer_state.json with the loss history
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
+
+    if Version(transformers.__version__) >= Version("5.18.0"):
+        trainer.end()
+
+
+def make_parser(subparsers: argparse._SubParsersAction = None, prog: str = None):
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+    from reflectune_hf.train import batch_size_fields, paper_hyperparameters
+
+    dataclass_types = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig)
+    if subparsers is not None:
+        parser = subparsers.add_parser("sft", help="Vicuna v1.1 SFT", dataclass_types=dataclass_types)
+    else:
+        parser = TrlParser(dataclass_types, prog=prog)
+    # The paper's recipe as defaults; a --config file and the command line override them.
+    paper = {**paper_hyperparameters(), **batch_size_fields()}
+    parser.set_defaults_with_config(**paper)
+    return parser
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = make_parser()
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config()
+    main(script_args, training_args, model_args, dataset_args)

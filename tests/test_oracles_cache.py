@@ -1,0 +1,69 @@
+"""OracleCache: one row per success, keyed on the server, safe with several writing processes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from reflectune_hf.oracles import ChatRequest, ChatResult, OracleCache
+from reflectune_hf.oracles.cache import redact_url, resolve_cache
+
+REQ = ChatRequest([{"role": "user", "content": "Hi"}], max_tokens=8)
+
+
+def test_roundtrip_and_only_successes(tmp_path):
+    cache = OracleCache(tmp_path / "c.sqlite")
+    key = REQ.key("m", "http://a/v1")
+    result = ChatResult(texts=["Hello"], finish_reasons=["stop"], usage={"prompt_tokens": 3},
+                        logprobs=[[{"token": "Hello", "logprob": -0.1, "top_logprobs": []}]])
+    cache.put(key, result, request=REQ, model="m", base_url="http://user:pw@a/v1")
+    got = cache.get(key)
+    assert got.cached and got.texts == ["Hello"] and got.logprobs == result.logprobs
+    assert got.usage == {"prompt_tokens": 3} and got.error is None
+    assert key in cache and len(cache) == 1 and cache.get("missing") is None
+    assert cache.execute("SELECT base_url FROM responses")[0][0] == "http://a/v1"  # credentials never stored
+    with pytest.raises(ValueError, match="only successful"):
+        cache.put("k2", ChatResult.failure("boom"))
+    assert REQ.key("m", "http://b/v1") != key  # the server is part of the key
+    cache.delete([key])
+    assert len(cache) == 0
+    state = pickle.loads(pickle.dumps(cache)).__dict__
+    assert state == {"path": cache.path, "_conn": None, "_pid": None, "_lock": None}  # the path only
+
+
+def test_default_path_and_settings(tmp_path, monkeypatch):
+    assert OracleCache().path == os.environ["REFLECTUNE_HF_ORACLE_CACHE"]
+    monkeypatch.delenv("REFLECTUNE_HF_ORACLE_CACHE")
+    monkeypatch.setenv("REFLECTUNE_HF_CACHE", str(tmp_path / "root"))
+    assert OracleCache().path == str(tmp_path / "root" / "oracle.sqlite")
+    assert resolve_cache(False) is None and resolve_cache(str(tmp_path / "x.sqlite")).path.endswith("x.sqlite")
+    with pytest.raises(TypeError):
+        resolve_cache(3)
+    assert redact_url("https://u:p@host:8/v1") == "https://host:8/v1"
+
+
+WRITER = """
+import sys
+from reflectune_hf.oracles import ChatResult, OracleCache
+cache = OracleCache(sys.argv[1])
+for i in range(150):
+    cache.put(f"{sys.argv[2]}-{i}", ChatResult(texts=[str(i)]))
+    assert cache.get(f"{sys.argv[2]}-{i}").texts == [str(i)]
+"""
+
+
+def test_several_processes_write_at_once(tmp_path):
+    path = str(tmp_path / "shared.sqlite")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, path, name], env=env, stderr=subprocess.PIPE)
+             for name in ("a", "b", "c")]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    cache = OracleCache(path)
+    assert len(cache) == 450
+    assert cache.execute("PRAGMA journal_mode")[0][0] == "wal"
