@@ -112,3 +112,17 @@ def test_bad_input_is_rejected_clearly():
         build_variants(DatasetDict({"train": Dataset.from_dict({"instruction": ["a"], "output": ["b"]})}), _oracle())
     with pytest.raises(ValueError, match=r"needs the column\(s\) \['output'\]"):
         build_variants(Dataset.from_dict({"instruction": ["a"]}), _oracle())
+
+
+def test_variants_feed_v2_selection_which_reads_the_statuses(arrow_ds):
+    from reflectune_hf.select import explain_v2, select_v2
+
+    variants = build_variants(arrow_ds, _oracle())
+    ifd = {"origin": [0.5] * 4, "reflect_instruction": [0.6, 0.6, 0.4, 0.6],
+           "reflect_response": [0.5] * 4, "reflect_both": [0.5] * 4}
+    rifd = {"origin": [0.9] * 4, "reflect_instruction": [0.9] * 4, "reflect_response": [0.5] * 4, "reflect_both": [0.5] * 4}
+    scored = DatasetDict({s: variants[s].add_column("ifd", ifd[s]).add_column("rifd", rifd[s]) for s in VARIANT_SPLITS})
+    # Row 1: instruction reflection failed (Q is the origin) -> its response twin; row 2: Q scored
+    # lower, and its response reflection hit an oracle error -> not reflected, not selected.
+    assert list(explain_v2(scored)["v2_outcome"]) == ["reflect_both", "reflect_response", "not_reflected", "reflect_both"]
+    assert list(select_v2(scored)["id"]) == [0, 1, 3]
