@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 from .data import add_ids, load_data, load_sample, to_alpaca  # noqa: E402
 from .evaluate import GenerateResponses, PairwiseJudge, judge_summary, load_eval_set, plot_judge, quality_report  # noqa: E402
+from .extract import extract_instruction_reflection, extract_response_reflection  # noqa: E402
 from .models import load_causal_lm, resolve_model  # noqa: E402
 from .oracles import (  # noqa: E402
     ChatRequest,
@@ -25,10 +26,12 @@ from .oracles import (  # noqa: E402
     TransformersOracle,
     estimate,
 )
+from .reflect import CompressInstruction, ReflectInstruction, ReflectResponse  # noqa: E402
 from .report import plot_summary, summarize  # noqa: E402
 from .select import ifd_below, is_scored, rifd_below, select_v1, select_v2, top_k_by  # noqa: E402
 from .selectit import SelectITScorer  # noqa: E402
 from .train import to_messages, vicuna_sft_config, vicuna_sft_trainer  # noqa: E402
+from .variants import build_variants  # noqa: E402
 # Tuna's data stages; TunaTrainer, TunaConfig and tuna_loss load torch: `from reflectune_hf.tuna import TunaTrainer`.
 from .tuna import ContextualRank, SampleResponses, rank_by_logprob  # noqa: E402
 
@@ -39,6 +42,9 @@ __all__ = [
     # oracles
     "ChatRequest", "ChatResult", "OpenAIBatchOracle", "OpenAIOracle", "OracleCache",
     "OracleConfigurationError", "TransformersOracle", "estimate",
+    # reflection
+    "CompressInstruction", "ReflectInstruction", "ReflectResponse", "build_variants",
+    "extract_instruction_reflection", "extract_response_reflection",
     # selection and statistics
     "ifd_below", "is_scored", "rifd_below", "select_v1", "select_v2", "top_k_by", "plot_summary", "summarize",
     # fine-tuning

@@ -1,0 +1,285 @@
+"""Regex extraction of the reflected pairs from the oracle's raw text, with a status per row.
+
+The oracle is asked (REFERENCE.md §3-§5) to answer in the format `[New Instruction] ... [End]`
+`[New Answer] ... [End]` (instruction reflection) or `[Better Answer] ... [End]` (response
+reflection). Real oracles drift from it: they wrap markers in markdown (`**[New Instruction]**`,
+`### New Answer`), add a colon (`[Better Answer]:`, `New Instruction:`), stop without `[End]`,
+echo the format line with its placeholders, refuse, or write code that contains brackets. This
+module parses all of that and records what happened in `reflection_status`:
+
+- `ok`: every field of the stage was extracted.
+- `instruction_fallback`: instruction reflection only: the new answer was extracted, the
+  instruction was not, so the previous instruction is kept.
+- `output_fallback`: instruction reflection only: the new instruction was extracted, the answer
+  was not, so the previous output is kept (the reference does the same; filter on the status to
+  drop such pairs).
+- `failed`: the oracle answered but nothing usable was extracted; the row is unchanged.
+- `oracle_error`: the oracle failed (`reflection_error` is set); the row is unchanged.
+
+Fixes of the reference's bugs (REFERENCE.md §5): an answer that merely mentions "N/A" is kept
+(only an answer that *is* "N/A" is rejected); only a bracketed `[End]` terminates a segment, so
+"Endangered" and "the End of the chapter" survive; placeholders are rejected when the field *is*
+a placeholder ("your answer"), not when it contains the words; fallbacks are recorded.
+
+Several segments: instruction reflection takes the first usable `[New Instruction]` and the
+first usable `[New Answer]` (as the reference does); response reflection needs exactly one
+distinct usable `[Better Answer]` (the reference re-asks on zero or several and then keeps the
+original: the re-ask happens in `ReflectResponse`, `format_retries`).
+
+Example:
+    >>> from reflectune_hf.extract import extract_response_reflection
+    >>> batch = {"instruction": ["Name a bird."], "output": ["Cat."],
+    ...          "reflection_raw": ["1. Wrong animal.\\n2. **[Better Answer]** Robin. [End]"]}
+    >>> out = extract_response_reflection(batch)
+    >>> out["output"], out["reflection_status"]
+    (['Robin.'], ['ok'])
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Optional
+
+from .data import batch_size_of, require_columns, text_column
+
+STATUSES = ("ok", "instruction_fallback", "output_fallback", "failed", "oracle_error")
+
+_LABELS = {
+    "instruction": r"new\s+instruction",
+    "answer": r"new\s+answer",
+    "better": r"better\s+answer",
+}
+_DECO = r"(?:\*\*|__)"
+
+
+def _marker_patterns(label: str) -> tuple[re.Pattern, re.Pattern]:
+    """(bracketed form, loose forms) of one marker label; both case-insensitive."""
+    bracketed = re.compile(
+        rf"(?P<a>{_DECO})?\[[ \t]*{_DECO}?[ \t]*{label}[ \t]*:?[ \t]*{_DECO}?[ \t]*\](?(a){_DECO}?)"
+        rf"(?:[ \t]*[:：](?:[ \t]*{_DECO}(?=\s))?)?",
+        re.I,
+    )
+    loose = re.compile(
+        # "New Instruction:", "**New Instruction:**", "**New Instruction**:"
+        rf"(?<![\w\[])(?:{_DECO})?{label}(?:{_DECO})?[ \t]*[:：](?:[ \t]*{_DECO}(?=\s))?"
+        # a heading or bold line of its own: "### New Answer", "**New Answer**"
+        rf"|^[ \t]*(?:\#{{1,6}}[ \t]*)?(?:{_DECO})?{label}(?:{_DECO})?[ \t]*:?[ \t]*$",
+        re.I | re.M,
+    )
+    return bracketed, loose
+
+
+_MARKERS = {name: _marker_patterns(label) for name, label in _LABELS.items()}
+# Only a bracketed End terminates ("[End]", "**[END]**", "[End of Answer]"), never a bare word,
+# and never an index such as `arr[end]` (preceded by a word character).
+_END = re.compile(
+    rf"(?<!\w){_DECO}?\[[ \t]*{_DECO}?[ \t]*(?:the\s+)?end(?:\s+of\s+(?:the\s+)?(?:new\s+|better\s+)?"
+    rf"(?:answer|instruction|input))?[ \t]*{_DECO}?[ \t]*\]{_DECO}?",
+    re.I,
+)
+_CODE = re.compile(r"```.*?```|~~~.*?~~~|`[^`\n]+`", re.S)
+_TRAILING_ENUMERATOR = re.compile(rf"(?:\n[ \t]*{_DECO}?\d{{1,2}}[.)]{_DECO}?[ \t]*)+\Z")
+_PLACEHOLDER = re.compile(
+    r"(?:(?:insert|write|put|enter)\s+)?(?:your|the)\s+(?:new\s+|better\s+|improved\s+)?(?:instruction|answer)"
+    r"(?:\s+here)?|(?:new|better)\s+(?:instruction|answer)|instruction|answer|n/?a|none|null|nothing|"
+    r"not\s+applicable|tbd|todo",
+)
+_REFUSE = (
+    r"(?:cannot|can't|can\s+not|am\s+unable\s+to|'m\s+unable\s+to|am\s+not\s+able\s+to|won't|will\s+not|"
+    r"won't\s+be\s+able\s+to|will\s+not\s+be\s+able\s+to|must\s+decline\s+to)\s+(?:help|assist|provide|comply|"
+    r"fulfil+|answer|generate|create|write|rewrite|complete|judge|evaluate|engage|respond|do\s+th(?:at|is))\b"
+)
+# A refusal opens the field: "I'm sorry, but I can't help with that", "As an AI language model,
+# I cannot ...". "Unfortunately, I won't be able to attend" (a real answer) is not one.
+_REFUSAL = re.compile(
+    rf"^\W*(?:(?:(?:i'm|i\s+am)\s+(?:sorry|afraid)|sorry|i\s+apologi[sz]e|unfortunately)\b[^\n]{{0,80}}?\bi\s*{_REFUSE}"
+    r"|as\s+an\s+ai(?:\s+language\s+model)?\b[^\n]{0,40}?\bi\s+(?:cannot|can't|can\s+not|do\s+not|don't|am\s+(?:not\s+able|unable))"
+    rf"|i\s*{_REFUSE})",
+    re.I,
+)
+
+
+def _mask_code(text: str) -> str:
+    """`text` with the inside of code spans blanked (same length), so markers there are ignored."""
+    return _CODE.sub(lambda m: re.sub(r"[^\n]", "\x00", m.group(0)), text)
+
+
+def _markers(masked: str) -> list[tuple[int, int, str]]:
+    """All markers as (start, end, label), sorted. Per label, the bracketed form wins when present
+    (as in the reference): a loose "better answer:" in the analysis is prose, not a marker."""
+    found = []
+    for name, (bracketed, loose) in _MARKERS.items():
+        hits = list(bracketed.finditer(masked)) or list(loose.finditer(masked))
+        found.extend((m.start(), m.end(), name) for m in hits)
+    return sorted(found)
+
+
+def _clean(segment: str, unquote: bool = False) -> str:
+    text = segment.strip()
+    text = re.sub(r"\A[:：][ \t]*", "", text)
+    if text.count("**") % 2:  # the other half of a bold marker, e.g. "... **[End]**"
+        if text.endswith("**"):
+            text = text[:-2]
+        elif text.startswith("**"):
+            text = text[2:]
+    text = _TRAILING_ENUMERATOR.sub("", text.rstrip()).strip()  # "...\n\n3." before the next part
+    if unquote and len(text) > 1 and text[0] == text[-1] == '"' and text.count('"') == 2:
+        text = text[1:-1].strip()
+    return text
+
+
+def segments(text: str, label: str) -> list[str]:
+    """Every segment of `text` after a `label` marker ("instruction", "answer" or "better"), up to
+    the next `[End]`, the next marker of any label, or the end of the text. Markers and `[End]`
+    inside code spans do not count.
+
+    Example:
+        >>> from reflectune_hf.extract import segments
+        >>> segments("[New Instruction] A [End] [New Answer]: B", "answer")
+        ['B']
+    """
+    if label not in _LABELS:
+        raise ValueError(f"Unknown marker label {label!r}; choose one of {sorted(_LABELS)}")
+    masked = _mask_code(text or "")
+    markers = _markers(masked)
+    ends = [m.start() for m in _END.finditer(masked)]
+    out = []
+    for start, stop, name in markers:
+        if name != label:
+            continue
+        limit = min([p for p in ends if p >= stop] + [s for s, _, _ in markers if s >= stop] + [len(masked)])
+        out.append(_clean(text[stop:limit], unquote=label == "instruction"))
+    return out
+
+
+def is_usable(segment: str) -> bool:
+    """False for an empty field, a placeholder ("your answer", "N/A"), or a refusal.
+
+    Example:
+        >>> from reflectune_hf.extract import is_usable
+        >>> is_usable("N/A"), is_usable("Use N/A for missing values.")
+        (False, True)
+    """
+    norm = re.sub(r"[\s*_`\"'<>\[\]().:!\-]+", " ", segment.lower()).strip()
+    if not norm or _PLACEHOLDER.fullmatch(norm):
+        return False
+    return not _REFUSAL.match(segment.replace("\u2019", "'"))
+
+
+def _first_usable(text: str, label: str) -> Optional[str]:
+    return next((s for s in segments(text, label) if is_usable(s)), None)
+
+
+def parse_instruction_reflection(text: str) -> tuple[Optional[str], Optional[str]]:
+    """(new instruction, new answer) of an instruction-reflection answer; None where unusable.
+
+    Example:
+        >>> from reflectune_hf.extract import parse_instruction_reflection
+        >>> parse_instruction_reflection("[New Instruction] Do X.\\n\\n3. [New Answer] Done. [End]")
+        ('Do X.', 'Done.')
+    """
+    return _first_usable(text, "instruction"), _first_usable(text, "answer")
+
+
+def parse_response_reflection(text: str) -> Optional[str]:
+    """The better answer of a response-reflection answer: exactly one distinct usable segment, else
+    None (zero or several differing answers are ambiguous, as in the reference).
+
+    Example:
+        >>> from reflectune_hf.extract import parse_response_reflection
+        >>> parse_response_reflection("format: [Better Answer] your answer [End]\\n[Better Answer] 42 [End]")
+        '42'
+    """
+    usable = list(dict.fromkeys(s for s in segments(text, "better") if is_usable(s)))
+    return usable[0] if len(usable) == 1 else None
+
+
+def parse_compressed_instruction(text: str) -> Optional[str]:
+    """The instruction of a compression answer (`[New Instruction] ... [End]`), or None."""
+    return _first_usable(text, "instruction")
+
+
+def instruction_status(instruction: Optional[str], answer: Optional[str]) -> str:
+    """Status of an instruction-reflection parse (see the module docstring)."""
+    if instruction is not None and answer is not None:
+        return "ok"
+    if answer is not None:
+        return "instruction_fallback"
+    return "output_fallback" if instruction is not None else "failed"
+
+
+def _errors(batch: Mapping, n: int, stage: str) -> list[str]:
+    return text_column(batch, "reflection_error", stage) if "reflection_error" in batch else [""] * n
+
+
+def _inputs(batch: Mapping, stage: str, reflect: str) -> tuple[int, list, list, list, list]:
+    require_columns(batch, ["instruction", "output", "reflection_raw"], f"{stage} (run {reflect} first)")
+    n = batch_size_of(batch)
+    return (
+        n,
+        text_column(batch, "instruction", stage),
+        text_column(batch, "output", stage),
+        text_column(batch, "reflection_raw", stage),
+        _errors(batch, n, stage),
+    )
+
+
+def extract_instruction_reflection(batch: Mapping) -> dict:
+    """Write the new pair of an instruction reflection into `instruction` / `output`.
+
+    For `ds.map(extract_instruction_reflection, batched=True)` after `ReflectInstruction`.
+
+    Input columns: `instruction`, `output`, `reflection_raw` (str), optionally `reflection_error`.
+    Output columns: `instruction`, `output` (new values, or the previous ones where they fall
+    back), `reflection_status` (see the module docstring). `reflection_raw`, `id` and every other
+    column are kept unchanged; the row count never changes.
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from reflectune_hf.extract import extract_instruction_reflection
+        >>> ds = Dataset.from_dict({"id": [0, 1], "instruction": ["Hi", "Add 2+2"], "output": ["Hello", "5"],
+        ...     "reflection_raw": ["**[New Instruction]**: Greet a new colleague warmly. **[End]**\\n"
+        ...                        "[New Answer] Welcome aboard! [End]", "I cannot judge this."]})
+        >>> out = ds.map(extract_instruction_reflection, batched=True)
+        >>> list(out["instruction"]), list(out["reflection_status"])
+        (['Greet a new colleague warmly.', 'Add 2+2'], ['ok', 'failed'])
+    """
+    stage = "extract_instruction_reflection"
+    _, instructions, outputs, raws, errors = _inputs(batch, stage, "ReflectInstruction")
+    new_instructions, new_outputs, statuses = [], [], []
+    for instruction, output, raw, error in zip(instructions, outputs, raws, errors):
+        if error:
+            new_ins, new_out, status = None, None, "oracle_error"
+        else:
+            new_ins, new_out = parse_instruction_reflection(raw)
+            status = instruction_status(new_ins, new_out)
+        new_instructions.append(instruction if new_ins is None else new_ins)
+        new_outputs.append(output if new_out is None else new_out)
+        statuses.append(status)
+    return {"instruction": new_instructions, "output": new_outputs, "reflection_status": statuses}
+
+
+def extract_response_reflection(batch: Mapping) -> dict:
+    """Write the better answer of a response reflection into `output`.
+
+    For `ds.map(extract_response_reflection, batched=True)` after `ReflectResponse`.
+
+    Input columns: `instruction`, `output`, `reflection_raw` (str), optionally `reflection_error`.
+    Output columns: `output` (the better answer, or the previous output), `reflection_status` in
+    {`ok`, `failed`, `oracle_error`}. Every other column is kept; the row count never changes.
+
+    Example:
+        >>> from reflectune_hf.extract import extract_response_reflection
+        >>> out = extract_response_reflection({"instruction": ["Name an endangered animal."], "output": ["Dog."],
+        ...     "reflection_raw": ["[Better Answer] Endangered: the Amur leopard. [End]"]})
+        >>> out["output"]
+        ['Endangered: the Amur leopard.']
+    """
+    stage = "extract_response_reflection"
+    _, _, outputs, raws, errors = _inputs(batch, stage, "ReflectResponse")
+    new_outputs, statuses = [], []
+    for output, raw, error in zip(outputs, raws, errors):
+        better = None if error else parse_response_reflection(raw)
+        new_outputs.append(output if better is None else better)
+        statuses.append("oracle_error" if error else ("ok" if better is not None else "failed"))
+    return {"output": new_outputs, "reflection_status": statuses}

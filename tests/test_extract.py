@@ -1,0 +1,113 @@
+"""Extraction of reflected pairs: a corpus of raw oracle outputs we wrote, with expected results.
+
+tests/data/extraction_cases.jsonl holds one case per line: `stage` (instruction / response /
+compress), `covers` (what the case exercises; `ref:*` marks a reference bug of REFERENCE.md §5),
+the `raw` oracle text, `error`, the previous pair and the expected pair and status.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+
+from reflectune_hf.data import ColumnError
+from reflectune_hf.extract import (
+    STATUSES,
+    extract_instruction_reflection,
+    extract_response_reflection,
+    is_usable,
+    parse_compressed_instruction,
+    parse_instruction_reflection,
+    segments,
+)
+
+CASES_FILE = Path(__file__).parent / "data" / "extraction_cases.jsonl"
+CASES = [json.loads(line) for line in CASES_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+EXTRACT = {"instruction": extract_instruction_reflection, "response": extract_response_reflection}
+
+
+def _batch(cases):
+    return {
+        "id": list(range(len(cases))),
+        "instruction": [c["instruction"] for c in cases],
+        "output": [c["output"] for c in cases],
+        "reflection_raw": [c["raw"] for c in cases],
+        "reflection_error": [c["error"] for c in cases],
+    }
+
+
+def test_corpus_covers_every_case_of_the_issue_and_each_reference_bug():
+    tags = Counter(tag for case in CASES for tag in case["covers"])
+    reflection_cases = [c for c in CASES if c["stage"] != "compress"]
+    assert len(reflection_cases) >= 40 and len({c["name"] for c in CASES}) == len(CASES)
+    required = {
+        "ref:na", "ref:bare_end", "ref:tail_3", "ref:placeholder_contains", "markdown", "colon", "missing_end",
+        "several_segments", "refusal", "code", "placeholder", "oracle_error", "no_format", "missing_part",
+    }
+    assert required <= set(tags), required - set(tags)
+    statuses = {c["expected_status"] for c in reflection_cases}
+    assert statuses == set(STATUSES)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c["stage"] != "compress"], ids=lambda c: c["name"])
+def test_extraction_case(case):
+    out = EXTRACT[case["stage"]](_batch([case]))
+    assert out["reflection_status"] == [case["expected_status"]]
+    assert out["output"] == [case["expected_output"]]
+    assert out.get("instruction", [case["instruction"]]) == [case["expected_instruction"]]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c["stage"] == "compress"], ids=lambda c: c["name"])
+def test_compression_case(case):
+    assert parse_compressed_instruction(case["raw"]) == case["expected_instruction"]
+
+
+@pytest.mark.parametrize("stage", ["instruction", "response"])
+def test_whole_corpus_through_dataset_map(stage):
+    cases = [c for c in CASES if c["stage"] == stage]
+    ds = Dataset.from_dict({**_batch(cases), "input": [""] * len(cases)})
+    out = ds.map(EXTRACT[stage], batched=True, batch_size=7)
+    assert len(out) == len(ds) and list(out["id"]) == list(ds["id"])
+    assert list(out["reflection_raw"]) == list(ds["reflection_raw"])
+    assert list(out["reflection_status"]) == [c["expected_status"] for c in cases]
+    assert list(out["output"]) == [c["expected_output"] for c in cases]
+    assert list(out["instruction"]) == [c["expected_instruction"] for c in cases]
+
+
+def test_reference_bugs_are_fixed():
+    # The reference drops an answer that contains "N/A", cuts at any word starting with "End",
+    # and rejects fields that contain "your answer": each input now gives the real text.
+    assert parse_instruction_reflection("[New Instruction] A [End] [New Answer] Write N/A if unknown. [End]") == (
+        "A", "Write N/A if unknown.")
+    assert segments("[Better Answer] Endangered animals [End]", "better") == ["Endangered animals"]
+    assert segments("[Better Answer] see the End of it. [End]", "better") == ["see the End of it."]
+    assert is_usable("Compare your answer with the key.") and not is_usable("your answer")
+    # "\n\n3." before the answer is not part of the instruction
+    assert parse_instruction_reflection("[New Instruction] Do X.\n\n3. [New Answer] Y")[0] == "Do X."
+
+
+def test_segments_ignore_markers_inside_code_and_reject_unknown_labels():
+    text = "[Better Answer] Use `[End]` as a sentinel:\n```\nwhile tok != \"[End]\": pass\n```\n[End]"
+    assert segments(text, "better") == ['Use `[End]` as a sentinel:\n```\nwhile tok != "[End]": pass\n```']
+    with pytest.raises(ValueError, match="better"):
+        segments(text, "best")
+
+
+def test_missing_columns_name_the_stage_to_run_first():
+    with pytest.raises(ColumnError, match=r"run ReflectInstruction first.*\['reflection_raw'\]"):
+        extract_instruction_reflection({"instruction": ["a"], "output": ["b"]})
+    with pytest.raises(ColumnError, match="run ReflectResponse first"):
+        extract_response_reflection({"instruction": ["a"], "reflection_raw": ["b"]})
+    with pytest.raises(ColumnError, match="must hold strings"):
+        extract_response_reflection({"instruction": ["a"], "output": ["b"], "reflection_raw": [3]})
+
+
+def test_none_values_read_as_empty():
+    out = extract_response_reflection(
+        {"instruction": [None], "output": [None], "reflection_raw": [None], "reflection_error": [None]}
+    )
+    assert out == {"output": [""], "reflection_status": ["failed"]}

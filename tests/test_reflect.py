@@ -1,0 +1,311 @@
+"""The oracle stages: prompts sent, statuses, re-asks, per-row oracle errors, ids, batching,
+fingerprints across processes and datasets' cache, and a property test on random strings.
+
+The oracle here is tests/scripted_oracle.py (deterministic canned answers); the same stages run
+against the real llama.cpp server in tests/test_variants_server.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from datasets import Dataset, load_from_disk
+from datasets.fingerprint import Hasher
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reflectune_hf.data import ColumnError
+from reflectune_hf.extract import STATUSES, extract_instruction_reflection, extract_response_reflection
+from reflectune_hf.oracles.base import ChatResult
+from reflectune_hf.prompts import get_prompt_set
+from reflectune_hf.reflect import COMPRESS_STATUSES, CompressInstruction, ReflectInstruction, ReflectResponse, merge_input
+
+from scripted_oracle import GOOD_COMPRESS, GOOD_INSTRUCTION, GOOD_RESPONSE, ScriptedOracle, demo_oracle
+from test_prompts import _python_blocks, _reference_text, _section, _systems
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def _rows(**columns):
+    n = len(next(iter(columns.values())))
+    return {"id": list(range(n)), **columns}
+
+
+def _run(script: str) -> str:
+    """Run a Python script in a new process with this checkout and the tests on the path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+# --- prompts -------------------------------------------------------------------------------------
+
+
+def test_stage_requests_equal_reference_prompts():
+    text = _reference_text()
+    (ins,) = _python_blocks(_section(text, 3))
+    res, res_input = _python_blocks(_section(text, 4))
+    ins_system, = _systems(_section(text, 3))
+    res_system, res_input_system = _systems(_section(text, 4))
+    oracle = demo_oracle()
+    batch = _rows(instruction=["Sort these.", "Name a colour."], input=["3, 1, 2", ""], output=["1, 2, 3", "Blue"])
+    ReflectResponse(oracle)(batch)
+    ReflectInstruction(oracle)(_rows(instruction=["Name a colour."], output=["Blue"]))
+    with_input, without_input, instruction = [r.message_dicts for r in oracle.requests]
+    assert with_input == [
+        {"role": "system", "content": res_input_system},
+        {"role": "user", "content": res_input["template"].format(
+            ins="Sort these.", inp="3, 1, 2", outp="1, 2, 3", criteria=res_input["CRITERIA_RES_INPUT"])},
+    ]
+    assert without_input == [
+        {"role": "system", "content": res_system},
+        {"role": "user", "content": res["template"].format(ins="Name a colour.", outp="Blue", criteria=res["CRITERIA_RES"])},
+    ]
+    assert instruction == [
+        {"role": "system", "content": ins_system},
+        {"role": "user", "content": ins["template"].format(ins="Name a colour.", outp="Blue", criteria=ins["CRITERIA_INS"])},
+    ]
+    # The reference's call settings: temperature 0.0, top_p 1.0, max tokens 2048.
+    assert {(r.temperature, r.top_p, r.max_tokens, r.seed) for r in oracle.requests} == {(0.0, 1.0, 2048, None)}
+
+
+def test_stages_send_the_chosen_prompt_set_stripped():
+    oracle = demo_oracle()
+    ReflectInstruction(oracle, prompt_set="clean")(_rows(instruction=["  Hi \n"], output=[" Hello "]))
+    CompressInstruction(oracle)(_rows(instruction=[" Translate. "], input=[" Bonjour "]))
+    assert oracle.requests[0].message_dicts == get_prompt_set("clean").instruction_messages("Hi", "Hello")
+    assert oracle.requests[1].message_dicts == get_prompt_set("paper").compress_messages("Translate.", "Bonjour")
+
+
+# --- CompressInstruction -----------------------------------------------------------------------
+
+
+def test_compress_statuses_never_lose_the_input():
+    oracle = ScriptedOracle(rules=(
+        ("ROW-OK", (GOOD_COMPRESS.format(topic="Sum 1 and 2"),)),
+        ("ROW-BAD", ("Sure! Here you go.", "[New Instruction] your instruction [End]")),
+        ("ROW-ERR", ("!error APITimeoutError: timed out",)),
+        ("ROW-RETRY", ("no markers at all", GOOD_COMPRESS.format(topic="Retried"))),
+    ))
+    batch = _rows(
+        instruction=["ROW-OK add", "ROW-NONE say hi", "ROW-BAD sort", "ROW-ERR count", "ROW-RETRY go"],
+        input=["1, 2", "  ", "3, 1", "a b c", "x"],
+        output=["3", "hi", "1, 3", "3", "y"],
+    )
+    out = CompressInstruction(oracle)(batch)
+    assert out["compress_status"] == ["ok", "no_input", "fallback_merged", "oracle_error", "ok"]
+    assert set(out["compress_status"]) <= set(COMPRESS_STATUSES)
+    assert out["instruction"] == [
+        "Sum 1 and 2, using the given input.", "ROW-NONE say hi", "ROW-BAD sort\n\n3, 1", "ROW-ERR count\n\na b c",
+        "Retried, using the given input.",
+    ]
+    assert out["input"] == [""] * 5
+    assert out["compress_error"] == ["", "", "", "APITimeoutError: timed out", ""]
+    assert out["compress_raw"][1] == "" and out["compress_raw"][2] == "Sure! Here you go."
+    assert out["original_instruction"] == batch["instruction"] and out["original_input"] == batch["input"]
+    # No call for the row without input; one re-ask call for the two unparsable answers.
+    assert oracle.calls == 2 and len(oracle.requests) == 4 + 2
+    assert "output" not in out  # untouched columns are kept by map
+
+
+def test_compress_keeps_existing_original_columns():
+    batch = _rows(instruction=["a"], input=[""], original_instruction=["A0"], original_input=["I0"])
+    out = CompressInstruction(demo_oracle())(batch)
+    assert "original_instruction" not in out and "original_input" not in out
+
+
+def test_merge_input_is_lossless():
+    assert merge_input("Sort.", "") == "Sort." and merge_input("", " x ") == "x"
+    assert merge_input("Sort: ", "3, 1\n2") == "Sort:\n\n3, 1\n2"
+
+
+# --- ReflectInstruction / ReflectResponse ------------------------------------------------------
+
+
+def test_reflect_instruction_refuses_input_unless_merged():
+    batch = {"id": [10, 11], "instruction": ["Sort.", "Hi"], "input": ["", "3, 1"], "output": ["1, 3", "Hello"]}
+    with pytest.raises(ColumnError, match=r"1 row\(s\).*first id 11.*CompressInstruction.*merge_input=True"):
+        ReflectInstruction(demo_oracle())(batch)
+    oracle = demo_oracle()
+    out = ReflectInstruction(oracle, merge_input=True)(batch)
+    assert out["instruction"] == ["Sort.", "Hi\n\n3, 1"] and out["input"] == ["", ""]
+    assert "Hi\n\n3, 1" in oracle.requests[1].message_dicts[1]["content"]
+
+
+def test_reask_is_a_distinct_request_and_keeps_the_best_answer():
+    oracle = ScriptedOracle(rules=(
+        ("FIRST-OK", (GOOD_INSTRUCTION.format(topic="a"),)),
+        ("RETRY-OK", ("nothing useful", GOOD_INSTRUCTION.format(topic="b"))),
+        ("RETRY-PARTIAL", ("[New Instruction] Only an instruction. [End]", "still nothing")),
+        ("RETRY-ERR", ("nothing useful", "!error server busy")),
+    ))
+    stage = ReflectInstruction(oracle)
+    out = stage(_rows(instruction=["FIRST-OK", "RETRY-OK", "RETRY-PARTIAL", "RETRY-ERR"], output=["o"] * 4))
+    assert out["reflection_attempts"] == [1, 2, 2, 2]
+    assert out["reflection_raw"] == [
+        GOOD_INSTRUCTION.format(topic="a"), GOOD_INSTRUCTION.format(topic="b"),
+        "[New Instruction] Only an instruction. [End]", "nothing useful",
+    ]
+    assert out["reflection_error"] == ["", "", "", ""]  # a failed re-ask never hides a first answer
+    assert out["reflection_finish_reason"] == ["stop"] * 4
+    first, retry = oracle.requests[1], oracle.requests[4]
+    assert first.message_dicts == retry.message_dicts
+    assert (first.seed, first.temperature, retry.seed, retry.temperature) == (None, 0.0, 1, 0.7)
+    assert first.key("m", "http://x/v1") != retry.key("m", "http://x/v1")  # not served by the oracle cache
+    extracted = extract_instruction_reflection({**_rows(instruction=["i"] * 4, output=["o"] * 4), **out})
+    assert extracted["reflection_status"] == ["ok", "ok", "output_fallback", "failed"]
+
+    no_retry = ScriptedOracle(rules=oracle.rules)
+    out = ReflectInstruction(no_retry, format_retries=0, seed=7)(_rows(instruction=["RETRY-OK"], output=["o"]))
+    assert out["reflection_attempts"] == [1] and len(no_retry.requests) == 1 and no_retry.requests[0].seed == 7
+
+
+def test_oracle_errors_are_recorded_per_row_without_reask():
+    oracle = ScriptedOracle(rules=(("BROKEN", ("!error APIConnectionError: refused",)),),
+                            default=(GOOD_RESPONSE.format(topic="x"),))
+    out = ReflectResponse(oracle)(_rows(instruction=["fine", "BROKEN", "fine too"], output=["a", "b", "c"]))
+    assert out["reflection_error"] == ["", "APIConnectionError: refused", ""]
+    assert out["reflection_raw"][1] == "" and out["reflection_attempts"] == [1, 1, 1]
+    assert oracle.calls == 1
+    batch = {**_rows(instruction=["fine", "BROKEN", "fine too"], output=["a", "b", "c"]), **out}
+    extracted = extract_response_reflection(batch)
+    assert extracted["reflection_status"] == ["ok", "oracle_error", "ok"] and extracted["output"][1] == "b"
+
+
+def test_response_prompt_follows_each_rows_input():
+    oracle = demo_oracle()
+    ReflectResponse(oracle)(_rows(instruction=["a", "b", "c"], input=["x", "", None], output=["1", "2", "3"]))
+    systems = [r.message_dicts[0]["content"] for r in oracle.requests]
+    paper = get_prompt_set("paper")
+    assert systems == [paper.response_input_system, paper.response_system, paper.response_system]
+
+
+def test_one_complete_call_per_map_batch_and_rows_kept():
+    oracle = demo_oracle()
+    ds = Dataset.from_dict(_rows(instruction=[f"q{i}" for i in range(5)], output=[f"a{i}" for i in range(5)]))
+    out = ds.map(ReflectResponse(oracle), batched=True, batch_size=2).map(extract_response_reflection, batched=True)
+    assert oracle.calls == 3 and len(out) == 5 and list(out["id"]) == list(range(5))
+    assert set(out["reflection_status"]) == {"ok"}
+
+
+def test_ids_are_required_or_taken_from_indices():
+    batch = {"instruction": ["a"], "output": ["b"]}
+    with pytest.raises(ColumnError, match=r"'id' column.*add_ids"):
+        ReflectResponse(demo_oracle())(batch)
+    ds = Dataset.from_dict({"instruction": ["a", "b"], "output": ["c", "d"]})
+    out = ds.map(ReflectResponse(demo_oracle()), batched=True, with_indices=True)
+    assert list(out["id"]) == [0, 1]
+
+
+def test_configuration_and_oracle_contract_errors():
+    with pytest.raises(TypeError, match="complete"):
+        ReflectResponse(object())
+    with pytest.raises(ValueError, match="format_retries"):
+        ReflectResponse(demo_oracle(), format_retries=-1)
+    with pytest.raises(ValueError, match="paper"):
+        ReflectResponse(demo_oracle(), prompt_set="nope")
+    with pytest.raises(ColumnError, match=r"ReflectResponse needs the column\(s\) \['output'\]"):
+        ReflectResponse(demo_oracle())({"id": [0], "instruction": ["a"]})
+
+    class Short:
+        def complete(self, requests):
+            return [ChatResult(texts=["x"])][: len(requests) - 1]
+
+    with pytest.raises(RuntimeError, match="1 results for 2 requests|0 results for 1 requests"):
+        ReflectResponse(Short())(_rows(instruction=["a"], output=["b"]))
+
+
+def test_usage_is_counted_but_not_pickled():
+    stage = ReflectResponse(demo_oracle())
+    before = Hasher.hash(stage)
+    stage(_rows(instruction=["a", "b"], output=["c", "d"]))
+    assert stage.usage["prompt_tokens"] == 20 and stage.oracle.calls == 1
+    assert Hasher.hash(stage) == before
+    clone = pickle.loads(pickle.dumps(stage))
+    assert clone.usage is None and clone.oracle.requests is None and clone == stage
+
+
+# --- fingerprints and datasets' cache ------------------------------------------------------------
+
+STAGE_CONFIGS = """
+from reflectune_hf.reflect import CompressInstruction, ReflectInstruction, ReflectResponse
+from scripted_oracle import demo_oracle
+STAGES = [
+    ReflectInstruction(demo_oracle()), ReflectInstruction(demo_oracle("other-model")),
+    ReflectInstruction(demo_oracle(), prompt_set="clean"), ReflectInstruction(demo_oracle(), temperature=0.1),
+    ReflectInstruction(demo_oracle(), merge_input=True), ReflectResponse(demo_oracle()),
+    ReflectResponse(demo_oracle(), max_tokens=64), CompressInstruction(demo_oracle()),
+]
+"""
+
+
+def test_fingerprints_are_stable_across_processes_and_follow_the_configuration():
+    scope: dict = {}
+    exec(STAGE_CONFIGS, scope)
+    here = [Hasher.hash(stage) for stage in scope["STAGES"]]
+    there = json.loads(_run(STAGE_CONFIGS + "from datasets.fingerprint import Hasher\n"
+                                            "import json; print(json.dumps([Hasher.hash(s) for s in STAGES]))"))
+    assert here == there
+    assert len(set(here)) == len(here)  # model, prompt set, sampling, options and stage all count
+
+
+def test_second_map_in_a_new_process_calls_no_oracle(tmp_path):
+    Dataset.from_dict(_rows(instruction=["q1", "q2", "q3"], output=["a1", "a2", "a3"])).save_to_disk(tmp_path / "ds")
+    ds = load_from_disk(str(tmp_path / "ds"))
+    oracle = demo_oracle()
+    first = ds.map(ReflectResponse(oracle), batched=True)
+    assert len(oracle.requests) == 3
+    script = (
+        "from datasets import load_from_disk\nfrom reflectune_hf.reflect import ReflectResponse\n"
+        "from scripted_oracle import demo_oracle\nimport json\n"
+        f"oracle = demo_oracle()\nout = load_from_disk({str(tmp_path / 'ds')!r}).map(ReflectResponse(oracle), batched=True)\n"
+        "print(json.dumps([len(oracle.requests or []), list(out['reflection_raw'])]))"
+    )
+    requests, raws = json.loads(_run(script))
+    assert requests == 0 and raws == list(first["reflection_raw"])
+
+
+# --- property: random strings never crash a stage nor change the row count ----------------------
+
+_text = st.one_of(st.none(), st.text(max_size=40), st.sampled_from(["", " ", "[End]", "N/A", "\n\n3."]))
+_answer = st.one_of(
+    st.text(max_size=80),
+    st.builds("[New Instruction]{}[End]\n[New Answer]{}".format, st.text(max_size=30), st.text(max_size=30)),
+    st.builds("**[Better Answer]**: {} [End] {}".format, st.text(max_size=30), st.text(max_size=30)),
+    st.text(max_size=20).map(lambda s: "!error " + s),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(st.tuples(_text, _text, _text), min_size=0, max_size=5), answers=st.lists(_answer, min_size=1, max_size=4))
+def test_random_strings_never_crash_a_stage(rows, answers):
+    n = len(rows)
+    batch = _rows(instruction=[r[0] for r in rows], input=[r[1] for r in rows], output=[r[2] for r in rows]) if rows else {
+        "id": [], "instruction": [], "input": [], "output": []}
+    oracle = ScriptedOracle(default=tuple(answers))
+    compressed = {**batch, **CompressInstruction(oracle)(batch)}
+    assert all(len(v) == n for v in compressed.values())
+    assert set(compressed["compress_status"]) <= set(COMPRESS_STATUSES)
+    for stage, extract in ((ReflectInstruction(oracle, merge_input=True), extract_instruction_reflection),
+                           (ReflectResponse(oracle), extract_response_reflection)):
+        for source in (batch, compressed):
+            reflected = {**source, **stage(source)}
+            out = {**reflected, **extract(reflected)}
+            assert all(len(v) == n for v in out.values())
+            assert set(out["reflection_status"]) <= set(STATUSES)
+            written = extract(reflected)
+            assert all(isinstance(x, str) for column in written.values() for x in column)
+    has_input = any((r[1] or "").strip() for r in rows)
+    try:
+        ReflectInstruction(oracle)(batch)
+        assert not has_input
+    except ColumnError as error:
+        assert has_input and "CompressInstruction" in str(error)
