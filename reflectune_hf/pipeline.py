@@ -137,7 +137,7 @@ def load_input(config: DataConfig):
     if (saved / "dataset_dict.json").is_file():
         data = load_from_disk(str(saved))
     else:
-        data = load_data(config.data, split=config.split)
+        data = load_data(str(saved) if saved != path else config.data, split=config.split)
     if config.limit is not None:
         if config.limit < 1:
             raise ValueError(f"limit must be >= 1, got {config.limit}")

@@ -50,6 +50,17 @@ class LlamaServer:
     log_path: Path
 
 
+def _die_with_parent() -> None:
+    """In the server's child process: get SIGTERM when pytest dies, however it dies (Linux)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the session fixture's teardown still stops the server
+        pass
+
+
 def _wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -81,7 +92,8 @@ def start_llama_server(gguf: Path, log_path: Path, n_ctx: int = 4096, extra_args
         *extra_args,
     ]
     log = open(log_path, "wb")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=_die_with_parent)
     try:
         _wait_until_ready(f"http://127.0.0.1:{port}/v1/models", process, log_path)
     except BaseException:
