@@ -145,7 +145,7 @@ def test_quality_report_student_perplexity(sample, student):
     tmpl = get_scoring_template("vicuna")
     prompts = [tmpl.format(r["instruction"], r["input"]) for r in rows]
     ours = response_perplexity(model, tokenizer, prompts, [r["output"] for r in rows], batch_size=2)
-    assert math.isnan(ours[3]) and stats["mean"] == pytest.approx(np.nanmean(ours), rel=1e-6)
+    assert math.isnan(ours[3]) and stats["mean"] == pytest.approx(np.nanmean(ours), rel=1e-4)  # batch padding: fp32 noise
     # Each batched value (padded beside longer rows) equals transformers' own loss on the response tokens.
     for prompt, row, value in zip(prompts[:3], rows, ours):
         ids = tokenizer(prompt + row["output"], return_tensors="pt")["input_ids"]
