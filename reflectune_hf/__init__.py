@@ -14,5 +14,7 @@ __version__ = "0.1.0"
 
 from .data import add_ids, load_data, load_sample, to_alpaca  # noqa: E402
 from .models import load_causal_lm, resolve_model  # noqa: E402
+from .scoring import IFDScorer  # noqa: E402
 
 __all__ = ["__version__", "add_ids", "load_causal_lm", "load_data", "load_sample", "resolve_model", "to_alpaca"]
+__all__ += ["IFDScorer"]
