@@ -28,6 +28,7 @@ from .oracles import (  # noqa: E402
 )
 from .reflect import CompressInstruction, ReflectInstruction, ReflectResponse  # noqa: E402
 from .report import plot_summary, summarize  # noqa: E402
+from .scoring import IFDScorer  # noqa: E402
 from .select import ifd_below, is_scored, rifd_below, select_v1, select_v2, top_k_by  # noqa: E402
 from .selectit import SelectITScorer  # noqa: E402
 from .train import to_messages, vicuna_sft_config, vicuna_sft_trainer  # noqa: E402
@@ -45,7 +46,8 @@ __all__ = [
     # reflection
     "CompressInstruction", "ReflectInstruction", "ReflectResponse", "build_variants",
     "extract_instruction_reflection", "extract_response_reflection",
-    # selection and statistics
+    # scoring, selection and statistics
+    "IFDScorer",
     "ifd_below", "is_scored", "rifd_below", "select_v1", "select_v2", "top_k_by", "plot_summary", "summarize",
     # fine-tuning
     "to_messages", "vicuna_sft_config", "vicuna_sft_trainer",

@@ -1,0 +1,297 @@
+"""IFD and r-IFD: the student model's four losses per row, batched and exact (REFERENCE.md §6).
+
+`IFDScorer` is a callable for `Dataset.map(batched=True)`. For each row it builds the four texts
+of the method's reference script (`selection_code/data_analysis.py`), with the same
+tokenization, right truncation and target boundaries, and computes:
+
+- `ins_alone`: mean loss of `instruction + input` on its own (every token but the first);
+- `out_alone`: mean loss of `output` on its own;
+- `ins_condition`: loss of `instruction + input` after the reverse prompt built from `output`;
+- `out_condition`: loss of `output` after the scoring template filled with the instruction.
+
+Unlike the reference (batch size 1, four full forward passes per row), all 4×N sequences of a
+map batch are sorted by length and packed into micro-batches of at most `max_tokens_per_batch`
+padded tokens; the language-model head runs only at the scored positions, in chunks, so no
+`[batch, seq, vocab]` logits tensor is ever built. Right padding with an attention mask keeps
+every row's scores independent of the batch it lands in.
+
+Undefined values are NaN, never 0, and `score_status` says why: `ok`, or `;`-joined reasons
+among `empty_output`, `no_scored_token:<loss>` (nothing left to score after truncation),
+`non_finite:<loss>` and `error:<Type>: <message>` (the row raised; other rows go on).
+
+Example:
+    >>> from reflectune_hf import load_sample
+    >>> from reflectune_hf.scoring import IFDScorer
+    >>> ds = load_sample().select(range(4))
+    >>> scored = ds.map(IFDScorer(template="vicuna"), batched=True, batch_size=4)
+    >>> sorted(c for c in scored.column_names if c.startswith("ifd"))
+    ['ifd', 'ifd_loss']
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from . import __version__
+from .data import batch_size_of, require_columns, text_column
+from .models import CONVERSION_VERSION, EMBEDDED_MODELS, default_device, gguf_path, load_causal_lm
+from .prompts import get_scoring_template, reverse_prompt
+from .scoring_engine import Span, check_model, mean_token_losses
+from .utils import LazyState, stable_hash
+
+logger = logging.getLogger(__name__)
+
+# Bump when the loss computation changes, so datasets' cache does not serve stale scores.
+SCORING_VERSION = 1
+LOSS_NAMES = ("ins_alone", "out_alone", "ins_condition", "out_condition")  # the reference's order
+SCORE_COLUMNS = (
+    *(f"loss_{n}" for n in LOSS_NAMES),
+    *(f"ppl_{n}" for n in LOSS_NAMES),
+    "ifd", "rifd", "ifd_loss", "rifd_loss", "score_status",
+)
+_IDENTITY_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt", ".tiktoken"}
+
+
+def model_identity(model: str) -> dict:
+    """What identifies a model's weights for caching, without loading it.
+
+    An embedded alias: its package version, GGUF size and conversion version. A local directory:
+    the names, sizes and modification times of its weight, config and tokenizer files. A Hub id:
+    the id and the commit of the local snapshot (`None` when it is not cached yet).
+
+    Example:
+        >>> from reflectune_hf.scoring import model_identity
+        >>> model_identity("smollm2-135m-instruct")["alias"]
+        'smollm2-135m-instruct'
+    """
+    name = str(model)
+    spec = EMBEDDED_MODELS.get(name)
+    if spec is not None:
+        try:
+            version = importlib.metadata.version(spec.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        return {"alias": name, "package": f"{spec.distribution}=={version}",
+                "gguf_bytes": gguf_path(name).stat().st_size, "conversion": CONVERSION_VERSION}
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _IDENTITY_SUFFIXES)
+        return {"files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "config.json")
+    return {"hub_id": name, "revision": Path(found).parent.name if isinstance(found, str) else None}
+
+
+def _row_texts(instruction: str, input: str, output: str, template) -> dict:
+    """The reference script's texts for one row; `*_prefix` is the text before the target."""
+    prompt = template.format(instruction, input)
+    reverse = template.no_input.format(instruction=reverse_prompt(output))
+    whole_reverse = reverse + instruction + input
+    whole = prompt + output
+    return {
+        "prompt": prompt, "reverse": reverse, "ins": instruction + input, "out": output,
+        "whole_reverse": whole_reverse, "reverse_prefix": whole_reverse[: whole_reverse.rfind(instruction)],
+        "whole": whole, "prefix": whole[: whole.rfind(output)],
+    }
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    if not (math.isfinite(numerator) and math.isfinite(denominator)) or denominator == 0:
+        return math.nan
+    return numerator / denominator
+
+
+def _exp(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def pick_device(device: Optional[str], rank: Optional[int]) -> str:
+    """`device` if given; else GPU `rank` mod the GPU count for a `map(with_rank=True)` worker,
+    CUDA for a plain call, or CPU when there is no GPU.
+
+    Example:
+        >>> from reflectune_hf.scoring import pick_device
+        >>> pick_device("cpu", rank=3)
+        'cpu'
+    """
+    import torch
+
+    if device is None and rank is not None and torch.cuda.is_available():
+        return f"cuda:{rank % torch.cuda.device_count()}"
+    return default_device(device)
+
+
+def _worker_count() -> int:
+    """How many processes forked from our parent (datasets' `num_proc` pool workers, plus its queue
+    manager) share this machine's cores; 1 when that cannot be read (not Linux)."""
+    try:
+        me = Path("/proc/self/cmdline").read_bytes()
+        parent = os.getppid()
+        siblings = set()
+        for task in os.listdir(f"/proc/{parent}/task"):
+            siblings.update(Path(f"/proc/{parent}/task/{task}/children").read_text().split())
+        return max(1, sum(1 for pid in siblings if Path(f"/proc/{pid}/cmdline").read_bytes() == me))
+    except OSError:
+        return 1
+
+
+class IFDScorer(LazyState):
+    """Add the four losses, their perplexities, IFD and r-IFD to a batch of Alpaca rows.
+
+    Input columns: `instruction`, `output` (str), optional `input` (str; absent means `""`).
+    Output columns: `loss_ins_alone`, `loss_out_alone`, `loss_ins_condition`,
+    `loss_out_condition`, `ppl_*` of each (`exp(loss)`), `ifd` = ppl_out_condition /
+    ppl_out_alone and `rifd` = ppl_ins_condition / ppl_ins_alone (ppl ratios, as the V2 code),
+    `ifd_loss` and `rifd_loss` (the same ratios of losses, as Cherry LLM), all float, NaN where
+    undefined; `score_status` (str), `"ok"` or the reasons a value is NaN.
+
+    Args:
+        model: embedded alias, local directory or Hub id of a causal LM (loaded on first call).
+        template: scoring template, `"vicuna"`, `"alpaca"`, `"wizardlm"` or `"plain"`.
+        max_length: the reference's `max_length` (right truncation, per-quantity limits).
+        dtype: `"float32"` (exact), `"bfloat16"` or `"float16"`.
+        device: `"cpu"`, `"cuda"`, `"cuda:1"`...; default: with `with_rank=True` rank r takes GPU
+            r mod the GPU count, else CUDA when present, else CPU.
+        max_tokens_per_batch: padded tokens per forward pass (rows × longest row).
+        num_threads: torch CPU threads; default: all cores, split between `num_proc` workers.
+
+    The datasets fingerprint is the pickled configuration plus `model_identity(model)` and the
+    package and scoring versions: a repeated `map` is served from the cache without loading the
+    model. Under `map(num_proc=N, with_rank=True)` each worker loads its own copy.
+
+    Example:
+        >>> from reflectune_hf import load_sample
+        >>> from reflectune_hf.scoring import IFDScorer
+        >>> scorer = IFDScorer(max_length=512)
+        >>> row = scorer({"instruction": ["Name a colour."], "output": ["Blue."]})
+        >>> row["score_status"], row["ifd"][0] > 0
+        (['ok'], True)
+    """
+
+    _transient = ("_model", "_tokenizer", "_device", "_share_prefixes")
+
+    def __init__(self, model: str = "smollm2-135m-instruct", template: str = "vicuna", max_length: int = 2048,
+                 dtype: str = "float32", device: Optional[str] = None, max_tokens_per_batch: int = 16384,
+                 num_threads: Optional[int] = None):
+        from .models import _torch_dtype
+
+        self._template = get_scoring_template(template)  # raises on an unknown template
+        _torch_dtype(dtype)  # raises on an unknown dtype
+        if max_length < 2 or max_tokens_per_batch < 1:
+            raise ValueError("max_length must be >= 2 and max_tokens_per_batch >= 1")
+        self.model, self.template, self.max_length, self.dtype = str(model), template, int(max_length), str(dtype)
+        self.device, self.max_tokens_per_batch, self.num_threads = device, int(max_tokens_per_batch), num_threads
+        self.fingerprint = stable_hash({
+            "model": model_identity(self.model), "template": template, "max_length": self.max_length,
+            "dtype": self.dtype, "version": __version__, "scoring": SCORING_VERSION,
+        })
+        self._model = self._tokenizer = self._device = self._share_prefixes = None
+
+    def __repr__(self) -> str:
+        return (f"IFDScorer(model={self.model!r}, template={self.template!r}, max_length={self.max_length}, "
+                f"dtype={self.dtype!r}, fingerprint={self.fingerprint!r})")
+
+    # -- runtime ----------------------------------------------------------------------------
+
+    def load(self, rank: Optional[int] = None) -> "IFDScorer":
+        """Load the model now (it loads on the first call otherwise); `rank` picks the GPU."""
+        import torch
+
+        if self._model is None:
+            device = pick_device(self.device, rank)
+            if device.startswith("cpu") and (self.num_threads or rank is not None):
+                torch.set_num_threads(self.num_threads or max(1, len(os.sched_getaffinity(0)) // _worker_count()))
+            logger.info("IFDScorer loading %s (%s) on %s", self.model, self.dtype, device)
+            self._model, self._tokenizer = load_causal_lm(self.model, dtype=self.dtype, device=device)
+            self._device = device
+            self._share_prefixes = check_model(self._model)
+        return self
+
+    def _encode(self, texts: list[str]) -> dict:
+        unique = list(dict.fromkeys(texts))
+        encoded = self._tokenizer(unique, add_special_tokens=True)["input_ids"] if unique else []
+        return dict(zip(unique, encoded))
+
+    def _truncated(self, text: str, ids: list, max_length: int) -> list:
+        if len(ids) <= max_length:
+            return ids
+        if max_length <= 0:
+            return []
+        return self._tokenizer.encode(text, truncation=True, max_length=max_length)
+
+    def _row_spans(self, texts: dict, enc: dict) -> list[Span]:
+        prompt_len = min(len(enc[texts["prompt"]]), self.max_length)
+        reverse_len = min(len(enc[texts["reverse"]]), self.max_length)
+        limits = (self.max_length - reverse_len + 1, self.max_length - prompt_len + 1, self.max_length, self.max_length)
+        sources = (texts["ins"], texts["out"], texts["whole_reverse"], texts["whole"])
+        starts = (1, 1, len(enc[texts["reverse_prefix"]]), len(enc[texts["prefix"]]))
+        return [Span(self._truncated(text, enc[text], limit), max(start, 1), group=kind)
+                for kind, (text, limit, start) in enumerate(zip(sources, limits, starts))]
+
+    def score(self, instructions: list[str], inputs: list[str], outputs: list[str], rank: Optional[int] = None) -> dict:
+        """The score columns (see the class docstring) for parallel lists of strings."""
+        n = len(outputs)
+        losses = [[math.nan] * 4 for _ in range(n)]
+        reasons: list[list[str]] = [[] for _ in range(n)]
+        todo = [i for i in range(n) if outputs[i] != ""]
+        for i in set(range(n)) - set(todo):
+            reasons[i].append("empty_output")
+        if todo:
+            self.load(rank)
+            texts = {i: _row_texts(instructions[i], inputs[i], outputs[i], self._template) for i in todo}
+            enc = self._encode([t for i in todo for t in texts[i].values()])
+            spans, where = [], []  # where: (row, kind) of each span
+            for i in todo:
+                try:
+                    row_spans = self._row_spans(texts[i], enc)
+                except Exception as exc:  # noqa: BLE001 - recorded on the row
+                    reasons[i].append(f"error:{type(exc).__name__}: {exc}")
+                    continue
+                for kind, span in enumerate(row_spans):
+                    if span.n_scored > 0:
+                        spans.append(span)
+                        where.append((i, kind))
+                    else:
+                        reasons[i].append(f"no_scored_token:{LOSS_NAMES[kind]}")
+            values = mean_token_losses(self._model, spans, self._tokenizer.pad_token_id, self.max_tokens_per_batch,
+                                       share_prefixes=self._share_prefixes)
+            for (i, kind), value in zip(where, values):
+                if isinstance(value, Exception):
+                    reasons[i].append(f"error:{type(value).__name__}: {value}")
+                elif not math.isfinite(value):
+                    reasons[i].append(f"non_finite:{LOSS_NAMES[kind]}")
+                else:
+                    losses[i][kind] = value
+        return _columns(losses, reasons)
+
+    def __call__(self, batch: dict, rank: Optional[int] = None) -> dict:
+        require_columns(batch, ["instruction", "output"], "IFDScorer")
+        single = isinstance(batch["output"], str) or batch["output"] is None
+        if single:  # map without batched=True
+            batch = {k: [v] for k, v in batch.items()}
+        n = batch_size_of(batch)
+        inputs = text_column(batch, "input", "IFDScorer") if "input" in batch else [""] * n
+        result = self.score(text_column(batch, "instruction", "IFDScorer"), inputs,
+                            text_column(batch, "output", "IFDScorer"), rank=rank)
+        return {k: v[0] for k, v in result.items()} if single else result
+
+
+def _columns(losses: list[list[float]], reasons: list[list[str]]) -> dict:
+    columns: dict = {name: [] for name in SCORE_COLUMNS}
+    for row, why in zip(losses, reasons):
+        ppl = [_exp(x) if math.isfinite(x) else math.nan for x in row]
+        for name, loss, p in zip(LOSS_NAMES, row, ppl):
+            columns[f"loss_{name}"].append(loss)
+            columns[f"ppl_{name}"].append(p)
+        columns["ifd"].append(_ratio(ppl[3], ppl[1]))
+        columns["rifd"].append(_ratio(ppl[2], ppl[0]))
+        columns["ifd_loss"].append(_ratio(row[3], row[1]))
+        columns["rifd_loss"].append(_ratio(row[2], row[0]))
+        columns["score_status"].append(";".join(why) if why else "ok")
+    return columns

@@ -1,0 +1,228 @@
+"""Mean token losses of a causal LM over many sequences at once: the engine of `IFDScorer`.
+
+A `Span` is a token sequence and the index of its first scored token. `mean_token_losses`
+returns, for each span, the mean cross-entropy of its scored tokens given everything before
+them, equal to what the model's `labels=` loss gives for that sequence alone, but:
+
+- spans of one `group` that start with the same tokens (the scoring template, the reverse
+  prompt) run that shared prefix once; its keys and values are reused, never stored per span;
+- the rest is sorted by length and packed into right-padded micro-batches of at most
+  `max_tokens` padded tokens, with an attention mask, so a span's loss does not depend on its
+  batch-mates;
+- the body of the model (`model.base_model`) gives hidden states, and the LM head runs only on
+  the positions whose next token is scored, in chunks: no `[batch, seq, vocab]` logits tensor.
+
+`check_model` verifies both shortcuts on the loaded model once.
+
+Example:
+    >>> from reflectune_hf.models import load_causal_lm
+    >>> from reflectune_hf.scoring_engine import Span, mean_token_losses
+    >>> model, tok = load_causal_lm("smollm2-135m-instruct", device="cpu")
+    >>> ids = tok("The cat sat on the mat.")["input_ids"]
+    >>> [round(x, 1) > 0 for x in mean_token_losses(model, [Span(ids, start=1)], tok.pad_token_id)]
+    [True]
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Hashable, Optional
+
+logger = logging.getLogger(__name__)
+
+MIN_SHARED_PREFIX = 8  # tokens; shorter common prefixes are not worth a separate pass
+_HEAD_CHUNK_ELEMENTS = 1 << 25  # logits per chunk: at most 32M floats (128 MB in fp32)
+
+
+@dataclass
+class Span:
+    """A token sequence whose tokens `ids[start:]` are scored (`start >= 1`)."""
+
+    ids: list
+    start: int = 1
+    group: Hashable = None  # spans of one group may share a prefix pass
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.ids) - self.start
+
+
+def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices of `lengths` sorted longest first and cut into micro-batches whose padded size
+    (rows × longest row) stays within `max_tokens`; a row longer than that goes alone.
+
+    Example:
+        >>> from reflectune_hf.scoring_engine import pack_by_tokens
+        >>> pack_by_tokens([3, 10, 4, 5], max_tokens=12)
+        [[1], [3, 2], [0]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _head(model):
+    """The output projection with the model's final logit transform (softcapping, if any)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    if head is None:
+        raise NotImplementedError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return (lambda h: torch.tanh(head(h) / cap) * cap) if cap else head
+
+
+def _shared_prefix_length(spans: list[Span]) -> int:
+    """Tokens all `spans` start with, leaving each at least its first scored position to run."""
+    first = spans[0].ids
+    limit = min(min(s.start - 1, len(s.ids) - 1) for s in spans)
+    n = 0
+    while n < limit and all(s.ids[n] == first[n] for s in spans):
+        n += 1
+    return n
+
+
+def _prefix_cache(model, ids: list):
+    """Keys and values of `ids` for every layer, in a cache that serves them to any batch size
+    without growing (None when the model's cache is not the plain dynamic kind)."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        with torch.inference_mode():
+            cache = model.base_model(input_ids=torch.tensor([ids], device=model.device), use_cache=True).past_key_values
+    except Exception as exc:  # noqa: BLE001 - the spans still run, each with its whole prefix
+        logger.warning("Shared-prefix pass failed (%s); running without it", exc)
+        return None
+    if cache is None or not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
+        return None
+    for layer in cache.layers:
+        layer.__class__ = _shared_prefix_layer_class()
+    return cache
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_prefix_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class SharedPrefixLayer(DynamicLayer):
+        """A layer cache holding a batch-1 prefix; `update` prepends it and stores nothing."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            import torch
+
+            b = key_states.shape[0]
+            return (torch.cat([self.keys.expand(b, -1, -1, -1), key_states], dim=-2),
+                    torch.cat([self.values.expand(b, -1, -1, -1), value_states], dim=-2))
+
+    return SharedPrefixLayer
+
+
+def _forward(model, spans: list[Span], pad_id: Optional[int], prefix_len: int = 0, cache=None) -> list[float]:
+    """Mean losses of `spans` (all starting with the same `prefix_len` tokens held in `cache`)."""
+    import torch
+    import torch.nn.functional as F
+
+    device = model.device
+    suffixes = [s.ids[prefix_len:] for s in spans]
+    ids = torch.full((len(spans), max(map(len, suffixes))), 0 if pad_id is None else pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    rows, positions = [], []
+    for b, (s, suffix) in enumerate(zip(spans, suffixes)):
+        ids[b, : len(suffix)] = torch.tensor(suffix)
+        mask[b, : len(suffix)] = 1
+        rows.append(torch.full((s.n_scored,), b))
+        positions.append(torch.arange(s.start - 1, len(s.ids) - 1) - prefix_len)  # state t-1 predicts token t
+    rows, positions = torch.cat(rows), torch.cat(positions)
+    targets = ids[rows, positions + 1].to(device)
+    attention = None
+    if not bool(mask.all()):
+        attention = torch.cat([torch.ones(len(spans), prefix_len, dtype=torch.long), mask], dim=1).to(device)
+    head = _head(model)
+    with torch.inference_mode():
+        hidden = model.base_model(input_ids=ids.to(device), attention_mask=attention, past_key_values=cache,
+                                  use_cache=False).last_hidden_state
+        gathered = hidden[rows.to(device), positions.to(device)]  # [scored tokens, hidden size]
+        del hidden
+        losses = torch.empty(len(targets), dtype=torch.float32, device=device)
+        step = max(1, _HEAD_CHUNK_ELEMENTS // model.get_output_embeddings().weight.shape[0])
+        for lo in range(0, len(targets), step):
+            logits = head(gathered[lo: lo + step]).float()
+            losses[lo: lo + step] = F.cross_entropy(logits, targets[lo: lo + step], reduction="none")
+        sums = torch.zeros(len(spans), dtype=torch.float64, device=device).index_add_(0, rows.to(device), losses.double())
+    counts = torch.tensor([s.n_scored for s in spans], dtype=torch.float64)
+    return (sums.cpu() / counts).tolist()
+
+
+def mean_token_losses(model, spans: list[Span], pad_id: Optional[int], max_tokens: int = 16384,
+                      share_prefixes: bool = True) -> list:
+    """The mean loss of each span's scored tokens: a float, or the exception that its
+    micro-batch raised when it was retried alone (one failing span does not stop the others).
+
+    Every span needs `n_scored >= 1`.
+    """
+    out: list = [None] * len(spans)
+    groups = defaultdict(list)
+    for i, span in enumerate(spans):
+        if span.n_scored < 1:
+            raise ValueError(f"span {i} has no scored token (start={span.start}, length={len(span.ids)})")
+        groups[span.group].append(i)
+
+    for members in groups.values():
+        prefix_len, cache = 0, None
+        if share_prefixes and len(members) > 1:
+            n = _shared_prefix_length([spans[i] for i in members])
+            if n >= MIN_SHARED_PREFIX:
+                cache = _prefix_cache(model, spans[members[0]].ids[:n])
+                prefix_len = n if cache is not None else 0
+
+        def run(idx: list[int]) -> list:
+            try:
+                return _forward(model, [spans[i] for i in idx], pad_id, prefix_len, cache)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: retry one by one
+                if len(idx) == 1:
+                    return [exc]
+                logger.warning("A micro-batch of %d sequences failed (%s); retrying one by one", len(idx), exc)
+                return [run([i])[0] for i in idx]
+
+        for batch in pack_by_tokens([len(spans[i].ids) - prefix_len for i in members], max_tokens):
+            idx = [members[j] for j in batch]
+            for i, value in zip(idx, run(idx)):
+                out[i] = value
+    return out
+
+
+def check_model(model) -> bool:
+    """Check the fast path on `model`: raise `NotImplementedError` when its logits are not
+    `lm_head(last hidden state)`; return whether shared-prefix passes give the same losses."""
+    import math
+
+    import torch
+
+    ids = list(range(3, 3 + 2 * MIN_SHARED_PREFIX))
+    probe = torch.tensor([ids], device=model.device)
+    with torch.inference_mode():
+        full = model(input_ids=probe).logits[0].float()
+        mine = _head(model)(model.base_model(input_ids=probe).last_hidden_state[0]).float()
+    if not torch.allclose(full, mine, rtol=1e-3, atol=1e-3 * float(full.abs().max())):
+        raise NotImplementedError(
+            f"{type(model).__name__}: logits differ from lm_head(last hidden state); not supported by IFDScorer")
+    spans = [Span(ids, start=MIN_SHARED_PREFIX + 2, group=0), Span(ids[:-1], start=MIN_SHARED_PREFIX + 2, group=0)]
+    plain = [_forward(model, [s], None)[0] for s in spans]
+    try:
+        shared = mean_token_losses(model, spans, None)
+    except Exception:  # noqa: BLE001
+        return False
+    tolerance = 1e-4 if model.dtype == torch.float32 else 3e-2  # half precision rounds each pass differently
+    ok = all(isinstance(b, float) and math.isclose(a, b, rel_tol=tolerance) for a, b in zip(plain, shared))
+    if not ok:
+        logger.warning("%s: shared-prefix passes disagree with plain ones; disabled", type(model).__name__)
+    return ok

@@ -1,0 +1,100 @@
+"""Benchmark: `IFDScorer` against the per-row reference loop, on the same rows and model.
+
+The baseline is the method's reference algorithm (`reflectune_hf.scoring_reference`: batch size
+1, four full forward passes per row through the whole model); both run the same model in `--dtype`
+(`--baseline-dtype float32` compares a low-precision scorer with the published script's float32). Prints ONE JSON line: rows, both seconds per row, `speedup` (baseline / scorer) and
+`max_rel_diff` (the largest relative difference of the four losses over all rows), plus the
+load average, because other processes on the machine skew the timings.
+
+Usage:
+    python scripts/bench_ifd.py --dtype float32
+    python scripts/bench_ifd.py --dtype bfloat16 --rows 64 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_ROWS = ROOT.parent / "shared" / "data" / "cherry_alpaca_5_percent.json"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32", help="scorer dtype: float32, bfloat16, float16")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when present)")
+    parser.add_argument("--baseline-dtype", default=None, help="dtype of the per-row loop (default: --dtype)")
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--data", default=None, help=f"JSON/JSONL rows (default: {SHARED_ROWS} if present, else the bundled sample)")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--template", default="vicuna")
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--max-tokens-per-batch", type=int, default=16384)
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per scorer call (a map batch)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both (default: torch's)")
+    return parser
+
+
+def load_rows(path, n: int) -> tuple[list[dict], str]:
+    from reflectune_hf.data import read_records, sample_path
+
+    if path is None:
+        path = SHARED_ROWS if SHARED_ROWS.is_file() else sample_path()
+    rows = read_records(path)[:n]
+    return [{k: row.get(k) or "" for k in ("instruction", "input", "output")} for row in rows], str(path)
+
+
+def main(args: argparse.Namespace) -> dict:
+    import torch
+
+    from reflectune_hf.models import load_causal_lm
+    from reflectune_hf.scoring import LOSS_NAMES, IFDScorer
+    from reflectune_hf.scoring_reference import reference_scores
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, source = load_rows(args.data, args.rows)
+    baseline_dtype = args.baseline_dtype or args.dtype
+    model, tokenizer = load_causal_lm(args.model, dtype=baseline_dtype, device=args.device)
+    scorer = IFDScorer(args.model, args.template, args.max_length, args.dtype, args.device, args.max_tokens_per_batch)
+    scorer.load()
+    sync = torch.cuda.synchronize if str(model.device).startswith("cuda") else (lambda: None)
+
+    reference_scores(model, tokenizer, rows[:1], args.template, args.max_length)  # warm-up both
+    scorer.score(*([r[k] for r in rows[:1]] for k in ("instruction", "input", "output")))
+    sync()
+    start = time.perf_counter()
+    baseline = reference_scores(model, tokenizer, rows, args.template, args.max_length)
+    sync()
+    baseline_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    fast = []
+    for lo in range(0, len(rows), args.batch_size):
+        chunk = rows[lo: lo + args.batch_size]
+        cols = scorer.score(*([r[k] for r in chunk] for k in ("instruction", "input", "output")))
+        fast.extend(zip(*(cols[f"loss_{n}"] for n in LOSS_NAMES)))
+    sync()
+    fast_s = time.perf_counter() - start
+
+    diffs = [abs(a - b) / abs(b) for ref, got in zip(baseline, fast) for a, b in zip(got, ref) if math.isfinite(b)]
+    mismatched_nan = sum(math.isfinite(a) != math.isfinite(b) for ref, got in zip(baseline, fast) for a, b in zip(got, ref))
+    result = {
+        "rows": len(rows), "data": source, "device": str(model.device), "dtype": args.dtype,
+        "baseline_dtype": baseline_dtype, "baseline_s_per_row": round(baseline_s / len(rows), 4),
+        "scorer_s_per_row": round(fast_s / len(rows), 4), "speedup": round(baseline_s / fast_s, 3),
+        "max_rel_diff": max(diffs) if diffs else None, "nan_mismatches": mismatched_nan,
+        "threads": torch.get_num_threads(), "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main(make_parser().parse_args()) else 1)

@@ -1,0 +1,317 @@
+"""IFDScorer: parity with the reference algorithm and the reference script's own output, edge
+rows, batch invariance, the fast path's shape, caching in a new process, multi-process runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from datasets import Dataset
+
+from conftest import REPO
+from reflectune_hf.data import ColumnError
+from reflectune_hf.scoring import LOSS_NAMES, SCORE_COLUMNS, IFDScorer, model_identity, pick_device
+from reflectune_hf.scoring_reference import reference_scores
+
+LOSS_COLUMNS = [f"loss_{n}" for n in LOSS_NAMES]
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    """The default scorer, loaded once, on one CPU thread: the test machine's 2 cores are shared,
+    and two OpenMP threads competing with other processes run ~10x slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield IFDScorer().load()
+    torch.set_num_threads(threads)
+
+
+def subprocess_env() -> dict:
+    path = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def sibling(scorer, **changes):
+    """A scorer with another configuration that reuses `scorer`'s loaded model (same weights)."""
+    other = IFDScorer(**changes)
+    other._model, other._tokenizer, other._device, other._share_prefixes = (
+        scorer._model, scorer._tokenizer, scorer._device, scorer._share_prefixes)
+    return other
+
+
+def rows_of(batch: dict) -> list[dict]:
+    n = len(batch["output"])
+    return [{k: batch[k][i] for k in ("instruction", "input", "output")} for i in range(n)]
+
+
+def batch_of(rows: list[dict]) -> dict:
+    return {k: [r.get(k, "") for r in rows] for k in ("instruction", "input", "output")}
+
+
+def assert_close(got: float, want: float, rel: float):
+    assert math.isnan(got) == math.isnan(want), (got, want)
+    if not math.isnan(want):
+        assert abs(got - want) <= rel * abs(want), (got, want, abs(got - want) / abs(want))
+
+
+def assert_matches_reference(scorer, rows, got: dict, max_length=None, rel=1e-4):
+    want = reference_scores(scorer._model, scorer._tokenizer, rows, scorer.template, max_length or scorer.max_length)
+    for i, expected in enumerate(want):
+        for name, value in zip(LOSS_COLUMNS, expected):
+            assert_close(got[name][i], value, rel)
+
+
+# -- parity ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_parity_with_reference_script_output(scorer, shared_data):
+    """The reference script's own output on rows 0-63 (embedded SmolLM2, vicuna, 2048): every
+    loss and ppl of the 32 shortest of those rows within 1e-3 relative."""
+    rows = json.loads((shared_data / "cherry_alpaca_5_percent.json").read_text())[:64]
+    expected = [json.loads(line) for line in (shared_data / "reference_scores_smollm2_first64.jsonl").open()]
+    assert [r["row"] for r in expected] == list(range(64))
+    picked = sorted(range(64), key=lambda i: sum(len(v) for v in rows[i].values()))[:32]
+    assert sum(1 for i in picked if rows[i].get("input")) >= 4  # rows with an input are covered
+    got = scorer(batch_of([rows[i] for i in picked]))
+    assert set(got["score_status"]) == {"ok"}
+    for k, i in enumerate(picked):
+        for name, loss, ppl in zip(LOSS_NAMES, expected[i]["loss"], expected[i]["ppl"]):
+            assert_close(got[f"loss_{name}"][k], loss, 1e-3)
+            assert_close(got[f"ppl_{name}"][k], ppl, 1e-3)
+
+
+def test_parity_with_reference_algorithm_on_sample(scorer, sample):
+    """Rows with and without input; every loss equals the per-row reference loop's."""
+    with_input = [r for r in sample if r["input"]][:4]
+    without = [r for r in sample if not r["input"]][:4]
+    rows = with_input + without
+    got = scorer(batch_of(rows))
+    assert set(got["score_status"]) == {"ok"}
+    assert_matches_reference(scorer, rows, got)
+    for i in range(len(rows)):
+        assert got["ifd"][i] == pytest.approx(got["ppl_out_condition"][i] / got["ppl_out_alone"][i])
+        assert got["rifd"][i] == pytest.approx(got["ppl_ins_condition"][i] / got["ppl_ins_alone"][i])
+        assert got["ifd_loss"][i] == pytest.approx(got["loss_out_condition"][i] / got["loss_out_alone"][i])
+        assert got["rifd_loss"][i] == pytest.approx(got["loss_ins_condition"][i] / got["loss_ins_alone"][i])
+        assert got["ppl_out_alone"][i] == pytest.approx(math.exp(got["loss_out_alone"][i]))
+
+
+def test_input_changes_the_conditional_losses_only_as_the_reference_does(scorer):
+    rows = [
+        {"instruction": "Translate to French.", "input": "Good morning, friends.", "output": "Bonjour, les amis."},
+        {"instruction": "Translate to French.", "input": "", "output": "Bonjour, les amis."},
+    ]
+    got = scorer(batch_of(rows))
+    assert got["loss_out_alone"][0] == pytest.approx(got["loss_out_alone"][1], rel=1e-5)  # same text alone
+    assert got["loss_out_condition"][0] != pytest.approx(got["loss_out_condition"][1], rel=1e-3)
+    assert_matches_reference(scorer, rows, got)
+
+
+def test_unicode_rows(scorer):
+    rows = [
+        {"instruction": "Traduis en japonais : « bonjour » 🌸", "input": "", "output": "こんにちは（konnichiwa）🙂"},
+        {"instruction": "Erkläre „Gemütlichkeit“.", "input": "Ω ≈ ∑ — naïve café", "output": "Ein Gefühl von Wärme — ça va. 😊"},
+        {"instruction": "用一句话总结。", "input": "北京是中国的首都。", "output": "北京是首都。"},
+    ]
+    got = scorer(batch_of(rows))
+    assert got["score_status"] == ["ok"] * 3
+    assert_matches_reference(scorer, rows, got)
+
+
+# -- undefined values --------------------------------------------------------------------------
+
+
+def test_empty_output_is_nan_with_status_never_zero(scorer):
+    rows = [{"instruction": "Say hi.", "input": "", "output": ""},
+            {"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+    got = scorer(batch_of(rows))
+    assert got["score_status"] == ["empty_output", "ok"]
+    for name in SCORE_COLUMNS[:-1]:
+        assert math.isnan(got[name][0]), name
+        assert math.isfinite(got[name][1]) and got[name][1] > 0, name
+
+
+def test_long_output_truncates_the_instruction_target_away(scorer):
+    """With a response longer than max_length, the reverse text holds no instruction token: the
+    r-IFD losses are NaN with a status (the reference's all-ignored labels), IFD stays defined."""
+    short = sibling(scorer, max_length=96)
+    rows = [{"instruction": "Describe the sea.", "input": "",
+             "output": " ".join(["The sea is wide and blue and deep."] * 20)},
+            {"instruction": "Name a colour.", "input": "", "output": "Blue."}]
+    got = short(batch_of(rows))
+    assert got["score_status"][0] == "no_scored_token:ins_alone;no_scored_token:ins_condition"
+    assert math.isnan(got["loss_ins_condition"][0]) and math.isnan(got["rifd"][0]) and math.isnan(got["rifd_loss"][0])
+    assert math.isfinite(got["ifd"][0]) and math.isfinite(got["loss_out_condition"][0])
+    assert got["score_status"][1] == "ok"
+    assert_matches_reference(short, rows, got, max_length=96)
+
+
+def test_non_finite_losses_and_failed_sequences_get_a_status(scorer, monkeypatch):
+    import reflectune_hf.scoring as scoring
+
+    def fake(model, spans, pad_id, max_tokens, share_prefixes=True):
+        values = [1.0] * len(spans)
+        values[2] = math.inf  # row 0, ins_condition
+        values[5] = RuntimeError("out of memory")  # row 1, out_alone
+        return values
+
+    monkeypatch.setattr(scoring, "mean_token_losses", fake)
+    rows = [{"instruction": "A.", "input": "", "output": "B."}, {"instruction": "C.", "input": "", "output": "D."}]
+    got = sibling(scorer)(batch_of(rows))
+    assert got["score_status"] == ["non_finite:ins_condition", "error:RuntimeError: out of memory"]
+    assert math.isnan(got["rifd"][0]) and got["ifd"][0] == 1.0
+    assert math.isnan(got["ifd"][1]) and got["rifd"][1] == 1.0
+
+
+def test_bad_columns_raise_clear_errors(scorer):
+    with pytest.raises(ColumnError, match="output"):
+        scorer({"instruction": ["x"]})
+    with pytest.raises(ColumnError, match="instruction"):
+        scorer({"instruction": [3], "output": ["y"]})
+
+
+# -- exactness of the fast path ----------------------------------------------------------------
+
+
+def test_batch_composition_does_not_change_scores(scorer, sample):
+    """Rows scored alone (map batch size 1), all together, and together with a token budget that
+    forces one sequence per forward pass: every loss within 1e-5 relative (fp32; the ppl ratios
+    exponentiate loss differences, so 5e-5)."""
+    ds = sample.select(range(6))
+    alone = ds.map(scorer, batched=True, batch_size=1, load_from_cache_file=False)
+    together = ds.map(scorer, batched=True, batch_size=6, load_from_cache_file=False)
+    one_per_pass = ds.map(sibling(scorer, max_tokens_per_batch=1), batched=True, batch_size=6,
+                          load_from_cache_file=False)
+    for other in (together, one_per_pass):
+        for name in LOSS_COLUMNS + ["ifd", "rifd"]:
+            for a, b in zip(alone[name], other[name]):
+                assert_close(b, a, 1e-5 if name in LOSS_COLUMNS else 5e-5)
+
+
+def test_head_runs_only_on_scored_positions(scorer):
+    """The LM head never sees a [batch, seq, hidden] tensor and sees each scored token once."""
+    seen = []
+    handle = scorer._model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    try:
+        rows = [{"instruction": "List three fruits.", "input": "", "output": "Apple, pear, plum."},
+                {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]
+        scorer(batch_of(rows))
+    finally:
+        handle.remove()
+    assert seen and all(len(shape) == 2 for shape in seen)
+    tok = scorer._tokenizer
+    n_out = sum(len(tok(r["output"])["input_ids"]) for r in rows)
+    n_ins = sum(len(tok(r["instruction"] + r["input"])["input_ids"]) for r in rows)
+    # alone: all tokens but the first; conditional: the target's tokens (boundary-dependent, about the same)
+    assert 2 * (n_out + n_ins) - 8 <= sum(s[0] for s in seen) <= 2 * (n_out + n_ins) + 4
+
+
+# -- caching, pickling, devices ------------------------------------------------------------------
+
+
+def test_state_and_fingerprint(scorer, tmp_path):
+    from datasets.fingerprint import Hasher
+
+    state = pickle.loads(pickle.dumps(scorer))
+    assert state._model is None and state._tokenizer is None
+    assert Hasher.hash(IFDScorer()) == Hasher.hash(IFDScorer()) == Hasher.hash(state)
+    for change in ({"template": "alpaca"}, {"max_length": 1024}, {"dtype": "bfloat16"}):
+        assert Hasher.hash(IFDScorer(**change)) != Hasher.hash(IFDScorer()), change
+    with pytest.raises(ValueError, match="template"):
+        IFDScorer(template="nope")
+
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"1234")
+    (model_dir / "README.md").write_text("not part of the identity")
+    before = model_identity(str(model_dir))
+    (model_dir / "README.md").write_text("changed")
+    assert model_identity(str(model_dir)) == before
+    (model_dir / "model.safetensors").write_bytes(b"12345")
+    assert model_identity(str(model_dir)) != before
+    assert model_identity("org/not-cached-model") == {"hub_id": "org/not-cached-model", "revision": None}
+
+
+def test_pick_device_spreads_ranks_over_gpus(monkeypatch):
+    import torch
+
+    assert pick_device(None, 1) == ("cuda:1" if torch.cuda.device_count() > 1 else pick_device(None, None))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [pick_device(None, r) for r in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert pick_device("cpu", 1) == "cpu"
+    assert pick_device(None, None) == "cuda"
+
+
+def _run_python(code: str, timeout: int = 300) -> str:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_repeated_map_in_a_new_process_is_served_from_cache_without_model_load():
+    script = """
+        import json, sys
+        import reflectune_hf.scoring as scoring
+        from reflectune_hf import load_sample
+        from reflectune_hf.scoring import IFDScorer
+        if sys.argv[-1] == "second":
+            def refuse(*args, **kwargs):
+                raise AssertionError("the model was loaded")
+            scoring.load_causal_lm = refuse
+        ds = load_sample().select(range(3))
+        scorer = IFDScorer(max_length=512)
+        out = ds.map(scorer, batched=True)
+        print(json.dumps({"fp": out._fingerprint, "ifd": list(out["ifd"]), "loaded": scorer._model is not None,
+                          "files": [f["filename"] for f in out.cache_files]}))
+    """
+    first = json.loads(_run_python(script.replace('sys.argv[-1] == "second"', "False")))
+    second = json.loads(_run_python(script.replace('sys.argv[-1] == "second"', "True")))
+    assert first["loaded"] and not second["loaded"]
+    assert second["fp"] == first["fp"] and second["ifd"] == first["ifd"]
+    assert second["files"] == first["files"]
+
+
+@pytest.mark.slow
+def test_num_proc_map_with_rank_equals_single_process(scorer, sample):
+    ds = sample.select(range(4))
+    single = ds.map(scorer, batched=True, batch_size=2, load_from_cache_file=False)
+    multi = ds.map(IFDScorer(), batched=True, batch_size=2, num_proc=2, with_rank=True, load_from_cache_file=False)
+    assert list(multi["id"]) == list(single["id"])
+    assert list(multi["score_status"]) == list(single["score_status"]) == ["ok"] * 4
+    for name in LOSS_COLUMNS:
+        for a, b in zip(single[name], multi[name]):
+            assert_close(b, a, 1e-5)
+
+
+@pytest.mark.slow
+def test_score_script_two_processes_equal_one(scorer, tmp_path, sample):
+    """`torchrun --nproc_per_node 2 scripts/score.py` (two gloo CPU ranks, one shard each) writes
+    the same table as one process scoring every row."""
+    rows = sample.select(range(5))
+    data, out = tmp_path / "rows.jsonl", tmp_path / "two.jsonl"
+    rows.to_json(str(data), lines=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "scripts/score.py",
+           "--data", str(data), "--max_length", "512", "--device", "cpu", "--output", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "with 2 process(es)" in done.stderr
+    assert "Scoring (process 1)" in done.stderr  # the second rank really scored its shard
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    want = sibling(scorer, max_length=512)(batch_of(list(rows)))
+    assert [r["id"] for r in got] == list(range(5))
+    assert [r["instruction"] for r in got] == list(rows["instruction"])
+    assert [r["score_status"] for r in got] == want["score_status"]
+    for name in LOSS_COLUMNS + ["ifd", "rifd"]:
+        for i, row in enumerate(got):
+            assert_close(row[name], want[name][i], 1e-5)
