@@ -141,6 +141,23 @@ def _selection_rows(summary: dict) -> list[dict]:
     return rows
 
 
+def _quality_rows(quality: Optional[Mapping]) -> list[dict]:
+    """Rows of the card's data-quality table from `quality.quality_report` (means, medians)."""
+    def stat(entry, key="mean"):
+        return _format(entry.get(key)) if isinstance(entry, Mapping) and "omitted" not in entry else "–"
+
+    rows = []
+    for split, entry in ((quality or {}).get("splits") or {}).items():
+        lengths = entry.get("lengths") or {}
+        ppl = ((entry.get("perplexity") or {}).get("columns") or {}).get("ppl_out_condition")
+        rows.append({"split": split, "rows": entry.get("rows"),
+                     "instruction": f"{stat(lengths.get('instruction'))} / {stat(lengths.get('instruction'), 'median')}",
+                     "response": f"{stat(lengths.get('response'))} / {stat(lengths.get('response'), 'median')}",
+                     "perplexity": f"{stat(ppl)} / {stat(ppl, 'median')}",
+                     "coherence": stat(entry.get("coherence")), "ifd": stat(entry.get("ifd"), "median")})
+    return rows
+
+
 def _size_category(n: int) -> str:
     for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
         if n < limit:
@@ -149,7 +166,7 @@ def _size_category(n: int) -> str:
 
 
 def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[dict] = None,
-               plot_files=(), repo_id: Optional[str] = None):
+               plot_files=(), repo_id: Optional[str] = None, quality: Optional[Mapping] = None):
     """Render the dataset card (`huggingface_hub.DatasetCard`) of a Dataset or variants DatasetDict.
 
     Args:
@@ -160,6 +177,7 @@ def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[d
         summary: `report.summarize(data)`, computed when not given.
         plot_files: PNG names, relative to the card (e.g. `plots/ifd_hist.png`).
         repo_id: the Hub id shown in the usage snippet.
+        quality: `quality.quality_report(data)`, shown as a data-quality table when given.
     """
     from huggingface_hub import DatasetCard, DatasetCardData
 
@@ -178,7 +196,7 @@ def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[d
         tags=sorted({"reflection-tuning", "instruction-tuning", "data-recycling", "reflectune_hf",
                      *context.get("tags", [])}),
         configs=[{"config_name": "default",
-                  "data_files": [{"split": name, "path": f"data/{name}-*"} for name in splits]}],
+                  "data_files": [{"split": name, "path": f"data/{name}-*"} for name in _published(splits)]}],
     )
     skip = {"license", "language", "pretty_name", "tags"}
     config_rows = [{"name": k, "value": _format(v) if not isinstance(v, (dict, list)) else json.dumps(v)}
@@ -198,6 +216,9 @@ def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[d
         status_rows=_status_rows(splits),
         score_rows=_score_rows(summary),
         selection_rows=_selection_rows(summary),
+        quality_rows=_quality_rows(quality),
+        quality_tokenizer=(quality or {}).get("tokenizer"),
+        quality_embedder=(quality or {}).get("embedding_model"),
         plots=[{"path": p, "title": PLOT_TITLES.get(Path(p).name, Path(p).stem)} for p in plot_files],
         config_rows=config_rows,
     )
@@ -206,23 +227,49 @@ def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[d
 def with_messages(data):
     """Add the `messages` column of `train.to_messages` to every split (kept when present), so
     the published data trains as it is with `trl sft` (`assistant_only_loss` and the Vicuna
-    template). Rows that cannot train (empty instruction or output) raise before anything is
-    written, naming the row.
+    template). A row that cannot train (empty instruction or output) is kept with `messages`
+    null and a warning counts them (filter them out before training); a non-string text column
+    raises `ColumnError` before anything is written.
     """
-    from datasets import DatasetDict
-
-    from .train import to_messages
+    from datasets import DatasetDict, List, Value
 
     splits = _splits(data)
-    done = {n: ds if "messages" in ds.column_names else ds.map(to_messages, batched=True, desc=f"messages ({n})")
-            for n, ds in splits.items()}
+    done = {}
+    for name, ds in splits.items():
+        if "messages" not in ds.column_names:
+            features = ds.features.copy()
+            features["messages"] = List({"role": Value("string"), "content": Value("string")})
+            ds = ds.map(_messages_or_null, batched=True, features=features, desc=f"messages ({name})")
+            untrainable = ds["messages"].count(None) if len(ds) else 0
+            if untrainable:
+                logger.warning("%s: %d of %d rows have an empty instruction or output: their `messages` is null; "
+                               "drop them (e.g. ds.filter(lambda r: r['messages'] is not None)) before training",
+                               name, untrainable, len(ds))
+        done[name] = ds
     return DatasetDict(_same_columns(done)) if isinstance(data, DatasetDict) else done["train"]
+
+
+def _messages_or_null(batch: dict) -> dict:
+    """`to_messages` row by row, `None` for a row with an empty instruction or output."""
+    from .data import ColumnError, batch_size_of, require_columns
+    from .train import STAGE, to_messages
+
+    require_columns(batch, ["instruction", "output"], STAGE)
+    messages = []
+    for k in range(batch_size_of(batch)):
+        try:
+            messages.append(to_messages({c: v[k] for c, v in batch.items()})["messages"])
+        except ColumnError:
+            raise
+        except ValueError:
+            messages.append(None)
+    return {"messages": messages}
 
 
 def _same_columns(splits: dict) -> dict:
     """One schema for all splits (the Hub loads the splits of a config with one schema): a column
     missing from a split is added as nulls, in the column order of the first split that has it."""
-    from datasets import Features
+    from datasets import Dataset, Features
 
     features: dict = {}
     for ds in splits.values():
@@ -230,11 +277,35 @@ def _same_columns(splits: dict) -> dict:
             features.setdefault(name, ds.features[name])
     out = {}
     for name, ds in splits.items():
+        if len(ds) == 0:  # built from the schema: add_column fails on an empty selection of a bigger table
+            out[name] = Dataset.from_dict({c: [] for c in features}, features=Features(features))
+            continue
         for column in features:
             if column not in ds.column_names:
                 ds = ds.add_column(column, [None] * len(ds), feature=features[column])
         out[name] = ds.select_columns(list(features)).cast(Features(features))
     return out
+
+
+def _published(splits: dict) -> dict:
+    """The splits written as data files: `load_dataset` cannot read a split without rows, so an
+    empty one (a selection that kept nothing) is left out of the files and the card's configs;
+    the card's tables still show it with 0 rows."""
+    published = {name: ds for name, ds in splits.items() if len(ds)}
+    if not published:
+        raise ValueError(f"Nothing to publish: every split of {list(splits)} is empty")
+    return published
+
+
+def _prepare(data, tokenizer):
+    """`with_messages(data)`, its splits, the splits with rows (warning about the others), and its summary."""
+    data = with_messages(data)
+    splits = _splits(data)
+    published = _published(splits)
+    if len(published) < len(splits):
+        logger.warning("Split(s) %s have no rows: no data files are written for them",
+                       [name for name in splits if name not in published])
+    return data, splits, published, summarize(data, tokenizer=tokenizer)
 
 
 def _write_plots(data, summary: dict, out_dir: Path) -> list[str]:
@@ -243,7 +314,8 @@ def _write_plots(data, summary: dict, out_dir: Path) -> list[str]:
     return [str(Path(p).relative_to(out_dir)) for p in paths]
 
 
-def save_local(data, out_dir: Union[str, Path], card_context: Optional[Mapping] = None, tokenizer=None) -> Path:
+def save_local(data, out_dir: Union[str, Path], card_context: Optional[Mapping] = None, tokenizer=None,
+               quality: Optional[Mapping] = None) -> Path:
     """Write what `push_to_hub` would publish to a folder, for users without a Hub account.
 
     Every split gets a `messages` column (`with_messages`), so the folder trains with `trl sft`.
@@ -251,26 +323,35 @@ def save_local(data, out_dir: Union[str, Path], card_context: Optional[Mapping] 
     Layout: `arrow/` (`save_to_disk`, reload with `load_from_disk`), `data/<split>-00000-of-00001.parquet`
     (the Hub's layout; `load_dataset(str(out_dir))` reads the splits the README declares, or
     `load_dataset("parquet", data_files={split: f"{out_dir}/data/{split}-*.parquet", ...})`),
-    `README.md` (the card), `plots/*.png`, `summary.json`. Returns `out_dir`.
+    `README.md` (the card), `plots/*.png`, `summary.json` (and `quality.json` with `quality`, the
+    `quality.quality_report` of the data, also shown in the card). Returns `out_dir`.
     """
+    from datasets import DatasetDict
+
+    data, splits, published, summary = _prepare(data, tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = with_messages(data)
-    splits = _splits(data)
-    summary = summarize(data, tokenizer=tokenizer)
-    data.save_to_disk(str(out / "arrow"))
+    # An empty split needs one explicit shard: datasets writes none by default, and then cannot load it.
+    empty = {name: 1 for name, ds in splits.items() if len(ds) == 0}
+    if isinstance(data, DatasetDict):
+        data.save_to_disk(str(out / "arrow"), num_shards=empty or None)
+    else:
+        data.save_to_disk(str(out / "arrow"), num_shards=1 if empty else None)
     (out / "data").mkdir(exist_ok=True)
-    for name, ds in splits.items():
+    for name, ds in published.items():
         ds.to_parquet(str(out / "data" / f"{name}-00000-of-00001.parquet"))
     plots = _write_plots(data, summary, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False), encoding="utf-8")
-    build_card(data, card_context, summary, plots).save(str(out / "README.md"))
+    if quality is not None:
+        (out / "quality.json").write_text(json.dumps(quality, indent=2, allow_nan=False), encoding="utf-8")
+    build_card(data, card_context, summary, plots, quality=quality).save(str(out / "README.md"))
     logger.info("Saved %s to %s", {k: len(v) for k, v in splits.items()}, out)
     return out
 
 
 def push_to_hub(data, repo_id: str, private: bool = True, token: Optional[str] = None,
-                card_context: Optional[Mapping] = None, tokenizer=None, commit_message: Optional[str] = None) -> str:
+                card_context: Optional[Mapping] = None, tokenizer=None, commit_message: Optional[str] = None,
+                quality: Optional[Mapping] = None) -> str:
     """Push a Dataset or the variants DatasetDict (splits kept) to the Hub with its card and plots.
 
     Every split gets a `messages` column (`with_messages`), so the dataset trains with `trl sft`.
@@ -283,17 +364,18 @@ def push_to_hub(data, repo_id: str, private: bool = True, token: Optional[str] =
         >>> from reflectune_hf.hub import push_to_hub
         >>> push_to_hub(variants, "me/alpaca-recycled", card_context={"oracle_model": "gpt-4o-mini"})  # doctest: +SKIP
     """
+    from datasets import DatasetDict
     from huggingface_hub import HfApi
 
-    data = with_messages(data)  # also the type check, before anything is sent
-    summary = summarize(data, tokenizer=tokenizer)
+    data, _, published, summary = _prepare(data, tokenizer)  # also the type checks, before anything is sent
     message = commit_message or "Upload data recycled with reflectune_hf"
-    data.push_to_hub(repo_id, private=private, token=token, commit_message=message)
+    (DatasetDict(published) if isinstance(data, DatasetDict) else published["train"]).push_to_hub(
+        repo_id, private=private, token=token, commit_message=message)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         plots = _write_plots(data, summary, Path(tmp))
         api.upload_folder(folder_path=str(Path(tmp) / "plots"), path_in_repo="plots", repo_id=repo_id,
                           repo_type="dataset", commit_message="Add reflectune_hf plots")
-    card = build_card(data, card_context, summary, plots, repo_id=repo_id)
+    card = build_card(data, card_context, summary, plots, repo_id=repo_id, quality=quality)
     card.push_to_hub(repo_id, token=token, repo_type="dataset", commit_message="Add the dataset card")
     return f"https://huggingface.co/datasets/{repo_id}"

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the conversion itself changes, so old cache directories are not reused.
 CONVERSION_VERSION = 1
+DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")  # what `dtype=` accepts
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -296,8 +297,7 @@ def _torch_dtype(dtype):
 
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    names = dict(zip(DTYPE_NAMES, (torch.float32,) * 2 + (torch.float16,) * 2 + (torch.bfloat16,) * 2))
     if dtype not in names:
         raise ValueError(f"Unsupported dtype {dtype!r}; use one of {sorted(names)}")
     return names[dtype]

@@ -7,20 +7,23 @@ by datasets' cache on a rerun, and every oracle answer is cached per request, so
 rerun with the same configuration resumes where it stopped and sends nothing twice.
 
 Example:
-    >>> from reflectune_hf.pipeline import RecycleConfig, recycle
+    >>> from reflectune_hf.pipeline import RecycleConfig, run_recycle
     >>> config = RecycleConfig(oracle_model="local:smollm2-135m-instruct", limit=4, max_new_tokens=64,
     ...                        output_dir="out")
-    >>> result = recycle(config)  # doctest: +SKIP
+    >>> print(run_recycle(config).table())  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from .configs import (  # noqa: F401  (the job configs, re-exported for `pipeline.RecycleConfig`)
+    DataConfig, EstimateConfig, OracleConfig, RecycleConfig, ReflectConfig, ScoreConfig, SelectConfig,
+    SelectionConfig, StudentConfig)
 from .data import load_data
 from .oracles import ChatRequest, OpenAIBatchOracle, OpenAIOracle, TransformersOracle
 from .prompts import get_prompt_set
@@ -29,99 +32,6 @@ logger = logging.getLogger(__name__)
 LOCAL_PREFIX = "local:"
 SELECTED_SPLIT = "selected"
 CONTEXT_FILE = "reflectune_config.json"  # the (sanitized) configuration, for `reflectune push` later
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
-@dataclass
-class DataConfig:
-    """Where the data comes from and where results go."""
-
-    data: str = field(default="sample", metadata=_help(
-        "'sample' (the bundled 40 rows), a Hub dataset id, a JSON/JSONL/Parquet file, or a folder written by "
-        "save_to_disk or by an earlier reflectune command"))
-    split: str = field(default="train", metadata=_help("split to read from a Hub id or a DatasetDict"))
-    limit: Optional[int] = field(default=None, metadata=_help("use only the first N rows"))
-    output_dir: str = field(default="reflectune-output", metadata=_help("where data, card and plots are written"))
-    push_to_hub: Optional[str] = field(default=None, metadata=_help("also push the result to this Hub dataset repo"))
-    private: bool = field(default=True, metadata=_help("make the pushed repo private"))
-
-
-@dataclass
-class OracleConfig:
-    """The oracle LLM that compresses and reflects."""
-
-    oracle_model: Optional[str] = field(default=None, metadata=_help(
-        "model name on an OpenAI-compatible server (OPENAI_API_KEY, --base_url), or local:<model> for a "
-        "transformers model run here (e.g. local:smollm2-135m-instruct)"))
-    base_url: Optional[str] = field(default=None, metadata=_help(
-        "OpenAI-compatible server (vLLM, TGI, Ollama, llama.cpp); default OPENAI_BASE_URL or api.openai.com"))
-    batch_api: bool = field(default=False, metadata=_help("use the OpenAI Batch API (half price, hours of latency)"))
-    max_concurrency: int = field(default=32, metadata=_help("requests in flight"))
-    requests_per_minute: Optional[float] = field(default=None, metadata=_help("rate limit"))
-    tokens_per_minute: Optional[float] = field(default=None, metadata=_help("rate limit"))
-    local_batch_size: int = field(default=8, metadata=_help("generation batch of a local: oracle"))
-    max_new_tokens: int = field(default=2048, metadata=_help("completion budget per oracle request"))
-    temperature: float = field(default=0.0, metadata=_help("sampling temperature of the first request"))
-    prompt_set: str = field(default="paper", metadata=_help("'paper' (byte-identical to the method) or 'clean'"))
-    compress: bool = field(default=True, metadata=_help("fold inputs into instructions first (stage 0)"))
-    format_retries: int = field(default=1, metadata=_help("re-asks when an answer does not parse"))
-    reflect_batch_size: int = field(default=64, metadata=_help("rows per map batch (one oracle call each)"))
-
-
-@dataclass
-class StudentConfig:
-    """The student model that scores IFD and r-IFD."""
-
-    student_model: str = field(default="smollm2-135m-instruct", metadata=_help("alias, Hub id or local path"))
-    template: str = field(default="vicuna", metadata=_help(
-        "scoring template: vicuna, alpaca, wizardlm, or plain (for base models that know no chat template)"))
-    max_length: int = field(default=2048, metadata=_help("token limit per scored text"))
-    dtype: str = field(default="float32", metadata=_help("float32, bfloat16 or float16"))
-    device: Optional[str] = field(default=None, metadata=_help("cpu, cuda, cuda:1 ... (default: CUDA if present)"))
-    max_tokens_per_batch: int = field(default=16384, metadata=_help("padded tokens per forward pass"))
-    score_batch_size: int = field(default=256, metadata=_help("rows per map batch"))
-
-
-@dataclass
-class SelectionConfig:
-    """How the recycled data is selected."""
-
-    selection: str = field(default="v2", metadata=_help("v2 (Selective Reflection-Tuning), v1 (reflect_both) or none"))
-    require_below_one: bool = field(default=True, metadata=_help("V2: the reference code's extra IFD/r-IFD < 1 checks"))
-    ratio: str = field(default="ppl", metadata=_help("ppl (ratios of perplexities, V2 code) or loss (Cherry LLM)"))
-    top_fraction: Optional[float] = field(default=None, metadata=_help("then keep the top fraction by IFD"))
-
-
-@dataclass
-class ReflectConfig(OracleConfig, DataConfig):
-    """`reflectune reflect`: the four variants, no scores."""
-
-
-@dataclass
-class ScoreConfig(StudentConfig, DataConfig):
-    """`reflectune score`: IFD / r-IFD columns for every split of the data."""
-
-
-@dataclass
-class SelectConfig(SelectionConfig, DataConfig):
-    """`reflectune select`: selection on scored variants."""
-
-
-@dataclass
-class RecycleConfig(SelectionConfig, StudentConfig, OracleConfig, DataConfig):
-    """`reflectune recycle`: the whole method, from raw pairs to selected, published data."""
-
-
-@dataclass
-class EstimateConfig(OracleConfig, DataConfig):
-    """`reflectune estimate`: tokens and money of a reflect run, before anything is sent."""
-
-    input_price: Optional[float] = field(default=None, metadata=_help("price per million prompt tokens"))
-    output_price: Optional[float] = field(default=None, metadata=_help("price per million output tokens"))
-    tokenizer: str = field(default="smollm2-135m-instruct", metadata=_help("tokenizer that counts prompt tokens"))
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -139,8 +49,6 @@ def load_input(config: DataConfig):
     else:
         data = load_data(str(saved) if saved != path else config.data, split=config.split)
     if config.limit is not None:
-        if config.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {config.limit}")
         cut = lambda ds: ds.select(range(min(config.limit, len(ds))))  # noqa: E731
         data = DatasetDict({k: cut(v) for k, v in data.items()}) if isinstance(data, DatasetDict) else cut(data)
     if isinstance(data, DatasetDict):
@@ -174,15 +82,10 @@ def _stage_kwargs(config: OracleConfig) -> dict:
 
 
 def reflect(config: ReflectConfig, data=None, oracle=None):
-    """The four aligned variants (`variants.build_variants`) of the configured data."""
-    from datasets import DatasetDict
-
+    """The four aligned variants (`variants.build_variants`) of the configured data (`load_pairs`)."""
     from .variants import build_variants
 
-    data = load_input(config) if data is None else data
-    if isinstance(data, DatasetDict):
-        raise ValueError(f"{config.data} holds several splits {list(data)}; reflect takes one (pick it with --split "
-                         "from a Hub id or a file)")
+    data = load_pairs(config) if data is None else data
     oracle = make_oracle(config) if oracle is None else oracle
     return build_variants(data, oracle, compress=config.compress, batch_size=config.reflect_batch_size,
                           **_stage_kwargs(config))
@@ -201,8 +104,6 @@ def select(config: SelectionConfig, variants):
     """The selected rows (`select.select_v2` / `select_v1`, then `top_k_by`), or None."""
     from .select import select_v1, select_v2, top_k_by
 
-    if config.selection not in ("v2", "v1", "none"):
-        raise ValueError(f"selection must be v2, v1 or none, got {config.selection!r}")
     if config.selection == "none":
         return None
     chosen = (select_v2(variants, require_below_one=config.require_below_one, ratio=config.ratio)
@@ -219,19 +120,31 @@ def publish(config: DataConfig, data, card_context: dict) -> Path:
 
     from .hub import push_to_hub, sanitize_context, save_local
 
-    out = save_local(data, config.output_dir, card_context=card_context)
+    quality = None
+    if config.quality_report:
+        from .quality import quality_report
+
+        quality = quality_report(data, coherence=True)
+    out = save_local(data, config.output_dir, card_context=card_context, quality=quality)
     (out / CONTEXT_FILE).write_text(json.dumps(sanitize_context(card_context), indent=2, default=str))
     if config.push_to_hub:
-        url = push_to_hub(data, config.push_to_hub, private=config.private, card_context=card_context)
+        url = push_to_hub(data, config.push_to_hub, private=config.private, card_context=card_context,
+                          quality=quality)
         logger.info("Pushed to %s", url)
     return out
 
 
-def card_context(config, oracle=None) -> dict:
-    """What the card shows of a configuration (hub.sanitize_context strips secrets and URL paths)."""
-    context = {k: v for k, v in asdict(config).items() if v is not None and k not in ("output_dir", "private", "limit")}
+def card_context(config, oracle=None, data=None) -> dict:
+    """What the card shows of a configuration (hub.sanitize_context strips secrets and URL paths);
+    the license is `config.license`, else the one the loaded `data` declares."""
+    skip = ("output_dir", "private", "limit", "quality_report")
+    context = {k: v for k, v in asdict(config).items() if v is not None and k not in skip}
     if isinstance(config, DataConfig):
         context["source_dataset"] = config.data
+    if "license" not in context and data is not None:
+        first = next(iter(data.values())) if hasattr(data, "values") else data
+        if getattr(first.info, "license", None):
+            context["license"] = first.info.license
     if oracle is not None and getattr(oracle, "base_url", None) and "base_url" not in context:
         context["oracle_base_url"] = oracle.base_url
     return context
@@ -284,17 +197,34 @@ def _with_selected(variants, chosen):
     return variants if chosen is None else DatasetDict({**variants, SELECTED_SPLIT: chosen})
 
 
+def load_pairs(config: DataConfig):
+    """`load_input`, checked before any oracle call: one split of pairs that can be recycled (a
+    non-empty instruction and output in every row; `train.check_sft_dataset` names the rows)."""
+    from datasets import DatasetDict
+
+    from .train import check_sft_dataset
+
+    data = load_input(config)
+    if isinstance(data, DatasetDict):
+        raise ValueError(f"{config.data} holds several splits {list(data)}; reflect takes one (pick it with --split "
+                         "from a Hub id or a file)")
+    check_sft_dataset(data)
+    return data
+
+
 def run_reflect(config: ReflectConfig) -> JobResult:
     started = time.monotonic()
+    data = load_pairs(config)
     oracle = make_oracle(config)
-    variants = reflect(config, oracle=oracle)
-    return _result(variants, publish(config, variants, card_context(config, oracle)), None, oracle, started)
+    variants = reflect(config, data=data, oracle=oracle)
+    return _result(variants, publish(config, variants, card_context(config, oracle, data)), None, oracle, started)
 
 
 def run_score(config: ScoreConfig) -> JobResult:
     started = time.monotonic()
-    scored = score(config, load_input(config))
-    return _result(scored, publish(config, scored, card_context(config)), None, None, started)
+    data = load_input(config)
+    scored = score(config, data)
+    return _result(scored, publish(config, scored, card_context(config, data=data)), None, None, started)
 
 
 def run_select(config: SelectConfig) -> JobResult:
@@ -312,18 +242,19 @@ def run_select(config: SelectConfig) -> JobResult:
     variants = DatasetDict(variants)
     chosen = select(config, variants)
     data = _with_selected(variants, chosen)
-    return _result(data, publish(config, data, card_context(config)), chosen, None, started)
+    return _result(data, publish(config, data, card_context(config, data=variants)), chosen, None, started)
 
 
 def run_recycle(config: RecycleConfig) -> JobResult:
     """The whole method; see the module docstring."""
     started = time.monotonic()
+    source = load_pairs(config)
     oracle = make_oracle(config)
-    variants = reflect(config, oracle=oracle)
+    variants = reflect(config, data=source, oracle=oracle)
     variants = score(config, variants)
     chosen = select(config, variants)
     data = _with_selected(variants, chosen)
-    return _result(data, publish(config, data, card_context(config, oracle)), chosen, oracle, started)
+    return _result(data, publish(config, data, card_context(config, oracle, source)), chosen, oracle, started)
 
 
 def estimate_requests(config: OracleConfig, data) -> tuple[list[ChatRequest], list[ChatRequest]]:

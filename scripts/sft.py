@@ -44,6 +44,8 @@ def load_datasets(script_args, dataset_args):
         raise ValueError("Set `dataset_name` (a Hub id, a local path or 'sample') or `datasets` in the config.")
     if name == "sample":
         return datasets.DatasetDict({"train": load_sample()})
+    if os.path.isdir(os.path.join(name, "arrow")):  # a folder written by `reflectune` / `save_local`
+        name = os.path.join(name, "arrow")
     if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_info.json", "dataset_dict.json")):
         loaded = datasets.load_from_disk(name)
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
@@ -53,6 +55,18 @@ def load_datasets(script_args, dataset_args):
             raise ValueError(f"Unsupported data file {name}: use .json, .jsonl, .parquet or .csv")
         return datasets.load_dataset(builder, data_files=name)
     return datasets.load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+
+
+def train_split(dataset, wanted: str) -> str:
+    """`wanted` when the data has it; for the default `train` of a `reflectune` output (splits
+    `origin`, `reflect_*`, `selected`), its `selected` split; else a clear error."""
+    if wanted in dataset:
+        return wanted
+    if wanted == "train" and "selected" in dataset:
+        logger.info("No `train` split: training on `selected` (set dataset_train_split to pick another).")
+        return "selected"
+    raise ValueError(f"The data has no split {wanted!r}, only {list(dataset)}: set dataset_train_split "
+                     "(e.g. `--dataset_train_split reflect_both` for V1 data).")
 
 
 def dataset_label(script_args, dataset_args) -> str:
@@ -97,7 +111,7 @@ def main(script_args, training_args, model_args, dataset_args=None):
         eval_dataset = dataset[script_args.dataset_test_split]
     trainer = vicuna_sft_trainer(
         model_args.model_name_or_path,
-        dataset[script_args.dataset_train_split],
+        dataset[train_split(dataset, script_args.dataset_train_split)],
         training_args,
         eval_dataset=eval_dataset,
         dataset_name=dataset_label(script_args, dataset_args),

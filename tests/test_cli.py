@@ -100,3 +100,173 @@ def test_reflect_against_the_server(llama_server, tmp_path):
     assert "reflect_both" in out.stdout and "written to" in out.stdout
     card = (tmp_path / "out" / "README.md").read_text()
     assert llama_server.model in card and "127.0.0.1" in card
+
+
+def _read_output(out_dir: Path) -> dict:
+    data = load_from_disk(str(out_dir / "arrow"))
+    return {name: ds.to_list() for name, ds in data.items()}
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_recycle_killed_then_rerun_completes_from_the_caches_with_the_same_output(llama_server, tmp_path):
+    """A `recycle` killed (SIGKILL) mid-reflection, rerun with the same arguments, sends only what
+    was never answered and writes what an uninterrupted run writes; a third run sends nothing."""
+    import signal
+    import time
+    from collections import Counter
+
+    from huggingface_hub import DatasetCard
+
+    with LoopbackServer(upstream=llama_server.base_url) as proxy:  # one server URL: the cache keys on it
+        args = ["recycle", "--data", "sample", "--limit", 4, "--oracle_model", llama_server.model,
+                "--base_url", proxy.base_url, "--max_new_tokens", 32, "--format_retries", 0,
+                "--max_concurrency", 1, "--max_length", 512, "--score_batch_size", 4]
+
+        def caches(name: str) -> dict:  # the oracle cache and datasets' cache of one "machine"
+            return {"REFLECTUNE_HF_ORACLE_CACHE": str(tmp_path / f"{name}.sqlite"),
+                    "HF_DATASETS_CACHE": str(tmp_path / f"{name}-datasets")}
+
+        clean = reflectune(*args, "--output_dir", tmp_path / "clean", env=caches("clean"))
+        assert clean.returncode == 0, clean.stderr
+        full = len(proxy.chat_requests)
+        # At least an instruction and a response reflection per row; the response reflection of a pair whose
+        # instruction reflection fell back is the same request as the original's, served by the cache.
+        assert full >= 2 * 4
+
+        proc = subprocess.Popen([sys.executable, "-m", "reflectune_hf", *map(str, args), "--output_dir",
+                                 tmp_path / "resumed"], env=dict(os.environ, HF_HUB_OFFLINE="1", **caches("resume")),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while len(proxy.chat_requests) < full + 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        killed = len(proxy.chat_requests) - full
+        assert 3 <= killed < full and not (tmp_path / "resumed" / "README.md").exists()
+
+        resumed = reflectune(*args, "--output_dir", tmp_path / "resumed", env=caches("resume"))
+        assert resumed.returncode == 0, resumed.stderr
+        after_kill = proxy.chat_requests[full:]
+        # Only the request in flight at the kill (max_concurrency 1) may be sent twice.
+        assert full <= len(after_kill) <= full + 1
+        assert sum(n - 1 for n in Counter(e["prompt"] for e in after_kill).values()) == len(after_kill) - full
+
+        again = reflectune(*args, "--output_dir", tmp_path / "again", env=caches("resume"))
+        assert again.returncode == 0, again.stderr
+        assert len(proxy.chat_requests) == full + len(after_kill), "a finished run is served from the caches"
+        # Every map of the third run came from datasets' cache: the student model was never loaded.
+        assert "IFDScorer loading" in resumed.stderr and "IFDScorer loading" not in again.stderr
+
+    expected = _read_output(tmp_path / "clean")
+    assert set(expected) == {"origin", "reflect_instruction", "reflect_response", "reflect_both", "selected"}
+    assert _read_output(tmp_path / "resumed") == expected
+    assert _read_output(tmp_path / "again") == expected
+    for split in ("origin", "reflect_both"):
+        assert {"ifd", "rifd", "score_status", "reflection_status"} <= set(expected[split][0])
+    card = DatasetCard.load(tmp_path / "resumed" / "README.md")
+    assert llama_server.model in card.text and "127.0.0.1" in card.text
+    assert sorted(p.name for p in (tmp_path / "resumed" / "plots").glob("*.png"))
+    assert "reflect_both" in resumed.stdout and "selected" in resumed.stdout and "written to" in resumed.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--selection", "v3"], "selection must be one of ['none', 'v1', 'v2'], got 'v3'"),
+    (["--ratio", "mean"], "ratio must be one of ['loss', 'ppl'], got 'mean'"),
+    (["--template", "chatml"], "template must be one of"),
+    (["--dtype", "int8"], "dtype must be one of"),
+    (["--top_fraction", "2"], "top_fraction must be in (0, 1], got 2.0"),
+    (["--prompt_set", "mine"], "prompt_set must be one of ['clean', 'paper'], got 'mine'"),
+    (["--max_new_tokens", "0"], "max_new_tokens must be a number >= 1, got 0"),
+    (["--limit", "0"], "limit must be a number >= 1, got 0"),
+])
+def test_bad_options_fail_before_any_oracle_call(flags, message, capsys):
+    """Options are checked when the command line is read (exit 2), before the oracle is asked."""
+    with LoopbackServer() as server:
+        code = cli.main(["recycle", "--data", "sample", "--oracle_model", "m", "--base_url", server.base_url, *flags])
+        assert server.log == []
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_option_in_a_subprocess_exits_2():
+    out = reflectune("recycle", "--oracle_model", "m", "--selection", "v3")
+    assert out.returncode == 2 and "selection must be one of" in out.stderr
+
+
+def test_rows_that_cannot_be_recycled_fail_before_any_oracle_call(tmp_path):
+    rows = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+            {"instruction": "Say hi.", "input": "", "output": "  "}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with LoopbackServer() as server:
+        out = reflectune("recycle", "--data", tmp_path / "rows.jsonl", "--oracle_model", "m",
+                         "--base_url", server.base_url, "--output_dir", tmp_path / "out")
+        assert server.log == []
+    assert out.returncode == 1 and "id=1: empty output" in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_reflect_score_select_sft_one_step_at_a_time(tmp_path):
+    """Each command reads the previous output folder: reflect (a loopback oracle), score (the
+    embedded student), select (V2 and V1, the license the user gave in the card), sft (a few
+    steps on a split of the result)."""
+    from reflectune_hf.select import VARIANT_SPLITS
+
+    with LoopbackServer() as server:
+        out = reflectune("reflect", "--data", "sample", "--limit", 4, "--oracle_model", "echo", "--base_url",
+                         server.base_url, "--output_dir", tmp_path / "reflected", "--license", "cc-by-nc-4.0")
+        assert out.returncode == 0, out.stderr
+        assert len(server.chat_requests) >= 4 * 2
+    out = reflectune("score", "--data", tmp_path / "reflected", "--output_dir", tmp_path / "scored",
+                     "--max_length", 256, "--template", "plain")
+    assert out.returncode == 0, out.stderr
+    scored = load_from_disk(str(tmp_path / "scored" / "arrow"))
+    assert set(scored) == set(VARIANT_SPLITS) and all(len(ds) == 4 for ds in scored.values())
+    assert all(s in ("ok",) or s.startswith("no_scored_token") for ds in scored.values() for s in ds["score_status"])
+    for selection in ("v2", "v1"):
+        out = reflectune("select", "--data", tmp_path / "scored", "--selection", selection, "--license", "mit",
+                         "--output_dir", tmp_path / f"selected-{selection}")
+        assert out.returncode == 0, out.stderr
+        selected = load_from_disk(str(tmp_path / f"selected-{selection}" / "arrow"))["selected"]
+        assert "selected" in out.stdout
+        if selection == "v1":
+            assert selected["id"] == scored["reflect_both"]["id"]
+        card = (tmp_path / f"selected-{selection}" / "README.md").read_text()
+        assert "license: mit" in card
+    assert "license: cc-by-nc-4.0" in (tmp_path / "reflected" / "README.md").read_text()
+
+    recipe = yaml.safe_load((Path(cli.SCRIPTS) / "configs" / "smoke_cpu.yaml").read_text())
+    recipe.pop("datasets")
+    recipe.update(dataset_name=str(tmp_path / "selected-v1"), output_dir=str(tmp_path / "sft"), max_steps=1,
+                  gradient_accumulation_steps=1)
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(recipe))
+    out = reflectune("sft", "--config", tmp_path / "sft.yaml", timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "sft" / "model.safetensors").is_file() and (tmp_path / "sft" / "chat_template.jinja").is_file()
+
+
+@pytest.mark.slow
+def test_recycle_with_a_local_oracle(tmp_path):
+    """`local:<model>` runs the embedded SmolLM2 here as the oracle (what the quickstart does)."""
+    out = reflectune("recycle", "--data", "sample", "--limit", 2, "--oracle_model", "local:smollm2-135m-instruct",
+                     "--max_new_tokens", 16, "--format_retries", 0, "--max_length", 256,
+                     "--output_dir", tmp_path / "out")
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = load_from_disk(str(tmp_path / "out" / "arrow"))
+    assert {"origin", "reflect_both", "selected"} <= set(data) and len(data["origin"]) == 2
+    assert all(s for s in data["reflect_both"]["reflection_status"])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["splits"]["origin"]["rows"] == 2
+    assert "smollm2-135m-instruct" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_card_license_comes_from_the_flag_or_the_loaded_data():
+    from datasets import Dataset, DatasetInfo
+
+    from reflectune_hf.pipeline import RecycleConfig, card_context
+
+    data = Dataset.from_dict({"instruction": ["a"], "output": ["b"]}, info=DatasetInfo(license="cc-by-4.0"))
+    assert card_context(RecycleConfig(oracle_model="m"), data=data)["license"] == "cc-by-4.0"
+    assert card_context(RecycleConfig(oracle_model="m", license="mit"), data=data)["license"] == "mit"
+    assert "license" not in card_context(RecycleConfig(oracle_model="m"), data=Dataset.from_dict({"a": [1]}))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +10,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from huggingface_hub import DatasetCard, HfApi
 
 from reflectune_hf import load_sample
+from reflectune_hf.data import ColumnError
 from reflectune_hf.hub import build_card, host_only, push_to_hub, sanitize_context, save_local
 
 from synthetic_variants import make_variants
@@ -91,11 +92,51 @@ def test_push_single_dataset_public(hub_calls):
     assert "hf_dummy" not in hub_calls.calls[2][3]
 
 
-def test_push_rejects_untrainable_rows_before_sending(hub_calls):
+def test_push_keeps_untrainable_rows_with_null_messages(hub_calls, caplog):
+    """A row with an empty output is published (no row is dropped) with `messages` null and a
+    warning that says to drop it before training; a non-string text column raises before sending."""
     bad = Dataset.from_dict({"id": [0, 1], "instruction": ["a", "b"], "input": ["", ""], "output": ["x", ""]})
-    with pytest.raises(ValueError, match="id=1"):
+    with caplog.at_level("WARNING", logger="reflectune_hf.hub"):
         push_to_hub(bad, "me/bad")
-    assert hub_calls.calls == []
+    assert hub_calls.calls[0][3] == {"train": 2} and "1 of 2 rows have an empty instruction or output" in caplog.text
+    typed = Dataset.from_dict({"id": [0], "instruction": ["a"], "input": [""], "output": [3]})
+    with pytest.raises(ColumnError, match="non-string output"):
+        push_to_hub(typed, "me/typed")
+    assert len(hub_calls.calls) == 3, "nothing more was sent"
+
+
+def test_empty_split_is_saved_and_left_out_of_the_data_files(variants, tmp_path, hub_calls):
+    """A selection that kept nothing: `save_local` still writes and reloads it (datasets writes no
+    shard for an empty split by itself), the parquet files and the card's configs leave it out
+    (`load_dataset` cannot read a split without rows), and the card still counts it."""
+    data = DatasetDict({**variants, "selected": variants["reflect_both"].select([])})
+    out = save_local(data, tmp_path / "out")
+    reloaded = load_from_disk(str(out / "arrow"))
+    assert len(reloaded["selected"]) == 0 and reloaded["selected"].column_names == reloaded["origin"].column_names
+    assert set(load_dataset(str(out))) == set(variants)
+    assert "| `selected` | 0 |" in (out / "README.md").read_text()
+    push_to_hub(data, "me/none-selected")
+    assert set(hub_calls.calls[0][3]) == set(variants)
+    with pytest.raises(ValueError, match="every split"):
+        save_local(DatasetDict({"selected": data["selected"]}), tmp_path / "nothing")
+
+
+def test_quality_report_feeds_the_card(tmp_path):
+    """`quality_report` (real MiniLM coherence, token lengths) becomes the card's data-quality table."""
+    from reflectune_hf.quality import quality_report
+
+    data = load_sample().select(range(8))
+    quality = quality_report(data, coherence=True)
+    out = save_local(data, tmp_path / "q", quality=quality)
+    readme = (out / "README.md").read_text()
+    assert "### Data quality" in readme and "all-MiniLM-L6-v2" in readme
+    row = next(line for line in readme.splitlines() if line.startswith("| `data` | 8 |"))  # report's split name
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    entry = quality["splits"]["data"]
+    assert float(cells[5]) == pytest.approx(entry["coherence"]["mean"], abs=1e-3)
+    assert cells[2] == f"{entry['lengths']['instruction']['mean']:.4g} / {entry['lengths']['instruction']['median']:.4g}"
+    assert cells[4] == "– / –", "no perplexity without scores or a student"
+    assert json.loads((out / "quality.json").read_text()) == quality
 
 
 def test_save_local_reloads_and_card_parses(variants, tmp_path):

@@ -455,15 +455,21 @@ def test_smoke_recipe_trains_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_saved_dataset_trains_unchanged_with_trl_cli(tmp_path, sample, smollm2_dir):
-    """The messages dataset, saved to disk and to JSON, trains with TRL's `trl sft` and our YAML."""
-    data = sample.select(range(16)).map(to_messages)
-    data.save_to_disk(str(tmp_path / "disk"))
-    data.to_json(str(tmp_path / "data.jsonl"))
+    """What `save_local` writes (and `push_to_hub` publishes: the same parquet files and card) trains
+    with TRL's own `trl sft` and our YAML, untouched: the folder as `dataset_name`, read through the
+    splits its README card declares, and its parquet file as a `datasets:` entry."""
+    from reflectune_hf.hub import save_local
+    from reflectune_hf.variants import build_variants
+
+    from scripted_oracle import demo_oracle
+
+    variants = build_variants(sample.select(range(16)), demo_oracle(), batch_size=16)
+    out = save_local(variants, tmp_path / "published", card_context={"source_dataset": "sample"})
     config = yaml.safe_load((CONFIGS / "smoke_cpu.yaml").read_text())
+    config.pop("datasets")
     config.update(
         model_name_or_path=smollm2_dir,  # TRL knows no embedded aliases: the converted directory
-        datasets=[{"path": "json", "data_files": str(tmp_path / "data.jsonl")},
-                  {"path": "arrow", "data_files": str(tmp_path / "disk" / "*.arrow")}],
+        dataset_name=str(out), dataset_train_split="reflect_both",
         output_dir=str(tmp_path / "trl-out"), max_steps=1, gradient_accumulation_steps=1,
     )
     assert config["assistant_only_loss"] is True and config["chat_template_path"].endswith("vicuna_v1.1.jinja")
@@ -473,3 +479,29 @@ def test_saved_dataset_trains_unchanged_with_trl_cli(tmp_path, sample, smollm2_d
     losses = [float(x) for x in re.findall(r"'loss': '?([0-9.eE+-]+|nan|inf)'?", log)]
     assert losses and all(math.isfinite(x) for x in losses)
     check_output_dir(tmp_path / "trl-out")
+
+    config.pop("dataset_name"), config.pop("dataset_train_split")
+    config.update(datasets=[{"path": "parquet", "data_files": str(out / "data" / "origin-00000-of-00001.parquet")}],
+                  output_dir=str(tmp_path / "trl-out-parquet"))
+    (tmp_path / "trl-parquet.yaml").write_text(yaml.safe_dump(config))
+    log = run([str(trl), "sft", "--config", str(tmp_path / "trl-parquet.yaml")], tmp_path, "trl-parquet")
+    losses = [float(x) for x in re.findall(r"'loss': '?([0-9.eE+-]+|nan|inf)'?", log)]
+    assert losses and all(math.isfinite(x) for x in losses)
+
+
+def test_sft_script_trains_a_reflectune_output_folder(tmp_path, sample, smollm2_dir):
+    """`scripts/sft.py --dataset_name <reflectune output>` finds `arrow/` and, with no `train`
+    split, the `selected` one; a split that is not there is a clear error before the model loads."""
+    from datasets import DatasetDict
+    from trl import DatasetMixtureConfig, ScriptArguments
+
+    from reflectune_hf.hub import save_local
+
+    script = load_script()
+    rows = sample.select(range(8))
+    out = save_local(DatasetDict({"origin": rows, "selected": rows.select(range(4))}), tmp_path / "out")
+    data = script.load_datasets(ScriptArguments(dataset_name=str(out)), DatasetMixtureConfig())
+    assert set(data) == {"origin", "selected"} and len(data["selected"]) == 4
+    assert script.train_split(data, "train") == "selected" and script.train_split(data, "origin") == "origin"
+    with pytest.raises(ValueError, match=r"no split 'nope', only \['origin', 'selected'\]"):
+        script.train_split(data, "nope")
