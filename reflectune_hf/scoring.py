@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import math
 import os
@@ -39,7 +38,7 @@ from typing import Optional
 
 from . import __version__
 from .data import batch_size_of, require_columns, text_column
-from .models import CONVERSION_VERSION, EMBEDDED_MODELS, default_device, gguf_path, load_causal_lm
+from .models import default_device, load_causal_lm, model_identity  # noqa: F401  (model_identity re-exported)
 from .prompts import get_scoring_template, reverse_prompt
 from .scoring_engine import Span, check_model, mean_token_losses
 from .utils import LazyState, stable_hash
@@ -48,46 +47,14 @@ logger = logging.getLogger(__name__)
 
 # Bump when the loss computation changes, so datasets' cache does not serve stale scores.
 SCORING_VERSION = 1
+GPU_TOKENS_PER_BATCH = 16384  # default padded tokens per forward pass on a GPU
+CPU_TOKENS_PER_BATCH = 1024  # and on CPU: bigger micro-batches are slower there (cache misses, attention)
 LOSS_NAMES = ("ins_alone", "out_alone", "ins_condition", "out_condition")  # the reference's order
 SCORE_COLUMNS = (
     *(f"loss_{n}" for n in LOSS_NAMES),
     *(f"ppl_{n}" for n in LOSS_NAMES),
     "ifd", "rifd", "ifd_loss", "rifd_loss", "score_status",
 )
-_IDENTITY_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt", ".tiktoken"}
-
-
-def model_identity(model: str) -> dict:
-    """What identifies a model's weights for caching, without loading it.
-
-    An embedded alias: its package version, GGUF size and conversion version. A local directory:
-    the names, sizes and modification times of its weight, config and tokenizer files. A Hub id:
-    the id and the commit of the local snapshot (`None` when it is not cached yet).
-
-    Example:
-        >>> from reflectune_hf.scoring import model_identity
-        >>> model_identity("smollm2-135m-instruct")["alias"]
-        'smollm2-135m-instruct'
-    """
-    name = str(model)
-    spec = EMBEDDED_MODELS.get(name)
-    if spec is not None:
-        try:
-            version = importlib.metadata.version(spec.distribution)
-        except importlib.metadata.PackageNotFoundError:
-            version = "unknown"
-        return {"alias": name, "package": f"{spec.distribution}=={version}",
-                "gguf_bytes": gguf_path(name).stat().st_size, "conversion": CONVERSION_VERSION}
-    path = Path(name).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _IDENTITY_SUFFIXES)
-        return {"files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(name, "config.json")
-    return {"hub_id": name, "revision": Path(found).parent.name if isinstance(found, str) else None}
-
-
 def _row_texts(instruction: str, input: str, output: str, template) -> dict:
     """The reference script's texts for one row; `*_prefix` is the text before the target."""
     prompt = template.format(instruction, input)
@@ -158,7 +125,9 @@ class IFDScorer(LazyState):
         dtype: `"float32"` (exact), `"bfloat16"` or `"float16"`.
         device: `"cpu"`, `"cuda"`, `"cuda:1"`...; default: with `with_rank=True` rank r takes GPU
             r mod the GPU count, else CUDA when present, else CPU.
-        max_tokens_per_batch: padded tokens per forward pass (rows × longest row).
+        max_tokens_per_batch: padded tokens per forward pass (rows × longest row); default
+            16384 on a GPU and 1024 on CPU, where larger micro-batches only add memory traffic
+            (measured on 2 cores: 1024 tokens 0.8 s/row, 16384 tokens 1.8 s/row, SmolLM2-135M).
         num_threads: torch CPU threads; default: all cores, split between `num_proc` workers.
 
     The datasets fingerprint is the pickled configuration plus `model_identity(model)` and the
@@ -177,16 +146,17 @@ class IFDScorer(LazyState):
     _transient = ("_model", "_tokenizer", "_device", "_share_prefixes")
 
     def __init__(self, model: str = "smollm2-135m-instruct", template: str = "vicuna", max_length: int = 2048,
-                 dtype: str = "float32", device: Optional[str] = None, max_tokens_per_batch: int = 16384,
+                 dtype: str = "float32", device: Optional[str] = None, max_tokens_per_batch: Optional[int] = None,
                  num_threads: Optional[int] = None):
         from .models import _torch_dtype
 
         self._template = get_scoring_template(template)  # raises on an unknown template
         _torch_dtype(dtype)  # raises on an unknown dtype
-        if max_length < 2 or max_tokens_per_batch < 1:
+        if max_length < 2 or (max_tokens_per_batch is not None and max_tokens_per_batch < 1):
             raise ValueError("max_length must be >= 2 and max_tokens_per_batch >= 1")
         self.model, self.template, self.max_length, self.dtype = str(model), template, int(max_length), str(dtype)
-        self.device, self.max_tokens_per_batch, self.num_threads = device, int(max_tokens_per_batch), num_threads
+        self.device, self.num_threads = device, num_threads
+        self.max_tokens_per_batch = None if max_tokens_per_batch is None else int(max_tokens_per_batch)
         self.fingerprint = stable_hash({
             "model": model_identity(self.model), "template": template, "max_length": self.max_length,
             "dtype": self.dtype, "version": __version__, "scoring": SCORING_VERSION,
@@ -212,6 +182,13 @@ class IFDScorer(LazyState):
             self._device = device
             self._share_prefixes = check_model(self._model)
         return self
+
+    @property
+    def token_budget(self) -> int:
+        """Padded tokens per forward pass: `max_tokens_per_batch`, or the default of the device."""
+        if self.max_tokens_per_batch is not None:
+            return self.max_tokens_per_batch
+        return GPU_TOKENS_PER_BATCH if str(self._device or "").startswith("cuda") else CPU_TOKENS_PER_BATCH
 
     def _encode(self, texts: list[str]) -> dict:
         unique = list(dict.fromkeys(texts))
@@ -259,7 +236,7 @@ class IFDScorer(LazyState):
                         where.append((i, kind))
                     else:
                         reasons[i].append(f"no_scored_token:{LOSS_NAMES[kind]}")
-            values = mean_token_losses(self._model, spans, self._tokenizer.pad_token_id, self.max_tokens_per_batch,
+            values = mean_token_losses(self._model, spans, self._tokenizer.pad_token_id, self.token_budget,
                                        share_prefixes=self._share_prefixes)
             for (i, kind), value in zip(where, values):
                 if isinstance(value, Exception):

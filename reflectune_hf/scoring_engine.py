@@ -98,7 +98,8 @@ def _prefix_cache(model, ids: list):
 
     try:
         with torch.inference_mode():
-            cache = model.base_model(input_ids=torch.tensor([ids], device=model.device), use_cache=True).past_key_values
+            out = model.base_model(input_ids=torch.tensor([ids], device=model.device), use_cache=True)
+        cache = out["cache"] if "cache" in out else out.get("past_key_values")
     except Exception as exc:  # noqa: BLE001 - the spans still run, each with its whole prefix
         logger.warning("Shared-prefix pass failed (%s); running without it", exc)
         return None
@@ -107,6 +108,14 @@ def _prefix_cache(model, ids: list):
     for layer in cache.layers:
         layer.__class__ = _shared_prefix_layer_class()
     return cache
+
+
+def _cache_argument(model) -> str:
+    """The name under which `model.base_model.forward` takes a KV cache: `cache` (transformers
+    5.2x and later) or `past_key_values` (before; deprecated since)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,8 +157,8 @@ def _forward(model, spans: list[Span], pad_id: Optional[int], prefix_len: int = 
         attention = torch.cat([torch.ones(len(spans), prefix_len, dtype=torch.long), mask], dim=1).to(device)
     head = _head(model)
     with torch.inference_mode():
-        hidden = model.base_model(input_ids=ids.to(device), attention_mask=attention, past_key_values=cache,
-                                  use_cache=False).last_hidden_state
+        hidden = model.base_model(input_ids=ids.to(device), attention_mask=attention, use_cache=False,
+                                  **{_cache_argument(model): cache}).last_hidden_state
         gathered = hidden[rows.to(device), positions.to(device)]  # [scored tokens, hidden size]
         del hidden
         losses = torch.empty(len(targets), dtype=torch.float32, device=device)

@@ -4,7 +4,10 @@ The baseline is the method's reference algorithm (`reflectune_hf.scoring_referen
 1, four full forward passes per row through the whole model); both run the same model in `--dtype`
 (`--baseline-dtype float32` compares a low-precision scorer with the published script's float32). Prints ONE JSON line: rows, both seconds per row, `speedup` (baseline / scorer) and
 `max_rel_diff` (the largest relative difference of the four losses over all rows), plus the
-load average, because other processes on the machine skew the timings.
+load average, because other processes on the machine skew the timings. Memory: the process's
+resident set after the scorer's first and last map-sized batch (`rss_mb_first_batch`,
+`rss_mb_last_batch`) and their ratio `rss_growth` (~1.0: nothing accumulates across batches;
+use several batches, e.g. `--rows 256 --batch-size 16`).
 
 Usage:
     python scripts/bench_ifd.py --dtype float32
@@ -35,7 +38,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--template", default="vicuna")
     parser.add_argument("--max-length", type=int, default=2048)
-    parser.add_argument("--max-tokens-per-batch", type=int, default=16384)
+    parser.add_argument("--max-tokens-per-batch", type=int, default=None, help="default: the scorer's (16384 GPU, 1024 CPU)")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per scorer call (a map batch)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both (default: torch's)")
     return parser
@@ -48,6 +51,14 @@ def load_rows(path, n: int) -> tuple[list[dict], str]:
         path = SHARED_ROWS if SHARED_ROWS.is_file() else sample_path()
     rows = read_records(path)[:n]
     return [{k: row.get(k) or "" for k in ("instruction", "input", "output")} for row in rows], str(path)
+
+
+def resident_mb() -> float:
+    """This process's resident set size now, in MiB (Linux `/proc`)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -75,11 +86,12 @@ def main(args: argparse.Namespace) -> dict:
     baseline_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    fast = []
+    fast, rss = [], []
     for lo in range(0, len(rows), args.batch_size):
         chunk = rows[lo: lo + args.batch_size]
         cols = scorer.score(*([r[k] for r in chunk] for k in ("instruction", "input", "output")))
         fast.extend(zip(*(cols[f"loss_{n}"] for n in LOSS_NAMES)))
+        rss.append(resident_mb())
     sync()
     fast_s = time.perf_counter() - start
 
@@ -90,6 +102,7 @@ def main(args: argparse.Namespace) -> dict:
         "baseline_dtype": baseline_dtype, "baseline_s_per_row": round(baseline_s / len(rows), 4),
         "scorer_s_per_row": round(fast_s / len(rows), 4), "speedup": round(baseline_s / fast_s, 3),
         "max_rel_diff": max(diffs) if diffs else None, "nan_mismatches": mismatched_nan,
+        "rss_mb_first_batch": rss[0], "rss_mb_last_batch": rss[-1], "rss_growth": round(rss[-1] / rss[0], 3),
         "threads": torch.get_num_threads(), "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(result))

@@ -43,7 +43,7 @@ class ScoreConfig:
     max_length: int = field(default=2048, metadata={"help": "the reference's max_length (right truncation)"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
     device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda; default: each process's accelerate device"})
-    max_tokens_per_batch: int = field(default=16384, metadata={"help": "padded tokens per forward pass"})
+    max_tokens_per_batch: Optional[int] = field(default=None, metadata={"help": "padded tokens per forward pass (default: 16384 on GPU, 1024 on CPU)"})
     batch_size: int = field(default=256, metadata={"help": "rows per map batch"})
 
 

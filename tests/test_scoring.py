@@ -10,9 +10,9 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
-from datasets import Dataset
 
 from conftest import REPO
 from reflectune_hf.data import ColumnError
@@ -191,10 +191,30 @@ def test_batch_composition_does_not_change_scores(scorer, sample):
     together = ds.map(scorer, batched=True, batch_size=6, load_from_cache_file=False)
     one_per_pass = ds.map(sibling(scorer, max_tokens_per_batch=1), batched=True, batch_size=6,
                           load_from_cache_file=False)
-    for other in (together, one_per_pass):
+    all_in_one_pass = ds.map(sibling(scorer, max_tokens_per_batch=16384), batched=True, batch_size=6,
+                             load_from_cache_file=False)
+    for other in (together, one_per_pass, all_in_one_pass):
         for name in LOSS_COLUMNS + ["ifd", "rifd"]:
             for a, b in zip(alone[name], other[name]):
                 assert_close(b, a, 1e-5 if name in LOSS_COLUMNS else 5e-5)
+
+
+def test_token_budget_follows_the_device_unless_given():
+    """`max_tokens_per_batch=None` means 1024 padded tokens per pass on CPU (larger micro-batches
+    are slower there) and 16384 on a GPU; an explicit value always wins."""
+    from reflectune_hf.scoring import CPU_TOKENS_PER_BATCH, GPU_TOKENS_PER_BATCH
+
+    scorer = IFDScorer()
+    for device, budget in (("cpu", CPU_TOKENS_PER_BATCH), ("cuda", GPU_TOKENS_PER_BATCH),
+                           ("cuda:1", GPU_TOKENS_PER_BATCH)):
+        scorer._device = device
+        assert scorer.token_budget == budget
+    explicit = IFDScorer(max_tokens_per_batch=333)
+    explicit._device = "cuda"
+    assert explicit.token_budget == 333 and (CPU_TOKENS_PER_BATCH, GPU_TOKENS_PER_BATCH) == (1024, 16384)
+    assert IFDScorer().fingerprint == IFDScorer(max_tokens_per_batch=4096).fingerprint, "scores do not depend on it"
+    with pytest.raises(ValueError, match="max_tokens_per_batch"):
+        IFDScorer(max_tokens_per_batch=0)
 
 
 def test_head_runs_only_on_scored_positions(scorer):
@@ -315,3 +335,20 @@ def test_score_script_two_processes_equal_one(scorer, tmp_path, sample):
     for name in LOSS_COLUMNS + ["ifd", "rifd"]:
         for i, row in enumerate(got):
             assert_close(row[name], want[name][i], 1e-5)
+
+
+def test_bench_prints_one_json_line_with_speed_parity_and_memory():
+    """`scripts/bench_ifd.py` on a few bundled rows: one JSON line with both rates, the parity and
+    the resident memory per batch (the targets are read from it by people, not asserted here)."""
+    from reflectune_hf.data import sample_path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "bench_ifd.py"), "--rows", "4", "--batch-size", "2",
+                          "--max-length", "256", "--threads", "1", "--data", str(sample_path())],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["rows"] == 4 and result["speedup"] > 0 and result["max_rel_diff"] < 1e-3
+    assert result["nan_mismatches"] == 0 and result["rss_mb_first_batch"] > 0 and result["rss_growth"] > 0
