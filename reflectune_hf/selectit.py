@@ -15,8 +15,9 @@ The formula functions (`rating_distribution`, `token_scores`, `sentence_scores`,
 `SelectITScorer` runs the models. `formula="reference"` reproduces the reference code's
 extra exp-renormalisation `P' = softmax(P / sum(P))` for comparison. Differences from the
 reference code, on purpose: rating-token ids are looked up in each tokenizer (the reference
-hard-codes Llama-2's), the token-level divisor is the number of ratings (the reference
-divides by the prompt count K, equal at its default K = 5), the model weights are parameter
+hard-codes Llama-2's), the token-level spread runs over the five ratings and is divided by 4 (the reference
+sums over the first K ratings and divides by K - 1, K the prompt count: equal at its default
+K = 5; `formula="reference"` does as the reference), the model weights are parameter
 counts (the reference's 7/20, 13/20, 70/90 do not sum to 1), prompts are batched with left
 padding, and a row that fails gets NaN and a status instead of being skipped (which shifts
 every later score in the reference). Argmax ties go to the lower rating, as `np.argmax`.
@@ -103,9 +104,13 @@ def normalize_ratings(p: np.ndarray, formula: str = "paper") -> np.ndarray:
     return q
 
 
-def token_scores(p: np.ndarray, formula: str = "paper") -> np.ndarray:
+def token_scores(p: np.ndarray, formula: str = "paper", k: Optional[int] = None) -> np.ndarray:
     """Token-level scores `S_base * sum_i |P'_i - P'_max| / (N - 1)` of rating probabilities
-    `[..., 5]`; NaN where the probabilities are not finite or sum to zero.
+    `[..., N=5]`; NaN where the probabilities are not finite or sum to zero.
+
+    With `formula="reference"` and the prompt count `k`, the spread is the reference code's:
+    summed over the first `k` ratings only and divided by `k - 1` (the same as the paper's at
+    its default k = 5; NaN at k = 1, where the reference divides by zero).
 
     Example:
         >>> from reflectune_hf.selectit import token_scores
@@ -118,7 +123,12 @@ def token_scores(p: np.ndarray, formula: str = "paper") -> np.ndarray:
     q0 = np.where(ok[..., None], q, 0.0)
     best = q0.argmax(axis=-1)
     top = np.take_along_axis(q0, best[..., None], axis=-1)
-    spread = np.abs(q0 - top).sum(axis=-1) / (n - 1)
+    if formula == "reference" and k is not None and k != n:
+        if k < 2:
+            return np.full(ok.shape, np.nan)
+        spread = (top - q0[..., :k]).sum(axis=-1) / (k - 1)
+    else:
+        spread = np.abs(q0 - top).sum(axis=-1) / (n - 1)
     return np.where(ok, (best + 1) * spread, np.nan)
 
 
@@ -275,7 +285,7 @@ class SelectITScorer(LazyState):
         alpha: the sentence level's uncertainty penalty.
         rating_prompts: the rating lines; default the nine of the paper.
         formula: `"paper"` (default) or `"reference"` (the reference code's
-            exp-renormalisation).
+            exp-renormalisation, and its token-level spread over the first `k` ratings / (k - 1)).
         dtype: `"float32"` (exact), `"bfloat16"` or `"float16"`.
         device: `"cpu"`, `"cuda"`...; default CUDA when present, else CPU.
         batch_size: prompts per forward pass (prompts are sorted by length first). It never
@@ -315,6 +325,8 @@ class SelectITScorer(LazyState):
             raise ValueError(f"{STAGE}: alpha must be a number >= 0, got {alpha!r}")
         if formula not in FORMULAS:
             raise ValueError(f"{STAGE}: formula must be one of {FORMULAS}, got {formula!r}")
+        if formula == "reference" and k < 2:
+            raise ValueError(f"{STAGE}: formula='reference' needs k >= 2 (the reference code divides by k - 1)")
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"{STAGE}: batch_size and max_length must be >= 1")
         _torch_dtype(dtype)  # fail now on an unknown dtype, not at the first batch
@@ -381,7 +393,7 @@ class SelectITScorer(LazyState):
             rows.append(row)
         if not rows:
             return token, sentence
-        scores = token_scores(self._rate(rater, prompts, reasons, owner), self.formula).reshape(len(rows), k)
+        scores = token_scores(self._rate(rater, prompts, reasons, owner), self.formula, k).reshape(len(rows), k)
         for j, row in enumerate(rows):
             if not np.isfinite(scores[j]).all():
                 if not any(r.startswith(f"error:{rater.name}:") for r in reasons[row]):

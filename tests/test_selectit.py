@@ -56,6 +56,23 @@ def test_token_score_reference_exp_renormalisation_hand_computed():
         token_scores([0.2] * 5, formula="other")
 
 
+def test_token_score_reference_spread_follows_the_prompt_count():
+    """The reference code sums the spread over the first k ratings and divides by k - 1 (k the
+    number of prompts); at k = 5 that is the paper's spread over all five ratings."""
+    p = [0.1, 0.2, 0.4, 0.2, 0.1]
+    q = [math.exp(x) for x in p]
+    q = [x / sum(q) for x in q]  # softmax(P / sum P), sum P = 1
+    top = max(q)
+    for k in (2, 3, 4):
+        expected = 3 * sum(top - x for x in q[:k]) / (k - 1)
+        assert token_scores(p, formula="reference", k=k) == pytest.approx(expected, abs=1e-12)
+    assert token_scores(p, formula="reference", k=5) == pytest.approx(token_scores(p, formula="reference"))
+    assert math.isnan(token_scores(p, formula="reference", k=1))
+    assert token_scores(p, k=2) == pytest.approx(token_scores(p)), "the paper form ignores k"
+    with pytest.raises(ValueError, match="needs k >= 2"):
+        SelectITScorer(k=1, formula="reference")
+
+
 def test_token_scores_vectorised_and_undefined_values_are_nan():
     p = np.array([[[0.1, 0.2, 0.4, 0.2, 0.1], [0, 0, 0, 0, 0]], [[np.nan, 0.1, 0.1, 0.1, 0.1], [0, 0, 0, 0, 1]]])
     scores = token_scores(p)
