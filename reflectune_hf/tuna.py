@@ -265,10 +265,11 @@ class ContextualRank(_OracleCaller):
 
     Input columns: `instruction`, optional `input`, `responses` (list of str), `id`.
     Output columns: `ranking_raw` (the judge's text), `rank` (list of int, best first; index N is
-    the judge's reference; duplicates and out-of-range indices removed), `reference_response`,
-    `ranked_responses` (the texts in rank order, the reference included when it was written),
-    `ranking_status` (`ok`; `repaired` when indices were dropped or the ranked reference is
-    missing; `no_ranking`, `no_responses`, `oracle_error`) and `ranking_error` (what went wrong).
+    the judge's reference; duplicates, out-of-range indices and a ranked reference the judge did
+    not write removed), `reference_response`, `ranked_responses` (the texts of `rank`, in order:
+    `ranked_responses[i] == (responses + [reference_response])[rank[i]]`), `ranking_status`
+    (`ok`; `repaired` when indices were dropped, the unwritten reference included;
+    `no_ranking`, `no_responses`, `oracle_error`) and `ranking_error` (what went wrong).
 
     Example:
         >>> from reflectune_hf.oracles.base import ChatResult
@@ -360,8 +361,9 @@ class ContextualRank(_OracleCaller):
             notes.append(f"dropped repeated indices {parsed.duplicates}")
         if parsed.out_of_range:
             notes.append(f"dropped out-of-range indices {parsed.out_of_range} (valid: 0..{len(responses)})")
+        rank = parsed.rank
+        if len(responses) in rank and not reference:  # nothing to train on for it: out of both columns
+            rank = [k for k in rank if k != len(responses)]
+            notes.append(f"index {len(responses)} is ranked but the judge wrote no reference response: dropped")
         candidates = list(responses) + [reference]
-        ranked = [candidates[k] for k in parsed.rank if k < len(responses) or reference]
-        if len(responses) in parsed.rank and not reference:
-            notes.append(f"index {len(responses)} is ranked but the judge wrote no reference response")
-        return parsed.rank, reference, ranked, "repaired" if notes else "ok", "; ".join(notes)
+        return rank, reference, [candidates[k] for k in rank], "repaired" if notes else "ok", "; ".join(notes)

@@ -215,7 +215,8 @@ class DataCollatorForTuna:
 
 
 class TunaTrainer(Trainer):
-    """A `transformers.Trainer` whose loss is Tuna's: `mle_weight * CE + ranking_loss` (module docstring).
+    """A `transformers.Trainer` whose loss is Tuna's, `tuna_loss(avg_logprobs, CE, margin, mle_weight)`
+    (module docstring).
 
     Args:
         model: a model, or a name (embedded alias such as `"smollm2-135m-instruct"`, Hub id, path).
@@ -311,10 +312,10 @@ class TunaTrainer(Trainer):
             nll_sum, counts = nll_sum[chosen], counts[chosen]
         tokens = counts.sum()
         ce = nll_sum.sum() / tokens.clamp(min=1)  # 0 (kept in the graph) when nothing is left to learn
-        rank = ranking_loss(scores, self.tuna["margin"])
-        loss = self.tuna["mle_weight"] * ce + rank
+        loss = tuna_loss(scores, ce, margin=self.tuna["margin"], mle_weight=self.tuna["mle_weight"])
         mode = "train" if model.training else "eval"
         with torch.no_grad():
+            rank = ranking_loss(scores, self.tuna["margin"])  # the ranking term alone, for the logs
             adjacent = torch.isfinite(scores[:, :-1]) & torch.isfinite(scores[:, 1:])
             metrics = {"ce_loss": ce, "rank_loss": rank}
             if adjacent.any():

@@ -234,6 +234,10 @@ def test_load_eval_set_names_arrays_limits_and_errors(tmp_path, monkeypatch):
     assert len(load_eval_set("koala", eval_dir=tmp_path)) == 3
     monkeypatch.setenv("REFLECTUNE_HF_EVAL_DIR", str(tmp_path))
     assert len(load_eval_set("koala", max_rows=2)) == 2
+    assert len(load_eval_set("koala", max_rows=10)) == 3
+    for bad in (0, -1):  # 0 is not "all rows" (that is None)
+        with pytest.raises(ValueError, match="max_rows must be >= 1"):
+            load_eval_set("koala", max_rows=bad)
     array = tmp_path / "mine.json"
     array.write_text(json.dumps([{"instruction": "Add.", "input": "2 3"}]))
     assert load_eval_set(array)[0]["input"] == "2 3"                          # plain Alpaca rows, JSON array

@@ -42,6 +42,16 @@ JUDGE_TEXTS = [
     ("Assistant 1: 8", None),                                                     # one score only
     ("I would rate them highly because Assistant 2 was", None),                  # truncated prose
     ("8 7 6\nThree numbers.", None),
+    ("1 and 2 are both fine", None),                                              # prose, two incidental numbers
+    ("Both responses have 2 or 3 issues", None),
+    ("Assistant 2 is better in 2 ways\n8 7", (8.0, 7.0)),                        # the score line below prose
+    ("8/10 7/10\nClose call.", (8.0, 7.0)),
+    ("Scores: 8 7", (8.0, 7.0)),
+    ("[8, 7]", (8.0, 7.0)),
+    ("8 vs. 7.5", (8.0, 7.5)),
+    ("Assistant 1: 8. The answer covers every step. Assistant 2: 7. It skips one.", (8.0, 7.0)),
+    ("I give 8 to the first and 7 to the second.", None),                        # no score line
+    ("Response 1 scores 9 of 10 points.", None),
 ]
 
 

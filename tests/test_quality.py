@@ -110,7 +110,7 @@ def test_quality_report_says_what_is_omitted(sample, student, monkeypatch):
     report = quality_report(small, tokenizer=student[1], coherence=False)
     entry = report["splits"]["data"]
     assert "no student" in entry["perplexity"]["omitted"] and entry["coherence"] == {"omitted": "coherence=False"}
-    assert "ifd" not in entry
+    assert entry["ifd"] == {"omitted": "no 'ifd' column (IFDScorer)"} and report["embedding_model"] is None
 
     def missing():
         raise EmbeddingModelNotAvailable("Coherence needs the all-MiniLM-L6-v2 model of the package ...\npip ...")
@@ -122,6 +122,51 @@ def test_quality_report_says_what_is_omitted(sample, student, monkeypatch):
         quality_report(small, tokenizer=student[1], coherence=True)
     with pytest.raises(TypeError):
         quality_report([{"instruction": "x"}])
+
+
+SPLIT_KEYS = ["rows", "lengths", "perplexity", "coherence", "ifd", "rifd"]
+STATS_KEYS = ["count", "mean", "std", "min", "q05", "q25", "median", "q75", "q95", "max"]
+
+
+def test_quality_report_shape_on_empty_unscored_and_undefined_splits(sample, student, embedder):
+    """Every split has the documented keys, JSON without NaN, also with 0 rows, no scores, or only NaN."""
+    strings = {"instruction": [], "input": [], "output": []}
+    empty = Dataset.from_dict(strings, features=sample.select_columns(list(strings)).features)
+    blank = Dataset.from_dict({"instruction": ["Say hi.", "Name a colour."], "output": ["", "  "]})
+    undefined = Dataset.from_dict({"instruction": ["Say hi.", "Add 2 and 2."], "output": ["Hi.", "4"],
+                                   "ifd": [math.nan, math.nan], "rifd": [math.inf, None],
+                                   "ppl_out_condition": [math.nan, math.inf]})
+    data = DatasetDict({"empty": empty, "unscored": sample.select(range(2)), "blank": blank, "undefined": undefined})
+    report = quality_report(data, student=student, embedder=embedder)
+    json.dumps(report, allow_nan=False)
+    assert list(report) == ["length_unit", "tokenizer", "student", "embedding_model", "splits"]
+    assert list(report["splits"]) == list(data) and report["embedding_model"] == "MiniLMEmbedder"
+    for name, entry in report["splits"].items():
+        assert list(entry) == SPLIT_KEYS, name
+        for section in ("instruction", "response"):
+            assert list(entry["lengths"][section]) == STATS_KEYS
+        for key in ("coherence", "ifd", "rifd"):
+            section = entry[key]
+            assert list(section) == ["omitted"] or list(section)[:len(STATS_KEYS)] == STATS_KEYS, (name, key)
+            if "count" in section:
+                assert section["count"] + section["missing"] == entry["rows"], (name, key)
+    nothing = dict.fromkeys(STATS_KEYS[1:])
+    empty_entry = report["splits"]["empty"]
+    assert empty_entry["rows"] == 0 and empty_entry["lengths"]["response"] == {"count": 0, **nothing}
+    assert empty_entry["perplexity"]["columns"]["ppl_out_condition"] == {"count": 0, **nothing, "missing": 0}
+    assert empty_entry["coherence"] == {"count": 0, **nothing, "missing": 0}
+    assert empty_entry["ifd"] == {"omitted": "no 'ifd' column (IFDScorer)"}
+    unscored = report["splits"]["unscored"]
+    assert unscored["perplexity"]["source"].startswith("student") and unscored["coherence"]["count"] == 2
+    assert unscored["ifd"]["omitted"] and unscored["rifd"]["omitted"]
+    blank_entry = report["splits"]["blank"]
+    assert blank_entry["coherence"] == {"count": 0, **nothing, "missing": 2}
+    assert blank_entry["perplexity"]["columns"]["ppl_out_condition"]["missing"] == 2
+    undefined_entry = report["splits"]["undefined"]
+    assert undefined_entry["perplexity"] == {"source": "columns",
+                                             "columns": {"ppl_out_condition": {"count": 0, **nothing, "missing": 2}}}
+    assert undefined_entry["ifd"] == {"count": 0, **nothing, "missing": 2, "above_one": 0}
+    assert undefined_entry["rifd"]["count"] == 0 and undefined_entry["rifd"]["missing"] == 2
 
 
 def test_quality_report_student_perplexity(sample, student):

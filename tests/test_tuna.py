@@ -36,7 +36,7 @@ def test_ranking_prompt_for_other_counts_and_alpaca_prompt():
     assert format_prompt("Say hi.", "", template=None) == "Say hi."
 
 
-# --- the parser: 18 judge answers ----------------------------------------------------------------
+# --- the parser: 33 judge answers ----------------------------------------------------------------
 
 RANKINGS = [
     # (judge text, candidates incl. the reference, rank, found, duplicates, out of range)
@@ -61,6 +61,21 @@ RANKINGS = [
     ("rank: [i, j, k]", 5, [], False, [], []),  # only the format, echoed
     ("rank: (2, 0, 1)", 3, [2, 0, 1], True, [], []),  # two responses plus the reference
     ("rank: [4]", 5, [4], True, [], []),  # all duplicates of one another
+    # Numbered and bulleted lists below the label: the list numbers are no indices.
+    ("Ranking:\n1. Response 4\n2. Response 0\n3. Response 2", 5, [4, 0, 2], True, [], []),
+    ("rank:\n- Response 2\n- Response 1", 3, [2, 1], True, [], []),
+    ("Final ranking: Response 3 > Response 1 > Response 2", 5, [3, 1, 2], True, [], []),
+    ("**Ranking:**\n\n1. **Response 4** (15 points)\n\n2. Response 1 (12 points)\n3. Response 0 (9 points)\n\n"
+     "Response 4 is best: it has 3 examples.", 5, [4, 1, 0], True, [], []),  # scores beside, prose after
+    ("Ranking: from best to worst\n1) 4\n2) 0\n3) 3", 5, [4, 0, 3], True, [], []),
+    ("Ranking: (best first)\n\n  1. Response 2\n  2. Response 0", 3, [2, 0], True, [], []),
+    ("rank:\n* Response 0\n* Response 0\n* Response 4", 5, [0, 4], True, [0], []),
+    ("ranking: Response 4 (15), Response 2 (12), Response 0 (8)", 5, [4, 2, 0], True, [], []),
+    ("Ranking:\n[4, 2, 0, 1, 3]", 5, [4, 2, 0, 1, 3], True, [], []),
+    ("Ranking:\nResponse 1 > Response 0 > Response 4", 5, [1, 0, 4], True, [], []),
+    ("Ranking:\nI could not decide: Response 1 has 2 errors.", 5, [], False, [], []),  # prose, not a list
+    ("rank: [i, j, k]\nResponse 0: 12\nResponse 1: 9", 5, [], False, [], []),  # score lines are no ranking
+    ("rank:", 5, [], False, [], []),  # the label at the very end
 ]
 
 
@@ -126,12 +141,15 @@ def test_contextual_rank_statuses_keep_every_row():
     out = ds.map(ContextualRank(judge, format_retries=1), batched=True)
     assert out["id"] == [10, 11, 12, 13, 14] and out["ranking_status"] == [
         "ok", "repaired", "ok", "oracle_error", "no_responses"]
-    assert out["rank"] == [[4, 0, 1, 3], [0, 4], [4, 2, 1], [], []]
+    assert out["rank"] == [[4, 0, 1, 3], [0], [4, 2, 1], [], []]  # row 11: the unwritten reference 4 is dropped
     assert out["reference_response"][:3] == ["Paris is the capital.", "", "Paris."]
     assert out["ranked_responses"][0] == ["Paris is the capital.", "Paris.", "Lyon.", "London."]
     assert out["ranked_responses"][1] == ["Paris."]  # the unwritten reference is left out
+    for rank, texts, reference, ranked in zip(out["rank"], responses, out["reference_response"],
+                                              out["ranked_responses"]):
+        assert ranked == [(texts + [reference])[k] for k in rank]  # the two columns always agree
     assert "repeated indices [0]" in out["ranking_error"][1] and "out-of-range indices [9]" in out["ranking_error"][1]
-    assert "no reference response" in out["ranking_error"][1] and out["ranking_error"][3] == "HTTP 500: boom"
+    assert "no reference response: dropped" in out["ranking_error"][1] and out["ranking_error"][3] == "HTTP 500: boom"
     first, retry = judge.requests[0], judge.requests[-1]
     assert first.messages == retry.messages and first.temperature == 1.0 and first.max_tokens == 2048
     assert retry.seed == 1 and len(judge.requests) == 5  # one distinct re-ask; failed rows are not re-asked

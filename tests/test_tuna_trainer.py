@@ -108,6 +108,25 @@ def test_compute_loss_equals_the_formula(tiny, tmp_path, ce):
     assert set(trainer._metrics["eval"]) == {"ce_loss", "rank_loss", "rank_accuracy"}
 
 
+def test_compute_loss_calls_tuna_loss(tiny, tmp_path, monkeypatch):
+    """The trainer's loss is the pure function's, on its [batch, N] scores and its CE (one definition)."""
+    import reflectune_hf.tuna_trainer as tuna_trainer
+
+    calls = []
+
+    def spy(avg_logprobs, ce, margin=0.1, mle_weight=1.0):
+        calls.append((avg_logprobs.detach().clone(), float(ce.detach()), margin, mle_weight))
+        return tuna_loss(avg_logprobs, ce, margin=margin, mle_weight=mle_weight)
+
+    monkeypatch.setattr(tuna_trainer, "tuna_loss", spy)
+    trainer = trainer_for(tiny, tmp_path, margin=0.3, mle_weight=0.7)
+    loss, outputs = trainer.compute_loss(tiny, DataCollatorForTuna(pad_token_id=0)(FEATURES), return_outputs=True)
+    [(scores, ce, margin, mle_weight)] = calls
+    assert (margin, mle_weight) == (0.3, 0.7) and scores.shape == (2, 3) and math.isnan(scores[1, 2])
+    assert torch.equal(scores.nan_to_num(), outputs["avg_logprobs"].nan_to_num())
+    assert float(loss.detach()) == pytest.approx(float(tuna_loss(scores, ce, margin=0.3, mle_weight=0.7)), abs=1e-6)
+
+
 def test_compute_loss_is_nan_safe_when_a_candidate_is_truncated_away(tiny, tmp_path):
     trainer = trainer_for(tiny, tmp_path)
     # Row 2's prompt filled max_length: its candidates kept no response token (TunaTokenize gives []).
