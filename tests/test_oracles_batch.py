@@ -9,20 +9,29 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from email.parser import BytesParser
 from email.policy import HTTP
 
 import pytest
 
-from reflectune_hf.oracles import ChatRequest, OpenAIBatchOracle, OpenAIOracle, OracleConfigurationError
+from reflectune_hf.oracles import ChatRequest, OpenAIBatchOracle, OpenAIOracle, OracleCache, OracleConfigurationError
 from reflectune_hf.oracles.batch import split_lines
 from reflectune_hf.oracles.loopback import LoopbackServer
 
 
 class BatchServer(LoopbackServer):
-    """Files and batches endpoints; a batch completes on its first poll unless `hold` is set."""
+    """Files and batches endpoints; a batch completes on its first poll unless `hold` is set.
 
-    def __init__(self, fail_prompts=(), hold=False, **kwargs):
+    Scripted trouble: `outcomes` (the end states of the first batches: "expired" and
+    "cancelled" answer `answer_limit` requests, expired ones list the others in the error file;
+    "failed" answers none), `corrupt` (`{prompt: "truncate" | "garbage" | "no_id"}` spoils that
+    prompt's output line) and `route_faults` (`{"upload" | "poll" | "download": [HTTP status or
+    None for attempt 1, 2, ...]}`).
+    """
+
+    def __init__(self, fail_prompts=(), hold=False, outcomes=(), answer_limit=0, corrupt=None, route_faults=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.fail_prompts = set(fail_prompts)
         self.hold = threading.Event()
@@ -30,11 +39,25 @@ class BatchServer(LoopbackServer):
             self.hold.set()
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
+        self.outcomes, self.answer_limit, self.corrupt = list(outcomes), answer_limit, corrupt or {}
+        self.route_faults, self.route_attempts = route_faults or {}, Counter()
+
+    def _fault(self, handler, route) -> bool:
+        """Answer with the scripted status of this attempt at `route`, if there is one."""
+        with self._lock:
+            self.route_attempts[route] += 1
+            script = self.route_faults.get(route) or []
+            status = script[self.route_attempts[route] - 1] if self.route_attempts[route] <= len(script) else None
+        if status is not None:
+            handler._send(status, {"error": {"message": f"scripted {status} on {route}", "type": "server_error"}})
+        return status is not None
 
     def extra_post(self, handler, raw):
         path = handler.path.rstrip("/")
         self.record(path, None, "post")
         if not handler._authorized():
+            return
+        if path.endswith("/files") and self._fault(handler, "upload"):
             return
         if path.endswith("/files"):
             message = BytesParser(policy=HTTP).parsebytes(
@@ -58,12 +81,16 @@ class BatchServer(LoopbackServer):
     def extra_get(self, handler):
         path = handler.path.rstrip("/")
         if "/files/" in path and path.endswith("/content"):
-            return handler._send(200, self.files[path.split("/")[-2]])
+            if not self._fault(handler, "download"):
+                handler._send(200, self.files[path.split("/")[-2]])
+            return
         if "/batches/" in path:
+            if self._fault(handler, "poll"):
+                return
             batch = self.batches.get(path.split("/")[-1])
             if batch is None:
                 return handler._send(404, {"error": {"message": "No batch found"}})
-            if batch["status"] not in ("completed", "failed") and not self.hold.is_set():
+            if batch["status"] in ("validating", "in_progress") and not self.hold.is_set():
                 self._run(batch)
             elif batch["status"] == "validating":
                 batch["status"] = "in_progress"
@@ -76,20 +103,39 @@ class BatchServer(LoopbackServer):
         return file_id
 
     def _run(self, batch: dict) -> None:
+        outcome = self.outcomes.pop(0) if self.outcomes else "completed"
+        if outcome == "failed":  # rejected as a whole: no files, the reasons in `errors`
+            batch.update(status="failed", errors={"object": "list", "data": [
+                {"code": "invalid_request", "message": "scripted validation failure", "line": 1}]})
+            return
         outputs, errors = [], []
-        for line in self.files[batch["input_file_id"]].decode().splitlines():
+        for number, line in enumerate(self.files[batch["input_file_id"]].decode().splitlines()):
             item = json.loads(line)
             prompt = item["body"]["messages"][-1]["content"]
-            if prompt in self.fail_prompts:
+            if outcome != "completed" and number >= self.answer_limit:
+                if outcome == "expired":  # as OpenAI does: the requests not run are in the error file
+                    errors.append({"id": "r", "custom_id": item["custom_id"], "response": None, "error": {
+                        "code": "batch_expired", "message": "not executed before the completion window expired"}})
+            elif prompt in self.fail_prompts:
                 errors.append({"id": "r", "custom_id": item["custom_id"], "error": None, "response": {
                     "status_code": 400, "body": {"error": {"message": f"scripted failure for {prompt}"}}}})
             else:
                 outputs.append({"id": "r", "custom_id": item["custom_id"], "error": None, "response": {
                     "status_code": 200, "body": self.completion(item["body"], prompt)}})
-        batch["output_file_id"] = self._store("".join(json.dumps(o) + "\n" for o in outputs).encode())
+        lines = [self._spoil(json.dumps(o), o["response"]["body"]["choices"][0]["message"]["content"])
+                 for o in outputs]
+        batch["output_file_id"] = self._store("".join(line + "\n" for line in lines).encode())
         batch["error_file_id"] = self._store("".join(json.dumps(e) + "\n" for e in errors).encode()) if errors else None
         batch["request_counts"].update(completed=len(outputs), failed=len(errors))
-        batch["status"] = "completed"
+        batch["status"] = outcome
+
+    def _spoil(self, line: str, answer: str) -> str:
+        kind = self.corrupt.get(answer.removeprefix("echo: "))
+        if kind == "truncate":  # cut after the custom_id: the row can still be told
+            return line[:line.index('"response"') + 15]
+        if kind == "no_id":
+            return json.dumps({k: v for k, v in json.loads(line).items() if k != "custom_id"})
+        return "}{ not json at all" if kind == "garbage" else line
 
 
 def ask(*prompts, **kwargs):
@@ -154,3 +200,78 @@ def test_authentication_error_raises():
             batch_oracle(server, api_key="wrong").complete(ask("a"))
     with pytest.raises(ValueError, match="needs the cache"):
         OpenAIBatchOracle("m", base_url="http://127.0.0.1:9/v1", cache=False)
+
+
+def batch_count(server):
+    return [b["request_counts"]["total"] for b in server.batches.values()]
+
+
+def test_unreadable_output_lines_are_per_row_errors_and_good_answers_are_cached():
+    corrupt = {"cut": "truncate", "junk": "garbage", "anon": "no_id"}
+    prompts = ["a", "cut", "junk", "anon", "e"]
+    with BatchServer(corrupt=corrupt) as server:
+        results = batch_oracle(server).complete(ask(*prompts))
+        assert [r.text for r in results] == ["echo: a", "", "", "", "echo: e"]
+        assert "unreadable batch output line 2" in results[1].error  # its custom_id survived the cut
+        for result in results[2:4]:  # whose line it was cannot be told: every row left without an answer
+            assert "2 unreadable output line(s)" in result.error and "a rerun submits it again" in result.error
+        assert len(OracleCache()) == 2
+        # The batch is collected (its unreadable answers cannot be recovered): a rerun resubmits only those.
+        server.corrupt.clear()
+        again = batch_oracle(server).complete(ask(*prompts))
+        assert [r.text for r in again] == [f"echo: {p}" for p in prompts]
+        assert [r.cached for r in again] == [True, False, False, False, True] and batch_count(server) == [5, 3]
+
+
+def test_a_failed_download_leaves_the_batch_to_be_collected_next_run():
+    # Downloads: 1 (output file, run 1) fails; 2 (output, run 2) works; 3 (error file, run 2) fails.
+    with BatchServer(fail_prompts={"bad"}, route_faults={"download": [500, None, 500]}) as server:
+        first = batch_oracle(server, max_retries=0).complete(ask("a", "b", "bad"))
+        assert all("could not download" in r.error and "HTTP 500" in r.error and "not be resubmitted" in r.error
+                   for r in first)
+        assert len(OracleCache()) == 0 and len(server.batches) == 1
+        second = batch_oracle(server, max_retries=0).complete(ask("a", "b", "bad"))
+        assert [r.text for r in second[:2]] == ["echo: a", "echo: b"]  # read and cached before the failure
+        assert "could not download" in second[2].error and len(OracleCache()) == 2
+        third = batch_oracle(server, max_retries=0).complete(ask("a", "b", "bad"))
+        assert [r.cached for r in third] == [True, True, False] and "scripted failure for bad" in third[2].error
+        assert len(server.batches) == 1  # nothing paid twice: the same batch was collected each time
+        assert "scripted failure" in batch_oracle(server).complete(ask("bad"))[0].error
+        assert batch_count(server) == [3, 1]  # collected at last, so a failed row goes out again
+
+
+@pytest.mark.parametrize("outcome", ["expired", "cancelled", "failed"])
+def test_batches_that_did_not_complete_give_per_row_errors(outcome):
+    with BatchServer(outcomes=[outcome], answer_limit=1) as server:
+        results = batch_oracle(server).complete(ask("x", "y", "z"))
+        answered = 0 if outcome == "failed" else 1
+        assert [r.ok for r in results] == [True] * answered + [False] * (3 - answered)
+        expected = {"expired": "batch_expired: not executed before the completion window expired",
+                    "cancelled": "ended (cancelled) without an answer",
+                    "failed": "ended (failed: scripted validation failure) without an answer"}[outcome]
+        assert all(expected in r.error for r in results[answered:])
+        again = batch_oracle(server).complete(ask("x", "y", "z"))
+        assert [r.text for r in again] == ["echo: x", "echo: y", "echo: z"]
+        assert batch_count(server) == [3, 3 - answered]  # only the unanswered rows are submitted again
+
+
+def test_status_checks_that_never_succeed_are_not_reported_as_ended():
+    with BatchServer(route_faults={"poll": [503] * 1000}) as server:
+        results = batch_oracle(server, max_wait=0.3, max_retries=0).complete(ask("p", "q"))
+        for result in results:
+            assert "could not check batch batch_0 (HTTP 503" in result.error and "not be resubmitted" in result.error
+            assert "ended" not in result.error
+        server.route_faults.clear()
+        assert [r.text for r in batch_oracle(server).complete(ask("p", "q"))] == ["echo: p", "echo: q"]
+        assert len(server.batches) == 1
+
+
+def test_a_failed_upload_is_an_error_for_its_part_only():
+    with BatchServer(route_faults={"upload": [None, 500]}) as server:
+        oracle = batch_oracle(server, max_retries=0, max_requests_per_batch=2)
+        results = oracle.complete(ask("a", "b", "c", "d"))
+        assert [r.ok for r in results] == [True, True, False, False]
+        assert all("could not submit a batch (HTTP 500" in r.error for r in results[2:])
+        again = batch_oracle(server, max_requests_per_batch=2).complete(ask("a", "b", "c", "d"))
+        assert [r.text for r in again] == ["echo: a", "echo: b", "echo: c", "echo: d"]
+        assert batch_count(server) == [2, 2]

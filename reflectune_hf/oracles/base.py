@@ -15,6 +15,9 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Protocol, runtime_checkable
 
@@ -25,14 +28,105 @@ class OracleConfigurationError(RuntimeError):
     """The oracle cannot work at all: bad API key, unknown model, unreachable server."""
 
 
+class _FrozenDict(tuple):
+    """A JSON object inside a frozen message: its `(key, value)` items, sorted by key."""
+
+    __slots__ = ()
+
+
+def _freeze(value: Any, where: str) -> Any:
+    """A hashable copy of a JSON-able value (dicts -> `_FrozenDict`, lists -> tuples)."""
+    if isinstance(value, _FrozenDict):
+        return value
+    if isinstance(value, Mapping):
+        for name in value:
+            if not isinstance(name, str):
+                raise TypeError(f"{where}: keys must be strings, got {type(name).__name__} {name!r}")
+        return _FrozenDict((k, _freeze(v, f"{where}.{k}")) for k, v in sorted(value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise TypeError(f"{where}: a {type(value).__name__} is not JSON-able (use str, numbers, lists and dicts)")
+
+
+def _thaw(value: Any) -> Any:
+    """The JSON form of a `_freeze`d value (`_FrozenDict` -> dict, tuple -> list)."""
+    if isinstance(value, _FrozenDict):
+        return {k: _thaw(v) for k, v in value}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _freeze_message(message: Any, i: int) -> tuple:
+    """Check one chat message and return it as sorted `(key, value)` pairs, values kept as given."""
+    if isinstance(message, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in message):
+        message = {k: _thaw(v) for k, v in message}  # already frozen (`dataclasses.replace` of a request)
+    if not isinstance(message, Mapping):
+        raise TypeError(f"messages[{i}] is a {type(message).__name__}, expected a dict with 'role' and 'content'")
+    missing = [name for name in ("role", "content") if name not in message]
+    if missing:
+        raise ValueError(f"messages[{i}] has no {' or '.join(repr(m) for m in missing)} "
+                         f"(got keys {sorted(map(str, message))})")
+    role, content = message["role"], message["content"]
+    if not isinstance(role, str) or not role:
+        raise ValueError(f"messages[{i}]['role'] must be a non-empty string, got {role!r}")
+    if content is None:
+        if role != "assistant":  # the API allows null content on assistant (tool call) turns only
+            raise ValueError(f"messages[{i}] ({role}) has content None: pass a string or a list of content parts")
+    elif not isinstance(content, (str, list, tuple)):
+        raise TypeError(f"messages[{i}]['content'] must be a string or a list of content parts, "
+                        f"got {type(content).__name__}")
+    elif not isinstance(content, str):
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
+                raise TypeError(f"messages[{i}]['content'][{j}] must be a content part dict with a 'type' "
+                                f"(e.g. {{'type': 'text', 'text': ...}}), got {part!r:.80}")
+    frozen = _freeze(dict(message), f"messages[{i}]")
+    return tuple(frozen)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer{' or None' if optional else ''}, got {type(value).__name__} "
+                        f"{value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's content: the string itself, or the text parts of a part list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n".join(str(dict(p).get("text", "")) for p in content if dict(p).get("type") == "text")
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     """One chat completion request, independent of any client library.
 
     Attributes:
-        messages: `[{"role": ..., "content": ...}, ...]`.
+        messages: a list of `{"role": ..., "content": ...}` dicts (more keys, e.g. `name`, are
+            kept). `content` is a string or a list of content parts (`[{"type": "text",
+            "text": ...}, {"type": "image_url", ...}]`); `None` only on assistant turns. Kept as
+            given (stored frozen, hashable; `message_dicts` gives them back as JSON).
         temperature, top_p, max_tokens, n, seed: sampling parameters as in the OpenAI API.
         logprobs: ask for token log-probabilities; `top_logprobs` alternatives per token.
+
+    Raises:
+        TypeError: `messages` is not a list of dicts (e.g. a bare string or a single dict), or a
+            parameter has the wrong type.
+        ValueError: a message lacks `role` or `content`, or a parameter is out of range
+            (`max_tokens` < 1, `n` < 1, `temperature` < 0, `top_p` outside (0, 1]).
     """
 
     messages: tuple
@@ -45,19 +139,37 @@ class ChatRequest:
     seed: Optional[int] = None
 
     def __post_init__(self):
-        # Frozen and hashable: messages become a tuple of plain dicts' items.
-        messages = tuple(
-            m if isinstance(m, tuple) else tuple(sorted((str(k), str(v)) for k, v in dict(m).items()))
-            for m in self.messages
-        )
-        object.__setattr__(self, "messages", messages)
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+        messages = self.messages
+        if isinstance(messages, (str, bytes)):
+            raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts, got a string: "
+                            "wrap it as [{'role': 'user', 'content': text}]")
+        if isinstance(messages, Mapping):
+            raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts, got a single dict: "
+                            "wrap it in a list")
+        if not isinstance(messages, (list, tuple)):
+            raise TypeError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
+                            f"got {type(messages).__name__}")
+        if not messages:
+            raise ValueError("messages is empty: a chat request needs at least one message")
+        # Frozen and hashable: each message becomes a tuple of its sorted (key, value) items.
+        object.__setattr__(self, "messages", tuple(_freeze_message(m, i) for i, m in enumerate(messages)))
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not _is_number(value) or math.isnan(value):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _check_int("max_tokens", self.max_tokens, 1)
+        _check_int("n", self.n, 1, optional=False)
+        _check_int("top_logprobs", self.top_logprobs, 0)
+        _check_int("seed", self.seed, -(2 ** 63))
 
     @property
     def message_dicts(self) -> list[dict]:
         """The messages as a list of dicts, as chat APIs take them."""
-        return [dict(m) for m in self.messages]
+        return [{k: _thaw(v) for k, v in m} for m in self.messages]
 
     def to_dict(self) -> dict:
         """Canonical dict form (messages as dicts): the basis of cache keys."""

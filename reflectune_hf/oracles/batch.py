@@ -12,6 +12,28 @@ batch is created. A restarted run (or a run stopped by `max_wait`) finds the bat
 flight for its requests and collects them instead of submitting again; answers of a batch that
 a later run no longer asks for are still cached, never thrown away.
 
+No paid answer is lost nor paid twice, and problems are per-row errors (only authentication
+and a missing Batch API raise `OracleConfigurationError`):
+
+- Each good answer is cached the moment its line is read, before the next line.
+- A download of an output or error file that fails (5xx after the SDK's retries, a dropped
+  connection, a 404) leaves the batch *uncollected*: its unanswered rows get an error, and the
+  next `complete` downloads the files again instead of resubmitting.
+- An unreadable line (truncated or malformed JSON, no `custom_id`) is an error for its row when
+  its `custom_id` can still be read, else for every row of that batch left without an answer.
+  The batch is then marked collected: that answer cannot be recovered, so a rerun submits those
+  rows again (and only those).
+- A batch that ended `failed`, `expired` or `cancelled` gives its answered rows and an error
+  (with the service's reasons) for the others, which a rerun submits again.
+- A status check that fails is retried at the next poll; rows of a batch never polled
+  successfully before `max_wait` say so and are collected, not resubmitted, by the next run.
+- A failed upload or batch creation (5xx) is an error for the rows of that part only: nothing
+  was submitted for them, and a rerun tries again.
+
+A stored batch whose files can never be downloaded (deleted by hand) keeps its rows failing;
+mark it collected with `oracle.cache_store.execute("UPDATE batch_jobs SET done = 1 WHERE
+batch_id = ?", (batch_id,))` to have them submitted again.
+
 Tested against a local server implementing the files and batches endpoints (there is no real
 Batch service in the test environment); the wire format follows OpenAI's documentation.
 
@@ -25,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from types import SimpleNamespace
 from typing import Optional
@@ -39,6 +62,8 @@ MAX_REQUESTS_PER_BATCH = 50_000
 MAX_BYTES_PER_BATCH = 200 * 1024 * 1024
 TERMINAL = ("completed", "failed", "expired", "cancelled", "unknown")  # unknown: the server forgot it
 ENDPOINT = "/v1/chat/completions"
+AGAIN = "call complete() again to collect it (it will not be resubmitted)"
+_CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"([^"\\]+)"')  # read from a line that is not valid JSON
 
 
 def _ensure_tables(cache: OracleCache) -> None:
@@ -46,6 +71,27 @@ def _ensure_tables(cache: OracleCache) -> None:
                   "input_file_id TEXT, status TEXT, created REAL, done INTEGER NOT NULL DEFAULT 0)")
     cache.execute("CREATE TABLE IF NOT EXISTS batch_requests (key TEXT NOT NULL, batch_id TEXT NOT NULL, "
                   "PRIMARY KEY (key, batch_id))")
+
+
+def _read_line(line: str) -> tuple[Optional[str], Optional[dict], Optional[str]]:
+    """`(custom_id, item, None)` for a good output/error line, `(custom_id or None, None, why)` else."""
+    try:
+        item = json.loads(line)
+    except ValueError as err:
+        match = _CUSTOM_ID.search(line)
+        return (match.group(1) if match else None), None, f"{type(err).__name__}: {err}"
+    if not isinstance(item, dict):
+        return None, None, f"a JSON {type(item).__name__}, not an object"
+    key = item.get("custom_id")
+    if not isinstance(key, str) or not key:
+        return None, None, "no custom_id"
+    return key, item, None
+
+
+def _reasons(batch) -> str:
+    """The service's reasons for a batch that did not complete ("" when it gave none)."""
+    data = getattr(getattr(batch, "errors", None), "data", None) or []
+    return "; ".join(str(e.message or e.code or "") for e in data)
 
 
 def split_lines(lines: list[bytes], max_requests: int, max_bytes: int) -> list[list[bytes]]:
@@ -130,28 +176,35 @@ class OpenAIBatchOracle(OpenAIOracle):
         keys = [r.key(model, base_url) for r in requests]
         index = {k: i for i, k in enumerate(keys)}
         results: list[Optional[ChatResult]] = [None] * len(requests)
+        reported: set[int] = set()
+        problems: dict[str, str] = {}  # batch id or key -> why its rows have no answer this time
+
+        def deliver(key: str, item: Optional[dict], error: Optional[str] = None) -> None:
+            i = index.get(key)
+            result = ChatResult.failure(error) if error else self._line_result(item, None if i is None else requests[i])
+            if i is None:  # an answer a later run no longer asks for: cached all the same
+                if result.ok:
+                    cache.put(key, result, model=model, base_url=base_url)
+            elif results[i] is None or (not results[i].ok and result.ok):
+                results[i] = result
+                if result.ok:  # final: reported, hence cached, before the next line is read
+                    on_result(i, result)
+                    reported.add(i)
+
         client = self._sync_client()
+        batch_ids: list[str] = []
+        statuses: dict = {}
         try:
             inflight = self._inflight(cache, keys)
             if inflight:
                 logger.info("Collecting %d batch(es) submitted earlier instead of resubmitting",
                             len(set(inflight.values())))
             todo = [i for i, k in enumerate(keys) if k not in inflight]
-            batch_ids = list(dict.fromkeys(inflight.values())) + self._submit(client, cache, requests, keys, todo)
-            statuses = self._poll(client, batch_ids)
-
-            def deliver(key: str, item: dict) -> None:
-                i = index.get(key)
-                result = self._line_result(item, None if i is None else requests[i])
-                if i is None:  # an answer a later run no longer asks for: cached all the same
-                    if result.ok:
-                        cache.put(key, result, model=model, base_url=base_url)
-                elif results[i] is None or (not results[i].ok and result.ok):
-                    results[i] = result
-
+            batch_ids = list(dict.fromkeys(inflight.values())) + self._submit(client, cache, requests, keys, todo,
+                                                                              problems)
+            statuses = self._poll(client, batch_ids, problems)
             for batch in statuses.values():
-                if batch.status in TERMINAL:
-                    self._collect(client, batch, deliver)
+                if batch.status in TERMINAL and self._collect(client, batch, deliver, problems):
                     cache.execute("UPDATE batch_jobs SET status = ?, done = 1 WHERE batch_id = ?",
                                   (batch.status, batch.id))
         finally:
@@ -160,16 +213,28 @@ class OpenAIBatchOracle(OpenAIOracle):
                  for (k,) in cache.execute("SELECT key FROM batch_requests WHERE batch_id = ?", (b,))}
         for i, key in enumerate(keys):
             if results[i] is None:
-                batch = statuses.get(owner.get(key))
-                if batch is not None and batch.status not in TERMINAL:
-                    results[i] = ChatResult.failure(f"batch {batch.id} is still {batch.status}: call complete() again "
-                                                    "to collect it (it will not be resubmitted)")
-                else:
-                    status = batch.status if batch is not None else "unknown"
-                    results[i] = ChatResult.failure(
-                        f"batch {owner.get(key)} ended ({status}) without an answer for this request")
-            on_result(i, results[i])
+                results[i] = ChatResult.failure(self._unanswered(key, owner.get(key), statuses, problems))
+            if i not in reported:
+                on_result(i, results[i])
         return results
+
+    @staticmethod
+    def _unanswered(key: str, batch_id: Optional[str], statuses: dict, problems: dict) -> str:
+        """Why the request `key` of batch `batch_id` has no answer after this run."""
+        if key in problems:
+            return problems[key]
+        if batch_id is None:
+            return "no batch covers this request: call complete() again"
+        if batch_id in problems:
+            return problems[batch_id]
+        batch = statuses.get(batch_id)
+        if batch is None:
+            return f"batch {batch_id} could not be checked: {AGAIN}"
+        if batch.status not in TERMINAL:
+            return f"batch {batch_id} is still {batch.status}: {AGAIN}"
+        reasons = _reasons(batch)
+        return (f"batch {batch_id} ended ({batch.status}{': ' + reasons if reasons else ''}) without an answer "
+                "for this request; a rerun submits it again")
 
     def _inflight(self, cache: OracleCache, keys: list[str]) -> dict[str, str]:
         """`{key: batch_id}` of batches not yet collected that cover some of `keys`."""
@@ -183,17 +248,31 @@ class OpenAIBatchOracle(OpenAIOracle):
             found.update(dict(rows))
         return found
 
-    def _submit(self, client, cache: OracleCache, requests, keys, todo: list[int]) -> list[str]:
+    def _describe(self, err) -> str:
+        """An SDK error in a few words, without the API key."""
+        status = getattr(err, "status_code", None)
+        return self._redact(f"HTTP {status}: {err.message}" if status else self._cause(err))
+
+    def _submit(self, client, cache: OracleCache, requests, keys, todo: list[int], problems: dict) -> list[str]:
+        """Upload and create one batch per part; a part that fails is an error for its rows only."""
+        import openai
+
         lines = [(json.dumps({"custom_id": keys[i], "method": "POST", "url": ENDPOINT,
                               "body": self._body(requests[i], requests[i].n, requests[i].seed)}) + "\n").encode()
                  for i in todo]
         by_line = dict(zip(lines, (keys[i] for i in todo)))
         batch_ids = []
         for part in split_lines(lines, self.max_requests_per_batch, self.max_bytes_per_batch):
-            upload = self._api(client.files.create, purpose="batch",
-                               file=("reflectune-batch.jsonl", b"".join(part), "application/jsonl"))
-            batch = self._api(client.batches.create, input_file_id=upload.id, endpoint=ENDPOINT,
-                              completion_window=self.completion_window, metadata={"created_by": "reflectune_hf"})
+            try:
+                upload = self._api(client.files.create, purpose="batch",
+                                   file=("reflectune-batch.jsonl", b"".join(part), "application/jsonl"))
+                batch = self._api(client.batches.create, input_file_id=upload.id, endpoint=ENDPOINT,
+                                  completion_window=self.completion_window, metadata={"created_by": "reflectune_hf"})
+            except openai.APIError as err:  # configuration errors were raised by `_api` already
+                why = f"could not submit a batch ({self._describe(err)}); nothing was submitted, a rerun tries again"
+                logger.warning("%s (%d requests)", why, len(part))
+                problems.update((by_line[line], why) for line in part)
+                continue
             with cache.transaction() as conn:  # the batch and its keys, recorded together
                 conn.execute("INSERT OR REPLACE INTO batch_jobs (batch_id, model, base_url, input_file_id, status, "
                              "created) VALUES (?,?,?,?,?,?)",
@@ -205,7 +284,7 @@ class OpenAIBatchOracle(OpenAIOracle):
         return batch_ids
 
     # -- waiting and collecting ---------------------------------------------------------------
-    def _poll(self, client, batch_ids: list[str]) -> dict:
+    def _poll(self, client, batch_ids: list[str], problems: dict) -> dict:
         from tqdm.auto import tqdm
 
         deadline = None if self.max_wait is None else time.monotonic() + self.max_wait
@@ -216,7 +295,7 @@ class OpenAIBatchOracle(OpenAIOracle):
             while True:
                 for batch_id in batch_ids:
                     if batch_id not in statuses or statuses[batch_id].status not in TERMINAL:
-                        self._refresh(client, batch_id, statuses)
+                        self._refresh(client, batch_id, statuses, problems)
                 counts = [b.request_counts for b in statuses.values() if b.request_counts is not None]
                 bar.total = sum(c.total for c in counts) or None
                 bar.n = sum(c.completed + c.failed for c in counts)
@@ -230,14 +309,16 @@ class OpenAIBatchOracle(OpenAIOracle):
         finally:
             bar.close()
 
-    def _refresh(self, client, batch_id: str, statuses: dict) -> None:
+    def _refresh(self, client, batch_id: str, statuses: dict, problems: dict) -> None:
         """Update one batch's status; a network hiccup during a long wait is only a warning."""
         import openai
 
         try:
             statuses[batch_id] = client.batches.retrieve(batch_id)
+            problems.pop(batch_id, None)
         except (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as err:
             logger.warning("Could not poll batch %s (%s); trying again", batch_id, type(err).__name__)
+            problems[batch_id] = f"could not check batch {batch_id} ({self._describe(err)}): {AGAIN}"
         except openai.NotFoundError:
             logger.warning("Batch %s is unknown to the server: its requests will be submitted again", batch_id)
             statuses[batch_id] = SimpleNamespace(id=batch_id, status="unknown", request_counts=None, errors=None,
@@ -248,27 +329,59 @@ class OpenAIBatchOracle(OpenAIOracle):
                 raise
             raise config from None
 
-    def _collect(self, client, batch, deliver) -> None:
-        """Map a finished batch's output and error lines back to their requests."""
+    def _collect(self, client, batch, deliver, problems: dict) -> bool:
+        """Map a finished batch's output and error lines back to their requests.
+
+        Returns:
+            True when both files were read (the batch may be marked collected), False when a
+            download failed: the batch is left for the next run, which downloads it again.
+        """
+        import openai
+
         if batch.status != "completed":
-            reasons = "; ".join(e.message or e.code or "" for e in (batch.errors.data or [])) if batch.errors else ""
+            reasons = _reasons(batch)
             logger.warning("Batch %s ended with status %s%s", batch.id, batch.status, f": {reasons}" if reasons else "")
+        unreadable = []
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
                 continue
-            for line in self._api(client.files.content, file_id).text.splitlines():
-                if line.strip():
-                    item = json.loads(line)
-                    deliver(item.get("custom_id"), item)
+            try:
+                text = client.files.content(file_id).text
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
+                raise OracleConfigurationError(self._explain(err)) from None
+            except openai.APIError as err:
+                problems[batch.id] = (f"could not download {file_id} of batch {batch.id} "
+                                      f"({self._describe(err)}): {AGAIN}")
+                logger.warning("%s", problems[batch.id])
+                return False
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                key, item, why = _read_line(line)
+                if why is None:
+                    deliver(key, item)
+                elif key is not None:
+                    deliver(key, None, f"unreadable batch output line {number} of file {file_id} ({why}); "
+                                       "a rerun submits this request again")
+                else:
+                    unreadable.append(f"line {number} of file {file_id}: {why}")
+        if unreadable:
+            problems[batch.id] = (f"batch {batch.id} had {len(unreadable)} unreadable output line(s) (first: "
+                                  f"{unreadable[0]}); the answer to this request was not found, it may be in one of "
+                                  "them: a rerun submits it again")
+            logger.warning("%s", problems[batch.id])
+        return True
 
     def _line_result(self, item: dict, request: Optional[ChatRequest]) -> ChatResult:
         """One output/error line as a result; `request` is None for answers no longer asked for."""
-        response = item.get("response") or {}
-        body = response.get("body") or {}
+        response = item.get("response") if isinstance(item.get("response"), dict) else {}
+        body = response.get("body") if isinstance(response.get("body"), dict) else {}
         if item.get("error") or response.get("status_code") != 200:
             error = item.get("error") or body.get("error") or {}
             message = error.get("message") if isinstance(error, dict) else str(error)
-            return ChatResult.failure(self._redact(f"HTTP {response.get('status_code')}: {message}"))
+            status = response.get("status_code")  # none for requests the service never ran (expired)
+            where = f"HTTP {status}" if status else (error.get("code") if isinstance(error, dict) else None)
+            return ChatResult.failure(self._redact(f"{where or 'error'}: {message}"))
         try:
             if request is not None:
                 with_logprobs, want = request.logprobs, request.n

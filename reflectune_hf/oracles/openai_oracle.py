@@ -12,6 +12,9 @@ A configuration error raises `OracleConfigurationError` at once: authentication 
 process with `GET /models`, and again when many requests in a row cannot connect). Anything
 else is one row's failure: a `ChatResult` with `error` set, not cached, sent again by a rerun.
 
+Works with openai 2.x (built on `httpx`) and 3.x (built on `httpx2`): the HTTP response class
+is taken from the SDK itself (`http_response_class`), never imported by a fixed name.
+
 Example:
     >>> from reflectune_hf.oracles import ChatRequest, OpenAIOracle
     >>> oracle = OpenAIOracle("smollm2-135m-instruct", base_url="http://127.0.0.1:8080/v1")  # doctest: +SKIP
@@ -23,6 +26,8 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib
 import json
 import logging
 import os
@@ -31,12 +36,37 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Optional
 from urllib.parse import urlsplit
 
-from .base import ChatRequest, ChatResult, OracleConfigurationError, usage_add
+from .base import ChatRequest, ChatResult, OracleConfigurationError, content_text, usage_add
 from .cache import CachingOracle, redact_url
 
 logger = logging.getLogger(__name__)
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+@functools.lru_cache(maxsize=None)
+def http_response_class() -> type:
+    """The HTTP response class of the installed openai SDK (what `cast_to` takes for a raw response).
+
+    openai 3.x is built on `httpx2`, openai 1.x and 2.x on `httpx`. The SDK's `_base_client`
+    module holds the library it uses under that library's name, so the class is taken from there,
+    whatever the version; importing `httpx2`, then `httpx`, by name is only the fallback.
+
+    Raises:
+        ImportError: neither library can be found.
+    """
+    import openai._base_client as base_client
+
+    for name in ("httpx2", "httpx"):
+        response = getattr(getattr(base_client, name, None), "Response", None)
+        if isinstance(response, type):
+            return response
+    for name in ("httpx2", "httpx"):
+        try:
+            return importlib.import_module(name).Response
+        except ImportError:
+            continue
+    raise ImportError("the openai SDK's HTTP library was not found (neither httpx2 nor httpx can be imported)")
 
 
 def run_sync(factory):
@@ -98,7 +128,7 @@ class RateLimiter:
 
 def _token_guess(request: ChatRequest, n: int) -> int:
     """A cheap upper-side token count for the TPM limiter (4 characters per token)."""
-    prompt = sum(len(str(m.get("content", ""))) for m in request.message_dicts) // 4 + 4 * len(request.messages)
+    prompt = sum(len(content_text(m.get("content"))) for m in request.message_dicts) // 4 + 4 * len(request.messages)
     return prompt + (request.max_tokens or 256) * n
 
 
@@ -330,12 +360,10 @@ class OpenAIOracle(CachingOracle):
         """One HTTP call through the SDK: the parsed JSON, or a failed `ChatResult`."""
         import openai
 
-        import httpx2
-
         try:
             # The SDK's documented low-level call: its retries, backoff and timeouts, without the
             # per-request typed-params walk and model parsing (a third of the client's CPU time).
-            raw = await client.post("/chat/completions", body=body, cast_to=httpx2.Response)
+            raw = await client.post("/chat/completions", body=body, cast_to=http_response_class())
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
             raise OracleConfigurationError(self._explain(err)) from None
         except openai.APITimeoutError:

@@ -3,6 +3,7 @@
 Prompt tokens are counted with a local tokenizer (by default the embedded SmolLM2 tokenizer,
 no download) plus OpenAI's per-message overhead (3 tokens per message, 3 to prime the reply).
 It is an estimate: each provider's tokenizer differs (typically by 10-25% on English text).
+Only the text of messages is counted (the text parts of multimodal content, not images).
 Output tokens are what the caller expects per choice, by default each request's `max_tokens`
 (an upper bound on what is billed) or 512 when unset.
 
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Optional
 
-from .base import as_requests
+from .base import as_requests, content_text
 
 DEFAULT_OUTPUT_TOKENS = 512
 TOKENS_PER_MESSAGE = 3
@@ -97,7 +98,7 @@ def estimate(requests, prices: Optional[dict] = None, tokenizer="smollm2-135m-in
     prompt_tokens = output_tokens = 0
     for request in requests:
         prompt_tokens += TOKENS_REPLY_PRIMING + sum(
-            TOKENS_PER_MESSAGE + _encode_len(tok, str(m.get("content", ""))) for m in request.message_dicts)
+            TOKENS_PER_MESSAGE + _encode_len(tok, content_text(m.get("content"))) for m in request.message_dicts)
         per_choice = expected_output_tokens if expected_output_tokens is not None else (
             request.max_tokens if request.max_tokens is not None else DEFAULT_OUTPUT_TOKENS)
         output_tokens += per_choice * request.n
