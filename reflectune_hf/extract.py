@@ -16,10 +16,15 @@ module parses all of that and records what happened in `reflection_status`:
 - `failed`: the oracle answered but nothing usable was extracted; the row is unchanged.
 - `oracle_error`: the oracle failed (`reflection_error` is set); the row is unchanged.
 
-Fixes of the reference's bugs (REFERENCE.md §5): an answer that merely mentions "N/A" is kept
-(only an answer that *is* "N/A" is rejected); only a bracketed `[End]` terminates a segment, so
-"Endangered" and "the End of the chapter" survive; placeholders are rejected when the field *is*
-a placeholder ("your answer"), not when it contains the words; fallbacks are recorded.
+Fixes of the reference's bugs (REFERENCE.md §5): an answer that mentions or *is* "N/A", "None"
+or "Nothing" is kept (`print()` returns None); only an empty field or the format's own
+placeholder ("your answer", "<insert your instruction here>") falls back, not a field that
+merely contains the words; only a bracketed `[End]` terminates a segment, so "Endangered" and
+"the End of the chapter" survive; fallbacks are recorded.
+
+Inside a bracketed segment (`[Better Answer] ... [End]`) only `[End]`, another bracketed marker
+or a loose marker opening a line ("3. New Answer: ...") ends the text: a loose label in the
+middle of a line ("Label the column 'New Answer:'") is content, not a marker.
 
 Several segments: instruction reflection takes the first usable `[New Instruction]` and the
 first usable `[New Answer]` (as the reference does); response reflection needs exactly one
@@ -77,12 +82,15 @@ _END = re.compile(
     rf"(?:answer|instruction|input))?[ \t]*{_DECO}?[ \t]*\]{_DECO}?",
     re.I,
 )
+# What may precede a loose marker that opens its line: indentation, bullets, "3." / "**3.**", "###".
+_LINE_OPENER = re.compile(rf"[ \t]*(?:(?:\#{{1,6}}|[-*+>]|{_DECO}?\d{{1,2}}[.)]{_DECO}?)[ \t]*)*")
 _CODE = re.compile(r"```.*?```|~~~.*?~~~|`[^`\n]+`", re.S)
 _TRAILING_ENUMERATOR = re.compile(rf"(?:\n[ \t]*{_DECO}?\d{{1,2}}[.)]{_DECO}?[ \t]*)+\Z")
+# The format's own placeholders ("your answer", "<insert your new instruction here>") and echoes of
+# its labels; never a value: "None", "N/A" or "Nothing" can be the real answer.
 _PLACEHOLDER = re.compile(
     r"(?:(?:insert|write|put|enter)\s+)?(?:your|the)\s+(?:new\s+|better\s+|improved\s+)?(?:instruction|answer)"
-    r"(?:\s+here)?|(?:new|better)\s+(?:instruction|answer)|instruction|answer|n/?a|none|null|nothing|"
-    r"not\s+applicable|tbd|todo",
+    r"(?:\s+here)?|(?:new|better)\s+(?:instruction|answer)|instruction|answer",
 )
 _REFUSE = (
     r"(?:cannot|can't|can\s+not|am\s+unable\s+to|'m\s+unable\s+to|am\s+not\s+able\s+to|won't|will\s+not|"
@@ -104,14 +112,26 @@ def _mask_code(text: str) -> str:
     return _CODE.sub(lambda m: re.sub(r"[^\n]", "\x00", m.group(0)), text)
 
 
-def _markers(masked: str) -> list[tuple[int, int, str]]:
-    """All markers as (start, end, label), sorted. Per label, the bracketed form wins when present
-    (as in the reference): a loose "better answer:" in the analysis is prose, not a marker."""
+def _markers(masked: str) -> list[tuple[int, int, str, str]]:
+    """All markers as (start, end, label, kind), sorted; kind is "bracketed", "line" (a loose
+    marker opening its line; it starts where the line does, so a "3. " before "New Answer:" is
+    not left at the end of the previous segment) or "inline" (a loose marker after other text on
+    its line). Per label, the bracketed form wins when present (as in the reference): a loose
+    "better answer:" in the analysis is prose, not a marker."""
     found = []
     for name, (bracketed, loose) in _MARKERS.items():
-        hits = list(bracketed.finditer(masked)) or list(loose.finditer(masked))
-        found.extend((m.start(), m.end(), name) for m in hits)
+        hits = [(m.start(), m.end(), name, "bracketed") for m in bracketed.finditer(masked)]
+        for m in [] if hits else loose.finditer(masked):
+            line = masked.rfind("\n", 0, m.start()) + 1
+            opens = _LINE_OPENER.fullmatch(masked, line, m.start()) is not None
+            hits.append((line if opens else m.start(), m.end(), name, "line" if opens else "inline"))
+        found.extend(hits)
     return sorted(found)
+
+
+def _limit(stop: int, ends: list[int], starts: list[int], size: int) -> int:
+    """Where a segment that starts at `stop` ends: the first `[End]` or marker at or after it."""
+    return min([p for p in ends if p >= stop] + [p for p in starts if p >= stop] + [size])
 
 
 def _clean(segment: str, unquote: bool = False) -> str:
@@ -130,35 +150,44 @@ def _clean(segment: str, unquote: bool = False) -> str:
 
 def segments(text: str, label: str) -> list[str]:
     """Every segment of `text` after a `label` marker ("instruction", "answer" or "better"), up to
-    the next `[End]`, the next marker of any label, or the end of the text. Markers and `[End]`
-    inside code spans do not count.
+    the next `[End]`, the next marker of any label (for a bracketed marker: the next bracketed
+    one or a loose one opening a line), or the end of the text. Markers and `[End]` inside code
+    spans do not count.
 
     Example:
         >>> from reflectune_hf.extract import segments
         >>> segments("[New Instruction] A [End] [New Answer]: B", "answer")
         ['B']
+        >>> segments("[Better Answer] Label the column 'New Answer:' and fill it. [End]", "better")
+        ["Label the column 'New Answer:' and fill it."]
     """
     if label not in _LABELS:
         raise ValueError(f"Unknown marker label {label!r}; choose one of {sorted(_LABELS)}")
     masked = _mask_code(text or "")
     markers = _markers(masked)
     ends = [m.start() for m in _END.finditer(masked)]
+    # A bracketed segment ends at [End], a bracketed marker or a marker opening a line; an inline
+    # loose marker inside it ("Label the column 'New Answer:'") is its text, not a marker.
+    strong = [start for start, _, _, kind in markers if kind != "inline"]
+    spans = {stop: _limit(stop, ends, strong, len(masked)) for _, stop, _, kind in markers if kind == "bracketed"}
+    markers = [m for m in markers if m[3] != "inline" or not any(a <= m[0] < b for a, b in spans.items())]
+    starts = [start for start, _, _, _ in markers]
     out = []
-    for start, stop, name in markers:
-        if name != label:
-            continue
-        limit = min([p for p in ends if p >= stop] + [s for s, _, _ in markers if s >= stop] + [len(masked)])
-        out.append(_clean(text[stop:limit], unquote=label == "instruction"))
+    for _, stop, name, _ in markers:
+        if name == label:
+            limit = spans.get(stop, _limit(stop, ends, starts, len(masked)))
+            out.append(_clean(text[stop:limit], unquote=label == "instruction"))
     return out
 
 
 def is_usable(segment: str) -> bool:
-    """False for an empty field, a placeholder ("your answer", "N/A"), or a refusal.
+    """False for an empty field, a placeholder of the format ("your answer"), or a refusal; a value
+    such as "None", "N/A" or "Nothing" is a real answer.
 
     Example:
         >>> from reflectune_hf.extract import is_usable
-        >>> is_usable("N/A"), is_usable("Use N/A for missing values.")
-        (False, True)
+        >>> is_usable("your answer"), is_usable("<insert your instruction here>"), is_usable("None")
+        (False, False, True)
     """
     norm = re.sub(r"[\s*_`\"'<>\[\]().:!\-]+", " ", segment.lower()).strip()
     if not norm or _PLACEHOLDER.fullmatch(norm):

@@ -31,6 +31,7 @@ from .select import (
     V2_SOURCES,
     VARIANT_SPLITS,
     _arrow,
+    _text,
     explain_v2,
     ratio_columns,
     score_array,
@@ -71,21 +72,15 @@ def _counts(ds, column: str) -> dict:
 
 
 def _lengths(ds, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(instruction, response) lengths; the instruction includes a non-empty `input` after "\n"."""
+    """(instruction, response) lengths; the instruction includes a non-empty `input` after "\n".
+    A missing column, a null value and a null-typed (all-None) column count as ""."""
     table = _arrow(ds, [c for c in ("instruction", "input", "output") if c in ds.column_names])
-    cols = table.column_names
-    instr = pc.fill_null(table["instruction"], "") if "instruction" in cols else None
-    inp = pc.fill_null(table["input"], "") if "input" in cols else None
-    out = pc.fill_null(table["output"], "") if "output" in cols else None
+    instr, inp, out = (_text(table, c) for c in ("instruction", "input", "output"))
     if tokenizer is None:
         def measure(texts):
             return pc.utf8_length(texts).to_numpy(zero_copy_only=False).astype(np.int64)
-        ins_len = measure(instr) if instr is not None else np.zeros(len(ds), np.int64)
-        if inp is not None:
-            in_len = measure(inp)
-            ins_len = ins_len + in_len + (in_len > 0)
-        res_len = measure(out) if out is not None else np.zeros(len(ds), np.int64)
-        return ins_len, res_len
+        in_len = measure(inp)
+        return measure(instr) + in_len + (in_len > 0), measure(out)
 
     def count(texts: list[str]) -> np.ndarray:
         lengths = []
@@ -94,10 +89,8 @@ def _lengths(ds, tokenizer) -> tuple[np.ndarray, np.ndarray]:
             lengths.extend(len(x) for x in ids)
         return np.asarray(lengths, dtype=np.int64)
 
-    ins = instr.to_pylist() if instr is not None else [""] * len(ds)
-    if inp is not None:
-        ins = [f"{a}\n{b}" if b else a for a, b in zip(ins, inp.to_pylist())]
-    return count(ins), count(out.to_pylist() if out is not None else [""] * len(ds))
+    ins = [f"{a}\n{b}" if b else a for a, b in zip(instr.to_pylist(), inp.to_pylist())]
+    return count(ins), count(out.to_pylist())
 
 
 def _histogram(per_split: Mapping[str, np.ndarray], bins: int, floor_hi: float = 0.0) -> dict:
@@ -237,11 +230,13 @@ def _plot_score_hist(summary: dict, key: str, path: Path) -> None:
     for ax in axes.flat[len(names):]:
         ax.set_visible(False)
     for ax, name in zip(axes.flat, names):
-        stats = summary["splits"][name][key]
+        entry = summary["splits"].get(name, {})
+        stats = {"count": 0, "missing": 0, "mean": None, **entry.get(key, {})}
         ax.stairs(hist["counts"][name], edges, fill=True, alpha=0.75)
-        ax.set_ylim(0, max(1, *hist["counts"][name]) * 1.08)
+        ax.set_ylim(0, max([1, *hist["counts"][name]]) * 1.08)
         if not stats["count"]:
-            ax.text(0.5, 0.5, "no valid scores", transform=ax.transAxes, ha="center", color="gray")
+            note = "no rows" if entry.get("rows") == 0 else "no valid scores"
+            ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", color="gray")
         ax.axvline(1.0, color="crimson", linestyle="--", linewidth=1.2, label="1.0")
         mean = "n/a" if stats["mean"] is None else f"{stats['mean']:.3f}"
         ax.set_title(f"{name}: {stats['count']} scored, {stats['missing']} missing, mean {mean}", fontsize=10)
@@ -258,7 +253,8 @@ def _plot_lengths(summary: dict, path: Path) -> None:
     for ax, key, title in zip(axes.flat, ("instruction_length", "response_length"), ("Instruction", "Response")):
         hist = summary["histograms"][key]
         for i, (name, counts) in enumerate(hist["counts"].items()):  # identical splits stay visible
-            ax.stairs(counts, hist["edges"], label=name, linewidth=1.6, linestyle=LINESTYLES[i % len(LINESTYLES)])
+            label = f"{name} (no rows)" if summary["splits"].get(name, {}).get("rows") == 0 else name
+            ax.stairs(counts, hist["edges"], label=label, linewidth=1.6, linestyle=LINESTYLES[i % len(LINESTYLES)])
         ax.set_ylim(0, max(1, *(max(c, default=0) for c in hist["counts"].values())) * 1.08)
         ax.set_title(f"{title} length")
         ax.set_xlabel(summary["length_unit"] + " (last bin holds longer rows)")
@@ -294,7 +290,8 @@ def plot_summary(summary_or_data: Union[dict, object], out_dir, tokenizer=None, 
     Files: `ifd_hist.png` and `rifd_hist.png` (one panel per split, a dashed line at 1),
     `lengths.png` (instruction and response length distributions per split) and
     `selection_funnel.png` (V2: rows, scored, improved, reflected, below one, selected), each only
-    when the summary has the data for it.
+    when the summary has the data for it. A split with no rows (or no valid score) is drawn as an
+    empty panel with a note.
 
     Returns:
         The paths written, in that order.

@@ -33,17 +33,18 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Optional, Sequence
+from numbers import Real
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .data import ID_COLUMN, ColumnError, require_columns
+from .variants import VARIANT_SPLITS, align_by_id, check_variants, unify_schema
 
 logger = logging.getLogger(__name__)
 
-VARIANT_SPLITS = ("origin", "reflect_instruction", "reflect_response", "reflect_both")
 RATIO_COLUMNS = {"ppl": ("ifd", "rifd"), "loss": ("ifd_loss", "rifd_loss")}
 SCORE_STATUS_COLUMN = "score_status"
 SCORE_OK = "ok"
@@ -181,45 +182,11 @@ def is_scored(columns: Sequence[str] = ("ifd", "rifd")) -> ScoreFilter:
 # --------------------------------------------------------------------------- variants
 
 
-def _check_variants(variants, columns: Sequence[str], stage: str) -> None:
-    present = list(getattr(variants, "keys", lambda: [])())
-    missing = [s for s in VARIANT_SPLITS if s not in present]
-    if missing:
-        raise ColumnError(
-            f"{stage} needs the variant split(s) {missing}, which are missing; the DatasetDict has "
-            f"{present} (build them with reflectune_hf.variants.build_variants)"
-        )
-    for split in VARIANT_SPLITS:
-        require_columns(variants[split], columns, f"{stage} (split {split!r})")
-
-
-def _align(tables: Mapping[str, pa.Table], stage: str) -> dict[str, np.ndarray]:
-    import pandas as pd
-
-    origin_ids = pd.Index(tables["origin"][ID_COLUMN].to_numpy())
-    positions = {}
-    for split in VARIANT_SPLITS:
-        ids = pd.Index(tables[split][ID_COLUMN].to_numpy())
-        if not ids.is_unique:
-            dup = ids[ids.duplicated()].unique()[:5].tolist()
-            raise ColumnError(f"{stage}: split {split!r} has duplicate ids, e.g. {dup}")
-        pos = ids.get_indexer(origin_ids)
-        lacking = origin_ids[pos < 0]
-        extra = ids.difference(origin_ids)
-        if len(lacking) or len(extra):
-            raise ColumnError(
-                f"{stage}: the variant splits are not aligned by {ID_COLUMN!r}: split {split!r} lacks "
-                f"{len(lacking)} id(s) of 'origin' (e.g. {lacking[:5].tolist()}) and has {len(extra)} "
-                f"id(s) that 'origin' lacks (e.g. {extra[:5].tolist()})"
-            )
-        positions[split] = pos.astype(np.int64)
-    return positions
-
-
-def _texts(table: pa.Table, name: str, pos: np.ndarray) -> pa.Array:
+def _text(table: pa.Table, name: str) -> pa.Array:
+    """A column as strings, with nulls (a null-typed or absent column too) as ""."""
     if name not in table.column_names:
-        return pa.array([""] * len(pos), pa.string())
-    return pc.fill_null(pc.cast(table[name].take(pa.array(pos)), pa.string()), "")
+        return pa.array([""] * table.num_rows, pa.string())
+    return pc.fill_null(pc.cast(table[name], pa.string()), "")
 
 
 def _same(a: pa.Array, b: pa.Array) -> np.ndarray:
@@ -229,14 +196,15 @@ def _same(a: pa.Array, b: pa.Array) -> np.ndarray:
 def _v2_decide(variants, require_below_one: bool, ratio: str, stage: str):
     """The V2 decision for every id of `origin`: (positions, kept-Q mask, outcome array)."""
     ifd_col, rifd_col = ratio_columns(ratio)
-    _check_variants(variants, [ID_COLUMN, "instruction", "output", ifd_col, rifd_col], stage)
+    check_variants(variants, [ID_COLUMN, "instruction", "output", ifd_col, rifd_col], stage)
     optional = ["input", SCORE_STATUS_COLUMN, STATUS_COLUMN]
     tables = {s: _arrow(variants[s], [ID_COLUMN, "instruction", "output", ifd_col, rifd_col]
                         + [c for c in optional if c in variants[s].column_names]) for s in VARIANT_SPLITS}
-    pos = _align(tables, stage)
+    pos = align_by_id({s: t[ID_COLUMN].to_numpy() for s, t in tables.items()}, stage)
     ifd = {s: _scores(t, ifd_col, f"{stage} (split {s!r})")[pos[s]] for s, t in tables.items()}
     rifd = {s: _scores(t, rifd_col, f"{stage} (split {s!r})")[pos[s]] for s, t in tables.items()}
-    text = {s: {c: _texts(t, c, pos[s]) for c in ("instruction", "input", "output")} for s, t in tables.items()}
+    text = {s: {c: _text(t, c).take(pa.array(pos[s])) for c in ("instruction", "input", "output")}
+            for s, t in tables.items()}
     ori, q, a, qa = VARIANT_SPLITS
 
     # Phase 1, instruction: keep Q when its IFD is higher. A Q identical to its origin (the
@@ -348,17 +316,22 @@ def select_v2(variants, require_below_one: bool = True, ratio: str = "ppl"):
     from datasets import concatenate_datasets
 
     pos, _, outcome = _v2_decide(variants, require_below_one, ratio, "select_v2")
-    parts = [_with_source(variants[split], split) for split in V2_SOURCES]
-    common = [c for c in parts[0].column_names if c in parts[1].column_names]
-    dropped = sorted(set(parts[0].column_names).symmetric_difference(parts[1].column_names))
-    if dropped:
-        logger.warning("select_v2: columns %s are not in both reflected splits and are dropped", dropped)
-    parts = [p.select_columns(common) for p in parts]  # concatenate_datasets aligns null-typed columns
+    parts = list(unify_schema({s: _with_source(variants[s], s) for s in V2_SOURCES}, "select_v2").values())
     # One indices mapping over [A; QA], in origin order: no copy of the rows.
     offset = np.where(outcome == V2_SOURCES[1], len(parts[0]), 0)
     row_in_split = np.where(outcome == V2_SOURCES[1], pos[V2_SOURCES[1]], pos[V2_SOURCES[0]])
     chosen = np.flatnonzero(np.isin(outcome, V2_SOURCES))
-    return concatenate_datasets(parts).select(offset[chosen] + row_in_split[chosen])
+    return _take(concatenate_datasets(parts), offset[chosen] + row_in_split[chosen])
+
+
+def _take(ds, indices):
+    """`ds.select(indices)`; for no index, a clean 0-row Dataset with the schema (an empty
+    selection of a concatenated dataset rejects `add_column` in datasets)."""
+    from datasets import Dataset
+
+    if len(indices):
+        return ds.select(indices)
+    return Dataset.from_dict({name: [] for name in ds.column_names}, features=ds.features)
 
 
 def select_v1(variants):
@@ -374,7 +347,7 @@ def select_v1(variants):
         >>> list(select_v1(v)["source"])
         ['reflect_both']
     """
-    _check_variants(variants, [ID_COLUMN], "select_v1")
+    check_variants(variants, [ID_COLUMN], "select_v1")
     return _with_source(variants["reflect_both"], "reflect_both")
 
 
@@ -401,10 +374,19 @@ def top_k_by(ds, column: str = "ifd", k: Optional[int] = None, fraction: Optiona
         >>> list(top_k_by(ds, fraction=0.5)["ifd"])
         [0.9, 0.9, 0.6]
     """
+    from datasets import Dataset
+
+    if not isinstance(ds, Dataset):
+        raise TypeError(f"top_k_by: ds must be a datasets.Dataset, got {type(ds).__name__} (pick a split first)")
+    for name, value, kind in (("k", k, (int, np.integer)), ("fraction", fraction, Real),
+                              ("max_value", max_value, Real)):
+        if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, kind)):
+            what = "an int" if name == "k" else "a number"
+            raise TypeError(f"top_k_by: {name} must be {what} or None, got {type(value).__name__} {value!r}")
     if k is not None and fraction is not None:
         raise ValueError("top_k_by: give k or fraction, not both")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0):
-        raise ValueError(f"top_k_by: k must be a non-negative int, got {k!r}")
+    if k is not None and k < 0:
+        raise ValueError(f"top_k_by: k must be >= 0, got {k!r}")
     if fraction is not None and not (0 < fraction <= 1):
         raise ValueError(f"top_k_by: fraction must be in (0, 1], got {fraction!r}")
     scores = score_array(ds, column, "top_k_by")
@@ -418,4 +400,4 @@ def top_k_by(ds, column: str = "ifd", k: Optional[int] = None, fraction: Optiona
     chosen = ranked if k is None else ranked[:k]
     if keep_order:
         chosen = np.sort(chosen)
-    return ds.select(chosen)
+    return _take(ds, chosen)

@@ -28,22 +28,138 @@ the same response-reflection request as in `reflect_response`: the oracle cache 
 
 Every map is cached by `datasets` for Arrow-backed input: running `build_variants` again (in any
 process, with the same oracle configuration) calls no oracle.
+
+Variants built or scored elsewhere are checked and aligned for `reflectune_hf.select` by
+`check_variants` (the four splits and their columns), `align_by_id` (row positions by `id`) and
+`unify_schema` (one type per column, e.g. float32 and float64 scores).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
-from .data import to_alpaca
+from .data import ColumnError, require_columns, to_alpaca
 from .extract import extract_instruction_reflection, extract_response_reflection
+from .oracles.base import ChatResult
 from .reflect import CompressInstruction, ReflectInstruction, ReflectResponse
 
 logger = logging.getLogger(__name__)
 
 VARIANT_SPLITS = ("origin", "reflect_instruction", "reflect_response", "reflect_both")
 REFLECTION_FIELDS = ("raw", "error", "attempts", "finish_reason", "status")
+
+
+def check_variants(variants, columns: Sequence[str] = (), stage: str = "check_variants") -> None:
+    """Raise a `ColumnError` unless `variants` has the four splits (`VARIANT_SPLITS`), each with
+    `columns`; the message names what is missing and what exists.
+
+    Example:
+        >>> from datasets import Dataset, DatasetDict
+        >>> from reflectune_hf.variants import VARIANT_SPLITS, check_variants
+        >>> one = Dataset.from_dict({"id": [0], "instruction": ["q"], "output": ["a"]})
+        >>> check_variants(DatasetDict({s: one for s in VARIANT_SPLITS}), ["id", "output"])  # passes
+    """
+    present = list(getattr(variants, "keys", lambda: [])())
+    missing = [s for s in VARIANT_SPLITS if s not in present]
+    if missing:
+        raise ColumnError(
+            f"{stage} needs the variant split(s) {missing}, which are missing; the DatasetDict has "
+            f"{present} (build them with reflectune_hf.variants.build_variants)"
+        )
+    for split in VARIANT_SPLITS:
+        require_columns(variants[split], columns, f"{stage} (split {split!r})")
+
+
+def align_by_id(ids: Mapping[str, Sequence], stage: str = "align_by_id") -> dict:
+    """Positions that put each split's rows in `origin` order: `ids[split][positions[split]]`
+    equals `ids["origin"]`. Raises a `ColumnError` on duplicate ids or different id sets.
+
+    Args:
+        ids: the `id` values of each split of `VARIANT_SPLITS` (any row order).
+        stage: the name that opens error messages.
+
+    Example:
+        >>> from reflectune_hf.variants import align_by_id
+        >>> ids = {"origin": [3, 5], "reflect_instruction": [5, 3], "reflect_response": [3, 5], "reflect_both": [5, 3]}
+        >>> align_by_id(ids)["reflect_both"].tolist()
+        [1, 0]
+    """
+    import numpy as np
+    import pandas as pd
+
+    origin_ids = pd.Index(np.asarray(ids["origin"]))
+    positions = {}
+    for split in VARIANT_SPLITS:
+        split_ids = pd.Index(np.asarray(ids[split]))
+        if not split_ids.is_unique:
+            dup = split_ids[split_ids.duplicated()].unique()[:5].tolist()
+            raise ColumnError(f"{stage}: split {split!r} has duplicate ids, e.g. {dup}")
+        pos = split_ids.get_indexer(origin_ids)
+        lacking, extra = origin_ids[pos < 0], split_ids.difference(origin_ids)
+        if len(lacking) or len(extra):
+            raise ColumnError(
+                f"{stage}: the variant splits are not aligned by 'id': split {split!r} lacks "
+                f"{len(lacking)} id(s) of 'origin' (e.g. {lacking[:5].tolist()}) and has {len(extra)} "
+                f"id(s) that 'origin' lacks (e.g. {extra[:5].tolist()})"
+            )
+        positions[split] = pos.astype(np.int64)
+    return positions
+
+
+def _common_type(a, b):
+    """The type two Arrow columns cast to without loss: the wider of two ints or two floats, the
+    other one of a null type, large_string for string + large_string; None when there is none."""
+    import pyarrow as pa
+
+    if a == b or pa.types.is_null(b):
+        return a
+    if pa.types.is_null(a):
+        return b
+    for kind in (pa.types.is_signed_integer, pa.types.is_unsigned_integer, pa.types.is_floating):
+        if kind(a) and kind(b):
+            return a if a.bit_width >= b.bit_width else b
+    return pa.large_string() if {a, b} == {pa.string(), pa.large_string()} else None
+
+
+def unify_schema(splits: Mapping[str, Any], stage: str = "unify_schema") -> dict:
+    """The splits reduced to their common columns (in the first split's order), each column cast
+    to one type, so that `concatenate_datasets` takes them: splits scored or built apart may
+    differ (float32 vs float64 `ifd`, int32 vs int64 `id`). Dropped columns are logged; a column
+    without a lossless common type (string vs float) raises a `ColumnError` naming both types.
+
+    Example:
+        >>> from datasets import Dataset, Value
+        >>> from reflectune_hf.variants import unify_schema
+        >>> a = Dataset.from_dict({"id": [0], "ifd": [0.5]}).cast_column("ifd", Value("float32"))
+        >>> b = Dataset.from_dict({"id": [1], "ifd": [0.25], "extra": [1]})
+        >>> unify_schema({"a": a, "b": b})["a"].features["ifd"]
+        Value('float64')
+    """
+    import pyarrow as pa
+    from datasets import Features
+
+    names = list(splits)
+    common = [c for c in splits[names[0]].column_names if all(c in d.column_names for d in splits.values())]
+    dropped = sorted({c for d in splits.values() for c in d.column_names} - set(common))
+    if dropped:
+        logger.warning("%s: columns %s are not in every split and are dropped", stage, dropped)
+    out = {name: ds.select_columns(common) for name, ds in splits.items()}
+    for column in common:
+        types = {name: ds.features.arrow_schema.field(column).type for name, ds in out.items()}
+        target = types[names[0]]
+        for name in names[1:]:
+            common_type = _common_type(target, types[name])
+            if common_type is None:
+                features = (out[names[0]].features[column], out[name].features[column])
+                first, other = (getattr(f, "dtype", f) for f in features)
+                raise ColumnError(f"{stage}: column {column!r} is {first} in split {names[0]!r} but {other} in "
+                                  f"split {name!r}, with no lossless common type; cast one of them first (cast_column)")
+            target = common_type
+        feature = Features.from_arrow_schema(pa.schema([pa.field(column, target)]))[column]
+        out = {name: ds if types[name] == target else ds.cast_column(column, feature) for name, ds in out.items()}
+    return out
 
 
 def _prefixed(ds, prefix: str):
@@ -116,6 +232,7 @@ def build_variants(
     Returns:
         `DatasetDict` with splits `origin`, `reflect_instruction`, `reflect_response`,
         `reflect_both`: same length, same `id` order, same columns (see the module docstring).
+        A 0-row `ds` gives four 0-row splits with those columns, without an oracle call.
 
     Example:
         >>> from datasets import Dataset
@@ -137,6 +254,25 @@ def build_variants(
         raise TypeError(f"build_variants takes a datasets.Dataset, got {type(ds).__name__} (pick a split first)")
     ds = to_alpaca(ds, stage="build_variants")
     options = dict(batched=True, batch_size=batch_size, num_proc=num_proc, load_from_cache_file=load_from_cache_file)
+    if len(ds) == 0:  # `map` never calls a stage on 0 rows: the schema comes from a placeholder row
+        splits = _reflect(_placeholder_row(ds), _NoAnswers(), compress, options, stage_kwargs)
+        return DatasetDict({name: splits[name].select([]).flatten_indices() for name in VARIANT_SPLITS})
+    splits = _reflect(ds, oracle, compress, options, stage_kwargs)
+
+    ids = splits["origin"]["id"]
+    for name in VARIANT_SPLITS[1:]:
+        if list(splits[name]["id"]) != list(ids):  # a stage keeps every row in order: never expected
+            raise RuntimeError(f"build_variants: split {name!r} is not aligned with 'origin' by id")
+    for name in VARIANT_SPLITS[1:]:
+        for prefix in ("instruction", "response"):
+            counts = Counter(s for s in splits[name][f"{prefix}_reflection_status"] if s)
+            if counts:
+                logger.info("%s: %s reflection statuses %s", name, prefix, dict(counts))
+    return DatasetDict({name: splits[name] for name in VARIANT_SPLITS})
+
+
+def _reflect(ds, oracle: Any, compress: bool, options: dict, stage_kwargs: dict) -> dict:
+    """The four aligned splits of an Alpaca dataset with ids (the chain of the module docstring)."""
     if compress:
         origin = ds.map(CompressInstruction(oracle, **stage_kwargs), desc="Compressing instructions", **options)
     else:
@@ -152,15 +288,21 @@ def build_variants(
             extract_response_reflection, desc=f"Extracting responses ({name})", **options
         )
         splits[name] = _prefixed(reflected, "response")
-    splits = _align(splits)
+    return _align(splits)
 
-    ids = splits["origin"]["id"]
-    for name in VARIANT_SPLITS[1:]:
-        if list(splits[name]["id"]) != list(ids):  # a stage keeps every row in order: never expected
-            raise RuntimeError(f"build_variants: split {name!r} is not aligned with 'origin' by id")
-    for name in VARIANT_SPLITS[1:]:
-        for prefix in ("instruction", "response"):
-            counts = Counter(s for s in splits[name][f"{prefix}_reflection_status"] if s)
-            if counts:
-                logger.info("%s: %s reflection statuses %s", name, prefix, dict(counts))
-    return DatasetDict({name: splits[name] for name in VARIANT_SPLITS})
+
+class _NoAnswers:
+    """An oracle that fails every request without sending it (the placeholder row of 0-row data)."""
+
+    def complete(self, requests):
+        return [ChatResult.failure("no oracle call for a placeholder row") for _ in requests]
+
+
+def _placeholder_row(ds):
+    """One all-null row with the columns of the 0-row `ds` (text columns of unknown type as strings)."""
+    from datasets import Dataset, Features, Value
+
+    features = Features({name: Value("string") if name in ("instruction", "input", "output")
+                         and getattr(feature, "dtype", None) == "null" else feature
+                         for name, feature in ds.features.items()})
+    return to_alpaca(Dataset.from_dict({name: [None] for name in features}, features=features))

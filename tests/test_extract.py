@@ -47,6 +47,7 @@ def test_corpus_covers_every_case_of_the_issue_and_each_reference_bug():
     required = {
         "ref:na", "ref:bare_end", "ref:tail_3", "ref:placeholder_contains", "markdown", "colon", "missing_end",
         "several_segments", "refusal", "code", "placeholder", "oracle_error", "no_format", "missing_part",
+        "loose_marker_inside_bracketed", "mixed_markers", "real_value_answer",
     }
     assert required <= set(tags), required - set(tags)
     statuses = {c["expected_status"] for c in reflection_cases}
@@ -88,6 +89,26 @@ def test_reference_bugs_are_fixed():
     assert is_usable("Compare your answer with the key.") and not is_usable("your answer")
     # "\n\n3." before the answer is not part of the instruction
     assert parse_instruction_reflection("[New Instruction] Do X.\n\n3. [New Answer] Y")[0] == "Do X."
+
+
+def test_only_true_placeholders_fall_back():
+    # Values such as None / Nothing / N/A are real answers (print() returns None); the format's
+    # own placeholders and empty fields are not.
+    for value in ("None", "Nothing", "N/A", "null", "NULL.", "TBD", "Not applicable"):
+        assert is_usable(value), value
+    for placeholder in ("", "  ", "your answer", "Your instruction.", "<insert your new answer here>", "[your answer]",
+                        "Better Answer", "the instruction"):
+        assert not is_usable(placeholder), placeholder
+
+
+def test_loose_label_inside_a_bracketed_segment_is_text():
+    raw = "[Better Answer] Label the column 'New Answer:' and fill it. [End]"
+    assert segments(raw, "better") == ["Label the column 'New Answer:' and fill it."] and segments(raw, "answer") == []
+    # A loose marker opening a line still ends a bracketed segment (mixed formats).
+    assert parse_instruction_reflection("[New Instruction] Do X.\nNew Answer: Y") == ("Do X.", "Y")
+    assert parse_instruction_reflection("[New Instruction] Do X.\n- **New Answer:** Y") == ("Do X.", "Y")
+    # Outside any bracketed segment, loose markers keep ending each other within one line.
+    assert parse_instruction_reflection("New Instruction: Do X. New Answer: Y") == ("Do X.", "Y")
 
 
 def test_segments_ignore_markers_inside_code_and_reject_unknown_labels():

@@ -168,6 +168,37 @@ def test_reask_is_a_distinct_request_and_keeps_the_best_answer():
     assert out["reflection_attempts"] == [1] and len(no_retry.requests) == 1 and no_retry.requests[0].seed == 7
 
 
+def test_response_reask_on_zero_or_several_distinct_better_answers():
+    # REFERENCE.md §5: zero or several [Better Answer] segments trigger one re-query; then the
+    # original is kept. Two identical segments are one answer: no re-ask.
+    two = "[Better Answer] The vaquita. [End]\n[Better Answer] The Amur leopard. [End]"
+    same = "[Better Answer] The vaquita. [End]\nAgain: [Better Answer] The vaquita. [End]"
+    oracle = ScriptedOracle(rules=(
+        ("ROW-ZERO", ("The answer is wrong, dogs are not endangered.", GOOD_RESPONSE.format(topic="zero"))),
+        ("ROW-SEVERAL", (two, GOOD_RESPONSE.format(topic="several"))),
+        ("ROW-SAME", (same, "never asked")),
+        ("ROW-STILL-BAD", ("no marker at all", two)),
+    ))
+    rows = _rows(instruction=["ROW-ZERO", "ROW-SEVERAL", "ROW-SAME", "ROW-STILL-BAD"], output=["Dog."] * 4)
+    out = ReflectResponse(oracle)(rows)
+    assert out["reflection_attempts"] == [2, 2, 1, 2] and oracle.calls == 2
+    assert out["reflection_raw"] == [GOOD_RESPONSE.format(topic="zero"), GOOD_RESPONSE.format(topic="several"),
+                                     same, "no marker at all"]  # a tie keeps the first answer
+    first, retries = oracle.requests[:4], oracle.requests[4:]
+    asked_again = [r for r in first if "ROW-SAME" not in r.message_dicts[1]["content"]]
+    assert [r.message_dicts for r in retries] == [r.message_dicts for r in asked_again]
+    assert {(r.seed, r.temperature) for r in retries} == {(1, 0.7)}
+    assert all(a.key("m") != b.key("m") for a, b in zip(asked_again, retries))  # distinct: not served by the cache
+    extracted = extract_response_reflection({**rows, **out})
+    assert extracted["reflection_status"] == ["ok", "ok", "ok", "failed"]
+    assert extracted["output"] == ["A detailed answer about zero.", "A detailed answer about several.",
+                                   "The vaquita.", "Dog."]
+
+    once = ScriptedOracle(rules=oracle.rules)
+    out = ReflectResponse(once, format_retries=0)(rows)
+    assert out["reflection_attempts"] == [1] * 4 and once.calls == 1 and out["reflection_raw"][1] == two
+
+
 def test_oracle_errors_are_recorded_per_row_without_reask():
     oracle = ScriptedOracle(rules=(("BROKEN", ("!error APIConnectionError: refused",)),),
                             default=(GOOD_RESPONSE.format(topic="x"),))

@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from datasets import Dataset, DatasetDict
 from matplotlib.image import imread
 from synthetic_variants import is_valid, make_variants
 
@@ -96,6 +97,39 @@ def test_plot_summary_writes_readable_pngs(variants, tmp_path):
         assert image[..., :3].std() > 0.05  # something was drawn
     direct = plot_summary(variants["reflect_both"], tmp_path / "one")
     assert [p.name for p in direct] == ["ifd_hist.png", "rifd_hist.png", "lengths.png"]
+
+
+def test_summarize_all_none_input_and_empty_datasets(variants):
+    # An all-None column has Arrow's null type; a 0-row Dataset from lists has null types too.
+    rows = Dataset.from_dict({"instruction": ["Say hi", "Add"], "input": [None, None], "output": ["Hi", None]})
+    entry = summarize(rows)["splits"]["data"]
+    assert entry["rows"] == 2 and entry["lengths"]["instruction"]["max"] == 6
+    assert entry["lengths"]["response"]["min"] == 0  # a None output counts as ""
+    for empty in (Dataset.from_dict({"instruction": [], "output": []}), variants["origin"].select([])):
+        summary = summarize(empty)
+        json.dumps(summary, allow_nan=False)
+        entry = summary["splits"]["data"]
+        assert entry["rows"] == 0 and entry["lengths"]["response"]["mean"] is None
+    summary = summarize(DatasetDict({s: ds.select([]) for s, ds in variants.items()}))
+    assert summary["selection"]["v2"]["selected"] == 0 and summary["selection"]["v1"]["rows"] == 0
+    assert summary["splits"]["origin"]["ifd"]["count"] == 0
+
+
+def test_plot_summary_copes_with_empty_splits(variants, tmp_path):
+    cases = {
+        "selected_empty": {"origin": variants["origin"], "selected": variants["reflect_both"].select([])},
+        "all_empty": DatasetDict({s: ds.select([]) for s, ds in variants.items()}),
+        "no_rows_at_all": Dataset.from_dict({"instruction": [], "input": [], "output": []}),
+    }
+    for name, data in cases.items():
+        summary = json.loads(json.dumps(summarize(data)))
+        paths = plot_summary(summary, tmp_path / name)
+        expected = ["lengths.png"] if name == "no_rows_at_all" else ["ifd_hist.png", "rifd_hist.png", "lengths.png"]
+        expected += ["selection_funnel.png"] if name == "all_empty" else []
+        assert [p.name for p in paths] == expected, name
+        for path in paths:
+            image = imread(path)
+            assert image.shape[0] > 200 and image[..., :3].std() > 0.02, (name, path.name)
 
 
 def test_docstring_examples_run():

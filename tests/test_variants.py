@@ -107,6 +107,21 @@ def test_without_compression_inputs_are_kept_or_merged_never_dropped(arrow_ds):
     assert variants["reflect_instruction"][3]["input"] == ""
 
 
+@pytest.mark.parametrize("compress", [True, False])
+def test_zero_rows_give_four_empty_splits_with_the_full_schema(arrow_ds, compress):
+    full = build_variants(arrow_ds, _oracle(), compress=compress)
+    oracle = _oracle()
+    # an Arrow-backed selection, and an in-memory dataset whose columns have Arrow's null type
+    for empty in (arrow_ds.select([]), Dataset.from_dict({"instruction": [], "input": [], "output": []})):
+        variants = build_variants(empty, oracle, compress=compress)
+        assert isinstance(variants, DatasetDict) and tuple(variants) == VARIANT_SPLITS
+        for split in VARIANT_SPLITS:
+            assert len(variants[split]) == 0 and variants[split].column_names == full[split].column_names
+            assert variants[split].features == full[split].features
+            assert len(variants[split].add_column("ifd", [])) == 0  # a clean table, no stale indices
+    assert oracle.requests is None  # no oracle call
+
+
 def test_bad_input_is_rejected_clearly():
     with pytest.raises(TypeError, match="pick a split"):
         build_variants(DatasetDict({"train": Dataset.from_dict({"instruction": ["a"], "output": ["b"]})}), _oracle())
