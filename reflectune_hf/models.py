@@ -215,14 +215,17 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
             del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
-        missing = [k for k in missing if k not in getattr(plain, "_tied_weights_keys", {}) and "lm_head" not in k]
+        tied = bool(getattr(config, "tie_word_embeddings", False))  # only then may the head be absent
+        missing = [k for k in missing if not (tied and (k in getattr(plain, "_tied_weights_keys", {}) or "lm_head" in k))]
         if missing or unexpected:
             raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
-        if getattr(config, "tie_word_embeddings", False):
+        if tied:
             plain.tie_weights()
         plain.generation_config = quantized.generation_config
         plain.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        for file in tmp.iterdir():  # readable by every user of a shared cache (some writers make 0600 files)
+            file.chmod(0o644)
         del quantized, plain
         os.rename(tmp, out_dir)  # atomic on one filesystem; fails if out_dir already exists
     except BaseException:
