@@ -41,6 +41,7 @@ SPLIT_DESCRIPTIONS = {
     "reflect_instruction": "instruction reflection: a new instruction and its answer",
     "reflect_response": "response reflection of the original pair",
     "reflect_both": "response reflection of the instruction-reflected pair (V1, *Recycled*)",
+    "selected": "the pairs the selection kept (V2: `source` names the variant each comes from)",
 }
 PLOT_TITLES = {
     "ifd_hist.png": "IFD per split",
@@ -184,7 +185,7 @@ def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[d
     splits = _splits(data)
     context = sanitize_context(card_context)
     summary = summary if summary is not None else summarize(data)
-    is_variants = set(splits) == set(VARIANT_SPLITS)
+    is_variants = set(VARIANT_SPLITS) <= set(splits)
     rows = max(len(ds) for ds in splits.values())
     card_data = DatasetCardData(
         license=context.get("license"),

@@ -168,8 +168,8 @@ class JobResult:
         for split, n in self.rows.items():
             counts = ", ".join(f"{k}: {v}" for k, v in self.statuses.get(split, {}).items())
             lines.append(f"{split:<22}{n:>7}  {counts}")
-        if self.selected is not None:
-            lines.append(f"{'selected':<22}{self.selected:>7}")
+        if self.selected is not None and SELECTED_SPLIT not in self.rows:
+            lines.append(f"{SELECTED_SPLIT:<22}{self.selected:>7}")
         if self.oracle_usage:
             lines.append("oracle usage: " + ", ".join(f"{k}={v}" for k, v in sorted(self.oracle_usage.items())))
         lines.append(f"written to {self.output_dir} in {self.seconds:.0f} s")
@@ -184,8 +184,13 @@ def _result(data, out: Path, selected, oracle, started: float) -> JobResult:
     splits = dict(data) if isinstance(data, DatasetDict) else {"train": data}
     statuses = {}
     for name, ds in splits.items():
-        column = next((c for c in ("reflection_status", "score_status") if c in ds.column_names), None)
-        statuses[name] = dict(Counter(ds[column]).most_common()) if column else {}
+        counts = {}
+        for column in ("reflection_status", "score_status"):  # the first that says something of the split
+            if column in ds.column_names:
+                counts = {k: n for k, n in Counter(ds[column]).most_common() if k}
+                if counts:
+                    break
+        statuses[name] = counts
     usage = dict(getattr(oracle, "usage", None) or {})
     return JobResult(data, out, {k: len(v) for k, v in splits.items()}, statuses,
                      None if selected is None else len(selected), usage, time.monotonic() - started)

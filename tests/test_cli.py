@@ -270,3 +270,19 @@ def test_card_license_comes_from_the_flag_or_the_loaded_data():
     assert card_context(RecycleConfig(oracle_model="m"), data=data)["license"] == "cc-by-4.0"
     assert card_context(RecycleConfig(oracle_model="m", license="mit"), data=data)["license"] == "mit"
     assert "license" not in card_context(RecycleConfig(oracle_model="m"), data=Dataset.from_dict({"a": [1]}))
+
+
+def test_closing_table_counts_each_split_once():
+    from datasets import Dataset
+
+    from reflectune_hf.pipeline import JobResult, _result
+
+    origin = Dataset.from_dict({"id": [0, 1], "reflection_status": ["", ""], "score_status": ["ok", "empty_output"]})
+    both = Dataset.from_dict({"id": [0, 1], "reflection_status": ["ok", "failed"]})
+    result = _result(DatasetDict({"origin": origin, "reflect_both": both, "selected": both.select([0])}),
+                     Path("out"), both.select([0]), None, 0.0)
+    assert isinstance(result, JobResult)
+    lines = result.table().splitlines()
+    assert lines[1].split() == ["origin", "2", "ok:", "1,", "empty_output:", "1"]  # reflection_status is empty there
+    assert lines[2].split() == ["reflect_both", "2", "ok:", "1,", "failed:", "1"]
+    assert [line.split()[0] for line in lines].count("selected") == 1
