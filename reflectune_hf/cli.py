@@ -80,7 +80,9 @@ def _push(config: pipeline.DataConfig) -> str:
     data = pipeline.load_input(config)
     context_file = Path(config.data) / pipeline.CONTEXT_FILE
     context = json.loads(context_file.read_text()) if context_file.is_file() else {"source_dataset": config.data}
-    return push_to_hub(data, config.push_to_hub, private=config.private, card_context=context)
+    quality_file = Path(config.data) / "quality.json"  # written by --quality_report
+    quality = json.loads(quality_file.read_text()) if quality_file.is_file() else None
+    return push_to_hub(data, config.push_to_hub, private=config.private, card_context=context, quality=quality)
 
 
 def _print_result(name: str, result) -> None:

@@ -73,13 +73,16 @@ def test_push_an_output_folder(tmp_path, monkeypatch, capsys):
 
     save_local(load_sample(), tmp_path / "out", card_context={"oracle_model": "m", "api_key": "sk-secret"})
     (tmp_path / "out" / "reflectune_config.json").write_text(json.dumps({"oracle_model": "from-the-run"}))
+    from reflectune_hf.quality import quality_report
+
+    (tmp_path / "out" / "quality.json").write_text(json.dumps(quality_report(load_sample(), coherence=False)))
     sent = []
     monkeypatch.setattr(Dataset, "push_to_hub", lambda self, repo_id, **kw: sent.append(("data", repo_id, kw["private"])))
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: sent.append(("plots", kw["repo_id"])))
     monkeypatch.setattr(DatasetCard, "push_to_hub", lambda self, repo_id, **kw: sent.append(("card", str(self))))
     assert cli.main(["push", "--data", str(tmp_path / "out"), "--push_to_hub", "me/data", "--no_private"]) == 0
     assert sent[0] == ("data", "me/data", False) and sent[1] == ("plots", "me/data")
-    assert "from-the-run" in sent[2][1] and "sk-secret" not in sent[2][1]
+    assert "from-the-run" in sent[2][1] and "sk-secret" not in sent[2][1] and "### Data quality" in sent[2][1]
     assert "huggingface.co/datasets/me/data" in capsys.readouterr().out
 
 
