@@ -105,6 +105,20 @@ def test_concurrency_is_continuous_not_batched():
         assert server.peak_in_flight == 4
 
 
+def test_a_request_in_retry_backoff_leaves_its_place_on_the_wire():
+    """max_concurrency bounds the HTTP exchanges in flight, not the requests: while four requests
+    wait out a 429's Retry-After, the others keep all four places busy."""
+    limited = [f"r{i}" for i in range(4)]
+    with LoopbackServer(latency=0.05, faults={p: ["429"] for p in limited}, retry_after="1") as server:
+        oracle = OpenAIOracle("echo", base_url=server.base_url, max_concurrency=4, timeout=10)
+        results = oracle.complete(ask(*limited, *[f"q{i}" for i in range(12)]))
+        assert all(r.ok for r in results)
+        log = server.chat_requests
+        first_429 = min(e["time"] for e in log if e["action"] == "429")
+        assert max(e["time"] for e in log if e["prompt"].startswith("q")) < first_429 + 0.9
+        assert [e["prompt"] for e in log].count("r0") == 2 and server.peak_in_flight <= 4
+
+
 def test_n_choices_are_completed_when_the_server_returns_fewer():
     with LoopbackServer(honor_n=False) as server:  # like llama.cpp: one choice whatever n is
         oracle = OpenAIOracle("echo", base_url=server.base_url)

@@ -1,7 +1,7 @@
 """`OpenAIOracle`: any OpenAI-compatible chat server (OpenAI, vLLM, TGI, Ollama, llama.cpp).
 
 Requests run with continuous concurrency: `max_concurrency` requests are always in flight (a
-semaphore-like pool of workers, not fixed batches that wait for their slowest member). Retries,
+pool of workers, not fixed batches that wait for their slowest member). Retries,
 backoff, `Retry-After` and timeouts are the openai SDK's own (`max_retries`, `timeout`); an
 optional limiter spaces requests under a requests-per-minute and tokens-per-minute budget.
 Every success is written to the `OracleCache` at once, so an interrupted run resumes where it
@@ -12,8 +12,10 @@ A configuration error raises `OracleConfigurationError` at once: authentication 
 process with `GET /models`, and again when many requests in a row cannot connect). Anything
 else is one row's failure: a `ChatResult` with `error` set, not cached, sent again by a rerun.
 
-Works with openai 2.x (built on `httpx`) and 3.x (built on `httpx2`): the HTTP response class
-is taken from the SDK itself (`http_response_class`), never imported by a fixed name.
+Works with openai 2.x (built on `httpx`) and 3.x (built on `httpx2`): the HTTP library is taken
+from the SDK itself (`oracles.http`), never imported by a fixed name. `max_concurrency` bounds
+the HTTP exchanges on the wire; twice as many workers run, so a request sleeping in the SDK's
+retry backoff does not keep one of those places idle.
 
 Example:
     >>> from reflectune_hf.oracles import ChatRequest, OpenAIOracle
@@ -26,8 +28,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import functools
-import importlib
 import json
 import logging
 import os
@@ -37,36 +37,12 @@ from typing import Any, ClassVar, Optional
 from urllib.parse import urlsplit
 
 from .base import ChatRequest, ChatResult, OracleConfigurationError, content_text, usage_add
+from .http import http_response_class, in_flight_client
 from .cache import CachingOracle, redact_url
 
 logger = logging.getLogger(__name__)
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
-
-
-@functools.lru_cache(maxsize=None)
-def http_response_class() -> type:
-    """The HTTP response class of the installed openai SDK (what `cast_to` takes for a raw response).
-
-    openai 3.x is built on `httpx2`, openai 1.x and 2.x on `httpx`. The SDK's `_base_client`
-    module holds the library it uses under that library's name, so the class is taken from there,
-    whatever the version; importing `httpx2`, then `httpx`, by name is only the fallback.
-
-    Raises:
-        ImportError: neither library can be found.
-    """
-    import openai._base_client as base_client
-
-    for name in ("httpx2", "httpx"):
-        response = getattr(getattr(base_client, name, None), "Response", None)
-        if isinstance(response, type):
-            return response
-    for name in ("httpx2", "httpx"):
-        try:
-            return importlib.import_module(name).Response
-        except ImportError:
-            continue
-    raise ImportError("the openai SDK's HTTP library was not found (neither httpx2 nor httpx can be imported)")
 
 
 def run_sync(factory):
@@ -236,11 +212,11 @@ class OpenAIOracle(CachingOracle):
         key = self._api_key.value if self._api_key is not None else os.environ.get("OPENAI_API_KEY")
         return text.replace(key, "***") if key else text
 
-    def _client(self):
+    def _client(self, stop: Optional[asyncio.Event] = None):
         from openai import AsyncOpenAI
 
         return AsyncOpenAI(api_key=self._key_value(), base_url=self.base_url, timeout=self.timeout,
-                           max_retries=self.max_retries)
+                           max_retries=self.max_retries, http_client=in_flight_client(self.max_concurrency, stop))
 
     # -- sending ------------------------------------------------------------------------------
     def _send(self, requests: list[ChatRequest], on_result) -> list[ChatResult]:
@@ -256,16 +232,22 @@ class OpenAIOracle(CachingOracle):
         show = self.progress if self.progress is not None else len(requests) > 64
         bar = tqdm(total=len(requests), desc=f"oracle {self.model}", unit="req", disable=not show)
 
+        stop = asyncio.Event()  # set on a configuration error: no further request is sent
+
         async def worker(client) -> None:
-            for i in order:  # a shared iterator: each worker takes the next request when free
-                results[i] = await self._one(client, requests[i], limiter)
-                on_result(i, results[i])
-                bar.update(1)
+            try:
+                for i in order:  # a shared iterator: each worker takes the next request when free
+                    results[i] = await self._one(client, requests[i], limiter)
+                    on_result(i, results[i])
+                    bar.update(1)
+            except OracleConfigurationError:
+                stop.set()
+                raise
 
         try:
-            async with self._client() as client:
+            async with self._client(stop) as client:
                 await self._check_reachable(client)
-                workers = min(self.max_concurrency, len(requests))
+                workers = min(2 * self.max_concurrency, len(requests))  # half may be in retry backoff
                 tasks = [asyncio.ensure_future(worker(client)) for _ in range(workers)]
                 try:
                     await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
