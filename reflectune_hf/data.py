@@ -101,7 +101,7 @@ def add_ids(ds):
     Example:
         >>> from datasets import Dataset
         >>> from reflectune_hf.data import add_ids
-        >>> add_ids(Dataset.from_dict({"instruction": ["a", "b"]}))["id"]
+        >>> list(add_ids(Dataset.from_dict({"instruction": ["a", "b"]}))["id"])
         [0, 1]
     """
     if ID_COLUMN in ds.column_names:
@@ -110,6 +110,21 @@ def add_ids(ds):
             raise ColumnError(f"Column {ID_COLUMN!r} exists but its values are not unique")
         return ds
     return ds.map(_with_id, with_indices=True, desc="Adding ids")
+
+
+def empty_dataset(features):
+    """A clean 0-row `Dataset` with these `Features` (or a dict of them). Prefer it to
+    `ds.select([])`: datasets rejects `add_column` on an empty selection of a larger table.
+
+    Example:
+        >>> from datasets import Features, Value
+        >>> from reflectune_hf.data import empty_dataset
+        >>> empty_dataset(Features({"id": Value("int64")})).add_column("x", []).column_names
+        ['id', 'x']
+    """
+    from datasets import Dataset, Features
+
+    return Dataset.from_dict({name: [] for name in features}, features=Features(features))
 
 
 def _fill_input(batch):

@@ -270,7 +270,9 @@ def _messages_or_null(batch: dict) -> dict:
 def _same_columns(splits: dict) -> dict:
     """One schema for all splits (the Hub loads the splits of a config with one schema): a column
     missing from a split is added as nulls, in the column order of the first split that has it."""
-    from datasets import Dataset, Features
+    from datasets import Features
+
+    from .data import empty_dataset
 
     features: dict = {}
     for ds in splits.values():
@@ -279,7 +281,7 @@ def _same_columns(splits: dict) -> dict:
     out = {}
     for name, ds in splits.items():
         if len(ds) == 0:  # built from the schema: add_column fails on an empty selection of a bigger table
-            out[name] = Dataset.from_dict({c: [] for c in features}, features=Features(features))
+            out[name] = empty_dataset(features)
             continue
         for column in features:
             if column not in ds.column_names:

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .data import ID_COLUMN, ColumnError, require_columns
+from .data import ID_COLUMN, ColumnError, empty_dataset, require_columns
 from .variants import VARIANT_SPLITS, align_by_id, check_variants, unify_schema
 
 logger = logging.getLogger(__name__)
@@ -327,11 +327,7 @@ def select_v2(variants, require_below_one: bool = True, ratio: str = "ppl"):
 def _take(ds, indices):
     """`ds.select(indices)`; for no index, a clean 0-row Dataset with the schema (an empty
     selection of a concatenated dataset rejects `add_column` in datasets)."""
-    from datasets import Dataset
-
-    if len(indices):
-        return ds.select(indices)
-    return Dataset.from_dict({name: [] for name in ds.column_names}, features=ds.features)
+    return ds.select(indices) if len(indices) else empty_dataset(ds.features)
 
 
 def select_v1(variants):

@@ -40,7 +40,7 @@ import logging
 from collections import Counter
 from typing import Any, Mapping, Optional, Sequence
 
-from .data import ColumnError, require_columns, to_alpaca
+from .data import ColumnError, empty_dataset, require_columns, to_alpaca
 from .extract import extract_instruction_reflection, extract_response_reflection
 from .oracles.base import ChatResult
 from .reflect import CompressInstruction, ReflectInstruction, ReflectResponse
@@ -256,7 +256,7 @@ def build_variants(
     options = dict(batched=True, batch_size=batch_size, num_proc=num_proc, load_from_cache_file=load_from_cache_file)
     if len(ds) == 0:  # `map` never calls a stage on 0 rows: the schema comes from a placeholder row
         splits = _reflect(_placeholder_row(ds), _NoAnswers(), compress, options, stage_kwargs)
-        return DatasetDict({name: splits[name].select([]).flatten_indices() for name in VARIANT_SPLITS})
+        return DatasetDict({name: empty_dataset(splits[name].features) for name in VARIANT_SPLITS})
     splits = _reflect(ds, oracle, compress, options, stage_kwargs)
 
     ids = splits["origin"]["id"]
