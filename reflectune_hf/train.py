@@ -39,7 +39,6 @@ from typing import Mapping, Optional
 
 from .data import ColumnError, require_columns
 from .models import resolve_model
-from .utils import card_template
 
 logger = logging.getLogger(__name__)
 
@@ -309,13 +308,6 @@ def vicuna_sft_config(output_dir: Optional[str] = None, *, global_batch_size: in
 # ---------------------------------------------------------------------------------------------
 
 
-def _hub_id(name: Optional[str]) -> Optional[str]:
-    """`name` when it looks like a Hub repo id (`owner/name`, not a local path), else None."""
-    if not name or os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        return None
-    return name
-
-
 @functools.cache
 def _trainer_class():
     from trl import SFTTrainer
@@ -339,6 +331,8 @@ def _trainer_class():
                 card.save(os.path.join(self.args.output_dir, "README.md"))
 
         def model_card(self, model_name=None, dataset_name=None, tags=None):
+            from .model_card import render_model_card
+
             return render_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
 
     VicunaSFTTrainer.__qualname__ = "VicunaSFTTrainer"  # importable (and picklable) as reflectune_hf.train.VicunaSFTTrainer
@@ -349,60 +343,6 @@ def __getattr__(name):  # `VicunaSFTTrainer` is built on first use, so importing
     if name == "VicunaSFTTrainer":
         return _trainer_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def render_model_card(trainer, model_name=None, dataset_name=None, tags=None):
-    """The `huggingface_hub.ModelCard` of a trained model, from `cards/model_card.md`: base model,
-    dataset, recipe (the hyperparameters in effect) and the chat template with a rendered example."""
-    import datasets
-    import torch
-    import transformers
-    import trl
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from . import __version__
-
-    info = getattr(trainer, "card_info", {})
-    args = trainer.args
-    base_model = info.get("base_model") or getattr(trainer.model.config, "_name_or_path", None)
-    dataset = dataset_name or info.get("dataset")
-    if base_model and os.path.isabs(str(base_model)):
-        base_model = Path(base_model).name  # never write local directories into a card
-    if dataset and os.path.isabs(str(dataset)):
-        dataset = Path(dataset).name
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
-    recipe = {
-        "learning rate": args.learning_rate,
-        "length": f"{args.num_train_epochs} epochs" if args.max_steps <= 0 else f"{args.max_steps} steps",
-        "per-device batch x accumulation x processes": f"{args.per_device_train_batch_size} x "
-        f"{args.gradient_accumulation_steps} x {args.world_size} = {per_step * args.world_size}",
-        "max length": args.max_length,
-        "schedule": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
-        "warmup": args.warmup_steps,
-        "weight decay": args.weight_decay,
-        "loss": "assistant tokens only" if args.assistant_only_loss else "all tokens",
-        "packing": args.packing,
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        "seed": args.seed,
-    }
-    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
-    template = tokenizer.chat_template
-    example = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-         {"role": "user", "content": "Who are you?"}], tokenize=False, add_generation_prompt=True)
-    card_data = ModelCardData(
-        base_model=_hub_id(base_model), datasets=[_hub_id(dataset)] if _hub_id(dataset) else None,
-        library_name="transformers", pipeline_tag="text-generation", model_name=model_name,
-        tags=["reflectune_hf", "reflection-tuning", "vicuna", "trl", "sft", *(tags or [])],
-    )
-    return ModelCard.from_template(
-        card_data, template_path=str(card_template("model_card.md")),
-        model_title=model_name or Path(args.output_dir).name, base_model_name=base_model, dataset_name=dataset,
-        num_rows=info.get("rows"), recipe=recipe, chat_template=template, rendered_example=example,
-        template_name=TEMPLATE_NAME, hub_model_id=getattr(trainer, "hub_model_id", None) or Path(args.output_dir).name,
-        versions={"reflectune_hf": __version__, "TRL": trl.__version__, "Transformers": transformers.__version__,
-                  "PyTorch": torch.__version__, "Datasets": datasets.__version__},
-    )
 
 
 def _log_truncation(trainer, n_rows: int) -> None:
