@@ -76,5 +76,3 @@ def render_model_card(trainer, model_name=None, dataset_name=None, tags=None):
         versions={"reflectune_hf": __version__, "TRL": trl.__version__, "Transformers": transformers.__version__,
                   "PyTorch": torch.__version__, "Datasets": datasets.__version__},
     )
-
-

@@ -3,7 +3,7 @@
 An *alias* (such as `"smollm2-135m-instruct"`) names a GGUF file inside an installed PyPI
 package. `resolve_model` dequantises it once with transformers into a plain safetensors
 directory under the cache root and returns that directory; every later load needs no network
-and takes about 3 s in a new process on 2 CPU cores, the imports of torch and transformers
+and takes about 3.5 s in a new process on 2 CPU cores, the imports of torch and transformers
 included. Any other string (a Hub id or a local path) passes through unchanged, so every
 function that takes a model name takes either.
 
@@ -351,10 +351,11 @@ def _import_model_code(path: str) -> None:
 
 def load_tokenizer(name_or_path: str):
     """The tokenizer of a model (alias, Hub id or path), with a pad token set when missing."""
-    from transformers import AutoTokenizer
+    path = resolve_model(name_or_path)
+    with gc_paused():  # see _import_model_code
+        from transformers import AutoTokenizer
 
-    with gc_paused():
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
