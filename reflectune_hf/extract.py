@@ -14,7 +14,16 @@ module parses all of that and records what happened in `reflection_status`:
   was not, so the previous output is kept (the reference does the same; filter on the status to
   drop such pairs).
 - `failed`: the oracle answered but nothing usable was extracted; the row is unchanged.
+- `truncated`: the kept answer was cut by the token limit (`reflection_finish_reason` is
+  `"length"`): nothing is taken from it, the row is unchanged (`reflection_raw` keeps the text).
+- `empty_input`: the instruction or the output is empty, None or blank: no request was sent, the
+  row is unchanged.
+- `invalid_text`: a text of the row is not valid UTF-8 (a lone surrogate): no request was sent,
+  the row is unchanged.
 - `oracle_error`: the oracle failed (`reflection_error` is set); the row is unchanged.
+
+Only `ok` (and, for the answer, `instruction_fallback`) rows hold a reflected pair;
+`NOT_REFLECTED` lists the statuses whose row still holds its previous response.
 
 Fixes of the reference's bugs (REFERENCE.md §5): an answer that mentions or *is* "N/A", "None"
 or "Nothing" is kept (`print()` returns None); only an empty field or the format's own
@@ -43,11 +52,16 @@ Example:
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from typing import Mapping, Optional
 
 from .data import batch_size_of, require_columns, text_column
+from .row_checks import is_valid_text, skip_reason
 
-STATUSES = ("ok", "instruction_fallback", "output_fallback", "failed", "oracle_error")
+STATUSES = ("ok", "instruction_fallback", "output_fallback", "failed", "truncated", "empty_input", "invalid_text",
+            "oracle_error")
+# Statuses of a row whose response was not rewritten by its reflection (what selection discards).
+NOT_REFLECTED = frozenset({"output_fallback", "failed", "truncated", "empty_input", "invalid_text", "oracle_error"})
 
 _LABELS = {
     "instruction": r"new\s+instruction",
@@ -119,19 +133,41 @@ def _markers(masked: str) -> list[tuple[int, int, str, str]]:
     its line). Per label, the bracketed form wins when present (as in the reference): a loose
     "better answer:" in the analysis is prose, not a marker."""
     found = []
+    newlines = None  # positions of "\n", computed on the first loose marker
     for name, (bracketed, loose) in _MARKERS.items():
         hits = [(m.start(), m.end(), name, "bracketed") for m in bracketed.finditer(masked)]
         for m in [] if hits else loose.finditer(masked):
-            line = masked.rfind("\n", 0, m.start()) + 1
-            opens = _LINE_OPENER.fullmatch(masked, line, m.start()) is not None
+            if newlines is None:
+                newlines = [i for i, c in enumerate(masked) if c == "\n"]
+            k = bisect_left(newlines, m.start())
+            line = newlines[k - 1] + 1 if k else 0
+            opens = _opens_line(masked, line, m.start())
             hits.append((line if opens else m.start(), m.end(), name, "line" if opens else "inline"))
         found.extend(hits)
     return sorted(found)
 
 
+def _opens_line(masked: str, line: int, start: int) -> bool:
+    """True when only indentation, bullets or an enumerator stand between `line` and `start`."""
+    match = _LINE_OPENER.match(masked, line, start)  # stops at the first other character
+    return match is not None and match.end() == start
+
+
+def _first_at_or_after(sorted_positions: list[int], stop: int, default: int) -> int:
+    k = bisect_left(sorted_positions, stop)
+    return sorted_positions[k] if k < len(sorted_positions) else default
+
+
 def _limit(stop: int, ends: list[int], starts: list[int], size: int) -> int:
-    """Where a segment that starts at `stop` ends: the first `[End]` or marker at or after it."""
-    return min([p for p in ends if p >= stop] + [p for p in starts if p >= stop] + [size])
+    """Where a segment that starts at `stop` ends: the first `[End]` or marker at or after it
+    (`ends` and `starts` sorted: a binary search, so a row with many markers stays linear)."""
+    return min(_first_at_or_after(ends, stop, size), _first_at_or_after(starts, stop, size))
+
+
+def _inside(spans: list[tuple[int, int]], position: int) -> bool:
+    """True when `position` falls in one of `spans`, sorted non-overlapping `(start, end)` pairs."""
+    k = bisect_right(spans, (position, float("inf"))) - 1
+    return k >= 0 and spans[k][0] <= position < spans[k][1]
 
 
 def _clean(segment: str, unquote: bool = False) -> str:
@@ -170,7 +206,8 @@ def segments(text: str, label: str) -> list[str]:
     # loose marker inside it ("Label the column 'New Answer:'") is its text, not a marker.
     strong = [start for start, _, _, kind in markers if kind != "inline"]
     spans = {stop: _limit(stop, ends, strong, len(masked)) for _, stop, _, kind in markers if kind == "bracketed"}
-    markers = [m for m in markers if m[3] != "inline" or not any(a <= m[0] < b for a, b in spans.items())]
+    ordered = sorted(spans.items())  # each ends before the next bracketed marker: no overlap
+    markers = [m for m in markers if m[3] != "inline" or not _inside(ordered, m[0])]
     starts = [start for start, _, _, _ in markers]
     out = []
     for _, stop, name, _ in markers:
@@ -237,20 +274,31 @@ def instruction_status(instruction: Optional[str], answer: Optional[str]) -> str
     return "output_fallback" if instruction is not None else "failed"
 
 
-def _errors(batch: Mapping, n: int, stage: str) -> list[str]:
-    return text_column(batch, "reflection_error", stage) if "reflection_error" in batch else [""] * n
+def _optional(batch: Mapping, name: str, n: int, stage: str) -> list[str]:
+    return text_column(batch, name, stage) if name in batch else [""] * n
 
 
-def _inputs(batch: Mapping, stage: str, reflect: str) -> tuple[int, list, list, list, list]:
+def _inputs(batch: Mapping, stage: str, reflect: str) -> tuple:
+    """(instructions, outputs, inputs, raws, errors, finish reasons) of a batch to extract."""
     require_columns(batch, ["instruction", "output", "reflection_raw"], f"{stage} (run {reflect} first)")
     n = batch_size_of(batch)
     return (
-        n,
         text_column(batch, "instruction", stage),
         text_column(batch, "output", stage),
+        _optional(batch, "input", n, stage),
         text_column(batch, "reflection_raw", stage),
-        _errors(batch, n, stage),
+        _optional(batch, "reflection_error", n, stage),
+        _optional(batch, "reflection_finish_reason", n, stage),
     )
+
+
+def _unparsed_status(skip: str, error: str, finish_reason: str) -> str:
+    """The status of a row nothing is parsed from (`""` when its answer is to be parsed)."""
+    if skip:
+        return skip
+    if error:
+        return "oracle_error"
+    return "truncated" if finish_reason == "length" else ""
 
 
 def extract_instruction_reflection(batch: Mapping) -> dict:
@@ -258,9 +306,10 @@ def extract_instruction_reflection(batch: Mapping) -> dict:
 
     For `ds.map(extract_instruction_reflection, batched=True)` after `ReflectInstruction`.
 
-    Input columns: `instruction`, `output`, `reflection_raw` (str), optionally `reflection_error`.
+    Input columns: `instruction`, `output`, `reflection_raw` (str), optionally `reflection_error`
+    and `reflection_finish_reason`.
     Output columns: `instruction`, `output` (new values, or the previous ones where they fall
-    back), `reflection_status` (see the module docstring). `reflection_raw`, `id` and every other
+    back), `reflection_status` in `STATUSES` (see the module docstring). `reflection_raw`, `id` and every other
     column are kept unchanged; the row count never changes.
 
     Example:
@@ -274,11 +323,12 @@ def extract_instruction_reflection(batch: Mapping) -> dict:
         (['Greet a new colleague warmly.', 'Add 2+2'], ['ok', 'failed'])
     """
     stage = "extract_instruction_reflection"
-    _, instructions, outputs, raws, errors = _inputs(batch, stage, "ReflectInstruction")
+    instructions, outputs, _, raws, errors, reasons = _inputs(batch, stage, "ReflectInstruction")
     new_instructions, new_outputs, statuses = [], [], []
-    for instruction, output, raw, error in zip(instructions, outputs, raws, errors):
-        if error:
-            new_ins, new_out, status = None, None, "oracle_error"
+    for instruction, output, raw, error, reason in zip(instructions, outputs, raws, errors, reasons):
+        status = _unparsed_status(skip_reason(instruction, output), error, reason)
+        if status:
+            new_ins, new_out = None, None
         else:
             new_ins, new_out = parse_instruction_reflection(raw)
             status = instruction_status(new_ins, new_out)
@@ -293,9 +343,11 @@ def extract_response_reflection(batch: Mapping) -> dict:
 
     For `ds.map(extract_response_reflection, batched=True)` after `ReflectResponse`.
 
-    Input columns: `instruction`, `output`, `reflection_raw` (str), optionally `reflection_error`.
+    Input columns: `instruction`, `output`, `reflection_raw` (str), optionally `input`,
+    `reflection_error` and `reflection_finish_reason`.
     Output columns: `output` (the better answer, or the previous output), `reflection_status` in
-    {`ok`, `failed`, `oracle_error`}. Every other column is kept; the row count never changes.
+    {`ok`, `failed`, `truncated`, `empty_input`, `invalid_text`, `oracle_error`}. Every other
+    column is kept; the row count never changes.
 
     Example:
         >>> from reflectune_hf.extract import extract_response_reflection
@@ -305,10 +357,12 @@ def extract_response_reflection(batch: Mapping) -> dict:
         ['Endangered: the Amur leopard.']
     """
     stage = "extract_response_reflection"
-    _, _, outputs, raws, errors = _inputs(batch, stage, "ReflectResponse")
+    instructions, outputs, inputs, raws, errors, reasons = _inputs(batch, stage, "ReflectResponse")
     new_outputs, statuses = [], []
-    for output, raw, error in zip(outputs, raws, errors):
-        better = None if error else parse_response_reflection(raw)
+    for instruction, output, input, raw, error, reason in zip(instructions, outputs, inputs, raws, errors, reasons):
+        skip = "invalid_text" if not is_valid_text(input) else skip_reason(instruction, output)
+        status = _unparsed_status(skip, error, reason)
+        better = None if status else parse_response_reflection(raw)
         new_outputs.append(output if better is None else better)
-        statuses.append("oracle_error" if error else ("ok" if better is not None else "failed"))
+        statuses.append(status or ("ok" if better is not None else "failed"))
     return {"output": new_outputs, "reflection_status": statuses}

@@ -6,6 +6,21 @@
 - `ReflectResponse`: the oracle writes a better answer (§4), with the with-input prompt for rows
   that have an input; then `extract_response_reflection`.
 
+Run a stage with `map_stage(ds, stage)` (`reflectune_hf.rerun.map_stage`, also importable from
+here and from `reflectune_hf`): it is `ds.map(stage, batched=True)`, except that a result the
+datasets cache replays with failed rows (`oracle_error`) is computed again, so a rerun re-sends
+exactly the requests that failed (the answered ones come from the oracle cache), and a 0-row
+dataset gets the stage's output columns.
+
+Rows that cannot be sent get no request, keep their values and say why (`row_checks`):
+`empty_input` (an empty, None or blank instruction or output; for compression, a blank
+instruction with an input) and `invalid_text` (text that is not valid UTF-8, e.g. a lone
+surrogate). An answer cut by the token limit (`finish_reason == "length"`) counts as unparsed (it
+is re-asked) and, when kept, gives the status `truncated` with the previous text as fallback.
+
+The `id` column is optional: the stages keep every row in order; with
+`map(..., with_indices=True)` and no `id` column, they add `id` from the indices.
+
 Each stage takes any oracle (an object with `complete(list[ChatRequest]) -> list[ChatResult]`),
 sends one `complete()` call per map batch (the oracle parallelises and caches per request)
 plus at most `format_retries` re-ask calls, keeps every row and every column it does not write,
@@ -38,170 +53,21 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import ClassVar, Mapping, Optional, Sequence
 
 from .data import ID_COLUMN, ColumnError, batch_size_of, require_columns, text_column
 from .extract import instruction_status, parse_compressed_instruction, parse_instruction_reflection
 from .extract import parse_response_reflection
-from .oracles.base import ChatRequest, usage_add
-from .prompts import PromptSet, get_prompt_set
-from .utils import LazyState
+from .oracle_stage import NoOracle, OracleStage, merge_input  # noqa: F401  (public here too)
+from .rerun import map_stage  # noqa: F401  (the one obvious call, documented here)
+from .row_checks import input_survives, is_valid_text, skip_reason
 
 logger = logging.getLogger(__name__)
 
-COMPRESS_STATUSES = ("ok", "no_input", "fallback_merged", "oracle_error")
+COMPRESS_STATUSES = ("ok", "no_input", "fallback_merged", "input_lost", "truncated", "empty_input", "invalid_text",
+                     "oracle_error")
 _INSTRUCTION_RANK = {"ok": 0, "instruction_fallback": 1, "output_fallback": 1, "failed": 2}
-
-
-def merge_input(instruction: str, input: str) -> str:
-    """The deterministic, lossless merge of an instruction and its input: the instruction, a blank
-    line, the input (the instruction alone when the input is blank).
-
-    Example:
-        >>> from reflectune_hf.reflect import merge_input
-        >>> merge_input("Translate to French.", "Good morning")
-        'Translate to French.\\n\\nGood morning'
-    """
-    if not input.strip():
-        return instruction
-    if not instruction.strip():
-        return input.strip()
-    return f"{instruction.rstrip()}\n\n{input.strip()}"
-
-
-@dataclass
-class _Answer:
-    text: str = ""
-    error: str = ""
-    attempts: int = 0
-    finish_reason: str = ""
-    rank: int = 1 << 30
-
-
-@dataclass
-class OracleStage(LazyState):
-    """Shared configuration and oracle loop of the reflection stages.
-
-    Args:
-        oracle: any object with `complete(list[ChatRequest]) -> list[ChatResult]`.
-        prompt_set: `"paper"` (byte-identical to the method, default), `"clean"` or a `PromptSet`.
-        max_tokens: completion budget per request (the reference uses 2048).
-        temperature, top_p, seed: sampling parameters of the first request (reference: 0.0, 1.0).
-        format_retries: re-asks when the answer does not parse (see the module docstring).
-        retry_temperature: the lowest temperature of a re-ask.
-    """
-
-    oracle: Any
-    prompt_set: Union[str, PromptSet] = "paper"
-    max_tokens: Optional[int] = 2048
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    format_retries: int = 1
-    retry_temperature: float = 0.7
-    usage: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
-
-    _transient: ClassVar[tuple[str, ...]] = ("usage",)
-    stage_name: ClassVar[str] = "OracleStage"
-
-    def __post_init__(self):
-        if isinstance(self.prompt_set, str):
-            self.prompt_set = get_prompt_set(self.prompt_set)
-        elif not isinstance(self.prompt_set, PromptSet):
-            raise TypeError(f"prompt_set must be a name or a PromptSet, got {type(self.prompt_set).__name__}")
-        if not callable(getattr(self.oracle, "complete", None)):
-            raise TypeError(
-                f"{self.stage_name} needs an oracle with complete(list[ChatRequest]) -> list[ChatResult], "
-                f"got {type(self.oracle).__name__}"
-            )
-        if self.format_retries < 0:
-            raise ValueError(f"format_retries must be >= 0, got {self.format_retries}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
-
-    # -- the oracle loop -----------------------------------------------------------------------
-
-    def request(self, messages: list[dict], attempt: int = 0) -> ChatRequest:
-        """The request of one attempt: attempt 0 as configured, re-asks distinct (module docstring)."""
-        temperature, seed = self.temperature, self.seed
-        if attempt:
-            temperature, seed = max(self.temperature, self.retry_temperature), (self.seed or 0) + attempt
-        return ChatRequest(
-            messages=messages, temperature=temperature, top_p=self.top_p, max_tokens=self.max_tokens, seed=seed
-        )
-
-    def _complete(self, requests: list[ChatRequest]) -> list:
-        results = list(self.oracle.complete(requests))
-        if len(results) != len(requests):
-            raise RuntimeError(
-                f"{type(self.oracle).__name__}.complete returned {len(results)} results for {len(requests)} requests"
-            )
-        if self.usage is None:
-            self.usage = {}
-        for result in results:
-            if not result.cached:
-                usage_add(self.usage, result.usage)
-        return results
-
-    def ask(self, conversations: Sequence[list[dict]], rank: Callable[[str], int]) -> list[_Answer]:
-        """Ask the oracle once per conversation, re-asking those whose answer ranks above 0."""
-        answers = [_Answer() for _ in conversations]
-        pending = list(range(len(conversations)))
-        for attempt in range(1 + self.format_retries):
-            if not pending:
-                break
-            results = self._complete([self.request(conversations[i], attempt) for i in pending])
-            retry = []
-            for i, result in zip(pending, results):
-                answer = answers[i]
-                answer.attempts = attempt + 1
-                if not result.ok:
-                    if attempt == 0:  # the oracle already retried transport errors: record it
-                        answer.error = result.error or "the oracle failed without a message"
-                    continue
-                score = rank(result.text)
-                if score < answer.rank:
-                    reasons = result.finish_reasons
-                    answer.text, answer.rank = result.text, score
-                    answer.finish_reason = str(reasons[0]) if reasons and reasons[0] else ""
-                if answer.rank > 0:
-                    retry.append(i)
-            if retry and attempt < self.format_retries:
-                logger.info("%s: re-asking %d of %d answers that do not parse", self.stage_name, len(retry), len(pending))
-            pending = retry
-        return answers
-
-    # -- columns ---------------------------------------------------------------------------------
-
-    def _ids(self, batch: Mapping, indices: Optional[Sequence[int]]) -> dict:
-        """`{}` when the batch has ids; `{"id": indices}` when `map(..., with_indices=True)`."""
-        if ID_COLUMN in batch:
-            return {}
-        if indices is not None:
-            return {ID_COLUMN: list(indices)}
-        raise ColumnError(
-            f"{self.stage_name} needs an {ID_COLUMN!r} column to keep the variants of a row aligned; "
-            f"the data has {list(batch)}. Add one with reflectune_hf.add_ids(ds) (or map with with_indices=True)."
-        )
-
-    def _pair_columns(self, batch: Mapping, indices: Optional[Sequence[int]]) -> tuple:
-        """(output dict with ids if needed, n, instructions, outputs, inputs) of a pair batch."""
-        require_columns(batch, ["instruction", "output"], self.stage_name)
-        out = self._ids(batch, indices)
-        n = batch_size_of(batch)
-        inputs = text_column(batch, "input", self.stage_name) if "input" in batch else [""] * n
-        return (out, n, text_column(batch, "instruction", self.stage_name),
-                text_column(batch, "output", self.stage_name), inputs)
-
-    @staticmethod
-    def _reflection_columns(answers: list[_Answer]) -> dict:
-        return {
-            "reflection_raw": [a.text for a in answers],
-            "reflection_error": [a.error for a in answers],
-            "reflection_attempts": [a.attempts for a in answers],
-            "reflection_finish_reason": [a.finish_reason for a in answers],
-        }
 
 
 @dataclass
@@ -209,51 +75,87 @@ class CompressInstruction(OracleStage):
     """Fold a non-empty `input` into one self-contained instruction (REFERENCE.md §2).
 
     Rows with a non-empty `input` get the oracle's instruction and `input=""`; rows without input
-    pass through without an oracle call. Nothing is lost: when the oracle fails or its answer does
-    not parse (after `format_retries` re-asks), the instruction becomes the deterministic merge
+    pass through without an oracle call. Nothing is lost: when the oracle fails, its answer does
+    not parse (after `format_retries` re-asks), is cut by the token limit, or drops the input
+    (`row_checks.input_survives`), the instruction becomes the deterministic merge
     `merge_input(instruction, input)`, and the original values are kept in `original_instruction`
     and `original_input` (left as they are when those columns exist already).
 
-    Input columns: `id` (or `map(..., with_indices=True)`), `instruction`, `input` (str).
-    Output columns: `instruction`, `input` (always `""`), `compress_status` in {`ok`, `no_input`,
-    `fallback_merged`, `oracle_error`}, `compress_raw` (the oracle's text, `""` without a call),
-    `compress_error` (`""` unless the oracle failed), `original_instruction`, `original_input`.
-    Every other column (`output`, `id`, ...) is kept.
+    Run it with `map_stage(ds, CompressInstruction(oracle))`: a rerun then re-sends the requests
+    that failed (plain `ds.map(stage, batched=True)` replays them from the datasets cache).
+
+    Input columns: `instruction`, `input` (str); `id` optional.
+    Output columns: `instruction`, `input` (always `""`), `compress_status` in
+    `COMPRESS_STATUSES`: `ok`, `no_input` (blank input: no request), `fallback_merged` (the answer
+    does not parse), `input_lost` (the answer drops the input), `truncated` (the answer hit the
+    token limit), `empty_input` (blank instruction with an input: no request), `invalid_text`
+    (not valid UTF-8: no request), `oracle_error`; `compress_raw` (the oracle's text, `""`
+    without a call), `compress_error` (`""` unless the oracle failed), `original_instruction`,
+    `original_input`. Every other column (`output`, `id`, ...) is kept.
 
     Example:
         >>> from datasets import Dataset
         >>> from reflectune_hf.oracles.base import ChatResult
-        >>> from reflectune_hf.reflect import CompressInstruction
+        >>> from reflectune_hf.reflect import CompressInstruction, map_stage
         >>> class Canned:
         ...     def complete(self, requests):
         ...         return [ChatResult(texts=["[New Instruction] Translate 'Good morning' to French. [End]"])
         ...                 for _ in requests]
-        >>> ds = Dataset.from_dict({"id": [0, 1], "instruction": ["Translate to French.", "Say hi."],
+        >>> ds = Dataset.from_dict({"instruction": ["Translate to French.", "Say hi."],
         ...                         "input": ["Good morning", ""], "output": ["Bonjour", "Hi"]})
-        >>> out = ds.map(CompressInstruction(Canned()), batched=True)
+        >>> out = map_stage(ds, CompressInstruction(Canned()))
         >>> list(out["instruction"]), list(out["compress_status"])
         (["Translate 'Good morning' to French.", 'Say hi.'], ['ok', 'no_input'])
     """
 
     stage_name: ClassVar[str] = "CompressInstruction"
+    error_column: ClassVar[str] = "compress_error"
+    output_features: ClassVar[dict] = {name: "string" for name in (
+        "instruction", "input", "compress_status", "compress_raw", "compress_error", "original_instruction",
+        "original_input")}
 
-    def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
+    def _plan(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> tuple:
         require_columns(batch, ["instruction", "input"], self.stage_name)
         out = self._ids(batch, indices)
         n = batch_size_of(batch)
         instructions = text_column(batch, "instruction", self.stage_name)
         inputs = text_column(batch, "input", self.stage_name)
-        todo = [i for i in range(n) if inputs[i].strip()]
+        statuses = []
+        for ins, inp in zip(instructions, inputs):
+            if not (is_valid_text(ins) and is_valid_text(inp)):
+                statuses.append("invalid_text")
+            elif not inp.strip():
+                statuses.append("no_input")
+            else:
+                statuses.append("empty_input" if not ins.strip() else "")
+        todo = [i for i in range(n) if not statuses[i]]
         conversations = [self.prompt_set.compress_messages(instructions[i].strip(), inputs[i].strip()) for i in todo]
-        answers = self.ask(conversations, lambda text: 0 if parse_compressed_instruction(text) else 1)
+        return out, n, todo, conversations, (instructions, inputs, statuses)
 
-        new_instructions, statuses = list(instructions), ["no_input"] * n
+    def _compressed(self, text: str, input: str) -> Optional[str]:
+        compressed = parse_compressed_instruction(text)
+        return compressed if compressed and input_survives(input, compressed) else None
+
+    def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
+        out, n, todo, conversations, (instructions, inputs, statuses) = self._plan(batch, indices)
+        rankers = [lambda text, inp=inputs[i]: 0 if self._compressed(text, inp) else 1 for i in todo]
+        answers = self.ask(conversations, rankers)
+
+        new_instructions = [ins if status == "no_input" else merge_input(ins, inp)
+                            for ins, inp, status in zip(instructions, inputs, statuses)]
         raws, errors = [""] * n, [""] * n
         for i, answer in zip(todo, answers):
-            compressed = None if answer.error else parse_compressed_instruction(answer.text)
-            new_instructions[i] = compressed or merge_input(instructions[i], inputs[i])
-            statuses[i] = "oracle_error" if answer.error else ("ok" if compressed else "fallback_merged")
             raws[i], errors[i] = answer.text, answer.error
+            if answer.error:
+                statuses[i] = "oracle_error"
+            elif answer.finish_reason == "length":
+                statuses[i] = "truncated"
+            elif not parse_compressed_instruction(answer.text):
+                statuses[i] = "fallback_merged"
+            elif self._compressed(answer.text, inputs[i]) is None:
+                statuses[i] = "input_lost"
+            else:
+                statuses[i], new_instructions[i] = "ok", self._compressed(answer.text, inputs[i])
         out.update(
             instruction=new_instructions,
             input=[""] * n,
@@ -276,35 +178,37 @@ class ReflectInstruction(OracleStage):
     The prompt never shows `input`, so a row with a non-empty `input` raises a `ColumnError`
     telling to run `CompressInstruction` first, unless `merge_input=True`, which folds the input
     into the instruction text (`merge_input(instruction, input)`, written back with `input=""`).
-    Follow with `extract_instruction_reflection`.
+    Follow with `extract_instruction_reflection`. Run it with `map_stage(ds, stage)`: a rerun then
+    re-sends the requests that failed.
 
-    Input columns: `id` (or `map(..., with_indices=True)`), `instruction`, `output`, optionally
-    `input` (str).
-    Output columns: `reflection_raw` (the oracle's text, `""` when it failed), `reflection_error`
-    (`""` unless the oracle failed), `reflection_attempts` (oracle answers requested, 1 + re-asks),
-    `reflection_finish_reason` (`"stop"`, `"length"`, ...); with `merge_input=True` also
-    `instruction` and `input`. Every other column is kept.
+    Input columns: `instruction`, `output`, optionally `input` (str) and `id`.
+    Output columns: `reflection_raw` (the oracle's text, `""` when it failed or no request was
+    sent), `reflection_error` (`""` unless the oracle failed), `reflection_attempts` (oracle
+    answers requested, 1 + re-asks; 0 for a row that gets no request: `empty_input`,
+    `invalid_text`), `reflection_finish_reason` (`"stop"`, `"length"`, ...); with
+    `merge_input=True` also `instruction` and `input`. Every other column is kept.
 
     Example:
         >>> from datasets import Dataset
         >>> from reflectune_hf.oracles.base import ChatResult
-        >>> from reflectune_hf.reflect import ReflectInstruction
+        >>> from reflectune_hf.reflect import ReflectInstruction, map_stage
         >>> from reflectune_hf.extract import extract_instruction_reflection
         >>> class Canned:
         ...     def complete(self, requests):
         ...         return [ChatResult(texts=["1. Too vague.\\n2. [New Instruction] Explain photosynthesis "
         ...                  "to a ten-year-old. [End]\\n3. [New Answer] Plants make food from light. [End]"])
         ...                 for _ in requests]
-        >>> ds = Dataset.from_dict({"id": [0], "instruction": ["Plants?"], "input": [""], "output": ["Green."]})
-        >>> ds = ds.map(ReflectInstruction(Canned()), batched=True).map(extract_instruction_reflection, batched=True)
+        >>> ds = Dataset.from_dict({"instruction": ["Plants?"], "input": [""], "output": ["Green."]})
+        >>> ds = map_stage(ds, ReflectInstruction(Canned())).map(extract_instruction_reflection, batched=True)
         >>> ds[0]["instruction"], ds[0]["output"], ds[0]["reflection_status"]
         ('Explain photosynthesis to a ten-year-old.', 'Plants make food from light.', 'ok')
     """
 
     merge_input: bool = False
     stage_name: ClassVar[str] = "ReflectInstruction"
+    worst_rank: ClassVar[int] = _INSTRUCTION_RANK["failed"]
 
-    def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
+    def _plan(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> tuple:
         out, n, instructions, outputs, inputs = self._pair_columns(batch, indices)
         with_input = [i for i in range(n) if inputs[i].strip()]
         if with_input and not self.merge_input:
@@ -320,10 +224,15 @@ class ReflectInstruction(OracleStage):
             out.update(instruction=instructions)
             if "input" in batch:
                 out.update(input=[""] * n)
-        conversations = [self.prompt_set.instruction_messages(ins.strip(), outp.strip())
-                         for ins, outp in zip(instructions, outputs)]
+        todo = [i for i in range(n) if not skip_reason(instructions[i], outputs[i])]
+        conversations = [self.prompt_set.instruction_messages(instructions[i].strip(), outputs[i].strip())
+                         for i in todo]
+        return out, n, todo, conversations, None
+
+    def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
+        out, n, todo, conversations, _ = self._plan(batch, indices)
         answers = self.ask(conversations, lambda text: _INSTRUCTION_RANK[instruction_status(*parse_instruction_reflection(text))])
-        out.update(self._reflection_columns(answers))
+        out.update(self._reflection_columns(answers, todo, n))
         return out
 
 
@@ -331,35 +240,40 @@ class ReflectInstruction(OracleStage):
 class ReflectResponse(OracleStage):
     """Response reflection (REFERENCE.md §4): the oracle criticises the answer and writes a better
     one. Rows with a non-empty `input` get the with-input prompt, the others the plain one.
-    Follow with `extract_response_reflection`.
+    Follow with `extract_response_reflection`. Run it with `map_stage(ds, stage)`: a rerun then
+    re-sends the requests that failed.
 
-    Input columns: `id` (or `map(..., with_indices=True)`), `instruction`, `output`, optionally
-    `input` (str).
+    Input columns: `instruction`, `output`, optionally `input` (str) and `id`.
     Output columns: `reflection_raw`, `reflection_error`, `reflection_attempts`,
     `reflection_finish_reason` (as `ReflectInstruction`). Every other column is kept.
 
     Example:
         >>> from datasets import Dataset
         >>> from reflectune_hf.oracles.base import ChatResult
-        >>> from reflectune_hf.reflect import ReflectResponse
+        >>> from reflectune_hf.reflect import ReflectResponse, map_stage
         >>> from reflectune_hf.extract import extract_response_reflection
         >>> class Canned:
         ...     def complete(self, requests):
         ...         return [ChatResult(texts=["1. Too short.\\n2. **[Better Answer]**: 2 + 2 = 4. [End]"]) for _ in requests]
-        >>> ds = Dataset.from_dict({"id": [0], "instruction": ["Add the numbers."], "input": ["2, 2"], "output": ["4"]})
-        >>> ds = ds.map(ReflectResponse(Canned()), batched=True).map(extract_response_reflection, batched=True)
+        >>> ds = Dataset.from_dict({"instruction": ["Add the numbers."], "input": ["2, 2"], "output": ["4"]})
+        >>> ds = map_stage(ds, ReflectResponse(Canned())).map(extract_response_reflection, batched=True)
         >>> ds[0]["output"], ds[0]["reflection_status"]
         ('2 + 2 = 4.', 'ok')
     """
 
     stage_name: ClassVar[str] = "ReflectResponse"
 
-    def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
+    def _plan(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> tuple:
         out, n, instructions, outputs, inputs = self._pair_columns(batch, indices)
+        todo = [i for i in range(n) if is_valid_text(inputs[i]) and not skip_reason(instructions[i], outputs[i])]
         conversations = [
-            self.prompt_set.response_messages(ins.strip(), outp.strip(), input=inp.strip())
-            for ins, outp, inp in zip(instructions, outputs, inputs)
+            self.prompt_set.response_messages(instructions[i].strip(), outputs[i].strip(), input=inputs[i].strip())
+            for i in todo
         ]
+        return out, n, todo, conversations, None
+
+    def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
+        out, n, todo, conversations, _ = self._plan(batch, indices)
         answers = self.ask(conversations, lambda text: 0 if parse_response_reflection(text) is not None else 1)
-        out.update(self._reflection_columns(answers))
+        out.update(self._reflection_columns(answers, todo, n))
         return out

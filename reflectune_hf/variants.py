@@ -27,7 +27,10 @@ says so, it is never dropped. In `reflect_both`, a row whose instruction reflect
 the same response-reflection request as in `reflect_response`: the oracle cache answers it.
 
 Every map is cached by `datasets` for Arrow-backed input: running `build_variants` again (in any
-process, with the same oracle configuration) calls no oracle.
+process, with the same oracle configuration) calls no oracle when the first run had no oracle
+failure; when it had some, the stages run through `reflect.map_stage`, so the rerun sends exactly
+the requests that failed (the oracle cache answers the others) and every later step is computed
+again from the healed rows.
 
 Variants built or scored elsewhere are checked and aligned for `reflectune_hf.select` by
 `check_variants` (the four splits and their columns), `align_by_id` (row positions by `id`) and
@@ -42,8 +45,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .data import ColumnError, empty_dataset, require_columns, to_alpaca
 from .extract import extract_instruction_reflection, extract_response_reflection
-from .oracles.base import ChatResult
-from .reflect import CompressInstruction, ReflectInstruction, ReflectResponse
+from .reflect import CompressInstruction, NoOracle, ReflectInstruction, ReflectResponse, map_stage
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +257,7 @@ def build_variants(
     ds = to_alpaca(ds, stage="build_variants")
     options = dict(batched=True, batch_size=batch_size, num_proc=num_proc, load_from_cache_file=load_from_cache_file)
     if len(ds) == 0:  # `map` never calls a stage on 0 rows: the schema comes from a placeholder row
-        splits = _reflect(_placeholder_row(ds), _NoAnswers(), compress, options, stage_kwargs)
+        splits = _reflect(_placeholder_row(ds), NoOracle(), compress, options, stage_kwargs)
         return DatasetDict({name: empty_dataset(splits[name].features) for name in VARIANT_SPLITS})
     splits = _reflect(ds, oracle, compress, options, stage_kwargs)
 
@@ -274,28 +276,21 @@ def build_variants(
 def _reflect(ds, oracle: Any, compress: bool, options: dict, stage_kwargs: dict) -> dict:
     """The four aligned splits of an Alpaca dataset with ids (the chain of the module docstring)."""
     if compress:
-        origin = ds.map(CompressInstruction(oracle, **stage_kwargs), desc="Compressing instructions", **options)
+        origin = map_stage(ds, CompressInstruction(oracle, **stage_kwargs), desc="Compressing instructions", **options)
     else:
         origin = ds
-    reflect_instruction = origin.map(
-        ReflectInstruction(oracle, merge_input=True, **stage_kwargs), desc="Reflecting instructions", **options
+    reflect_instruction = map_stage(
+        origin, ReflectInstruction(oracle, merge_input=True, **stage_kwargs), desc="Reflecting instructions", **options
     ).map(extract_instruction_reflection, desc="Extracting instructions", **options)
     reflect_instruction = _prefixed(reflect_instruction, "instruction")
     response_stage = ReflectResponse(oracle, **stage_kwargs)
     splits = {"origin": origin, "reflect_instruction": reflect_instruction}
     for name, source in (("reflect_response", origin), ("reflect_both", reflect_instruction)):
-        reflected = source.map(response_stage, desc=f"Reflecting responses ({name})", **options).map(
+        reflected = map_stage(source, response_stage, desc=f"Reflecting responses ({name})", **options).map(
             extract_response_reflection, desc=f"Extracting responses ({name})", **options
         )
         splits[name] = _prefixed(reflected, "response")
     return _align(splits)
-
-
-class _NoAnswers:
-    """An oracle that fails every request without sending it (the placeholder row of 0-row data)."""
-
-    def complete(self, requests):
-        return [ChatResult.failure("no oracle call for a placeholder row") for _ in requests]
 
 
 def _placeholder_row(ds):

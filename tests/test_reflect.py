@@ -24,7 +24,7 @@ from reflectune_hf.data import ColumnError
 from reflectune_hf.extract import STATUSES, extract_instruction_reflection, extract_response_reflection
 from reflectune_hf.oracles.base import ChatResult
 from reflectune_hf.prompts import get_prompt_set
-from reflectune_hf.reflect import COMPRESS_STATUSES, CompressInstruction, ReflectInstruction, ReflectResponse, merge_input
+from reflectune_hf.reflect import COMPRESS_STATUSES, CompressInstruction, ReflectInstruction, ReflectResponse, map_stage, merge_input
 
 from scripted_oracle import GOOD_COMPRESS, GOOD_INSTRUCTION, GOOD_RESPONSE, ScriptedOracle, demo_oracle
 from test_prompts import _python_blocks, _reference_text, _section, _systems
@@ -93,7 +93,7 @@ def test_compress_statuses_never_lose_the_input():
         ("ROW-OK", (GOOD_COMPRESS.format(topic="Sum 1 and 2"),)),
         ("ROW-BAD", ("Sure! Here you go.", "[New Instruction] your instruction [End]")),
         ("ROW-ERR", ("!error APITimeoutError: timed out",)),
-        ("ROW-RETRY", ("no markers at all", GOOD_COMPRESS.format(topic="Retried"))),
+        ("ROW-RETRY", ("no markers at all", GOOD_COMPRESS.format(topic="Retried with x"))),
     ))
     batch = _rows(
         instruction=["ROW-OK add", "ROW-NONE say hi", "ROW-BAD sort", "ROW-ERR count", "ROW-RETRY go"],
@@ -105,7 +105,7 @@ def test_compress_statuses_never_lose_the_input():
     assert set(out["compress_status"]) <= set(COMPRESS_STATUSES)
     assert out["instruction"] == [
         "Sum 1 and 2, using the given input.", "ROW-NONE say hi", "ROW-BAD sort\n\n3, 1", "ROW-ERR count\n\na b c",
-        "Retried, using the given input.",
+        "Retried with x, using the given input.",
     ]
     assert out["input"] == [""] * 5
     assert out["compress_error"] == ["", "", "", "APITimeoutError: timed out", ""]
@@ -227,11 +227,12 @@ def test_one_complete_call_per_map_batch_and_rows_kept():
     assert set(out["reflection_status"]) == {"ok"}
 
 
-def test_ids_are_required_or_taken_from_indices():
-    batch = {"instruction": ["a"], "output": ["b"]}
-    with pytest.raises(ColumnError, match=r"'id' column.*add_ids"):
-        ReflectResponse(demo_oracle())(batch)
+def test_ids_are_optional_or_taken_from_indices():
+    # Issue #16.8: ids only align variants; a stage alone works on plain Alpaca rows and adds none.
+    out = ReflectResponse(demo_oracle())({"instruction": ["a"], "output": ["b"]})
+    assert "id" not in out and out["reflection_error"] == [""]
     ds = Dataset.from_dict({"instruction": ["a", "b"], "output": ["c", "d"]})
+    assert "id" not in map_stage(ds, ReflectResponse(demo_oracle())).column_names
     out = ds.map(ReflectResponse(demo_oracle()), batched=True, with_indices=True)
     assert list(out["id"]) == [0, 1]
 
