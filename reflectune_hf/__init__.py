@@ -26,7 +26,7 @@ from .oracles import (  # noqa: E402
     TransformersOracle,
     estimate,
 )
-from .reflect import CompressInstruction, ReflectInstruction, ReflectResponse  # noqa: E402
+from .reflect import CompressInstruction, ReflectInstruction, ReflectResponse, map_stage  # noqa: E402
 from .report import plot_summary, summarize  # noqa: E402
 from .scoring import IFDScorer  # noqa: E402
 from .select import ifd_below, is_scored, rifd_below, select_v1, select_v2, top_k_by  # noqa: E402
@@ -44,7 +44,7 @@ __all__ = [
     "ChatRequest", "ChatResult", "OpenAIBatchOracle", "OpenAIOracle", "OracleCache",
     "OracleConfigurationError", "TransformersOracle", "estimate",
     # reflection
-    "CompressInstruction", "ReflectInstruction", "ReflectResponse", "build_variants",
+    "CompressInstruction", "ReflectInstruction", "ReflectResponse", "map_stage", "build_variants",
     "extract_instruction_reflection", "extract_response_reflection",
     # scoring, selection and statistics
     "IFDScorer",

@@ -92,11 +92,17 @@ def _with_id(example, idx):
     return {ID_COLUMN: idx}
 
 
+def _with_id_unless_present(example, idx):
+    return {} if example.get(ID_COLUMN) is not None else {ID_COLUMN: idx}
+
+
 def add_ids(ds):
     """Add an integer `id` column (the row index) unless the dataset already has one.
 
     Ids are assigned once, before any stage runs, and every stage keeps them, so rows of the
-    reflected variants align with their origin by `id`. Existing ids must be unique.
+    reflected variants align with their origin by `id` (`build_variants` adds them; a single
+    stage needs none). Existing ids must be unique (checked on a `Dataset`; an
+    `IterableDataset` is not read here: its ids are added lazily, row by row, where a row has none).
 
     Example:
         >>> from datasets import Dataset
@@ -104,6 +110,12 @@ def add_ids(ds):
         >>> list(add_ids(Dataset.from_dict({"instruction": ["a", "b"]}))["id"])
         [0, 1]
     """
+    from datasets import IterableDataset
+
+    if isinstance(ds, IterableDataset):
+        if ds.column_names is not None and ID_COLUMN in ds.column_names:
+            return ds
+        return ds.map(_with_id_unless_present, with_indices=True)
     if ID_COLUMN in ds.column_names:
         ids = ds[ID_COLUMN]
         if len(set(ids)) != len(ids):

@@ -26,7 +26,6 @@ from .configs import (  # noqa: F401  (the job configs, re-exported for `pipelin
     SelectionConfig, StudentConfig)
 from .data import load_data
 from .oracles import ChatRequest, OpenAIBatchOracle, OpenAIOracle, TransformersOracle
-from .prompts import get_prompt_set
 
 logger = logging.getLogger(__name__)
 LOCAL_PREFIX = "local:"
@@ -264,26 +263,23 @@ def run_recycle(config: RecycleConfig) -> JobResult:
 
 def estimate_requests(config: OracleConfig, data) -> tuple[list[ChatRequest], list[ChatRequest]]:
     """First-attempt requests of a reflect run over `data` (re-asks not counted), as
-    `(requests, stand_ins)`: compression of rows with an input, instruction reflection and response
-    reflection of the original pair; then, as stand-ins for the response reflection of the
-    reflected pair (its instruction is unknown before the run), the original pair's request."""
-    from .data import text_column
+    `(requests, stand_ins)`, built by the stages themselves (`stage.requests(batch)`, the requests
+    `__call__` sends: stripped texts, inputs merged, rows without a request left out):
+    compression of rows with an input, instruction reflection and response reflection of the
+    origin pair; then, as stand-ins for the response reflection of the reflected pair (its
+    instruction is unknown before the run), the origin pair's response requests."""
+    from .reflect import CompressInstruction, NoOracle, ReflectInstruction, ReflectResponse
 
-    prompts = get_prompt_set(config.prompt_set)
+    kwargs = _stage_kwargs(config)
     batch = data.to_dict()
-    instructions = text_column(batch, "instruction", "estimate")
-    outputs = text_column(batch, "output", "estimate")
-    inputs = text_column(batch, "input", "estimate") if "input" in batch else [""] * len(instructions)
-    params = {"temperature": config.temperature, "max_tokens": config.max_new_tokens}
-    requests, stand_ins = [], []
-    for ins, inp, out in zip(instructions, inputs, outputs):
-        if inp and config.compress:
-            requests.append(ChatRequest(prompts.compress_messages(ins, inp), **params))
-            ins, inp = f"{ins}\n\n{inp}", ""
-        requests.append(ChatRequest(prompts.instruction_messages(ins, out), **params))
-        requests.append(ChatRequest(prompts.response_messages(ins, out, inp), **params))
-        stand_ins.append(requests[-1])
-    return requests, stand_ins
+    requests = []
+    if config.compress and "input" in batch:
+        compress = CompressInstruction(NoOracle(), **kwargs)
+        requests += compress.requests(batch)
+        batch = {**batch, **compress(batch)}  # the lossless merge stands in for the compressed text
+    requests += ReflectInstruction(NoOracle(), merge_input=True, **kwargs).requests(batch)
+    stand_ins = ReflectResponse(NoOracle(), **kwargs).requests(batch)
+    return requests + stand_ins, stand_ins
 
 
 def run_estimate(config: EstimateConfig) -> dict:

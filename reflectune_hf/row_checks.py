@@ -71,7 +71,7 @@ def input_survives(input: str, instruction: str) -> bool:
     (`MIN_KEPT`) of its content words (word tokens, case-folded, without function words and
     without "Label:" prefixes opening a line) match a word of the instruction on their first four
     letters (`STEM`; a shorter word matches as a prefix). On the 579 rows with an input of the
-    published Alpaca compression (`cherry_alpaca_5_percent_compressed.json`), 509 pass; the 70
+    published Alpaca compression (`cherry_alpaca_5_percent_compressed.json`), 510 pass; the 69
     that fail are placeholder inputs ("No input", "<noinput>"), inputs the reference swapped with
     another row's, and compressions that dropped the text, a URL or most of a poem. A stricter
     rule (90% of the exact words) rejects good rewrites such as "Topic: Time Management" ->

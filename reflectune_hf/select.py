@@ -9,7 +9,8 @@ Input columns, produced by `IFDScorer` (issue 5) and the reflection stages (issu
   `ifd_loss`, `rifd_loss` (loss ratios, `ratio="loss"`, as Cherry LLM).
 - `score_status` (str, optional): `"ok"` when the row was scored.
 - `reflection_status` (str, optional): the status of the last reflection step of the row, in
-  {`ok`, `instruction_fallback`, `output_fallback`, `failed`, `oracle_error`}.
+  `extract.STATUSES` (`ok`, `instruction_fallback`, `output_fallback`, `failed`, `truncated`,
+  `empty_input`, `invalid_text`, `oracle_error`).
 - `instruction`, `input` (optional), `output` (str).
 
 What counts as a score: a *valid* score is a finite number > 0 on a row whose `score_status`
@@ -41,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .data import ID_COLUMN, ColumnError, empty_dataset, require_columns
+from .extract import NOT_REFLECTED as EXTRACT_NOT_REFLECTED
 from .variants import VARIANT_SPLITS, align_by_id, check_variants, unify_schema
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ SCORE_OK = "ok"
 STATUS_COLUMN = "reflection_status"
 # Statuses of the response-reflection step meaning "the response was not rewritten": the row
 # still holds the previous response (fallback) or the oracle gave nothing usable.
-NOT_REFLECTED = frozenset({"output_fallback", "failed", "oracle_error"})
+NOT_REFLECTED = EXTRACT_NOT_REFLECTED  # output_fallback, failed, truncated, empty_input, invalid_text, oracle_error
 # Outcomes of the V2 decision per id, in the order the checks apply (see `explain_v2`).
 V2_REJECTIONS = ("missing_score", "not_improved", "not_reflected", "above_one")
 V2_SOURCES = ("reflect_response", "reflect_both")
@@ -287,7 +289,8 @@ def select_v2(variants, require_below_one: bool = True, ratio: str = "ppl"):
       path reads (IFD of ori and Q, r-IFD of the kept pair and of its twin, the twin's IFD) must
       be valid. NaN never wins a comparison by accident.
     - "Rows whose response is not reflected are discarded": a twin whose `reflection_status` is
-      `output_fallback`, `failed` or `oracle_error`, or whose `output` equals the kept pair's
+      in `NOT_REFLECTED` (`output_fallback`, `failed`, `truncated`, `empty_input`, `invalid_text`,
+      `oracle_error`), or whose `output` equals the kept pair's
       `output`, is never selected (it is the kept pair, not a reflected response).
     - A Q identical to ori (instruction, input and output) never wins phase 1.
 

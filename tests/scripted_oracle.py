@@ -15,6 +15,7 @@ from reflectune_hf.oracles.base import ChatRequest, ChatResult
 from reflectune_hf.utils import LazyState
 
 ERROR_PREFIX = "!error "
+LENGTH_PREFIX = "!length "  # an answer cut by the token limit (finish_reason "length")
 
 
 @dataclass
@@ -22,7 +23,8 @@ class ScriptedOracle(LazyState):
     """Answers by rule: the first `(needle, answers)` of `rules` whose needle occurs in the
     request's messages answers `answers[attempt]` (the last one for later attempts), where the
     attempt is the request's `seed` (None -> 0), as the stages number their re-asks. `default`
-    answers when no rule matches. An answer starting with "!error " is a failed result.
+    answers when no rule matches. An answer starting with "!error " is a failed result; one
+    starting with "!length " is the rest of the text with `finish_reason` "length".
 
     Runtime state (left out of the pickled state): `requests` (every request received) and
     `calls` (the number of `complete` calls).
@@ -51,8 +53,10 @@ class ScriptedOracle(LazyState):
             if text.startswith(ERROR_PREFIX):
                 results.append(ChatResult.failure(text[len(ERROR_PREFIX):]))
             else:
+                reason = "length" if text.startswith(LENGTH_PREFIX) else "stop"
+                text = text[len(LENGTH_PREFIX):] if reason == "length" else text
                 usage = {"prompt_tokens": 10, "completion_tokens": len(text.split()), "total_tokens": 10}
-                results.append(ChatResult(texts=[text], finish_reasons=["stop"], usage=usage))
+                results.append(ChatResult(texts=[text], finish_reasons=[reason], usage=usage))
         return results
 
 

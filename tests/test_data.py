@@ -40,6 +40,14 @@ def test_sample_is_arrow_backed_so_map_caches():
     assert load_sample().cache_files, "map results are only cached for Arrow-backed datasets"
 
 
+def test_add_ids_on_an_iterable_dataset():
+    # Issue #16.8: IterableDataset.map takes no `desc`; ids are added lazily, existing ones kept.
+    ds = Dataset.from_dict({"instruction": ["a", "b", "c"]}).to_iterable_dataset()
+    assert [row["id"] for row in add_ids(ds)] == [0, 1, 2]
+    with_ids = Dataset.from_dict({"instruction": ["a", "b"], "id": [7, 9]}).to_iterable_dataset()
+    assert [row["id"] for row in add_ids(with_ids)] == [7, 9]
+
+
 def test_add_ids_keeps_existing_and_rejects_duplicates():
     ds = Dataset.from_dict({"instruction": ["a", "b"], "id": [7, 9]})
     assert add_ids(ds)["id"] == [7, 9]

@@ -8,6 +8,7 @@ against the real llama.cpp server in tests/test_variants_server.py.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import pickle
 import subprocess
@@ -341,3 +342,149 @@ def test_random_strings_never_crash_a_stage(rows, answers):
         assert not has_input
     except ColumnError as error:
         assert has_input and "CompressInstruction" in str(error)
+
+
+# --- rows that get no request, lost inputs, truncated answers (issue #16) -----------------------
+
+
+def test_empty_rows_get_no_request_and_say_why():
+    # Issue #16.4: an empty, None or blank instruction/output is never sent, never called ok.
+    oracle = demo_oracle()
+    batch = _rows(instruction=["Name a bird.", "", None, "Hi"], input=["", "", "", ""], output=["Cat.", "x", "y", " \n"])
+    for stage, extract in ((ReflectResponse(oracle), extract_response_reflection),
+                           (ReflectInstruction(oracle), extract_instruction_reflection)):
+        oracle.requests = None
+        out = stage(batch)
+        assert len(oracle.requests) == 1 and out["reflection_attempts"] == [1, 0, 0, 0]
+        extracted = extract({**batch, **out})
+        assert extracted["reflection_status"] == ["ok", "empty_input", "empty_input", "empty_input"]
+        assert extracted["output"][1:] == ["x", "y", " \n"]  # rows kept unchanged
+    oracle.requests = None
+    out = CompressInstruction(oracle)(_rows(instruction=["", "Say hi.", " "], input=["Good morning", "Hello", ""]))
+    assert [r.seed for r in oracle.requests] == [None, 1]  # one row sent (its answer drops the input: re-asked)
+    assert out["compress_status"] == ["empty_input", "input_lost", "no_input"]
+    assert out["instruction"][0] == "Good morning" and out["input"] == ["", "", ""]  # the input is kept, merged
+
+
+def test_build_variants_sends_nothing_for_an_empty_output():
+    from reflectune_hf.variants import build_variants
+
+    oracle = demo_oracle()
+    ds = Dataset.from_dict({"instruction": ["Name a bird.", "Say hi."], "input": ["", ""], "output": ["Cat.", "  "]})
+    variants = build_variants(ds, oracle)
+    assert not any("Say hi." in r.message_dicts[1]["content"] for r in oracle.requests)
+    for split in ("reflect_instruction", "reflect_response", "reflect_both"):
+        assert variants[split][1]["reflection_status"] == "empty_input" and variants[split][1]["output"] == "  "
+
+
+def test_lone_surrogate_flags_its_row_and_the_batch_proceeds():
+    # Issue #16.9b: text that is not valid UTF-8 reaches a stage through Python batches (Arrow
+    # refuses it): that row gets no request and `invalid_text`; a real oracle answers the others.
+    from reflectune_hf.oracles import OpenAIOracle
+    from reflectune_hf.oracles.loopback import LoopbackServer
+
+    batch = _rows(instruction=["Name a bird \ud800.", "Name a star.", "Sort."], input=["", "", "3, 1\udfff"],
+                  output=["Cat.", "Sun", "1, 3"])
+    with LoopbackServer() as server:
+        oracle = OpenAIOracle("echo", base_url=server.base_url, max_retries=0)
+        out = ReflectResponse(oracle)(batch)
+        assert len(server.chat_requests) == 1 + 1  # the valid row and its re-ask (an echo does not parse)
+        assert extract_response_reflection({**batch, **out})["reflection_status"] == ["invalid_text", "failed",
+                                                                                      "invalid_text"]
+        compressed = CompressInstruction(oracle)(batch)
+        assert compressed["compress_status"] == ["invalid_text", "no_input", "invalid_text"]
+        assert len(server.chat_requests) == 2
+
+
+def test_a_compression_that_drops_the_input_falls_back_to_the_merge():
+    # Issue #16.5: "Translate the sentence." for a row whose input is the sentence loses it.
+    oracle = ScriptedOracle(rules=(
+        ("LOSES", ("[New Instruction] Translate the sentence. [End]",)),
+        ("KEEPS", ("[New Instruction] Translate the sentence. [End]", "[New Instruction] Translate 'The quick "
+                   "brown fox jumps over the lazy dog' to French. [End]")),
+    ))
+    sentence = "The quick brown fox jumps over the lazy dog."
+    batch = _rows(instruction=["LOSES Translate to French.", "KEEPS Translate to French."], input=[sentence] * 2)
+    out = CompressInstruction(oracle)(batch)
+    assert out["compress_status"] == ["input_lost", "ok"]  # an answer that loses the input is re-asked
+    assert out["instruction"][0] == f"LOSES Translate to French.\n\n{sentence}"
+    assert out["compress_raw"][0] == "[New Instruction] Translate the sentence. [End]"
+
+
+def test_input_rule_passes_real_compressions(shared_data):
+    # The published compression of the method (cherry_alpaca_5_percent_compressed.json, rows
+    # matched by output): nearly all keep their input by the rule; what fails is a real loss.
+    from reflectune_hf.row_checks import input_survives
+
+    rows = json.loads((shared_data / "cherry_alpaca_5_percent.json").read_text())
+    compressed = {r["output"]: r["instruction"] for r in
+                  json.loads((shared_data / "cherry_alpaca_5_percent_compressed.json").read_text())}
+    pairs = [(r["input"], compressed[r["output"]]) for r in rows if r.get("input", "").strip() and r["output"] in compressed]
+    kept = sum(input_survives(inp, ins) for inp, ins in pairs)
+    assert len(pairs) == 579 and kept == 510
+    good = {"Expectant Mothers": "Design a wellness plan for expectant mothers.",
+            "Topic: Time Management": "Write an essay about time management.",
+            "profession: Nurse": "What are the benefits of joining the nursing profession?",
+            'str1 = "abcdef"\nstr2 = "abcxyz"': 'Given two strings, "abcdef" and "abcxyz", find and return the longest '
+                                                 'common substring.'}
+    assert all(input_survives(inp, ins) for inp, ins in good.items())
+    assert not input_survives("https://www.nytimes.com/2021/02/11/business/tesla-stock-elon-musk.html",
+                              "Write a compelling summary in 5 sentences of the article.")
+
+
+def test_truncated_answers_are_reasked_and_never_ok():
+    # Issue #16.6: an answer cut by the token limit parses, but it is not complete.
+    cut_response = "!length 1. Short.\n2. [Better Answer] The Amur leopard is critically"
+    oracle = ScriptedOracle(rules=(
+        ("RES-CUT-THEN-OK", (cut_response, GOOD_RESPONSE.format(topic="cats"))),
+        ("RES-CUT", (cut_response,)),
+        ("INS-CUT", ("!length " + GOOD_INSTRUCTION.format(topic="x")[:-30],)),
+        ("COMP-CUT", ("!length [New Instruction] Translate 'Good morning' to Fr",)),
+    ))
+    rows = _rows(instruction=["RES-CUT-THEN-OK", "RES-CUT"], output=["Dog.", "Dog."])
+    out = ReflectResponse(oracle)(rows)
+    assert out["reflection_attempts"] == [2, 2] and out["reflection_finish_reason"] == ["stop", "length"]
+    extracted = extract_response_reflection({**rows, **out})
+    assert extracted["reflection_status"] == ["ok", "truncated"] and extracted["output"] == ["A detailed answer about cats.",
+                                                                                         "Dog."]
+    assert out["reflection_raw"][1] == cut_response[len("!length "):]  # the raw text is kept
+    rows = _rows(instruction=["INS-CUT"], output=["o"])
+    out = ReflectInstruction(oracle)(rows)
+    assert out["reflection_attempts"] == [2]
+    assert extract_instruction_reflection({**rows, **out})["reflection_status"] == ["truncated"]
+    out = CompressInstruction(oracle)(_rows(instruction=["COMP-CUT Translate."], input=["Good morning"]))
+    assert out["compress_status"] == ["truncated"] and out["instruction"] == ["COMP-CUT Translate.\n\nGood morning"]
+
+
+def test_a_stage_alone_runs_on_plain_and_streaming_alpaca_rows(tmp_path):
+    # Issue #16.8: no id column needed, streaming or not.
+    from datasets import load_dataset
+
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"q{i}", "input": "", "output": f"a{i}"}) + "\n" for i in range(3)))
+    for streaming in (False, True):
+        ds = load_dataset("json", data_files=str(path), split="train", streaming=streaming)
+        out = map_stage(ds, ReflectResponse(demo_oracle())).map(extract_response_reflection, batched=True)
+        rows = list(out)
+        assert [r["reflection_status"] for r in rows] == ["ok"] * 3 and all("id" not in r for r in rows)
+
+
+def test_estimate_builds_the_requests_the_stages_send():
+    # Issue #16.9d: one request builder (`stage.requests`), so the estimate's requests are the
+    # stages' first attempts (same cache keys: stripped texts, inputs merged, empty rows left out).
+    from reflectune_hf.pipeline import ReflectConfig, estimate_requests, reflect
+
+    ds = Dataset.from_dict({"instruction": [" Sort: ", "Name a star.", "Say hi.", "Add."],
+                            "input": ["3, 1, 2 ", "", "", "2, 2"], "output": ["1, 2, 3", " Sun ", "", "4"]})
+    for compress in (True, False):
+        config = ReflectConfig(oracle_model="scripted", compress=compress, max_new_tokens=64, format_retries=0)
+        oracle = demo_oracle()
+        reflect(config, data=ds, oracle=oracle)
+        requests, stand_ins = estimate_requests(config, ds)
+        sent = Counter(r.key("m") for r in oracle.requests)
+        estimated = Counter(r.key("m") for r in requests)
+        # Sent beyond the estimate: only the reflect_both requests, whose reflected instructions
+        # the estimate cannot know (it counts the origin's response requests as their stand-ins).
+        both = [r for r in oracle.requests if "Explain it in three steps." in r.message_dicts[1]["content"]]
+        assert not estimated - sent and sent - estimated == Counter(r.key("m") for r in both)
+        assert len(both) == len(stand_ins) == 3  # the row with an empty output sends nothing
