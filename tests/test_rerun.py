@@ -155,3 +155,18 @@ def test_cli_reflect_twice_heals_the_failed_rows(tmp_path):
         before = len(server.chat_requests)
         third = reflectune(*args, timeout=300)
         assert third.returncode == 0 and server.sent(before) == []
+
+
+@pytest.mark.slow
+def test_rerun_of_a_clean_run_loads_no_local_model(tmp_path, smollm2_dir):
+    from reflectune_hf import ReflectResponse, TransformersOracle, map_stage
+
+    Dataset.from_dict({"instruction": ["Name a bird.", "Name a star."], "output": ["Cat.", "Moon."]}).save_to_disk(
+        tmp_path / "ds")
+    first = TransformersOracle("smollm2-135m-instruct", max_new_tokens=8)
+    out = map_stage(load_from_disk(str(tmp_path / "ds")), ReflectResponse(first, max_tokens=8, format_retries=0))
+    assert list(out["reflection_error"]) == ["", ""] and getattr(first, "_model", None) is not None
+    again = TransformersOracle("smollm2-135m-instruct", max_new_tokens=8)
+    rerun = map_stage(load_from_disk(str(tmp_path / "ds")), ReflectResponse(again, max_tokens=8, format_retries=0))
+    assert list(rerun["reflection_raw"]) == list(out["reflection_raw"])
+    assert getattr(again, "_model", None) is None  # served by the datasets cache: nothing loaded, nothing sent
