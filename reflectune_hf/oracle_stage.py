@@ -200,10 +200,9 @@ class OracleStage(LazyState):
         Example:
             >>> from reflectune_hf.reflect import NoOracle, ReflectResponse
             >>> batch = {"instruction": [" Name a bird. ", ""], "output": ["Cat.", "x"]}
-            >>> [r.message_dicts[1]["content"][-40:] for r in ReflectResponse(NoOracle()).requests(batch)][:1] != []
-            True
-            >>> len(ReflectResponse(NoOracle()).requests(batch))  # the empty instruction sends nothing
-            1
+            >>> requests = ReflectResponse(NoOracle()).requests(batch)  # the empty instruction sends nothing
+            >>> len(requests), "[Instruction]\\nName a bird.\\n" in requests[0].message_dicts[1]["content"]
+            (1, True)
         """
         _, _, _, conversations, _ = self._plan(batch)
         return [self.request(messages) for messages in conversations]

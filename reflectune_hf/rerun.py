@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from typing import Any
@@ -98,7 +99,8 @@ def map_stage(dataset, stage: Any, **map_kwargs):
     failed (see the module docstring): the one call to run an oracle stage.
 
     Args:
-        dataset: a `Dataset` (or `IterableDataset`: a plain lazy `map`).
+        dataset: a `Dataset` (or `IterableDataset`: a plain lazy `map`, without the options
+            it does not take, such as `desc` or `num_proc`).
         stage: an oracle stage (`CompressInstruction`, `ReflectInstruction`, `ReflectResponse`, or
             any callable with an `error_column` or a `failed_rows(dataset)` method).
         **map_kwargs: passed to `Dataset.map` (`batched=True` unless given; `batch_size`,
@@ -110,8 +112,9 @@ def map_stage(dataset, stage: Any, **map_kwargs):
     from datasets import Dataset
 
     map_kwargs.setdefault("batched", True)
-    if not isinstance(dataset, Dataset):
-        return dataset.map(stage, **map_kwargs)
+    if not isinstance(dataset, Dataset):  # IterableDataset.map takes no desc, num_proc, cache options
+        accepted = inspect.signature(dataset.map).parameters
+        return dataset.map(stage, **{k: v for k, v in map_kwargs.items() if k in accepted})
     if len(dataset) == 0:
         return _empty_result(dataset, stage)
     plain = (not dataset.cache_files or map_kwargs.get("load_from_cache_file") is False

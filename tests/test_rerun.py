@@ -110,7 +110,7 @@ def test_in_memory_iterable_and_empty_datasets(tmp_path):
 
     ds = Dataset.from_dict({"instruction": ["a", "b"], "output": ["c", "d"]})
     assert list(map_stage(ds, ReflectResponse(demo_oracle()))["reflection_error"]) == ["", ""]
-    streamed = map_stage(ds.to_iterable_dataset(), ReflectResponse(demo_oracle()))
+    streamed = map_stage(ds.to_iterable_dataset(), ReflectResponse(demo_oracle()), desc="Reflecting", batch_size=1)
     assert [row["reflection_attempts"] for row in streamed] == [1, 1]
     # Issue #16.9a: 0 rows give the stage's output columns (map alone returns none).
     for empty in (ds.select([]), load_from_disk(_saved(ds, tmp_path)).select([])):
