@@ -112,13 +112,16 @@ class OracleStage(LazyState):
 
     # -- the oracle loop -----------------------------------------------------------------------
 
-    def request(self, messages: list[dict], attempt: int = 0) -> ChatRequest:
-        """The request of one attempt: attempt 0 as configured, re-asks distinct (module docstring)."""
+    def request(self, messages: list[dict], attempt: int = 0, longer: bool = False) -> ChatRequest:
+        """The request of one attempt: attempt 0 as configured, re-asks distinct (module docstring);
+        `longer` (the re-ask of an answer cut by the token limit) doubles `max_tokens` (the oracle
+        still caps it to what the context window leaves)."""
         temperature, seed = self.temperature, self.seed
         if attempt:
             temperature, seed = max(self.temperature, self.retry_temperature), (self.seed or 0) + attempt
+        max_tokens = self.max_tokens * 2 if longer and self.max_tokens else self.max_tokens
         return ChatRequest(
-            messages=messages, temperature=temperature, top_p=self.top_p, max_tokens=self.max_tokens, seed=seed
+            messages=messages, temperature=temperature, top_p=self.top_p, max_tokens=max_tokens, seed=seed
         )
 
     def _complete(self, requests: list[ChatRequest]) -> list:
@@ -147,7 +150,8 @@ class OracleStage(LazyState):
         for attempt in range(1 + self.format_retries):
             if not pending:
                 break
-            results = self._complete([self.request(conversations[i], attempt) for i in pending])
+            results = self._complete([self.request(conversations[i], attempt, longer=answers[i].finish_reason == "length")
+                                      for i in pending])
             retry = []
             for i, result in zip(pending, results):
                 answer = answers[i]

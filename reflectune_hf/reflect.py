@@ -16,7 +16,8 @@ Rows that cannot be sent get no request, keep their values and say why (`row_che
 `empty_input` (an empty, None or blank instruction or output; for compression, a blank
 instruction with an input) and `invalid_text` (text that is not valid UTF-8, e.g. a lone
 surrogate). An answer cut by the token limit (`finish_reason == "length"`) counts as unparsed (it
-is re-asked) and, when kept, gives the status `truncated` with the previous text as fallback.
+is re-asked, with twice the `max_tokens`) and, when kept, gives the status `truncated` with the
+previous text as fallback.
 
 The `id` column is optional: the stages keep every row in order; with
 `map(..., with_indices=True)` and no `id` column, they add `id` from the indices.

@@ -448,6 +448,7 @@ def test_truncated_answers_are_reasked_and_never_ok():
     assert extracted["reflection_status"] == ["ok", "truncated"] and extracted["output"] == ["A detailed answer about cats.",
                                                                                          "Dog."]
     assert out["reflection_raw"][1] == cut_response[len("!length "):]  # the raw text is kept
+    assert [r.max_tokens for r in oracle.requests] == [2048, 2048, 4096, 4096]  # the re-ask may say more
     rows = _rows(instruction=["INS-CUT"], output=["o"])
     out = ReflectInstruction(oracle)(rows)
     assert out["reflection_attempts"] == [2]
