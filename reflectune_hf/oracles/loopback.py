@@ -2,8 +2,9 @@
 
 It answers `POST /v1/chat/completions` and `GET /v1/models` with a configurable latency and
 faults chosen per prompt and attempt (429 with `Retry-After`, 500, 503, a response slower than
-any sane timeout, a malformed JSON body, a dropped connection, 401, 404), counts every request,
-and can instead forward each request to a real upstream server (a counting proxy).
+any sane timeout, a 200 whose body is truncated JSON or JSON without `choices`, a dropped
+connection, 401, 404), counts every request and every answer delivered in full, and can instead
+forward each request to a real upstream server (a counting proxy).
 
 It is not an LLM: by default the answer to a prompt is `"echo: <prompt>"`. Run it alone with
 `python -m reflectune_hf.oracles.loopback --latency 0.2` (it prints its base URL).
@@ -23,6 +24,8 @@ import argparse
 import contextlib
 import json
 import random
+import select
+import socket
 import threading
 import time
 import urllib.error
@@ -31,7 +34,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional, Union
 
-ACTIONS = ("ok", "429", "500", "503", "slow", "malformed", "drop", "401", "404")
+ACTIONS = ("ok", "429", "500", "503", "slow", "malformed", "no_choices", "drop", "401", "404")
 Faults = Union[None, dict, Callable[[str, int], Optional[str]]]
 
 
@@ -47,7 +50,8 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
 
-    def _send(self, status: int, payload, headers: Optional[dict] = None) -> None:
+    def _send(self, status: int, payload, headers: Optional[dict] = None) -> bool:
+        """Write one response; False when the client is gone (it gave up: a timeout)."""
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         try:
             self.send_response(status)
@@ -57,8 +61,19 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
+            self.wfile.flush()
+            return True
         except OSError:  # the client gave up (timeout): nothing to do
             self.close_connection = True
+            return False
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed the connection while its request was being answered."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _authorized(self) -> bool:
         key = self.server.owner.api_key
@@ -109,10 +124,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(int(action), {"error": {"message": f"scripted {action}", "type": "server_error"}})
         elif action == "malformed":
             self._send(200, b'{"id": "chatcmpl-x", "choices": [{"index": 0, "message": {"content": "trunc')
+        elif action == "no_choices":
+            self._send(200, {"id": "chatcmpl-x", "object": "chat.completion", "model": owner.model})
         else:
             if action == "slow":
                 time.sleep(owner.slow_seconds)
-            self._send(200, owner.completion(body, prompt))
+                if self._client_gone():  # it timed out: an answer written now would reach no one
+                    self.close_connection = True
+                    return
+            if self._send(200, owner.completion(body, prompt)):
+                owner.record_delivery(prompt)
 
     def _forward(self, raw: Optional[bytes]) -> None:
         owner = self.server.owner
@@ -160,6 +181,8 @@ class LoopbackServer:
 
     Attributes:
         log: one `{"path", "prompt", "action", "time"}` dict per request received.
+        delivered: per prompt, the completions written in full to a client still waiting for them
+            (what a paying user is billed for).
         peak_in_flight: the most chat (or forwarded) requests handled at the same moment.
     """
 
@@ -170,6 +193,7 @@ class LoopbackServer:
         self.api_key, self.honor_n, self.upstream, self.model = api_key, honor_n, upstream, model
         self.retry_after, self.slow_seconds = retry_after, slow_seconds
         self.log: list[dict] = []
+        self.delivered: Counter = Counter()
         self._attempts: Counter = Counter()
         self.peak_in_flight = self._in_flight = 0
         self._lock = threading.Lock()
@@ -207,6 +231,10 @@ class LoopbackServer:
     def record(self, path: str, prompt: Optional[str], action: str) -> None:
         with self._lock:
             self.log.append({"path": path, "prompt": prompt, "action": action, "time": time.time()})
+
+    def record_delivery(self, prompt: str) -> None:
+        with self._lock:
+            self.delivered[prompt] += 1
 
     @contextlib.contextmanager
     def in_flight(self):
