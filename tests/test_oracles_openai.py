@@ -40,7 +40,8 @@ def test_every_fault_comes_back_ok_or_recorded(fast):
     faults = {
         "rate-limited": ["429", "ok"], "err500": ["500", "ok"], "err503": ["503", "503", "ok"],
         "slow-once": ["slow", "ok"], "dropped-once": ["drop", "ok"],
-        "malformed": ["malformed"], "always-slow": ["slow"] * 3, "always-500": ["500"] * 3,
+        "malformed-once": ["malformed", "ok"], "no-choices-once": ["no_choices", "ok"],
+        "malformed": ["malformed", "no_choices", "malformed"], "always-slow": ["slow"] * 3, "always-500": ["500"] * 3,
         "always-dropped": ["drop"] * 3,
     }
     prompts = list(faults) + [f"fine-{i}" for i in range(6)]
@@ -48,9 +49,10 @@ def test_every_fault_comes_back_ok_or_recorded(fast):
         oracle = OpenAIOracle("echo", base_url=server.base_url, **fast)
         results = oracle.complete(ask(*prompts))
         by_prompt = dict(zip(prompts, results))
-        for prompt in ["rate-limited", "err500", "err503", "slow-once", "dropped-once"] + prompts[-6:]:
+        for prompt in ["rate-limited", "err500", "err503", "slow-once", "dropped-once", "malformed-once",
+                       "no-choices-once"] + prompts[-6:]:
             assert by_prompt[prompt].ok and by_prompt[prompt].texts == [f"echo: {prompt}"], prompt
-        assert "malformed" in by_prompt["malformed"].error
+        assert "malformed" in by_prompt["malformed"].error and "after 2 retries" in by_prompt["malformed"].error
         assert "timeout" in by_prompt["always-slow"].error
         assert "HTTP 500" in by_prompt["always-500"].error
         assert "connection error" in by_prompt["always-dropped"].error
@@ -206,7 +208,7 @@ def test_rate_limiter_spreads_requests():
 
 def test_api_key_never_reaches_cache_logs_or_results(tmp_path, caplog):
     secret = "sk-test-LEAKCHECK-0123456789"
-    faults = {"flaky": ["500", "ok"], "broken": ["500"] * 3, "garbled": ["malformed"]}
+    faults = {"flaky": ["500", "ok"], "broken": ["500"] * 3, "garbled": ["malformed"] * 3}
     caplog.set_level(logging.DEBUG)
     with LoopbackServer(api_key=secret, faults=faults) as server:
         oracle = OpenAIOracle("echo", base_url=server.base_url, api_key=secret, timeout=2, max_retries=2)
