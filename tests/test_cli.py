@@ -289,3 +289,29 @@ def test_closing_table_counts_each_split_once():
     assert lines[1].split() == ["origin", "2", "ok:", "1,", "empty_output:", "1"]  # reflection_status is empty there
     assert lines[2].split() == ["reflect_both", "2", "ok:", "1,", "failed:", "1"]
     assert [line.split()[0] for line in lines].count("selected") == 1
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_credentials_in_base_url_reach_the_server_and_nothing_else(tmp_path, verbose):
+    """`--base_url http://user:key@host/v1`: the server gets the credentials (HTTP basic auth, as
+    the HTTP library sends a URL's userinfo), while stdout, stderr (also with -v), the output
+    folder and the oracle cache hold neither them nor the API key."""
+    import base64
+
+    secrets = ["sekrit", base64.b64encode(b"user:sekrit").decode(), "sk-bearer-LEAKCHECK"]
+    with LoopbackServer(basic_auth=("user", "sekrit")) as server:
+        url = server.base_url.replace("http://", "http://user:sekrit@")
+        out = reflectune("reflect", "--data", "sample", "--limit", 2, "--oracle_model", "echo", "--base_url", url,
+                         "--format_retries", 0, "--output_dir", tmp_path / "out", *(["-v"] if verbose else []),
+                         env={"OPENAI_API_KEY": "sk-bearer-LEAKCHECK"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert len(server.chat_requests) >= 2 * 2  # every request was authorised: a 401 fails the command
+    assert "127.0.0.1" in out.stderr + out.stdout or not verbose
+    cache = Path(os.environ["REFLECTUNE_HF_ORACLE_CACHE"])
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()] + list(cache.parent.glob(cache.name + "*"))
+    assert any(p.name == "README.md" for p in files) and any(p.name.startswith(cache.name) for p in files)
+    for secret in secrets:
+        assert secret not in out.stdout and secret not in out.stderr, secret
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), (secret, path)
+    assert "HTTP Request:" not in out.stderr or verbose  # the per-request log is off by default

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import random
@@ -76,8 +77,15 @@ class _Handler(BaseHTTPRequestHandler):
             return True
 
     def _authorized(self) -> bool:
-        key = self.server.owner.api_key
-        sent = self.headers.get("Authorization", "")
+        owner = self.server.owner
+        key, sent = owner.api_key, self.headers.get("Authorization", "")
+        if owner.basic_auth is not None:
+            token = base64.b64encode(":".join(owner.basic_auth).encode()).decode()
+            if sent == f"Basic {token}":
+                return True
+            self._send(401, {"error": {"message": "Basic authentication required", "type": "invalid_request_error"}},
+                       {"WWW-Authenticate": 'Basic realm="loopback"'})
+            return False
         if key is None or sent == f"Bearer {key}":
             return True
         # Like real services, the message quotes what was sent: clients must redact it.
@@ -175,6 +183,8 @@ class LoopbackServer:
             callable `(prompt, attempt) -> action`; actions: `ACTIONS`.
         error_rate: probability that an unscripted request gets a "429" or "500" (benchmarks).
         api_key: when set, requests without `Authorization: Bearer <api_key>` get a 401.
+        basic_auth: `(user, password)`: when set, requests without that HTTP basic auth get a 401
+            (a server behind a proxy that takes `http://user:password@host/v1`).
         honor_n: return `n` choices (False mimics llama.cpp, which returns one).
         upstream: forward every request to this base URL instead (a counting proxy).
         retry_after: the `Retry-After` header of 429s. slow_seconds: how long "slow" waits.
@@ -188,10 +198,12 @@ class LoopbackServer:
 
     def __init__(self, latency: float = 0.0, jitter: float = 0.0, faults: Faults = None, error_rate: float = 0.0,
                  api_key: Optional[str] = None, honor_n: bool = True, upstream: Optional[str] = None,
-                 retry_after: str = "1", slow_seconds: float = 5.0, model: str = "echo", seed: int = 0):
+                 retry_after: str = "1", slow_seconds: float = 5.0, model: str = "echo", seed: int = 0,
+                 basic_auth: Optional[tuple[str, str]] = None):
         self.latency, self.jitter, self.faults, self.error_rate = latency, jitter, faults, error_rate
         self.api_key, self.honor_n, self.upstream, self.model = api_key, honor_n, upstream, model
         self.retry_after, self.slow_seconds = retry_after, slow_seconds
+        self.basic_auth = tuple(basic_auth) if basic_auth is not None else None
         self.log: list[dict] = []
         self.delivered: Counter = Counter()
         self._attempts: Counter = Counter()
