@@ -223,7 +223,7 @@ class OpenAIOracle(CachingOracle):
         try:
             completion_budget(request.max_tokens, counter.count(request), self.context_window, exact=counter.exact)
         except ValueError as err:
-            hint = "" if counter.exact else "; pass tokenizer= (--tokenizer) to count it exactly"
+            hint = "" if counter.exact else "; tokenizer= (--context_tokenizer) counts it exactly"
             return f"{err}: not sent (shorten the row or raise context_window{hint})"
         return None
 
