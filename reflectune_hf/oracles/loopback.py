@@ -114,7 +114,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(raw or b"{}")
         prompt = _prompt_of(body)
         action = owner.action_for(prompt)
-        owner.record(self.path, prompt, action)
+        owner.record(self.path, prompt, action, body)
         with owner.in_flight():
             self._chat(owner, body, prompt, action)
 
@@ -190,7 +190,8 @@ class LoopbackServer:
         retry_after: the `Retry-After` header of 429s. slow_seconds: how long "slow" waits.
 
     Attributes:
-        log: one `{"path", "prompt", "action", "time"}` dict per request received.
+        log: one `{"path", "prompt", "action", "time", "body"}` dict per request received (`body`:
+            the JSON of a chat request, else None).
         delivered: per prompt, the completions written in full to a client still waiting for them
             (what a paying user is billed for).
         peak_in_flight: the most chat (or forwarded) requests handled at the same moment.
@@ -240,9 +241,9 @@ class LoopbackServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     # -- behaviour ----------------------------------------------------------------------------
-    def record(self, path: str, prompt: Optional[str], action: str) -> None:
+    def record(self, path: str, prompt: Optional[str], action: str, body: Optional[dict] = None) -> None:
         with self._lock:
-            self.log.append({"path": path, "prompt": prompt, "action": action, "time": time.time()})
+            self.log.append({"path": path, "prompt": prompt, "action": action, "time": time.time(), "body": body})
 
     def record_delivery(self, prompt: str) -> None:
         with self._lock:
