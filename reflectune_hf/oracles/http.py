@@ -139,7 +139,8 @@ def in_flight_client(limit: int, stop: Optional[asyncio.Event] = None, auth: Opt
                 if problem is not None:
                     message = f"malformed response body: HTTP 200 with {problem}"
                     return library.Response(502, headers={MALFORMED_HEADER: "1"}, request=request,
-                                            json={"error": {"message": message, "type": "malformed_response"}})
+                                            json={"error": {"message": message, "type": "malformed_response"}},
+                                            extensions={"reason_phrase": b"Malformed 200 body (seen as a 502)"})
                 response.extensions[PARSED_JSON] = data
             return response
 
