@@ -81,7 +81,11 @@ class PromptCounter(LazyState):
         if getattr(self, "_tokenizer", None) is None:
             from ..models import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.tokenizer)
+            tokenizer = load_tokenizer(self.tokenizer)
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(f"tokenizer {self.tokenizer!r} has no chat template, so it cannot count a chat "
+                                 "prompt: give the served model's tokenizer, or none for the estimate")
+            self._tokenizer = tokenizer
         ids = self._tokenizer.apply_chat_template(request.message_dicts, tokenize=True, add_generation_prompt=True)
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
