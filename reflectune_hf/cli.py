@@ -10,7 +10,8 @@ override it), in the manner of TRL's `TrlParser`.
     reflectune sft --config scripts/configs/smoke_cpu.yaml
 
 Exit codes: 0 success, 1 a failed job (the error is printed without a traceback; `-v` shows
-it), 2 bad arguments.
+it), 2 bad arguments. `-v` also shows the HTTP library's and the openai SDK's per-request logs,
+kept at WARNING otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from . import pipeline
 
 logger = logging.getLogger("reflectune_hf")
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai")  # kept at WARNING unless -v
 
 JOBS: dict[str, tuple[type, Callable, str]] = {
     "recycle": (pipeline.RecycleConfig, pipeline.run_recycle,
@@ -103,6 +105,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     verbose = "-v" in argv
     argv = [a for a in argv if a != "-v"]
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # one INFO line per HTTP request (and per SDK retry) is noise: -v shows them
+        for name in HTTP_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

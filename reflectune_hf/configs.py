@@ -46,6 +46,14 @@ def _at_least(config, minimum, *names: str, optional: bool = False, strict: bool
             raise ValueError(f"{name} must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
 
 
+def _integer(config, name: str, minimum: int, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
 class _Checked:
     """Runs the `_check` of every config class in the hierarchy when a config is made."""
 
@@ -91,6 +99,17 @@ class OracleConfig(_Checked):
         "OpenAI-compatible server (vLLM, TGI, Ollama, llama.cpp); default OPENAI_BASE_URL or api.openai.com"))
     batch_api: bool = field(default=False, metadata=_help("use the OpenAI Batch API (half price, hours of latency)"))
     max_concurrency: int = field(default=32, metadata=_help("requests in flight"))
+    timeout: float = field(default=120.0, metadata=_help(
+        "seconds an HTTP attempt to the oracle server may take before it is retried"))
+    max_retries: int = field(default=6, metadata=_help(
+        "retries per oracle request (429, 5xx, timeouts, dropped connections, malformed answers; exponential "
+        "backoff, Retry-After honoured); a request still failing after them fails its row, and a rerun retries it"))
+    context_window: Optional[int] = field(default=None, metadata=_help(
+        "context length of the server's model: each request's completion budget becomes min(max_new_tokens, "
+        "context_window - prompt tokens) and a prompt that does not fit fails its row without being sent"))
+    context_tokenizer: Optional[str] = field(default=None, metadata=_help(
+        "tokenizer (Hub id, path or embedded alias) that counts prompt tokens for --context_window; default: an "
+        "over-estimate from the text's size"))
     requests_per_minute: Optional[float] = field(default=None, metadata=_help("rate limit"))
     tokens_per_minute: Optional[float] = field(default=None, metadata=_help("rate limit"))
     local_batch_size: int = field(default=8, metadata=_help("generation batch of a local: oracle"))
@@ -104,6 +123,9 @@ class OracleConfig(_Checked):
     def _check(self):
         _at_least(self, 1, "max_concurrency", "local_batch_size", "max_new_tokens", "reflect_batch_size")
         _at_least(self, 0, "temperature", "format_retries")
+        _at_least(self, 0, "timeout", strict=True)
+        _integer(self, "max_retries", minimum=0)
+        _integer(self, "context_window", minimum=1, optional=True)
         _at_least(self, 0, "requests_per_minute", "tokens_per_minute", optional=True, strict=True)
         _one_of("prompt_set", self.prompt_set, PROMPT_SETS)
 

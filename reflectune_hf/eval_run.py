@@ -54,6 +54,8 @@ class EvalConfig:
     responses_b: Optional[str] = field(default=None, metadata={"help": "Instead of model B: a response file."})
     judge_model: Optional[str] = field(default=None, metadata={"help": "The judge model (required)."})
     judge_base_url: Optional[str] = field(default=None, metadata={"help": "OpenAI-compatible server of the judge."})
+    timeout: float = field(default=120.0, metadata={"help": "Seconds an HTTP attempt to a server may take."})
+    max_retries: int = field(default=6, metadata={"help": "Retries per server request (429, 5xx, timeouts, ...)."})
     max_new_tokens: int = field(default=512, metadata={"help": "Answer length limit (tokens)."})
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature of the answers."})
     judge_max_tokens: int = field(default=1024, metadata={"help": "Judge answer limit (the reference's 1024)."})
@@ -78,19 +80,20 @@ class EvalConfig:
             raise ValueError("--judge_model is required")
 
 
-def make_oracle(model: str, base_url: Optional[str], max_tokens: int):
+def make_oracle(model: str, base_url: Optional[str], max_tokens: int, timeout: float = 120.0, max_retries: int = 6):
     """`OpenAIOracle(model, base_url)` when a server is given, else a local `TransformersOracle`."""
     from .oracles import OpenAIOracle, TransformersOracle
 
     if base_url:
-        return OpenAIOracle(model, base_url=base_url)
+        return OpenAIOracle(model, base_url=base_url, timeout=timeout, max_retries=max_retries)
     return TransformersOracle(model=model, max_new_tokens=max_tokens)
 
 
 def _answered(config: EvalConfig) -> dict:
     """{test set name: Dataset with instruction, input, response_a, response_b (+ statuses)}."""
-    oracle_a = make_oracle(config.model_a, config.base_url_a, config.max_new_tokens)
-    oracle_b = make_oracle(config.model_b, config.base_url_b, config.max_new_tokens)
+    server = {"timeout": config.timeout, "max_retries": config.max_retries}
+    oracle_a = make_oracle(config.model_a, config.base_url_a, config.max_new_tokens, **server)
+    oracle_b = make_oracle(config.model_b, config.base_url_b, config.max_new_tokens, **server)
     out = {}
     for spec in config.test_sets:
         ds = load_eval_set(spec, eval_dir=config.eval_dir, max_rows=config.max_rows)
@@ -149,7 +152,8 @@ def run_eval(config: EvalConfig) -> dict:
         `{"summaries": {test set: judge_summary}, "files": {...}, "table": str}`.
     """
     answered = _paired(config) if config.responses_a else _answered(config)
-    judge = PairwiseJudge(make_oracle(config.judge_model, config.judge_base_url, config.judge_max_tokens),
+    judge = PairwiseJudge(make_oracle(config.judge_model, config.judge_base_url, config.judge_max_tokens,
+                                      timeout=config.timeout, max_retries=config.max_retries),
                           max_tokens=config.judge_max_tokens)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,8 @@ def load_input(config: DataConfig):
 
 def make_oracle(config: OracleConfig):
     """The oracle of `config.oracle_model`: `local:<model>` runs a transformers model here; any
-    other name goes to an OpenAI-compatible server (the Batch API with `batch_api`)."""
+    other name goes to an OpenAI-compatible server (the Batch API with `batch_api`) with the
+    config's `timeout`, `max_retries`, `context_window` (and `context_tokenizer`)."""
     name = config.oracle_model
     if not name:
         raise ValueError("--oracle_model is required: a model name on an OpenAI-compatible server "
@@ -70,9 +71,11 @@ def make_oracle(config: OracleConfig):
         return TransformersOracle(model=name[len(LOCAL_PREFIX):] or "smollm2-135m-instruct",
                                   batch_size=config.local_batch_size, max_new_tokens=config.max_new_tokens)
     if config.batch_api:
-        return OpenAIBatchOracle(name, base_url=config.base_url)
+        return OpenAIBatchOracle(name, base_url=config.base_url, timeout=config.timeout, max_retries=config.max_retries)
     return OpenAIOracle(name, base_url=config.base_url, max_concurrency=config.max_concurrency,
-                        requests_per_minute=config.requests_per_minute, tokens_per_minute=config.tokens_per_minute)
+                        requests_per_minute=config.requests_per_minute, tokens_per_minute=config.tokens_per_minute,
+                        timeout=config.timeout, max_retries=config.max_retries, context_window=config.context_window,
+                        tokenizer=config.context_tokenizer)
 
 
 def _stage_kwargs(config: OracleConfig) -> dict:

@@ -58,6 +58,9 @@ class TunaScriptArguments:
     sample_max_tokens: int = field(default=512, metadata={"help": "Token budget of each sampled response."})
     judge_max_tokens: int = field(default=2048, metadata={"help": "Token budget of the judge's answer."})
     oracle_max_concurrency: int = field(default=32, metadata={"help": "Requests in flight to the server."})
+    oracle_timeout: float = field(default=120.0, metadata={"help": "Seconds an HTTP attempt to a server may take."})
+    oracle_max_retries: int = field(default=6, metadata={
+        "help": "Retries per server request (429, 5xx, timeouts, ...)."})
     student_base_url: Optional[str] = field(default=None, metadata={
         "help": "contextual: a server answering for the model being trained (needed when it has no chat template); "
                 "unset: the model itself through transformers."})
@@ -67,11 +70,13 @@ class TunaScriptArguments:
         "help": "Also train on each original Alpaca pair as a one-candidate (CE only) row, for regularisation."})
 
 
-def make_oracle(model: str, base_url: Optional[str], max_tokens: int, max_concurrency: int = 32):
+def make_oracle(model: str, base_url: Optional[str], max_tokens: int, max_concurrency: int = 32,
+                timeout: float = 120.0, max_retries: int = 6):
     from reflectune_hf.oracles import OpenAIOracle, TransformersOracle
 
     if base_url:
-        return OpenAIOracle(model, base_url=base_url, max_concurrency=max_concurrency)
+        return OpenAIOracle(model, base_url=base_url, max_concurrency=max_concurrency, timeout=timeout,
+                            max_retries=max_retries)
     return TransformersOracle(model, max_new_tokens=max_tokens)
 
 
@@ -84,7 +89,8 @@ def rank_dataset(ds, script_args, student_model: str):
                          f"{'teacher' if script_args.stage == 'probabilistic' else 'judge'}) to rank it.")
     oracle = make_oracle(script_args.oracle_model, script_args.oracle_base_url,
                          max(script_args.sample_max_tokens, script_args.judge_max_tokens),
-                         script_args.oracle_max_concurrency)
+                         script_args.oracle_max_concurrency, script_args.oracle_timeout,
+                         script_args.oracle_max_retries)
     sample = dict(n=script_args.num_responses, temperature=script_args.sample_temperature,
                   max_tokens=script_args.sample_max_tokens)
     if script_args.stage == "probabilistic":
@@ -93,7 +99,8 @@ def rank_dataset(ds, script_args, student_model: str):
     elif script_args.stage == "contextual":
         if "responses" not in ds.column_names:
             student = make_oracle(student_model, script_args.student_base_url, script_args.sample_max_tokens,
-                                  script_args.oracle_max_concurrency)
+                                  script_args.oracle_max_concurrency, script_args.oracle_timeout,
+                                  script_args.oracle_max_retries)
             ds = ds.map(SampleResponses(student, **sample), batched=True, desc="Tuna: sampling the student")
         judge = ContextualRank(oracle, max_tokens=script_args.judge_max_tokens)
         ds = ds.map(judge, batched=True, desc="Tuna: contextual ranking")

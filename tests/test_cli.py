@@ -12,7 +12,7 @@ import pytest
 import yaml
 from datasets import DatasetDict, load_from_disk
 
-from reflectune_hf import cli
+from reflectune_hf import cli, pipeline
 from reflectune_hf.oracles.loopback import LoopbackServer
 
 
@@ -289,3 +289,107 @@ def test_closing_table_counts_each_split_once():
     assert lines[1].split() == ["origin", "2", "ok:", "1,", "empty_output:", "1"]  # reflection_status is empty there
     assert lines[2].split() == ["reflect_both", "2", "ok:", "1,", "failed:", "1"]
     assert [line.split()[0] for line in lines].count("selected") == 1
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_credentials_in_base_url_reach_the_server_and_nothing_else(tmp_path, verbose):
+    """`--base_url http://user:key@host/v1`: the server gets the credentials (HTTP basic auth, as
+    the HTTP library sends a URL's userinfo), while stdout, stderr (also with -v), the output
+    folder and the oracle cache hold neither them nor the API key."""
+    import base64
+
+    secrets = ["sekrit", base64.b64encode(b"user:sekrit").decode(), "sk-bearer-LEAKCHECK"]
+    with LoopbackServer(basic_auth=("user", "sekrit")) as server:
+        url = server.base_url.replace("http://", "http://user:sekrit@")
+        out = reflectune("reflect", "--data", "sample", "--limit", 2, "--oracle_model", "echo", "--base_url", url,
+                         "--format_retries", 0, "--output_dir", tmp_path / "out", *(["-v"] if verbose else []),
+                         env={"OPENAI_API_KEY": "sk-bearer-LEAKCHECK"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert len(server.chat_requests) >= 2 * 2  # every request was authorised: a 401 fails the command
+    assert "127.0.0.1" in out.stderr + out.stdout or not verbose
+    cache = Path(os.environ["REFLECTUNE_HF_ORACLE_CACHE"])
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()] + list(cache.parent.glob(cache.name + "*"))
+    assert any(p.name == "README.md" for p in files) and any(p.name.startswith(cache.name) for p in files)
+    for secret in secrets:
+        assert secret not in out.stdout and secret not in out.stderr, secret
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), (secret, path)
+    assert "HTTP Request:" not in out.stderr or verbose  # the per-request log is off by default
+
+
+@pytest.mark.parametrize("command", ["reflect", "recycle", "estimate"])
+def test_oracle_client_options_are_flags_and_yaml_keys_and_reach_the_oracle(command, tmp_path):
+    from trl import TrlParser
+
+    from reflectune_hf.oracles import OpenAIBatchOracle, OpenAIOracle
+
+    config_type = cli.JOBS[command][0]
+    parser = TrlParser((config_type,))
+    (config,) = parser.parse_args_and_config(["--oracle_model", "m", "--base_url", "http://127.0.0.1:9/v1",
+                                              "--timeout", "3.5", "--max-retries", "2", "--context_window", "4096",
+                                              "--context_tokenizer", "smollm2-135m-instruct"])
+    oracle = pipeline.make_oracle(config)
+    assert isinstance(oracle, OpenAIOracle) and (oracle.timeout, oracle.max_retries) == (3.5, 2)
+    assert oracle.context_window == 4096 and oracle.prompt_counter.tokenizer == "smollm2-135m-instruct"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"oracle_model": "m", "timeout": 7.0, "max_retries": 0, "context_window": 2048}))
+    (config,) = parser.parse_args_and_config(["--config", str(recipe)])
+    oracle = pipeline.make_oracle(config)
+    assert (oracle.timeout, oracle.max_retries, oracle.context_window) == (7.0, 0, 2048)
+    assert oracle.prompt_counter.tokenizer is None
+    (config,) = parser.parse_args_and_config(["--config", str(recipe), "--max_retries", "4", "--batch_api"])
+    oracle = pipeline.make_oracle(config)
+    assert isinstance(oracle, OpenAIBatchOracle) and (oracle.timeout, oracle.max_retries) == (7.0, 4)
+    defaults = config_type(oracle_model="m")
+    assert (defaults.timeout, defaults.max_retries, defaults.context_window) == (120.0, 6, None)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--timeout", "0"], "timeout must be a number > 0, got 0.0"),
+    (["--max_retries", "-1"], "max_retries must be an integer >= 0, got -1"),
+    (["--context_window", "0"], "context_window must be an integer >= 1, got 0"),
+])
+def test_bad_oracle_client_options_exit_2(flags, message, capsys):
+    with LoopbackServer() as server:
+        code = cli.main(["reflect", "--data", "sample", "--oracle_model", "m", "--base_url", server.base_url, *flags])
+        assert server.log == []
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_timeout_and_max_retries_flags_bound_a_hanging_server(tmp_path):
+    """`--timeout 0.5 --max_retries 1` against a server that never answers in time: every request
+    is tried twice (the response reflection of a pair whose instruction reflection failed is sent
+    again by the reflect_both stage: twice twice), its row fails with the timeout, and the command
+    ends (not after 2 x 120 s)."""
+    from collections import Counter
+
+    with LoopbackServer(faults=lambda prompt, attempt: "slow", slow_seconds=1.5) as server:
+        out = reflectune("reflect", "--data", "sample", "--limit", 2, "--oracle_model", "echo", "--base_url",
+                         server.base_url, "--timeout", 0.5, "--max_retries", 1, "--compress", "false",
+                         "--format_retries", 0, "--output_dir", tmp_path / "out", timeout=300)
+        attempts = Counter(e["prompt"] for e in server.chat_requests)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(attempts) == 2 * 2 and set(attempts.values()) <= {2, 4}
+    assert "timeout: no answer within 0.5 s after 1 retries" in out.stderr
+
+
+def test_eval_and_tuna_take_the_same_client_options():
+    from reflectune_hf import eval_run
+    from reflectune_hf.oracles import OpenAIOracle
+
+    evaluate = cli._load_script("evaluate.py")
+    (config,) = evaluate.make_parser().parse_args_and_config(
+        ["--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge_model", "j", "--timeout", "5",
+         "--max_retries", "1"])
+    assert (config.timeout, config.max_retries) == (5.0, 1)
+    judge = eval_run.make_oracle("j", "http://127.0.0.1:9/v1", 64, timeout=config.timeout,
+                                 max_retries=config.max_retries)
+    assert isinstance(judge, OpenAIOracle) and (judge.timeout, judge.max_retries) == (5.0, 1)
+
+    tuna = cli._load_script("tuna.py")
+    script_args = tuna.make_parser().parse_args_and_config(["--oracle_model", "m", "--oracle_base_url", "http://127.0.0.1:9/v1",
+                                                "--oracle_timeout", "4", "--oracle_max_retries", "0",
+                                                "--output_dir", "unused"])[0]
+    oracle = tuna.make_oracle("m", script_args.oracle_base_url, 64, script_args.oracle_max_concurrency,
+                              script_args.oracle_timeout, script_args.oracle_max_retries)
+    assert (oracle.timeout, oracle.max_retries) == (4.0, 0)

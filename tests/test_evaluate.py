@@ -299,7 +299,7 @@ def test_run_eval_with_response_files(tmp_path, monkeypatch):
     _write_jsonl(tmp_path / "a.jsonl", [{**r, "response": w} for r, w in zip(rows, ["good", "good", "fair", "poor"])])
     _write_jsonl(tmp_path / "b.jsonl",
                  [{**r, "output": w} for r, w in zip(rows[::-1], ["fair", "fair", "poor", "good"])])
-    monkeypatch.setattr(eval_run, "make_oracle", lambda model, base_url, max_tokens: ScriptedOracle())
+    monkeypatch.setattr(eval_run, "make_oracle", lambda model, base_url, max_tokens, **server: ScriptedOracle())
     config = eval_run.EvalConfig(responses_a=str(tmp_path / "a.jsonl"), responses_b=str(tmp_path / "b.jsonl"),
                                  judge_model="scripted", judge_base_url="http://user:s3cret@127.0.0.1:9/v1",
                                  output_dir=str(tmp_path / "out"))
@@ -340,7 +340,7 @@ def test_run_eval_two_models_on_named_test_sets(tmp_path, monkeypatch, capsys):
 
     made = []
 
-    def fake(model, base_url, max_tokens):
+    def fake(model, base_url, max_tokens, **server):
         made.append((model, base_url, max_tokens))
         return ScriptedOracle(word={"ma": "good", "mb": "poor"}.get(model, ""))
 

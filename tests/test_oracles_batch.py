@@ -275,3 +275,13 @@ def test_a_failed_upload_is_an_error_for_its_part_only():
         again = batch_oracle(server, max_requests_per_batch=2).complete(ask("a", "b", "c", "d"))
         assert [r.text for r in again] == ["echo: a", "echo: b", "echo: c", "echo: d"]
         assert batch_count(server) == [2, 2]
+
+
+def test_credentials_in_base_url_are_sent_as_basic_auth_and_kept_out_of_the_cache():
+    with BatchServer(basic_auth=("user", "s3cret")) as server:
+        url = server.base_url.replace("http://", "http://user:s3cret@")
+        oracle = OpenAIBatchOracle("echo", base_url=url, poll_interval=0.01)
+        assert [r.text for r in oracle.complete(ask("a"))] == ["echo: a"]  # a 401 would have raised
+        assert oracle.base_url == server.base_url and "s3cret" not in repr(oracle)
+    rows = OracleCache().execute("SELECT * FROM batch_jobs") + OracleCache().execute("SELECT * FROM responses")
+    assert rows and "s3cret" not in repr(rows)

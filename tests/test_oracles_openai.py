@@ -40,7 +40,8 @@ def test_every_fault_comes_back_ok_or_recorded(fast):
     faults = {
         "rate-limited": ["429", "ok"], "err500": ["500", "ok"], "err503": ["503", "503", "ok"],
         "slow-once": ["slow", "ok"], "dropped-once": ["drop", "ok"],
-        "malformed": ["malformed"], "always-slow": ["slow"] * 3, "always-500": ["500"] * 3,
+        "malformed-once": ["malformed", "ok"], "no-choices-once": ["no_choices", "ok"],
+        "malformed": ["malformed", "no_choices", "malformed"], "always-slow": ["slow"] * 3, "always-500": ["500"] * 3,
         "always-dropped": ["drop"] * 3,
     }
     prompts = list(faults) + [f"fine-{i}" for i in range(6)]
@@ -48,9 +49,10 @@ def test_every_fault_comes_back_ok_or_recorded(fast):
         oracle = OpenAIOracle("echo", base_url=server.base_url, **fast)
         results = oracle.complete(ask(*prompts))
         by_prompt = dict(zip(prompts, results))
-        for prompt in ["rate-limited", "err500", "err503", "slow-once", "dropped-once"] + prompts[-6:]:
+        for prompt in ["rate-limited", "err500", "err503", "slow-once", "dropped-once", "malformed-once",
+                       "no-choices-once"] + prompts[-6:]:
             assert by_prompt[prompt].ok and by_prompt[prompt].texts == [f"echo: {prompt}"], prompt
-        assert "malformed" in by_prompt["malformed"].error
+        assert "malformed" in by_prompt["malformed"].error and "after 2 retries" in by_prompt["malformed"].error
         assert "timeout" in by_prompt["always-slow"].error
         assert "HTTP 500" in by_prompt["always-500"].error
         assert "connection error" in by_prompt["always-dropped"].error
@@ -206,7 +208,7 @@ def test_rate_limiter_spreads_requests():
 
 def test_api_key_never_reaches_cache_logs_or_results(tmp_path, caplog):
     secret = "sk-test-LEAKCHECK-0123456789"
-    faults = {"flaky": ["500", "ok"], "broken": ["500"] * 3, "garbled": ["malformed"]}
+    faults = {"flaky": ["500", "ok"], "broken": ["500"] * 3, "garbled": ["malformed"] * 3}
     caplog.set_level(logging.DEBUG)
     with LoopbackServer(api_key=secret, faults=faults) as server:
         oracle = OpenAIOracle("echo", base_url=server.base_url, api_key=secret, timeout=2, max_retries=2)
@@ -251,3 +253,31 @@ def test_kill_9_mid_run_then_rerun_sends_only_the_missing(tmp_path):
         assert all(r.ok for r in results)
         assert len(resent) == 200 - len(answered) and not set(resent) & answered
         assert sum(r.cached for r in results) == len(answered)
+
+
+def test_credentials_in_base_url_go_as_basic_auth_and_nowhere_else(caplog):
+    """`http://user:key@host/v1`: the server gets the credentials as HTTP basic auth (what the HTTP
+    library does with a URL's userinfo); `base_url`, repr, logs, errors, keys and the cache do not
+    hold them, and a pickled copy (a `num_proc` worker) still sends them."""
+    caplog.set_level(logging.DEBUG)
+    with LoopbackServer(basic_auth=("me", "pa:ss@word")) as server:
+        url = server.base_url.replace("http://", "http://me:pa%3Ass%40word@")
+        oracle = OpenAIOracle("echo", base_url=url)
+        assert oracle.base_url == server.base_url and oracle.auth == ("me", "pa:ss@word")
+        assert [r.text for r in oracle.complete(ask("a"))] == ["echo: a"]
+        worker = pickle.loads(pickle.dumps(oracle))
+        assert [r.text for r in worker.complete(ask("b"))] == ["echo: b"]
+        assert len(server.chat_requests) == 2
+        plain = OpenAIOracle("echo", base_url=server.base_url)
+        assert plain.keys(ask("a")) == oracle.keys(ask("a"))  # keyed on the server, not on the credentials
+        with pytest.raises(OracleConfigurationError, match="401") as info:
+            OpenAIOracle("echo", base_url=url.replace("pa%3Ass", "wrong")).complete(ask("c"))
+    rows = OracleCache().execute("SELECT * FROM responses")
+    text = caplog.text + repr(oracle) + str(info.value) + repr(rows) + str(oracle.__dict__)
+    assert len(rows) == 2 and "pa:ss@word" not in text and "pa%3Ass" not in text and "wrong" not in text
+
+
+def test_errors_that_quote_the_url_credentials_are_redacted():
+    oracle = OpenAIOracle("m", base_url="http://me:topsecret@127.0.0.1:9/v1")
+    assert oracle._redact("proxy said: bad password topsecret for me:topsecret@host") == \
+        "proxy said: bad password *** for ***host"

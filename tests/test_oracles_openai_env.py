@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import pytest
 
 from reflectune_hf.oracles import ChatRequest, OpenAIOracle, OracleConfigurationError, RateLimiter
-from reflectune_hf.oracles import openai_oracle
+from reflectune_hf.oracles import runtime
 from reflectune_hf.oracles.loopback import LoopbackServer
-from reflectune_hf.oracles.openai_oracle import _token_guess, http_response_class
+from reflectune_hf.oracles.http import http_response_class
+from reflectune_hf.oracles.runtime import token_guess as _token_guess
 
 
 def ask(*prompts, **kwargs) -> list[ChatRequest]:
@@ -45,8 +46,8 @@ def near(values):
 @pytest.fixture
 def clock(monkeypatch):
     fake = FakeClock()
-    monkeypatch.setattr(openai_oracle, "time", SimpleNamespace(monotonic=fake.monotonic))
-    monkeypatch.setattr(openai_oracle, "asyncio", SimpleNamespace(Lock=asyncio.Lock, sleep=fake.sleep))
+    monkeypatch.setattr(runtime, "time", SimpleNamespace(monotonic=fake.monotonic))
+    monkeypatch.setattr(runtime, "asyncio", SimpleNamespace(Lock=asyncio.Lock, sleep=fake.sleep))
     return fake
 
 

@@ -54,6 +54,7 @@ from typing import Optional
 
 from .base import ChatRequest, ChatResult, OracleConfigurationError, usage_add
 from .cache import OracleCache, redact_url
+from .http import http_library
 from .openai_oracle import OpenAIOracle, _parse_choices
 
 logger = logging.getLogger(__name__)
@@ -139,10 +140,11 @@ class OpenAIBatchOracle(OpenAIOracle):
         return super().__repr__().replace("OpenAIOracle(", "OpenAIBatchOracle(", 1)
 
     def _sync_client(self):
-        from openai import OpenAI
+        from openai import DefaultHttpxClient, OpenAI
 
+        extra = {"http_client": DefaultHttpxClient(auth=http_library().BasicAuth(*self.auth))} if self.auth else {}
         return OpenAI(api_key=self._key_value(), base_url=self.base_url, timeout=self.timeout,
-                      max_retries=self.max_retries)
+                      max_retries=self.max_retries, **extra)
 
     def _config_error(self, err) -> Optional[OracleConfigurationError]:
         """The configuration error an SDK exception means, if it means one."""

@@ -9,6 +9,18 @@ holds the library it uses under that library's name, so it is taken from there (
 and redirects) over a transport that lets at most `limit` HTTP exchanges run at once. The oracle
 runs more workers than that, so a request waiting out the SDK's retry backoff (a 429's
 `Retry-After`, a 5xx) leaves its place on the wire to another one instead of holding it asleep.
+
+The same transport checks each HTTP 200 of `POST .../chat/completions`: a body that is not a chat
+completion (truncated or invalid JSON, not an object, no `choices`) is a fault of the exchange, not
+an answer, so the SDK receives it as an HTTP 502 marked with the `MALFORMED_HEADER` header and
+retries it exactly like a 5xx: the same `max_retries` budget (shared with 429s, 5xx and
+timeouts), the same backoff, the same `x-stainless-retry-count`. A valid body is parsed once
+here and handed over in `response.extensions[PARSED_JSON]`.
+
+Credentials written in a URL (`http://user:key@host/v1`) never go into the SDK: `split_userinfo`
+takes them out, and `in_flight_client(..., auth=(user, key))` sends them as HTTP basic auth, which
+is what the HTTP library does itself with a URL that carries them (the same `Authorization: Basic`
+header on the wire), while every URL the SDK and the HTTP library log or raise stays clean.
 """
 
 from __future__ import annotations
@@ -16,7 +28,56 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib
-from typing import Optional
+import json
+from typing import Any, Optional
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+MALFORMED_HEADER = "x-reflectune-malformed-body"  # on the 502 that stands for a malformed 200
+PARSED_JSON = "reflectune_parsed_json"  # response.extensions key of the parsed body of a valid 200
+CHAT_PATH = "/chat/completions"
+
+
+def split_userinfo(url: str) -> tuple[str, Optional[tuple[str, str]]]:
+    """`(url without user:password@, (user, password) or None)`, percent-decoded as HTTP libraries do.
+
+    Example:
+        >>> from reflectune_hf.oracles.http import split_userinfo
+        >>> split_userinfo("http://me:s%40cret@127.0.0.1:8000/v1")
+        ('http://127.0.0.1:8000/v1', ('me', 's@cret'))
+        >>> split_userinfo("http://127.0.0.1:8000/v1")
+        ('http://127.0.0.1:8000/v1', None)
+    """
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    clean = urlunsplit((parts.scheme, hostport, parts.path, parts.query, parts.fragment))
+    return clean, (unquote(user), unquote(password))
+
+
+def chat_body_problem(content: bytes) -> tuple[Any, Optional[str]]:
+    """`(parsed JSON, None)` for a usable chat completion body, else `(None, what is wrong)`.
+
+    Example:
+        >>> from reflectune_hf.oracles.http import chat_body_problem
+        >>> chat_body_problem(b'{"choices": [{"message": {"content": "hi"}}]}')[1] is None
+        True
+        >>> chat_body_problem(b'{"id": "x"}')[1], chat_body_problem(b'[1]')[1]
+        ('a JSON object without choices', 'a JSON list, not an object')
+    """
+    try:
+        data = json.loads(content)
+    except ValueError as err:
+        return None, f"not JSON ({err})"
+    if not isinstance(data, dict):
+        return None, f"a JSON {type(data).__name__}, not an object"
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return None, "a JSON object without choices"
+    if not all(isinstance(c, dict) for c in choices):
+        return None, "choices that are not objects"
+    return data, None
 
 
 def http_library():
@@ -45,13 +106,14 @@ def http_response_class() -> type:
     return http_library().Response
 
 
-def in_flight_client(limit: int, stop: Optional[asyncio.Event] = None):
+def in_flight_client(limit: int, stop: Optional[asyncio.Event] = None, auth: Optional[tuple[str, str]] = None):
     """The openai SDK's default async HTTP client, with at most `limit` exchanges on the wire.
 
     Each exchange holds its place until its response body is read; a request between two SDK
     attempts holds none. Once `stop` is set (a configuration error: nothing else will succeed),
-    a request that gets a place is cancelled instead of sent. Build it inside the event loop
-    that uses it.
+    a request that gets a place is cancelled instead of sent. A malformed HTTP 200 of a chat
+    completion comes back as a retryable 502 (see the module docstring). `auth`: `(user,
+    password)` sent as HTTP basic auth. Build it inside the event loop that uses it.
     """
     from openai import DefaultAsyncHttpxClient
     from openai._constants import DEFAULT_CONNECTION_LIMITS
@@ -72,10 +134,19 @@ def in_flight_client(limit: int, stop: Optional[asyncio.Event] = None):
                 except BaseException:
                     await response.aclose()
                     raise
+            if response.status_code == 200 and request.method == "POST" and request.url.path.endswith(CHAT_PATH):
+                data, problem = chat_body_problem(response.content)
+                if problem is not None:
+                    message = f"malformed response body: HTTP 200 with {problem}"
+                    return library.Response(502, headers={MALFORMED_HEADER: "1"}, request=request,
+                                            json={"error": {"message": message, "type": "malformed_response"}},
+                                            extensions={"reason_phrase": b"Malformed 200 body (seen as a 502)"})
+                response.extensions[PARSED_JSON] = data
             return response
 
         async def aclose(self) -> None:
             await self._inner.aclose()
 
     inner = library.AsyncHTTPTransport(limits=DEFAULT_CONNECTION_LIMITS)
-    return DefaultAsyncHttpxClient(transport=InFlightLimit(inner, limit))
+    extra = {"auth": library.BasicAuth(*auth)} if auth is not None else {}
+    return DefaultAsyncHttpxClient(transport=InFlightLimit(inner, limit), **extra)

@@ -2,8 +2,9 @@
 
 It answers `POST /v1/chat/completions` and `GET /v1/models` with a configurable latency and
 faults chosen per prompt and attempt (429 with `Retry-After`, 500, 503, a response slower than
-any sane timeout, a malformed JSON body, a dropped connection, 401, 404), counts every request,
-and can instead forward each request to a real upstream server (a counting proxy).
+any sane timeout, a 200 whose body is truncated JSON or JSON without `choices`, a dropped
+connection, 401, 404), counts every request and every answer delivered in full, and can instead
+forward each request to a real upstream server (a counting proxy).
 
 It is not an LLM: by default the answer to a prompt is `"echo: <prompt>"`. Run it alone with
 `python -m reflectune_hf.oracles.loopback --latency 0.2` (it prints its base URL).
@@ -20,9 +21,12 @@ Example:
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import random
+import select
+import socket
 import threading
 import time
 import urllib.error
@@ -31,7 +35,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional, Union
 
-ACTIONS = ("ok", "429", "500", "503", "slow", "malformed", "drop", "401", "404")
+ACTIONS = ("ok", "429", "500", "503", "slow", "malformed", "no_choices", "drop", "401", "404")
 Faults = Union[None, dict, Callable[[str, int], Optional[str]]]
 
 
@@ -47,7 +51,8 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
 
-    def _send(self, status: int, payload, headers: Optional[dict] = None) -> None:
+    def _send(self, status: int, payload, headers: Optional[dict] = None) -> bool:
+        """Write one response; False when the client is gone (it gave up: a timeout)."""
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         try:
             self.send_response(status)
@@ -57,12 +62,30 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
+            self.wfile.flush()
+            return True
         except OSError:  # the client gave up (timeout): nothing to do
             self.close_connection = True
+            return False
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed the connection while its request was being answered."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _authorized(self) -> bool:
-        key = self.server.owner.api_key
-        sent = self.headers.get("Authorization", "")
+        owner = self.server.owner
+        key, sent = owner.api_key, self.headers.get("Authorization", "")
+        if owner.basic_auth is not None:
+            token = base64.b64encode(":".join(owner.basic_auth).encode()).decode()
+            if sent == f"Basic {token}":
+                return True
+            self._send(401, {"error": {"message": "Basic authentication required", "type": "invalid_request_error"}},
+                       {"WWW-Authenticate": 'Basic realm="loopback"'})
+            return False
         if key is None or sent == f"Bearer {key}":
             return True
         # Like real services, the message quotes what was sent: clients must redact it.
@@ -91,7 +114,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(raw or b"{}")
         prompt = _prompt_of(body)
         action = owner.action_for(prompt)
-        owner.record(self.path, prompt, action)
+        owner.record(self.path, prompt, action, body)
         with owner.in_flight():
             self._chat(owner, body, prompt, action)
 
@@ -109,10 +132,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(int(action), {"error": {"message": f"scripted {action}", "type": "server_error"}})
         elif action == "malformed":
             self._send(200, b'{"id": "chatcmpl-x", "choices": [{"index": 0, "message": {"content": "trunc')
+        elif action == "no_choices":
+            self._send(200, {"id": "chatcmpl-x", "object": "chat.completion", "model": owner.model})
         else:
             if action == "slow":
                 time.sleep(owner.slow_seconds)
-            self._send(200, owner.completion(body, prompt))
+                if self._client_gone():  # it timed out: an answer written now would reach no one
+                    self.close_connection = True
+                    return
+            if self._send(200, owner.completion(body, prompt)):
+                owner.record_delivery(prompt)
 
     def _forward(self, raw: Optional[bytes]) -> None:
         owner = self.server.owner
@@ -154,22 +183,30 @@ class LoopbackServer:
             callable `(prompt, attempt) -> action`; actions: `ACTIONS`.
         error_rate: probability that an unscripted request gets a "429" or "500" (benchmarks).
         api_key: when set, requests without `Authorization: Bearer <api_key>` get a 401.
+        basic_auth: `(user, password)`: when set, requests without that HTTP basic auth get a 401
+            (a server behind a proxy that takes `http://user:password@host/v1`).
         honor_n: return `n` choices (False mimics llama.cpp, which returns one).
         upstream: forward every request to this base URL instead (a counting proxy).
         retry_after: the `Retry-After` header of 429s. slow_seconds: how long "slow" waits.
 
     Attributes:
-        log: one `{"path", "prompt", "action", "time"}` dict per request received.
+        log: one `{"path", "prompt", "action", "time", "body"}` dict per request received (`body`:
+            the JSON of a chat request, else None).
+        delivered: per prompt, the completions written in full to a client still waiting for them
+            (what a paying user is billed for).
         peak_in_flight: the most chat (or forwarded) requests handled at the same moment.
     """
 
     def __init__(self, latency: float = 0.0, jitter: float = 0.0, faults: Faults = None, error_rate: float = 0.0,
                  api_key: Optional[str] = None, honor_n: bool = True, upstream: Optional[str] = None,
-                 retry_after: str = "1", slow_seconds: float = 5.0, model: str = "echo", seed: int = 0):
+                 retry_after: str = "1", slow_seconds: float = 5.0, model: str = "echo", seed: int = 0,
+                 basic_auth: Optional[tuple[str, str]] = None):
         self.latency, self.jitter, self.faults, self.error_rate = latency, jitter, faults, error_rate
         self.api_key, self.honor_n, self.upstream, self.model = api_key, honor_n, upstream, model
         self.retry_after, self.slow_seconds = retry_after, slow_seconds
+        self.basic_auth = tuple(basic_auth) if basic_auth is not None else None
         self.log: list[dict] = []
+        self.delivered: Counter = Counter()
         self._attempts: Counter = Counter()
         self.peak_in_flight = self._in_flight = 0
         self._lock = threading.Lock()
@@ -204,9 +241,13 @@ class LoopbackServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     # -- behaviour ----------------------------------------------------------------------------
-    def record(self, path: str, prompt: Optional[str], action: str) -> None:
+    def record(self, path: str, prompt: Optional[str], action: str, body: Optional[dict] = None) -> None:
         with self._lock:
-            self.log.append({"path": path, "prompt": prompt, "action": action, "time": time.time()})
+            self.log.append({"path": path, "prompt": prompt, "action": action, "time": time.time(), "body": body})
+
+    def record_delivery(self, prompt: str) -> None:
+        with self._lock:
+            self.delivered[prompt] += 1
 
     @contextlib.contextmanager
     def in_flight(self):

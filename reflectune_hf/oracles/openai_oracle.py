@@ -3,9 +3,22 @@
 Requests run with continuous concurrency: `max_concurrency` requests are always in flight (a
 pool of workers, not fixed batches that wait for their slowest member). Retries,
 backoff, `Retry-After` and timeouts are the openai SDK's own (`max_retries`, `timeout`); an
-optional limiter spaces requests under a requests-per-minute and tokens-per-minute budget.
-Every success is written to the `OracleCache` at once, so an interrupted run resumes where it
-stopped and a rerun sends nothing.
+HTTP 200 whose body is not a chat completion (truncated JSON, no `choices`, not an object) is
+retried like a 5xx within the same `max_retries` (`oracles.http`). An optional limiter spaces
+requests under a requests-per-minute and tokens-per-minute budget. Every success is written to
+the `OracleCache` at once, so an interrupted run resumes where it stopped and a rerun sends
+nothing.
+
+With `context_window` set, each request's completion budget is `min(max_tokens, context_window
+- prompt_tokens)` (`oracles.budget`; prompt tokens counted exactly with `tokenizer`, else
+over-estimated), and a prompt that does not fit is not sent: its row fails with "prompt of N
+tokens does not fit the context window of M". The cache key is that of the request as sent
+(the reduced `max_tokens`): a rerun computes the same budget, hence the same key, and a row whose
+budget is not reduced keeps the key it has without `context_window`.
+
+Credentials in `base_url` (`http://user:key@host/v1`) are taken out of the URL at once and sent
+as HTTP basic auth, as the HTTP library itself would send them: `base_url`, `repr`, logs, errors,
+cache keys and the cache hold the URL without them.
 
 A configuration error raises `OracleConfigurationError` at once: authentication refused
 (401/403), unknown model or wrong path (404), a server that cannot be reached (checked once per
@@ -28,84 +41,24 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Optional
 from urllib.parse import urlsplit
 
-from .base import ChatRequest, ChatResult, OracleConfigurationError, content_text, usage_add
-from .http import http_response_class, in_flight_client
+from .base import ChatRequest, ChatResult, OracleConfigurationError, usage_add
+from .budget import PromptCounter, completion_budget
 from .cache import CachingOracle, redact_url
+from .http import MALFORMED_HEADER, PARSED_JSON, http_response_class, in_flight_client, split_userinfo
+from .runtime import RateLimiter, Secret, run_sync, token_guess
+
+_token_guess = token_guess  # its former name here
 
 logger = logging.getLogger(__name__)
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
-
-
-def run_sync(factory):
-    """Run the coroutine made by `factory()` to completion from synchronous code.
-
-    Uses `asyncio.run` when no event loop runs in this thread; inside a running loop (Jupyter,
-    an async application) the coroutine runs on a private loop in a worker thread.
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(factory())
-    with ThreadPoolExecutor(1, thread_name_prefix="reflectune-oracle") as pool:
-        return pool.submit(lambda: asyncio.run(factory())).result()
-
-
-class Secret:
-    """A string that never shows itself in `repr`/`str` (API keys)."""
-
-    def __init__(self, value: str):
-        self.value = value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-
-class RateLimiter:
-    """Token buckets for requests per minute and tokens per minute, refilled continuously.
-
-    The burst is one second's worth of budget (at least one request), so requests are spread
-    over the minute instead of all leaving at once and meeting 429s.
-    """
-
-    def __init__(self, requests_per_minute: Optional[float] = None, tokens_per_minute: Optional[float] = None):
-        self.rates = {"requests": requests_per_minute, "tokens": tokens_per_minute}
-        self.capacity = {name: max(1.0, rate / 60.0) for name, rate in self.rates.items() if rate}
-        self.level = dict(self.capacity)
-        self.stamp = time.monotonic()
-        self._lock = asyncio.Lock()
-
-    async def acquire(self, tokens: float) -> None:
-        need = {"requests": 1.0, "tokens": float(tokens)}
-        async with self._lock:  # first come, first served
-            while True:
-                now = time.monotonic()
-                for name, cap in self.capacity.items():
-                    self.level[name] = min(cap, self.level[name] + (now - self.stamp) * self.rates[name] / 60.0)
-                self.stamp = now
-                wait = max([(min(need[n], cap) - self.level[n]) * 60.0 / self.rates[n]
-                            for n, cap in self.capacity.items()] + [0.0])
-                if wait <= 0:
-                    for name in self.capacity:
-                        self.level[name] -= need[name]
-                    return
-                await asyncio.sleep(wait)
-
-
-def _token_guess(request: ChatRequest, n: int) -> int:
-    """A cheap upper-side token count for the TPM limiter (4 characters per token)."""
-    prompt = sum(len(content_text(m.get("content"))) for m in request.message_dicts) // 4 + 4 * len(request.messages)
-    return prompt + (request.max_tokens or 256) * n
 
 
 def parse_logprobs(choice: dict) -> Optional[list]:
@@ -144,17 +97,25 @@ class OpenAIOracle(CachingOracle):
     Args:
         model: the model name the server knows.
         base_url: the server, e.g. `http://127.0.0.1:8000/v1` (vLLM, TGI, Ollama, llama.cpp);
-            default `$OPENAI_BASE_URL`, else OpenAI. Part of every cache key.
+            default `$OPENAI_BASE_URL`, else OpenAI. Part of every cache key. A `user:password@`
+            in it is sent as HTTP basic auth and kept out of `base_url`, logs and the cache.
         api_key: default `$OPENAI_API_KEY`, read in each process and never pickled. A key passed
             here travels to `num_proc` workers inside the pickled oracle (so it enters the
             `datasets` fingerprint hash) but never appears in `repr`, logs, the cache or results.
             Local servers need none.
         max_concurrency: requests in flight at once (per process: `num_proc=N` multiplies it).
         timeout: seconds per HTTP attempt. max_retries: the SDK's retries (429, 408, 409, 5xx,
-            timeouts, dropped connections; honours `Retry-After`). Logged at debug level.
+            timeouts, dropped connections, and here a malformed HTTP 200; honours `Retry-After`;
+            one budget for all of them). Logged at debug level.
         requests_per_minute, tokens_per_minute: optional client-side budget (per process).
         cache: True (default cache file), False, a path or an `OracleCache`.
         progress: show a tqdm bar; None shows it for runs of more than 64 requests.
+        context_window: the server model's context length in tokens; when set, each request's
+            completion budget is `min(max_tokens, context_window - prompt_tokens)` and a prompt
+            that does not fit fails its row without being sent (see the module docstring).
+        tokenizer: counts prompt tokens exactly for `context_window` (a Hub id, a local path or
+            an embedded alias such as "smollm2-135m-instruct", loaded here, chat template
+            applied); default: `budget.estimate_prompt_tokens`, an over-estimate.
 
     The pickled state (hence the `datasets` fingerprint) is this configuration only: clients,
     event loops, connections and usage counters are rebuilt lazily in each process.
@@ -171,17 +132,29 @@ class OpenAIOracle(CachingOracle):
     def __init__(self, model: str, base_url: Optional[str] = None, api_key: Optional[str] = None,
                  max_concurrency: int = 32, timeout: float = 120.0, max_retries: int = 6,
                  requests_per_minute: Optional[float] = None, tokens_per_minute: Optional[float] = None,
-                 cache=True, progress: Optional[bool] = None):
+                 cache=True, progress: Optional[bool] = None, context_window: Optional[int] = None,
+                 tokenizer: Optional[str] = None):
         if not model:
             raise ValueError("model is required (the name the server knows the model by)")
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        if context_window is not None and (isinstance(context_window, bool) or not isinstance(context_window, int)
+                                           or context_window < 1):
+            raise ValueError(f"context_window must be an integer >= 1 or None, got {context_window!r}")
         self.model = str(model)
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
+        url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
+        self.base_url, userinfo = split_userinfo(url)
+        self._userinfo = Secret(userinfo) if userinfo else None
         self._api_key = Secret(api_key) if api_key else None
         self.max_concurrency = int(max_concurrency)
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
+        self.context_window = context_window
+        self.prompt_counter = PromptCounter(tokenizer)
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
         self.cache = cache
@@ -210,13 +183,49 @@ class OpenAIOracle(CachingOracle):
 
     def _redact(self, text: str) -> str:
         key = self._api_key.value if self._api_key is not None else os.environ.get("OPENAI_API_KEY")
-        return text.replace(key, "***") if key else text
+        secrets = [key] if key else []
+        if getattr(self, "_userinfo", None) is not None:
+            user, password = self._userinfo.value
+            secrets += [f"{user}:{password}@", password] if password else [f"{user}@"]
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    @property
+    def auth(self) -> Optional[tuple[str, str]]:
+        """`(user, password)` taken from `base_url`, sent as HTTP basic auth; None without them."""
+        userinfo = getattr(self, "_userinfo", None)
+        return None if userinfo is None else userinfo.value
 
     def _client(self, stop: Optional[asyncio.Event] = None):
         from openai import AsyncOpenAI
 
         return AsyncOpenAI(api_key=self._key_value(), base_url=self.base_url, timeout=self.timeout,
-                           max_retries=self.max_retries, http_client=in_flight_client(self.max_concurrency, stop))
+                           max_retries=self.max_retries,
+                           http_client=in_flight_client(self.max_concurrency, stop, auth=self.auth))
+
+    # -- the context window -------------------------------------------------------------------
+    def _prepare(self, request: ChatRequest) -> ChatRequest:
+        """The request as sent: its `max_tokens` cut to the room the context window leaves."""
+        if getattr(self, "context_window", None) is None or request.max_tokens is None:
+            return request
+        try:
+            budget = completion_budget(request.max_tokens, self.prompt_counter.count(request), self.context_window)
+        except ValueError:
+            return request  # does not fit: `_one` fails it without sending it
+        return request if budget == request.max_tokens else dataclasses.replace(request, max_tokens=budget)
+
+    def _context_problem(self, request: ChatRequest) -> Optional[str]:
+        """Why `request` cannot be sent under `context_window`, or None."""
+        if getattr(self, "context_window", None) is None:
+            return None
+        counter = self.prompt_counter
+        try:
+            completion_budget(request.max_tokens, counter.count(request), self.context_window, exact=counter.exact)
+        except ValueError as err:
+            hint = "" if counter.exact else "; tokenizer= (--context_tokenizer) counts it exactly"
+            return f"{err}: not sent (shorten the row or raise context_window{hint})"
+        return None
 
     # -- sending ------------------------------------------------------------------------------
     def _send(self, requests: list[ChatRequest], on_result) -> list[ChatResult]:
@@ -313,13 +322,16 @@ class OpenAIOracle(CachingOracle):
 
     async def _one(self, client, request: ChatRequest, limiter: Optional[RateLimiter]) -> ChatResult:
         """One request, with extra calls when the server returns fewer than `n` choices."""
+        problem = self._context_problem(request)
+        if problem is not None:
+            return ChatResult.failure(problem)
         texts, reasons, logprobs, usage = [], [], [], {}
         calls = 0
         while len(texts) < request.n:
             want = request.n - len(texts)
             seed = None if request.seed is None else request.seed + calls
             if limiter is not None:
-                await limiter.acquire(_token_guess(request, want))
+                await limiter.acquire(token_guess(request, want))
             data = await self._call(client, self._body(request, want, seed))
             if isinstance(data, ChatResult):
                 return data
@@ -359,6 +371,11 @@ class OpenAIOracle(CachingOracle):
             return ChatResult.failure(
                 self._redact(f"connection error after {self.max_retries} retries: {self._cause(err)}"))
         except openai.APIStatusError as err:
+            if err.response.headers.get(MALFORMED_HEADER):  # a 200 that was no completion, every time
+                body = err.body if isinstance(err.body, dict) else {}
+                detail = str(body.get("message") or (body.get("error") or {}).get("message") or "")
+                return ChatResult.failure(self._redact(f"{detail or 'malformed response body'} "
+                                                       f"(after {self.max_retries} retries)"))
             return ChatResult.failure(self._redact(f"HTTP {err.status_code}: {err.message}"))
         except openai.OpenAIError as err:
             return ChatResult.failure(self._redact(f"{type(err).__name__}: {err}"))
@@ -366,6 +383,9 @@ class OpenAIOracle(CachingOracle):
         retries = raw.request.headers.get("x-stainless-retry-count", "0")
         if retries != "0":
             logger.debug("request answered after %s retries", retries)
+        data = raw.extensions.get(PARSED_JSON)  # parsed and checked by the transport
+        if data is not None:
+            return data
         try:
             data = json.loads(raw.text)
         except ValueError as err:
