@@ -46,6 +46,7 @@ import re
 from typing import Mapping, Optional
 
 from .data import batch_size_of, require_columns, text_column
+from .utils import versioned
 
 STATUSES = ("ok", "instruction_fallback", "output_fallback", "failed", "oracle_error")
 
@@ -253,6 +254,7 @@ def _inputs(batch: Mapping, stage: str, reflect: str) -> tuple[int, list, list, 
     )
 
 
+@versioned
 def extract_instruction_reflection(batch: Mapping) -> dict:
     """Write the new pair of an instruction reflection into `instruction` / `output`.
 
@@ -288,6 +290,7 @@ def extract_instruction_reflection(batch: Mapping) -> dict:
     return {"instruction": new_instructions, "output": new_outputs, "reflection_status": statuses}
 
 
+@versioned
 def extract_response_reflection(batch: Mapping) -> dict:
     """Write the better answer of a response reflection into `output`.
 

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .data import ID_COLUMN, ColumnError, empty_dataset, require_columns
+from .utils import LazyState
 from .variants import VARIANT_SPLITS, align_by_id, check_variants, unify_schema
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def score_array(ds, column: str, stage: str = "score_array") -> np.ndarray:
 # --------------------------------------------------------------------------- predicates
 
 
-class ScoreFilter:
+class ScoreFilter(LazyState):  # LazyState: pickled (so hashed) with the package version
     """A predicate for `Dataset.filter`, plain or `batched=True`: every column in `columns` holds a
     valid score (see the module docstring) and, when `below` is set, a value `< below`; rows whose
     `score_status` is present and not `"ok"` are rejected.

@@ -44,6 +44,7 @@ from .data import ColumnError, empty_dataset, require_columns, to_alpaca
 from .extract import extract_instruction_reflection, extract_response_reflection
 from .oracles.base import ChatResult
 from .reflect import CompressInstruction, ReflectInstruction, ReflectResponse
+from .utils import versioned
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ LAST_STEP = {"origin": None, "reflect_instruction": "instruction", "reflect_resp
              "reflect_both": "response"}
 
 
+@versioned  # hashed with the package version: an upgrade that changes the alignment recomputes it
 def _finish_split(batch: dict, defaults: dict, last_step: Optional[str]) -> dict:
     n = len(next(iter(batch.values()))) if batch else 0
     out = {name: [value] * n for name, value in defaults.items()}
