@@ -68,6 +68,8 @@ def _run_script(name: str, argv: list[str]) -> int:
     parser = module.make_parser(prog=f"reflectune {name}")
     try:
         args = parser.parse_args_and_config(argv)
+        if hasattr(module, "check_args"):  # bad arguments found before anything loads: exit 2 too
+            module.check_args(*args)
     except ValueError as err:
         parser.error(str(err))
     module.main(*args)
@@ -75,13 +77,15 @@ def _run_script(name: str, argv: list[str]) -> int:
 
 
 def _push(config: pipeline.DataConfig) -> str:
-    from .hub import push_to_hub
+    from .hub import push_to_hub, require_token
 
     if not config.push_to_hub:
         raise ValueError("push needs --push_to_hub <namespace/name>")
+    require_token()  # before loading anything
     data = pipeline.load_input(config)
-    context_file = Path(config.data) / pipeline.CONTEXT_FILE
-    context = json.loads(context_file.read_text()) if context_file.is_file() else {"source_dataset": config.data}
+    context_file = Path(config.data) / pipeline.CONTEXT_FILE  # the configuration of the run that wrote the folder
+    record = json.loads(context_file.read_text()) if context_file.is_file() else {}
+    context = pipeline.card_context(record, data=data)
     quality_file = Path(config.data) / "quality.json"  # written by --quality_report
     quality = json.loads(quality_file.read_text()) if quality_file.is_file() else None
     return push_to_hub(data, config.push_to_hub, private=config.private, card_context=context, quality=quality)
@@ -97,10 +101,30 @@ def _print_result(name: str, result) -> None:
         print(result)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of the `reflectune` console script; returns the exit code."""
+def parse_config(name: str, argv: list[str]):
+    """The config of job `name` from its flags and `--config` file, as `reflectune <name>` reads
+    it; bad arguments exit 2 (argparse's `SystemExit`) with one line naming the problem.
+
+    Example:
+        >>> from reflectune_hf.cli import parse_config
+        >>> parse_config("select", ["--data", "scored", "--top_fraction", "0.1"]).top_fraction
+        0.1
+    """
     from trl import TrlParser
 
+    config_type, _, text = JOBS[name]
+    parser = TrlParser((config_type,), prog=f"reflectune {name}", description=text)
+    try:
+        (config,) = parser.parse_args_and_config(argv)
+    except (ValueError, FileNotFoundError) as err:  # a bad value, or a bad or missing --config file
+        parser.error(str(err))
+    if isinstance(config, pipeline.OracleConfig) and not config.oracle_model:
+        parser.error(pipeline.ORACLE_REQUIRED)
+    return config
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the `reflectune` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv
     argv = [a for a in argv if a != "-v"]
@@ -118,13 +142,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if name in SCRIPT_COMMANDS:
             return _run_script(name, rest)
-        config_type, job, text = JOBS[name]
-        parser = TrlParser((config_type,), prog=f"reflectune {name}", description=text)
-        try:
-            (config,) = parser.parse_args_and_config(rest)
-        except (ValueError, FileNotFoundError) as err:  # a bad or missing --config file
-            parser.error(str(err))
-        result = _push(config) if name == "push" else job(config)
+        config = parse_config(name, rest)
+        result = _push(config) if name == "push" else JOBS[name][1](config)
     except SystemExit as exit_:  # argparse: 2 for bad arguments, 0 for --help
         return int(exit_.code or 0)
     except KeyboardInterrupt:

@@ -22,6 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence, Union
 
+from .utils import versioned
+
 ALPACA_COLUMNS = ("instruction", "input", "output")
 ID_COLUMN = "id"
 SAMPLE_FILE = "sample_alpaca.jsonl"
@@ -139,6 +141,7 @@ def empty_dataset(features):
     return Dataset.from_dict({name: [] for name in features}, features=Features(features))
 
 
+@versioned
 def _fill_input(batch):
     n = batch_size_of(batch)
     return {"input": [v if isinstance(v, str) else "" for v in batch.get("input", [""] * n)]}
@@ -191,9 +194,109 @@ def load_sample(with_ids: bool = True):
     return add_ids(ds) if with_ids else ds
 
 
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def _message_text(message, where: str, role: str) -> str:
+    if not isinstance(message, Mapping) or message.get("role") != role:
+        got = message.get("role") if isinstance(message, Mapping) else type(message).__name__
+        raise ColumnError(f"{where}: expected a {role!r} message, got {got!r}")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise ColumnError(f"{where}: the {role} message's content must be a string, got {type(content).__name__}")
+    return content or ""
+
+
+def _single_turn(messages, where: str) -> tuple[str, str, str]:
+    """(system, user, assistant) of `[system?, user, assistant]`; anything else raises."""
+    if not isinstance(messages, list):
+        raise ColumnError(f"{where}: expected a list of messages, got {type(messages).__name__}")
+    roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages]
+    system = ""
+    if roles[:1] == ["system"]:
+        system = _message_text(messages[0], where, "system")
+        messages, roles = messages[1:], roles[1:]
+    if roles != ["user", "assistant"]:
+        raise ColumnError(f"{where} is not a single-turn conversation (roles {roles}): reflectune recycles "
+                          "one instruction and one response per row; split or drop multi-turn rows first")
+    return system, _message_text(messages[0], where, "user"), _message_text(messages[1], where, "assistant")
+
+
+@versioned
+def chat_to_alpaca(batch: Mapping, indices: Sequence[int]) -> dict:
+    """Map function (`batched=True, with_indices=True`): TRL-format rows to Alpaca columns.
+
+    Reads `messages` (`[system?, user, assistant]`), or `prompt` / `completion`: strings
+    (TRL's standard format) or message lists (its conversational format, `prompt` =
+    `[system?, user]`, `completion` = `[assistant]`). Writes `instruction` (the user turn),
+    `input` (`""`), `output` (the assistant turn) and `system` (`""` when there is none). A
+    multi-turn row raises `ColumnError` naming it.
+
+    Example:
+        >>> from reflectune_hf.data import chat_to_alpaca
+        >>> chat_to_alpaca({"messages": [[{"role": "user", "content": "Hi?"},
+        ...                               {"role": "assistant", "content": "Hello."}]]}, [0])
+        {'instruction': ['Hi?'], 'input': [''], 'output': ['Hello.'], 'system': ['']}
+    """
+    out: dict = {"instruction": [], "input": [], "output": [], "system": []}
+    for k, index in enumerate(indices):
+        where = f"row {index}"
+        if "messages" in batch:
+            system, user, assistant = _single_turn(batch["messages"][k], where)
+        else:
+            prompt, completion = batch["prompt"][k], batch["completion"][k]
+            if isinstance(prompt, list) or isinstance(completion, list):
+                system, user, assistant = _single_turn(list(prompt or []) + list(completion or []), where)
+            elif (prompt is None or isinstance(prompt, str)) and (completion is None or isinstance(completion, str)):
+                system, user, assistant = "", prompt or "", completion or ""
+            else:
+                raise ColumnError(f"{where}: prompt and completion must be strings or message lists")
+        for name, value in (("instruction", user), ("input", ""), ("output", assistant), ("system", system)):
+            out[name].append(value)
+    return out
+
+
+def from_chat_format(ds):
+    """Alpaca columns for TRL-format data (`chat_to_alpaca`): a dataset with `messages`, or
+    `prompt` and `completion`, and no `instruction` / `output` is converted (those columns are
+    replaced, the others kept); any other dataset is returned as it is.
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from reflectune_hf.data import from_chat_format
+        >>> ds = from_chat_format(Dataset.from_dict({"prompt": ["2+2?"], "completion": ["4"]}))
+        >>> ds[0]
+        {'instruction': '2+2?', 'input': '', 'output': '4', 'system': ''}
+    """
+    columns = ds.column_names
+    if "instruction" in columns or "output" in columns:
+        return ds
+    if "messages" in columns:
+        source = ["messages"]
+    elif "prompt" in columns and "completion" in columns:
+        source = ["prompt", "completion"]
+    else:
+        return ds
+    clashing = [c for c in ("input", "system") if c in columns]
+    return ds.map(chat_to_alpaca, batched=True, with_indices=True, remove_columns=source + clashing,
+                  desc=f"{' / '.join(source)} -> Alpaca")
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """A string that names a local file or folder rather than a Hub id (`owner/name`)."""
+    return (text.startswith(("/", "~", ".")) or text.lower().endswith(DATA_SUFFIXES + (".csv",))
+            or text.count("/") > 1 or "\\" in text)
+
+
 def load_data(source: Union[str, Path], split: str = "train"):
     """Load Alpaca data from `"sample"`, a local JSON/JSONL/Parquet file, a directory saved with
     `save_to_disk`, or a Hub dataset id; the result goes through `to_alpaca`.
+
+    TRL-format data is converted on load (`from_chat_format`): single-turn `messages`
+    (`[system?, user, assistant]`) and `prompt` / `completion` rows (strings or message lists)
+    become `instruction`, `input` (`""`), `output` and `system`; a multi-turn row is refused
+    with an error naming it. A local path that does not exist is reported as such (not looked
+    up on the Hub).
 
     Example:
         >>> from reflectune_hf.data import load_data
@@ -222,9 +325,12 @@ def load_data(source: Union[str, Path], split: str = "train"):
             raise ValueError(f"Unsupported data file {path}: use .json, .jsonl or .parquet")
     elif path.exists():
         raise ValueError(f"{path} is neither a data file nor a directory saved with save_to_disk")
+    elif _looks_like_a_path(text):
+        raise FileNotFoundError(f"{text}: no such file or directory (a local path; a Hub dataset id is "
+                                "`name` or `owner/name`)")
     else:
         ds = datasets.load_dataset(text, split=split)
-    return to_alpaca(ds)
+    return to_alpaca(from_chat_format(ds))
 
 
 def read_records(path: Union[str, Path]) -> list[dict]:

@@ -57,6 +57,7 @@ from typing import Mapping, Optional
 
 from .data import batch_size_of, require_columns, text_column
 from .row_checks import is_valid_text, skip_reason
+from .utils import versioned
 
 STATUSES = ("ok", "instruction_fallback", "output_fallback", "failed", "truncated", "empty_input", "invalid_text",
             "oracle_error")
@@ -301,6 +302,7 @@ def _unparsed_status(skip: str, error: str, finish_reason: str) -> str:
     return "truncated" if finish_reason == "length" else ""
 
 
+@versioned
 def extract_instruction_reflection(batch: Mapping) -> dict:
     """Write the new pair of an instruction reflection into `instruction` / `output`.
 
@@ -338,6 +340,7 @@ def extract_instruction_reflection(batch: Mapping) -> dict:
     return {"instruction": new_instructions, "output": new_outputs, "reflection_status": statuses}
 
 
+@versioned
 def extract_response_reflection(batch: Mapping) -> dict:
     """Write the better answer of a response reflection into `output`.
 

@@ -4,8 +4,10 @@ The card is rendered from `cards/dataset_card.md` with huggingface_hub's `Datase
 `DatasetCardData`: what was done (method, papers), the configuration (oracle model and the
 *host* of its base URL only, student model, template, thresholds, prompt set), counts per split
 and per status, score statistics, the PNGs of `report.plot_summary`, tags, and the source
-dataset and its license when known. Secrets never reach it: keys that name a key, token,
-secret or password are dropped from the context, and URLs lose everything but their host.
+dataset and its license when known. Secrets never reach it: keys named as secrets
+(`api_key`, `*_key`, `*token` but not `*_tokens*`, `secret`, `password`, `bearer`...) are dropped,
+URLs lose their user and password (and secret-named query parameters) but keep their path, and
+local paths show as a file name (`my.jsonl (local file)`) or `local data`, never as a path.
 
 Example:
     >>> import tempfile
@@ -21,21 +23,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from . import __version__
 from .report import plot_summary, summarize
 from .select import VARIANT_SPLITS
-from .utils import card_template
+from .utils import card_template, versioned
 
 logger = logging.getLogger(__name__)
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|authorization|credential)", re.I)
+# Secret-named keys: `api_key`, `*_key`, `*token` (not `max_new_tokens`, `tokens_per_minute`...), `bearer`...
+SECRET_KEY = re.compile(r"(^|[_.-])(api[_-]?key|key|secret|password|passwd|bearer|authorization|credentials?)$"
+                        r"|token$|^bearer", re.I)
+LOCAL_PREFIX = "local:"  # an oracle run here: `local:<model>`
 SPLIT_DESCRIPTIONS = {
     "origin": "the source pairs (inputs folded into the instruction when compressed)",
     "reflect_instruction": "instruction reflection: a new instruction and its answer",
@@ -77,24 +83,111 @@ def host_only(url: str) -> str:
     return f"{host}:{parts.port}" if parts.port else host
 
 
+def is_secret_key(key: str) -> bool:
+    """Whether a configuration key names a secret (its value never reaches a file or a card).
+
+    Example:
+        >>> from reflectune_hf.hub import is_secret_key
+        >>> [k for k in ("api_key", "OPENAI_API_KEY", "hf_token", "bearer", "password", "max_new_tokens",
+        ...              "tokens_per_minute", "max_tokens_per_batch", "tokenizer") if is_secret_key(k)]
+        ['api_key', 'OPENAI_API_KEY', 'hf_token', 'bearer', 'password']
+    """
+    return bool(SECRET_KEY.search(str(key)))
+
+
+def strip_url_secrets(url: str) -> str:
+    """A URL without its user and password and without secret-named query parameters; the
+    scheme, host, port and path stay (`http://127.0.0.1:8000/v1` reproduces a run).
+
+    Example:
+        >>> from reflectune_hf.hub import strip_url_secrets
+        >>> strip_url_secrets("https://user:sk-1@api.example.com:8443/v1?api-key=sk-1&region=eu")
+        'https://api.example.com:8443/v1?region=eu'
+    """
+    parts = urlsplit(url)
+    if not parts.netloc:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    netloc += f":{parts.port}" if parts.port else ""
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not is_secret_key(k)])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _is_url(key: str, value) -> bool:
+    return isinstance(value, str) and (str(key).endswith("url") or bool(re.match(r"^[a-z][a-z0-9+.-]*://", value)))
+
+
+def sanitize_config(config: Optional[Mapping[str, Any]]) -> dict:
+    """A configuration without secrets, for `reflectune_config.json`: secret-named keys dropped
+    (`is_secret_key`), URLs without user, password and secret query parameters. Everything else
+    is kept as it is, local paths included, so the file reproduces the run
+    (`reflectune recycle --config <out>/reflectune_config.json`).
+
+    Example:
+        >>> from reflectune_hf.hub import sanitize_config
+        >>> sanitize_config({"base_url": "http://u:p@127.0.0.1:8000/v1", "api_key": "sk-1", "max_new_tokens": 64})
+        {'base_url': 'http://127.0.0.1:8000/v1', 'max_new_tokens': 64}
+    """
+    clean = {}
+    for key, value in (config or {}).items():
+        if is_secret_key(key):
+            continue
+        if _is_url(key, value):
+            value = strip_url_secrets(value)
+        if isinstance(value, Mapping):
+            value = sanitize_config(value)
+        clean[str(key)] = value
+    return clean
+
+
+def _looks_local(text: str) -> bool:
+    return text.startswith(("/", "~", "./", "../", ".\\")) or os.path.exists(os.path.expanduser(text))
+
+
+def public_name(value: str) -> str:
+    """How a card names a dataset or model: a Hub id or alias as it is; a local file by its name
+    (`my.jsonl (local file)`), a local directory by its folder name (`local data` when it has
+    none); `local:<path>` keeps its prefix. A card never shows a local path.
+
+    Example:
+        >>> from reflectune_hf.hub import public_name
+        >>> public_name("/home/me/data/my.jsonl"), public_name("tatsu-lab/alpaca"), public_name("local:/srv/m/")
+        ('my.jsonl (local file)', 'tatsu-lab/alpaca', 'local:m')
+    """
+    text = str(value)
+    if text.startswith(LOCAL_PREFIX):
+        return LOCAL_PREFIX + public_name(text[len(LOCAL_PREFIX):])
+    if not _looks_local(text):
+        return text
+    path = Path(os.path.expanduser(text))
+    if path.suffix and not path.is_dir():
+        return f"{path.name} (local file)"
+    return path.resolve().name or "local data"
+
+
 def sanitize_context(context: Optional[Mapping[str, Any]]) -> dict:
-    """The card context without secrets: secret-named keys dropped, URLs reduced to their host.
+    """The card context: `sanitize_config` (no secrets), and local paths reduced to a name
+    (`public_name`).
 
     Example:
         >>> from reflectune_hf.hub import sanitize_context
-        >>> sanitize_context({"oracle_base_url": "http://u:p@127.0.0.1:8000/v1", "api_key": "sk-1"})
-        {'oracle_base_url': '127.0.0.1:8000'}
+        >>> sanitize_context({"oracle_base_url": "http://u:p@127.0.0.1:8000/v1", "api_key": "sk-1",
+        ...                   "source_dataset": "/tmp/rows.jsonl"})
+        {'oracle_base_url': 'http://127.0.0.1:8000/v1', 'source_dataset': 'rows.jsonl (local file)'}
     """
     clean = {}
-    for key, value in (context or {}).items():
-        if SECRET_KEY.search(str(key)):
-            continue
-        if isinstance(value, str) and (str(key).endswith("url") or re.match(r"^[a-z][a-z0-9+.-]*://", value)):
-            value = host_only(value)
-        if isinstance(value, Mapping):
+    for key, value in sanitize_config(context).items():
+        if isinstance(value, str) and not _is_url(key, value):
+            value = public_name(value)
+        elif isinstance(value, Mapping):
             value = sanitize_context(value)
-        clean[str(key)] = value
+        clean[key] = value
     return clean
+
+
+def _is_hub_id(name: Optional[str]) -> bool:
+    return bool(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
 
 
 def _format(value) -> str:
@@ -192,7 +285,7 @@ def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[d
         language=context.get("language", ["en"]),
         pretty_name=context.get("pretty_name", "Reflection-Tuning recycled data"),
         size_categories=[_size_category(rows)],
-        source_datasets=[context["source_dataset"]] if context.get("source_dataset") else None,
+        source_datasets=[context["source_dataset"]] if _is_hub_id(context.get("source_dataset")) else None,
         task_categories=["text-generation"],
         tags=sorted({"reflection-tuning", "instruction-tuning", "data-recycling", "reflectune_hf",
                      *context.get("tags", [])}),
@@ -250,6 +343,7 @@ def with_messages(data):
     return DatasetDict(_same_columns(done)) if isinstance(data, DatasetDict) else done["train"]
 
 
+@versioned
 def _messages_or_null(batch: dict) -> dict:
     """`to_messages` row by row, `None` for a row with an empty instruction or output."""
     from .data import ColumnError, batch_size_of, require_columns
@@ -352,6 +446,24 @@ def save_local(data, out_dir: Union[str, Path], card_context: Optional[Mapping] 
     return out
 
 
+def require_token(token: Optional[str] = None) -> str:
+    """`token`, else the one huggingface_hub finds (`HF_TOKEN`, or the file `hf auth login` writes);
+    without one, a `PermissionError` that says how to log in, before anything is sent.
+
+    Example:
+        >>> from reflectune_hf.hub import require_token
+        >>> require_token("hf_given")
+        'hf_given'
+    """
+    from huggingface_hub import get_token
+
+    found = token or get_token()
+    if not found:
+        raise PermissionError("No Hugging Face token found, so nothing can be pushed: log in with `hf auth login` "
+                              "or set HF_TOKEN (a token with write access, https://huggingface.co/settings/tokens)")
+    return found
+
+
 def push_to_hub(data, repo_id: str, private: bool = True, token: Optional[str] = None,
                 card_context: Optional[Mapping] = None, tokenizer=None, commit_message: Optional[str] = None,
                 quality: Optional[Mapping] = None) -> str:
@@ -361,7 +473,9 @@ def push_to_hub(data, repo_id: str, private: bool = True, token: Optional[str] =
 
     Three commits: the data (datasets' own `push_to_hub`, parquet shards under `data/`), the
     plots under `plots/`, then the README card, which links the plots and declares the splits.
-    The repository is private unless `private=False`. Returns the repository URL.
+    The repository is private unless `private=False`. Without a token (`token`, `HF_TOKEN` or
+    `hf auth login`) it stops before sending anything and says how to log in. Returns the
+    repository URL.
 
     Example:
         >>> from reflectune_hf.hub import push_to_hub
@@ -370,6 +484,7 @@ def push_to_hub(data, repo_id: str, private: bool = True, token: Optional[str] =
     from datasets import DatasetDict
     from huggingface_hub import HfApi
 
+    token = require_token(token)
     data, _, published, summary = _prepare(data, tokenizer)  # also the type checks, before anything is sent
     message = commit_message or "Upload data recycled with reflectune_hf"
     (DatasetDict(published) if isinstance(data, DatasetDict) else published["train"]).push_to_hub(

@@ -3,8 +3,8 @@
 `VicunaSFTTrainer.save_model` and `push_to_hub` write it as the model's `README.md`: base model,
 dataset, the recipe in effect (the hyperparameters the trainer really ran with), the chat
 template with a rendered example, and the library versions. Local paths never reach the card:
-a base model or dataset given as a local directory shows by its folder name only, and only Hub
-ids (`owner/name`) go into the card's metadata.
+a base model or dataset given as a local path (absolute or relative) shows by its folder or file
+name only (`hub.public_name`), and only Hub ids (`owner/name`) go into the card's metadata.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ def render_model_card(trainer, model_name=None, dataset_name=None, tags=None):
     from huggingface_hub import ModelCard, ModelCardData
 
     from . import __version__
+    from .hub import public_name
 
     info = getattr(trainer, "card_info", {})
     args = trainer.args
     base_model = info.get("base_model") or getattr(trainer.model.config, "_name_or_path", None)
     dataset = dataset_name or info.get("dataset")
-    if base_model and os.path.isabs(str(base_model)):
-        base_model = Path(base_model).name  # never write local directories into a card
-    if dataset and os.path.isabs(str(dataset)):
-        dataset = Path(dataset).name
+    hub_base_model, hub_dataset = _hub_id(base_model), _hub_id(dataset)  # checked before paths become names
+    base_model = public_name(base_model) if base_model else base_model  # never write local paths into a card
+    dataset = public_name(dataset) if dataset else dataset
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
     recipe = {
         "learning rate": args.learning_rate,
@@ -64,7 +64,7 @@ def render_model_card(trainer, model_name=None, dataset_name=None, tags=None):
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
          {"role": "user", "content": "Who are you?"}], tokenize=False, add_generation_prompt=True)
     card_data = ModelCardData(
-        base_model=_hub_id(base_model), datasets=[_hub_id(dataset)] if _hub_id(dataset) else None,
+        base_model=hub_base_model, datasets=[hub_dataset] if hub_dataset else None,
         library_name="transformers", pipeline_tag="text-generation", model_name=model_name,
         tags=["reflectune_hf", "reflection-tuning", "vicuna", "trl", "sft", *(tags or [])],
     )

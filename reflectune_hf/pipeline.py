@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +30,9 @@ from .oracles import ChatRequest, OpenAIBatchOracle, OpenAIOracle, TransformersO
 logger = logging.getLogger(__name__)
 LOCAL_PREFIX = "local:"
 SELECTED_SPLIT = "selected"
-CONTEXT_FILE = "reflectune_config.json"  # the (sanitized) configuration, for `reflectune push` later
+ORACLE_REQUIRED = ("--oracle_model is required: a model name on an OpenAI-compatible server "
+                   "(with --base_url for vLLM, TGI, Ollama or llama.cpp) or local:<model>")
+CONTEXT_FILE = "reflectune_config.json"  # the run's configuration without secrets: `--config` reproduces the run
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -38,7 +40,8 @@ CONTEXT_FILE = "reflectune_config.json"  # the (sanitized) configuration, for `r
 
 def load_input(config: DataConfig):
     """The data of `config.data`: a `DatasetDict` when it is a saved multi-split folder, else a
-    `Dataset` through `data.load_data`; `limit` keeps the first rows of every split."""
+    `Dataset` through `data.load_data`; `limit` keeps the first rows of every split. Data without
+    any row is refused; an empty split next to others (a selection that kept nothing) is not."""
     from datasets import DatasetDict, load_from_disk
 
     path = Path(config.data).expanduser()
@@ -52,6 +55,9 @@ def load_input(config: DataConfig):
         data = DatasetDict({k: cut(v) for k, v in data.items()}) if isinstance(data, DatasetDict) else cut(data)
     if isinstance(data, DatasetDict):
         empty = [name for name, ds in data.items() if len(ds) == 0]
+        if empty and len(empty) < len(data):
+            logger.info("%s: split(s) %s have no rows", config.data, empty)
+            empty = []
     else:
         empty = ["data"] if len(data) == 0 else []
     if empty:
@@ -65,8 +71,7 @@ def make_oracle(config: OracleConfig):
     config's `timeout`, `max_retries`, `context_window` (and `context_tokenizer`)."""
     name = config.oracle_model
     if not name:
-        raise ValueError("--oracle_model is required: a model name on an OpenAI-compatible server "
-                         "(with --base_url for vLLM, TGI, Ollama or llama.cpp) or local:<model>")
+        raise ValueError(ORACLE_REQUIRED)
     if name.startswith(LOCAL_PREFIX):
         return TransformersOracle(model=name[len(LOCAL_PREFIX):] or "smollm2-135m-instruct",
                                   batch_size=config.local_batch_size, max_new_tokens=config.max_new_tokens)
@@ -116,11 +121,29 @@ def select(config: SelectionConfig, variants):
     return chosen
 
 
+def config_record(config) -> dict:
+    """The configuration as `reflectune_config.json` holds it: every field of the job's config
+    (`hub.sanitize_config`: no secrets, URLs without user or password), so
+    `reflectune <command> --config <out>/reflectune_config.json` parses to the same config.
+
+    Example:
+        >>> from reflectune_hf.pipeline import RecycleConfig, config_record
+        >>> record = config_record(RecycleConfig(oracle_model="m", base_url="http://u:p@127.0.0.1:8000/v1"))
+        >>> record["base_url"], record["max_new_tokens"], RecycleConfig(**record) == RecycleConfig(
+        ...     oracle_model="m", base_url="http://127.0.0.1:8000/v1")
+        ('http://127.0.0.1:8000/v1', 2048, True)
+    """
+    from .hub import sanitize_config
+
+    return sanitize_config(asdict(config))
+
+
 def publish(config: DataConfig, data, card_context: dict) -> Path:
-    """Save to `output_dir` (data, card, plots) and push when `push_to_hub` is set."""
+    """Save to `output_dir` (data, card, plots, `reflectune_config.json`) and push when
+    `push_to_hub` is set."""
     import json
 
-    from .hub import push_to_hub, sanitize_context, save_local
+    from .hub import push_to_hub, save_local
 
     quality = None
     if config.quality_report:
@@ -128,7 +151,7 @@ def publish(config: DataConfig, data, card_context: dict) -> Path:
 
         quality = quality_report(data, coherence=True)
     out = save_local(data, config.output_dir, card_context=card_context, quality=quality)
-    (out / CONTEXT_FILE).write_text(json.dumps(sanitize_context(card_context), indent=2, default=str))
+    (out / CONTEXT_FILE).write_text(json.dumps(config_record(config), indent=2, default=str))
     if config.push_to_hub:
         url = push_to_hub(data, config.push_to_hub, private=config.private, card_context=card_context,
                           quality=quality)
@@ -137,12 +160,15 @@ def publish(config: DataConfig, data, card_context: dict) -> Path:
 
 
 def card_context(config, oracle=None, data=None) -> dict:
-    """What the card shows of a configuration (hub.sanitize_context strips secrets and URL paths);
-    the license is `config.license`, else the one the loaded `data` declares."""
-    skip = ("output_dir", "private", "limit", "quality_report")
-    context = {k: v for k, v in asdict(config).items() if v is not None and k not in skip}
-    if isinstance(config, DataConfig):
-        context["source_dataset"] = config.data
+    """What the card shows of a configuration (a config dataclass, or the dict of a
+    `reflectune_config.json`): its fields, `data` as `source_dataset`; `hub.sanitize_context`
+    then drops secrets and reduces local paths to a name. The license is `config.license`, else
+    the one the loaded `data` declares."""
+    skip = ("output_dir", "private", "limit", "quality_report", "data")
+    values = asdict(config) if is_dataclass(config) else dict(config or {})
+    context = {k: v for k, v in values.items() if v is not None and k not in skip}
+    if values.get("data"):
+        context["source_dataset"] = values["data"]
     if "license" not in context and data is not None:
         first = next(iter(data.values())) if hasattr(data, "values") else data
         if getattr(first.info, "license", None):
@@ -215,7 +241,7 @@ def load_pairs(config: DataConfig):
     if isinstance(data, DatasetDict):
         raise ValueError(f"{config.data} holds several splits {list(data)}; reflect takes one (pick it with --split "
                          "from a Hub id or a file)")
-    check_sft_dataset(data)
+    check_sft_dataset(data, stage="reflect", purpose="recycled (an oracle needs a non-empty instruction and output)")
     return data
 
 

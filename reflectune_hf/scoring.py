@@ -130,9 +130,13 @@ class IFDScorer(LazyState):
             (measured on 2 cores: 1024 tokens 0.8 s/row, 16384 tokens 1.8 s/row, SmolLM2-135M).
         num_threads: torch CPU threads; default: all cores, split between `num_proc` workers.
 
-    The datasets fingerprint is the pickled configuration plus `model_identity(model)` and the
-    package and scoring versions: a repeated `map` is served from the cache without loading the
-    model. Under `map(num_proc=N, with_rank=True)` each worker loads its own copy.
+    The datasets fingerprint is the pickled configuration (model, template, max_length, dtype)
+    plus `model_identity(model)` and the package and scoring versions: a repeated `map` is
+    served from the cache without loading the model, and new weights or a new version score
+    again. `device`, `num_threads` and `max_tokens_per_batch` change the speed, not the scores,
+    so they are not part of it (nor of the pickled state): changing them reuses the cache. Under
+    `map(num_proc=N, with_rank=True)` each worker loads its own copy and picks its own runtime
+    settings (GPU by rank, CPU cores split between workers, the device's default budget).
 
     Example:
         >>> from reflectune_hf import load_sample
@@ -143,7 +147,9 @@ class IFDScorer(LazyState):
         (['ok'], True)
     """
 
-    _transient = ("_model", "_tokenizer", "_device", "_share_prefixes")
+    # Runtime knobs are transient too: they change the speed, never the scores (see above).
+    _transient = ("_model", "_tokenizer", "_device", "_share_prefixes", "device", "num_threads",
+                  "max_tokens_per_batch")
 
     def __init__(self, model: str = "smollm2-135m-instruct", template: str = "vicuna", max_length: int = 2048,
                  dtype: str = "float32", device: Optional[str] = None, max_tokens_per_batch: Optional[int] = None,

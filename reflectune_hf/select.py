@@ -43,6 +43,7 @@ import pyarrow.compute as pc
 
 from .data import ID_COLUMN, ColumnError, empty_dataset, require_columns
 from .extract import NOT_REFLECTED as EXTRACT_NOT_REFLECTED
+from .utils import LazyState
 from .variants import VARIANT_SPLITS, align_by_id, check_variants, unify_schema
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def score_array(ds, column: str, stage: str = "score_array") -> np.ndarray:
 # --------------------------------------------------------------------------- predicates
 
 
-class ScoreFilter:
+class ScoreFilter(LazyState):  # LazyState: pickled (so hashed) with the package version
     """A predicate for `Dataset.filter`, plain or `batched=True`: every column in `columns` holds a
     valid score (see the module docstring) and, when `below` is set, a value `< below`; rows whose
     `score_status` is present and not `"ok"` are rejected.

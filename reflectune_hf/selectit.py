@@ -289,7 +289,8 @@ class SelectITScorer(LazyState):
         dtype: `"float32"` (exact), `"bfloat16"` or `"float16"`.
         device: `"cpu"`, `"cuda"`...; default CUDA when present, else CPU.
         batch_size: prompts per forward pass (prompts are sorted by length first). It never
-            changes a score beyond float rounding.
+            changes a score beyond float rounding, so, like `device`, it is not part of the
+            datasets fingerprint (nor of the pickled state: `num_proc` workers use the default).
         max_length: longest prompt in tokens; a longer row gets `too_long:<model>`.
 
     Rating tokens are looked up in each tokenizer (`rating_token_ids`); a rating spelled by
@@ -305,7 +306,8 @@ class SelectITScorer(LazyState):
         ['ok']
     """
 
-    _transient = ("_raters",)
+    _transient = ("_raters", "device", "batch_size")  # runtime knobs: not in the fingerprint
+    _transient_defaults = {"batch_size": 16}
 
     def __init__(self, models=("smollm2-135m-instruct",), k: int = 5, alpha: float = 0.2,
                  rating_prompts: Optional[Sequence[str]] = None, formula: str = "paper",

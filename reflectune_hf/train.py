@@ -39,6 +39,7 @@ from typing import Mapping, Optional
 
 from .data import ColumnError, require_columns
 from .models import resolve_model
+from .utils import versioned
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def _one_row(instruction, input, output, system, where: str) -> list[dict]:
     return messages
 
 
+@versioned
 def to_messages(example: Mapping, system: Optional[str] = None) -> dict:
     """Map function: Alpaca row(s) to a `messages` column (one user turn, one assistant turn).
 
@@ -155,18 +157,22 @@ def _messages_problem(messages) -> Optional[str]:
     return None
 
 
-def check_sft_dataset(ds) -> None:
+def check_sft_dataset(ds, stage: str = STAGE, purpose: str = "trained on", allow_empty: bool = False) -> None:
     """Raise before training when a dataset cannot train: `ColumnError` for missing columns,
-    `ValueError` listing the rows (by `id` when present) with an empty instruction or output, or
-    `messages` that are empty, do not alternate user/assistant, or have no assistant turn.
+    `ValueError` for a dataset without rows (unless `allow_empty`) or listing the rows (by `id`
+    when present) with an empty instruction or output, or `messages` that are empty, do not
+    alternate user/assistant, or have no assistant turn.
 
     Accepts a `messages` dataset or an Alpaca one (`instruction`, `output`, optional `input`).
+    `stage` and `purpose` word the error (`reflect: 1 of 2 rows cannot be recycled: ...`).
     """
     if isinstance(ds, Mapping):  # a DatasetDict
-        raise TypeError(f"{STAGE}: pass one split (e.g. ds['train']), not a {type(ds).__name__}")
+        raise TypeError(f"{stage}: pass one split (e.g. ds['train']), not a {type(ds).__name__}")
+    if len(ds) == 0 and not allow_empty:
+        raise ValueError(f"{stage}: the data has no rows, nothing can be {purpose}")
     has_messages = "messages" in ds.column_names
     if not has_messages:
-        require_columns(ds, ["instruction", "output"], STAGE)
+        require_columns(ds, ["instruction", "output"], stage)
     columns = ["messages"] if has_messages else [c for c in ("instruction", "input", "output") if c in ds.column_names]
     if "id" in ds.column_names:
         columns.append("id")
@@ -189,7 +195,7 @@ def check_sft_dataset(ds) -> None:
     if problems:
         shown = "; ".join(f"{label}: {problem}" for label, problem in problems[:10])
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-        raise ValueError(f"{STAGE}: {len(problems)} of {len(ds)} rows cannot be trained on: {shown}{more}. "
+        raise ValueError(f"{stage}: {len(problems)} of {len(ds)} rows cannot be {purpose}: {shown}{more}. "
                          "Fix or drop these rows first (e.g. with `ds.filter`).")
 
 
@@ -383,6 +389,9 @@ def vicuna_sft_trainer(model, train_dataset, args=None, *, eval_dataset=None, sy
     args.chat_template_path = resolve_chat_template_path(args.chat_template_path)
     from trl.trainer.utils import global_then_local_main_first
 
+    if model is None:
+        raise ValueError(f"{STAGE}: no model to train: pass one (--model_name_or_path with `reflectune sft`), an "
+                         "embedded alias such as smollm2-135m-instruct, a Hub id or a local directory")
     n_rows = len(train_dataset) if hasattr(train_dataset, "__len__") else None
     with global_then_local_main_first():  # as TRL prepares data: one process writes the map cache first
         train_dataset = prepare_sft_dataset(train_dataset, system=system)

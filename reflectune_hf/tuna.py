@@ -34,7 +34,7 @@ from .data import ID_COLUMN, ColumnError, batch_size_of, require_columns, text_c
 from .oracles.base import ChatRequest, usage_add
 from .prompts import get_scoring_template, tuna_ranking_messages
 from .tuna_parse import ParsedRanking, extract_reference_response, parse_ranking  # noqa: F401 (public here too)
-from .utils import LazyState
+from .utils import LazyState, versioned
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +215,7 @@ class SampleResponses(_OracleCaller):
         return {**out, **_typed(columns)}
 
 
+@versioned
 def rank_by_logprob(batch: Mapping) -> dict:
     """Order each row's `responses` by `avg_logprobs`, highest first (Tuna's probabilistic ranking).
 

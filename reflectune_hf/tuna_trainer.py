@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from .data import ColumnError, require_columns
+from .utils import LazyState
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class TunaConfig(TrainingArguments):
 
 
 @dataclass
-class TunaTokenize:
+class TunaTokenize(LazyState):  # LazyState: hashed with the package version
     """`Dataset.map` function: `instruction`, optional `input`, `ranked_responses` -> `prompt_ids`
     and `candidate_ids` (each response's tokens plus EOS, cut so prompt plus response fit
     `max_length`; an empty list when the prompt alone fills it)."""

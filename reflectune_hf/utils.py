@@ -6,13 +6,16 @@ Nothing here imports another module of the package, so every module may import i
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
+import importlib
 import json
 import os
+import sys
 import threading
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 CACHE_ENV = "REFLECTUNE_HF_CACHE"
 
@@ -86,34 +89,115 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 
+def package_version() -> str:
+    """`reflectune_hf.__version__`, read when called (so a fingerprint follows the installed package).
+
+    Example:
+        >>> import reflectune_hf
+        >>> from reflectune_hf.utils import package_version
+        >>> package_version() == reflectune_hf.__version__
+        True
+    """
+    package = sys.modules.get(__name__.rpartition(".")[0]) or importlib.import_module(__name__.rpartition(".")[0])
+    return str(package.__version__)
+
+
+IDENTITY_KEY = "__reflectune_hf_identity__"  # the pickled state's entry that only identifies the code
+
+
 class LazyState:
     """Mixin for pipeline callables that hold heavy or unpicklable runtime state.
 
     Attributes named in `_transient` (a loaded model, an HTTP client, a SQLite connection, usage
-    counters) are left out of the pickled state. Two consequences, both wanted:
+    counters, knobs that change speed but not results) are left out of the pickled state, and
+    `fingerprint_identity()` (the package version; subclasses add e.g. the weights' identity) is
+    put in. Consequences, all wanted:
 
     - `datasets` fingerprints a `map` function by pickling it, so the fingerprint depends on the
-      configuration only and is the same in every process: a repeated `map` is served from the
-      cache without loading anything.
+      configuration and the code's version only and is the same in every process: a repeated
+      `map` is served from the cache without loading anything, and an upgrade of the package
+      (which may fix a stage) or new weights compute the rows again.
     - `map(..., num_proc=N)` ships the callable to worker processes without the model or client;
       each worker rebuilds its own lazily on first use.
 
-    Subclasses set `_transient` and create those attributes lazily (they are `None` after
-    unpickling).
+    Subclasses set `_transient` and create those attributes lazily (after unpickling they are
+    `None`, or their value in `_transient_defaults`: a runtime knob such as a batch size or a
+    device is then the default in a `num_proc` worker).
     """
 
     _transient: ClassVar[tuple[str, ...]] = ()
+    _transient_defaults: ClassVar[dict] = {}
+
+    def fingerprint_identity(self) -> dict:
+        """What identifies the code and models behind this callable, beyond its configuration:
+        hashed by datasets with the pickled state, dropped when unpickled."""
+        return {"reflectune_hf": package_version()}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for name in self._transient:
             state.pop(name, None)
+        state[IDENTITY_KEY] = self.fingerprint_identity()
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({k: v for k, v in state.items() if k != IDENTITY_KEY})
         for name in self._transient:
-            self.__dict__.setdefault(name, None)
+            self.__dict__.setdefault(name, self._transient_defaults.get(name))
+
+
+def _versioned_from(module: str, qualname: str, version: str):
+    """Unpickle a `VersionedFunction`: the module's object of that name (`version` only identifies)."""
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class VersionedFunction:
+    """A module-level function for `Dataset.map` / `filter` that datasets hashes with the package
+    version: its pickled form is its module, its name and `reflectune_hf.__version__`, so an
+    upgrade that changes what it computes is not served rows of the old version from the cache,
+    while the fingerprint stays the same in every process of one version.
+
+    Use it as the decorator `@versioned`; the function keeps its name, docstring and signature.
+
+    Example:
+        >>> from datasets.fingerprint import Hasher
+        >>> from reflectune_hf.extract import extract_response_reflection
+        >>> type(extract_response_reflection).__name__, extract_response_reflection.__name__
+        ('VersionedFunction', 'extract_response_reflection')
+        >>> Hasher.hash(extract_response_reflection) == Hasher.hash(extract_response_reflection)
+        True
+    """
+
+    def __init__(self, func: Callable):
+        self.__func__ = func
+        functools.update_wrapper(self, func)
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<versioned function {self.__module__}.{self.__qualname__}>"
+
+    def __reduce__(self):
+        return _versioned_from, (self.__module__, self.__qualname__, package_version())
+
+
+def versioned(func: Callable) -> VersionedFunction:
+    """Decorator: `func` as a `VersionedFunction` (hashed by datasets with the package version).
+
+    Example:
+        >>> from reflectune_hf.utils import versioned
+        >>> @versioned
+        ... def shout(batch):
+        ...     "Upper-case the text."
+        ...     return {"text": [t.upper() for t in batch["text"]]}
+        >>> shout({"text": ["hi"]}), shout.__doc__
+        ({'text': ['HI']}, 'Upper-case the text.')
+    """
+    return VersionedFunction(func)
 
 
 def card_template(name: str) -> Path:

@@ -46,6 +46,7 @@ from typing import Any, Mapping, Optional, Sequence
 from .data import ColumnError, empty_dataset, require_columns, to_alpaca
 from .extract import extract_instruction_reflection, extract_response_reflection
 from .reflect import CompressInstruction, NoOracle, ReflectInstruction, ReflectResponse, map_stage
+from .utils import versioned
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ LAST_STEP = {"origin": None, "reflect_instruction": "instruction", "reflect_resp
              "reflect_both": "response"}
 
 
+@versioned  # hashed with the package version: an upgrade that changes the alignment recomputes it
 def _finish_split(batch: dict, defaults: dict, last_step: Optional[str]) -> dict:
     n = len(next(iter(batch.values()))) if batch else 0
     out = {name: [value] * n for name, value in defaults.items()}

@@ -59,14 +59,32 @@ def load_datasets(script_args, dataset_args):
 
 def train_split(dataset, wanted: str) -> str:
     """`wanted` when the data has it; for the default `train` of a `reflectune` output (splits
-    `origin`, `reflect_*`, `selected`), its `selected` split; else a clear error."""
+    `origin`, `reflect_*`, `selected`), its `selected` split; else a clear error. A split without
+    rows is refused in one line (for `selected`: the selection kept nothing, and how to loosen it)."""
     if wanted in dataset:
-        return wanted
-    if wanted == "train" and "selected" in dataset:
+        name = wanted
+    elif wanted == "train" and "selected" in dataset:
         logger.info("No `train` split: training on `selected` (set dataset_train_split to pick another).")
-        return "selected"
-    raise ValueError(f"The data has no split {wanted!r}, only {list(dataset)}: set dataset_train_split "
-                     "(e.g. `--dataset_train_split reflect_both` for V1 data).")
+        name = "selected"
+    else:
+        raise ValueError(f"The data has no split {wanted!r}, only {list(dataset)}: set dataset_train_split "
+                         "(e.g. `--dataset_train_split reflect_both` for V1 data).")
+    split = dataset[name]
+    if hasattr(split, "__len__") and len(split) == 0:
+        if name == "selected":
+            raise ValueError("The split 'selected' has no rows: the selection kept none. Loosen it (`reflectune "
+                             "select --data <folder> --no_require_below_one`, or a larger --top_fraction) or train "
+                             "on another split (`--dataset_train_split reflect_both`).")
+        raise ValueError(f"The split {name!r} has no rows: pick another with --dataset_train_split "
+                         f"(the data has {list(dataset)}).")
+    return name
+
+
+def check_args(script_args, training_args, model_args, dataset_args=None) -> None:
+    """Bad arguments, found before anything loads (`reflectune sft` exits 2 on them)."""
+    if not model_args.model_name_or_path:
+        raise ValueError("Set --model_name_or_path (an embedded alias such as smollm2-135m-instruct, a Hub id or "
+                         "a local directory), or `model_name_or_path:` in the --config file.")
 
 
 def dataset_label(script_args, dataset_args) -> str:
@@ -88,6 +106,7 @@ def main(script_args, training_args, model_args, dataset_args=None):
 
     from reflectune_hf.train import PAPER_GLOBAL_BATCH_SIZE, vicuna_sft_trainer
 
+    check_args(script_args, training_args, model_args, dataset_args)
     model_init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,

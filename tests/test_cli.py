@@ -36,8 +36,10 @@ def test_help_lists_every_command():
     (["nope"], 2, "unknown command 'nope'"),
     (["recycle", "--no_such_flag", "1"], 2, "no_such_flag"),
     (["recycle", "--limit", "many"], 2, "limit"),
-    (["reflect", "--data", "sample"], 1, "--oracle_model is required"),
-    (["reflect", "--data", "/no/such/file.jsonl", "--oracle_model", "m"], 1, "/no/such/file.jsonl"),
+    (["reflect", "--data", "sample"], 2, "--oracle_model is required"),
+    (["estimate", "--data", "sample"], 2, "--oracle_model is required"),
+    (["reflect", "--data", "/no/such/file.jsonl", "--oracle_model", "m"], 1,
+     "/no/such/file.jsonl: no such file or directory"),
     (["select", "--data", "sample"], 1, "lacks the variant split"),
     (["push", "--data", "sample"], 1, "--push_to_hub"),
     (["recycle", "--config", "/no/such.yaml"], 2, "/no/such.yaml"),
@@ -65,6 +67,7 @@ def test_estimate_sends_nothing(tmp_path):
 
 
 def test_push_an_output_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     from datasets import Dataset
     from huggingface_hub import DatasetCard, HfApi
 
@@ -72,7 +75,8 @@ def test_push_an_output_folder(tmp_path, monkeypatch, capsys):
     from reflectune_hf.hub import save_local
 
     save_local(load_sample(), tmp_path / "out", card_context={"oracle_model": "m", "api_key": "sk-secret"})
-    (tmp_path / "out" / "reflectune_config.json").write_text(json.dumps({"oracle_model": "from-the-run"}))
+    (tmp_path / "out" / "reflectune_config.json").write_text(json.dumps({"oracle_model": "from-the-run",
+                                                                         "data": str(tmp_path / "rows.jsonl")}))
     from reflectune_hf.quality import quality_report
 
     (tmp_path / "out" / "quality.json").write_text(json.dumps(quality_report(load_sample(), coherence=False)))
@@ -83,6 +87,7 @@ def test_push_an_output_folder(tmp_path, monkeypatch, capsys):
     assert cli.main(["push", "--data", str(tmp_path / "out"), "--push_to_hub", "me/data", "--no_private"]) == 0
     assert sent[0] == ("data", "me/data", False) and sent[1] == ("plots", "me/data")
     assert "from-the-run" in sent[2][1] and "sk-secret" not in sent[2][1] and "### Data quality" in sent[2][1]
+    assert "rows.jsonl (local file)" in sent[2][1] and str(tmp_path) not in sent[2][1]
     assert "huggingface.co/datasets/me/data" in capsys.readouterr().out
 
 
@@ -205,7 +210,8 @@ def test_rows_that_cannot_be_recycled_fail_before_any_oracle_call(tmp_path):
         out = reflectune("recycle", "--data", tmp_path / "rows.jsonl", "--oracle_model", "m",
                          "--base_url", server.base_url, "--output_dir", tmp_path / "out")
         assert server.log == []
-    assert out.returncode == 1 and "id=1: empty output" in out.stderr
+    assert out.returncode == 1 and "reflect: 1 of 2 rows cannot be recycled" in out.stderr
+    assert "id=1: empty output" in out.stderr and "vicuna_sft" not in out.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -393,3 +399,102 @@ def test_eval_and_tuna_take_the_same_client_options():
     oracle = tuna.make_oracle("m", script_args.oracle_base_url, 64, script_args.oracle_max_concurrency,
                               script_args.oracle_timeout, script_args.oracle_max_retries)
     assert (oracle.timeout, oracle.max_retries) == (4.0, 0)
+# -- an empty selection, a missing token, a configuration that reproduces the run ------------------
+
+
+@pytest.fixture
+def hub_sent(monkeypatch):
+    """Hub calls patched: what `push` would send."""
+    from datasets import Dataset
+    from huggingface_hub import DatasetCard, HfApi
+
+    sent = []
+    monkeypatch.setattr(DatasetDict, "push_to_hub", lambda self, repo_id, **kw: sent.append(("data", sorted(self))))
+    monkeypatch.setattr(Dataset, "push_to_hub", lambda self, repo_id, **kw: sent.append(("data", ["train"])))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: sent.append(("plots", kw["repo_id"])))
+    monkeypatch.setattr(DatasetCard, "push_to_hub", lambda self, repo_id, **kw: sent.append(("card", str(self))))
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    return sent
+
+
+def test_a_folder_whose_selection_kept_nothing_reselects_pushes_and_refuses_to_train(tmp_path, hub_sent, capsys):
+    from reflectune_hf import load_sample
+    from reflectune_hf.hub import save_local
+
+    from synthetic_variants import make_variants
+
+    variants = make_variants(load_sample().select(range(12)))
+    folder = tmp_path / "weak-oracle"
+    save_local(DatasetDict({**variants, "selected": variants["reflect_both"].select([])}), folder)
+
+    assert cli.main(["select", "--data", str(folder), "--no_require_below_one", "--output_dir",
+                     str(tmp_path / "reselected")]) == 0
+    assert "selected" in load_from_disk(str(tmp_path / "reselected" / "arrow"))
+    assert cli.main(["push", "--data", str(folder), "--push_to_hub", "me/weak"]) == 0
+    assert hub_sent[0] == ("data", ["origin", "reflect_both", "reflect_instruction", "reflect_response"])
+    capsys.readouterr()
+
+    assert cli.main(["sft", "--dataset_name", str(folder), "--model_name_or_path", "smollm2-135m-instruct",
+                     "--output_dir", str(tmp_path / "sft")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the selection kept none" in err
+    assert "--no_require_below_one" in err and "--top_fraction" in err and "--dataset_train_split reflect_both" in err
+    assert not (tmp_path / "sft").exists()
+
+    assert cli.main(["sft", "--dataset_name", str(folder), "--output_dir", str(tmp_path / "sft")]) == 2
+    assert "--model_name_or_path" in capsys.readouterr().err
+
+
+def test_push_without_a_token_says_how_to_log_in(tmp_path, hub_sent, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from reflectune_hf import load_sample
+    from reflectune_hf.hub import save_local
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
+    save_local(load_sample().select(range(4)), tmp_path / "out")
+    assert cli.main(["push", "--data", str(tmp_path / "out"), "--push_to_hub", "me/data"]) == 1
+    err = capsys.readouterr().err
+    assert "hf auth login" in err and "HF_TOKEN" in err and "401" not in err
+    assert hub_sent == []
+
+
+def test_the_config_file_round_trips():
+    """Every field, the `*_tokens*` ones and the base URL's path included, comes back from the file."""
+    import tempfile
+
+    from reflectune_hf.pipeline import RecycleConfig, config_record
+
+    config = RecycleConfig(
+        data="my.jsonl", oracle_model="gpt-test", base_url="http://127.0.0.1:8000/v1", max_new_tokens=321,
+        tokens_per_minute=9000.0, requests_per_minute=60.0, max_tokens_per_batch=4096, selection="v1",
+        top_fraction=0.2, compress=False, private=False, limit=7, push_to_hub="me/data")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "reflectune_config.json"
+        path.write_text(json.dumps(config_record(config)))
+        assert cli.parse_config("recycle", ["--config", str(path)]) == config
+
+
+def test_a_run_writes_a_config_that_reproduces_it(tmp_path):
+    """A real `reflect` run (loopback oracle); its `reflectune_config.json` parses to the run's
+    config and runs again; its card names the local data file, never its path."""
+    rows = tmp_path / "private" / "rows.jsonl"
+    rows.parent.mkdir()
+    rows.write_text("".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n" for w in ("hi", "yo")))
+    with LoopbackServer() as server:
+        args = ["reflect", "--data", str(rows), "--oracle_model", "echo", "--base_url", server.base_url,
+                "--max_new_tokens", "77", "--tokens_per_minute", "100000", "--format_retries", "0",
+                "--output_dir", str(tmp_path / "out")]
+        assert cli.main(args) == 0
+        file = tmp_path / "out" / "reflectune_config.json"
+        record = json.loads(file.read_text())
+        assert record["max_new_tokens"] == 77 and record["tokens_per_minute"] == 100000.0
+        assert record["base_url"] == server.base_url and server.base_url.endswith("/v1")
+        assert cli.parse_config("reflect", ["--config", str(file)]) == cli.parse_config("reflect", args[1:])
+        assert cli.main(["reflect", "--config", str(file), "--output_dir", str(tmp_path / "again")]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "rows.jsonl (local file)" in card and str(tmp_path) not in card
+    assert _read_output(tmp_path / "again") == _read_output(tmp_path / "out")

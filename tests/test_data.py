@@ -104,3 +104,53 @@ def test_shared_compressed_rows_load(shared_data):
     ds = load_data(shared_data / "cherry_alpaca_5_percent_compressed.json")
     assert len(ds) == 3111 and set(ds["input"]) == {""}
     assert len(read_records(shared_data / "cherry_alpaca_5_percent.json")) == 3111
+
+
+# -- TRL formats on load, missing local files ------------------------------------------------------
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_trl_messages_and_prompt_completion_load_as_alpaca(tmp_path):
+    """`messages` (system? + user + assistant) and `prompt` / `completion` (strings or message
+    lists, TRL's standard and conversational formats) become Alpaca rows on load."""
+    def msg(role, content):
+        return {"role": role, "content": content}
+
+    messages = _write_jsonl(tmp_path / "messages.jsonl", [
+        {"messages": [msg("system", "Be brief."), msg("user", "Name a colour."), msg("assistant", "Blue.")]},
+        {"messages": [msg("user", "Add 2 and 2."), msg("assistant", "4")]},
+    ])
+    ds = load_data(str(messages))
+    assert ds.column_names == ["instruction", "input", "output", "system", "id"]
+    assert ds[0] == {"instruction": "Name a colour.", "input": "", "output": "Blue.", "system": "Be brief.", "id": 0}
+    assert ds[1]["instruction"] == "Add 2 and 2." and ds[1]["system"] == ""
+    standard = _write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Say hi.", "completion": "Hi!", "source": "x"}])
+    row = load_data(str(standard))[0]
+    assert (row["instruction"], row["output"], row["input"], row["source"]) == ("Say hi.", "Hi!", "", "x")
+    conversational = _write_jsonl(tmp_path / "conv.jsonl", [
+        {"prompt": [msg("system", "S."), msg("user", "Q?")], "completion": [msg("assistant", "A.")]}])
+    row = load_data(str(conversational))[0]
+    assert (row["instruction"], row["output"], row["system"]) == ("Q?", "A.", "S.")
+
+
+def test_multi_turn_rows_are_refused_naming_the_row(tmp_path):
+    def msg(role, content):
+        return {"role": role, "content": content}
+
+    path = _write_jsonl(tmp_path / "multi.jsonl", [
+        {"messages": [msg("user", "Hi."), msg("assistant", "Hello.")]},
+        {"messages": [msg("user", "Hi."), msg("assistant", "Hello."), msg("user", "And?"), msg("assistant", "Bye.")]},
+    ])
+    with pytest.raises(ColumnError, match=r"row 1 is not a single-turn conversation .*split or drop multi-turn"):
+        load_data(str(path))
+
+
+def test_a_missing_local_file_is_reported_as_missing_not_looked_up_on_the_hub(tmp_path):
+    for name in (str(tmp_path / "nope.jsonl"), "./nope.parquet", "data/sub/nope"):
+        with pytest.raises(FileNotFoundError, match="no such file or directory") as err:
+            load_data(name)
+        assert "Hub" not in str(err.value).split("(")[0] and name in str(err.value)

@@ -11,7 +11,7 @@ from huggingface_hub import DatasetCard, HfApi
 
 from reflectune_hf import load_sample
 from reflectune_hf.data import ColumnError
-from reflectune_hf.hub import build_card, host_only, push_to_hub, sanitize_context, save_local
+from reflectune_hf.hub import build_card, host_only, push_to_hub, sanitize_config, sanitize_context, save_local
 
 from synthetic_variants import make_variants
 
@@ -62,6 +62,7 @@ def hub_calls(monkeypatch):
     monkeypatch.setattr(Dataset, "push_to_hub", data_push)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(DatasetCard, "push_to_hub", card_push)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")  # push_to_hub checks for a token before sending anything
     return calls
 
 
@@ -169,7 +170,46 @@ def test_sanitize_and_host_only():
     assert host_only("http://127.0.0.1:8000/v1") == "127.0.0.1:8000"
     assert host_only("api.openai.com") == "api.openai.com"
     clean = sanitize_context({"nested": {"token": "x", "url": "https://a:b@h/p"}, "OPENAI_API_KEY": "k", "n": 3})
-    assert clean == {"nested": {"url": "h"}, "n": 3}
+    assert clean == {"nested": {"url": "https://h/p"}, "n": 3}
+
+
+def test_secrets_are_matched_by_name_precisely_and_urls_keep_their_path():
+    config = {"max_new_tokens": 64, "tokens_per_minute": 9000.0, "max_tokens_per_batch": 4096, "tokenizer": "t",
+              "base_url": f"http://me:{SECRET}@127.0.0.1:8000/v1?api_key={SECRET}&region=eu",
+              "api_key": SECRET, "openai_key": SECRET, "hf_token": SECRET, "token": SECRET, "bearer": SECRET,
+              "password": SECRET, "client_secret": SECRET, "Authorization": SECRET}
+    clean = sanitize_config(config)
+    assert clean == {"max_new_tokens": 64, "tokens_per_minute": 9000.0, "max_tokens_per_batch": 4096,
+                     "tokenizer": "t", "base_url": "http://127.0.0.1:8000/v1?region=eu"}
+    assert sanitize_context(config) == clean
+
+
+def test_local_paths_never_reach_the_card(tmp_path):
+    rows = tmp_path / "private-folder" / "my-rows.jsonl"
+    rows.parent.mkdir()
+    rows.write_text("{}")
+    context = {"source_dataset": str(rows), "student_model": str(tmp_path / "private-folder"),
+               "oracle_model": f"local:{tmp_path}/private-folder/", "template": "vicuna"}
+    clean = sanitize_context(context)
+    assert clean == {"source_dataset": "my-rows.jsonl (local file)", "student_model": "private-folder",
+                     "oracle_model": "local:private-folder", "template": "vicuna"}
+    card = str(build_card(load_sample(), context))
+    assert str(tmp_path) not in card and "my-rows.jsonl (local file)" in card
+    assert "source_datasets" not in card, "only a Hub id goes into the metadata"
+
+
+def test_push_without_a_token_says_how_to_log_in_and_sends_nothing(hub_calls, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
+    with pytest.raises(PermissionError, match=r"No Hugging Face token.*hf auth login.*HF_TOKEN"):
+        push_to_hub(load_sample(), "me/data")
+    assert hub_calls.calls == []
+    push_to_hub(load_sample(), "me/data", token="hf_given")  # a token passed in is enough
+    assert hub_calls.calls[0][2]["token"] == "hf_given"
 
 
 def test_card_of_unscored_data_has_no_score_section():

@@ -237,6 +237,10 @@ def test_trl_labels_train_only_answer_and_eos(tmp_path, sample, smollm2_dir):
     assert "smollm2-135m-instruct" in card and "sample" in card and "vicuna_v1.1" in card
     assert "| learning rate | 2e-05 |" in card and "assistant tokens only" in card
     assert str(tmp_path) not in card and smollm2_dir not in card  # no local paths in cards
+    (tmp_path / "rows.jsonl").write_text("{}")
+    relative = os.path.relpath(tmp_path / "rows.jsonl")  # a relative path is a local path too
+    card = str(trainer.model_card(dataset_name=relative))
+    assert "rows.jsonl (local file)" in card and relative not in card and "datasets:" not in card.split("---")[1]
     trainer.create_model_card(dataset_name="my-org/recycled")  # what push_to_hub calls: our card, not TRL's
     pushed = (Path(args.output_dir) / "README.md").read_text()
     assert "Reflection-Tuning" in pushed and "- my-org/recycled" in pushed.split("---")[1]
@@ -311,6 +315,12 @@ def test_bad_input_fails_before_any_model_loads(sample):
     lists = Dataset.from_dict({"instruction": ["a", "b"], "output": [["x"], ["y"]]})
     with pytest.raises(ValueError, match=r"row 0: non-string output"):
         check_sft_dataset(lists)
+    with pytest.raises(ValueError, match=r"vicuna_sft: the data has no rows, nothing can be trained on"):
+        vicuna_sft_trainer("no-such-org/no-such-model", sample.select([]), vicuna_sft_config("out"))
+    with pytest.raises(ValueError, match=r"no model to train.*--model_name_or_path"):
+        vicuna_sft_trainer(None, sample, vicuna_sft_config("out"))
+    with pytest.raises(ValueError, match=r"reflect: 2 of 5 rows cannot be recycled"):
+        check_sft_dataset(empty, stage="reflect", purpose="recycled")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import ClassVar, Optional
 
-from ..models import EMBEDDED_MODELS, load_causal_lm, resolve_model
+from ..models import EMBEDDED_MODELS, load_causal_lm, model_identity, resolve_model
 from ..utils import stable_hash
 from .base import ChatRequest, ChatResult, OracleConfigurationError
 from .cache import CachingOracle
@@ -80,10 +80,21 @@ class TransformersOracle(CachingOracle):
                 files = sorted(p for p in resolved.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
                 ident = f"{resolved.resolve()}@" + stable_hash([(p.name, p.stat().st_size, p.stat().st_mtime_ns)
                                                                  for p in files])
-            else:
-                ident = self.model
+            else:  # a Hub id: with the commit of its local snapshot when known
+                revision = model_identity(self.model).get("revision")
+                ident = f"{self.model}@{revision}" if revision else self.model
             self._identity_cache = f"transformers:{ident}:{self.dtype}"
         return self._identity_cache, "local"
+
+    def fingerprint_identity(self) -> dict:
+        """The package version and the weights (`models.model_identity`): retrained weights in a
+        local directory, or a new Hub snapshot, give the stages using this oracle a new datasets
+        fingerprint."""
+        try:
+            weights = model_identity(self.model)
+        except Exception:  # noqa: BLE001 - pickling must not fail; a missing model fails when loaded
+            weights = None
+        return {**super().fingerprint_identity(), "weights": weights}
 
     def _prepare(self, request: ChatRequest) -> ChatRequest:
         if request.max_tokens is not None:
