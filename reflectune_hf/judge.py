@@ -56,34 +56,38 @@ def parse_judge_scores(text: Optional[str]) -> Optional[tuple[float, float]]:
 
     Rules, in order (scores must lie in [0, 10]; "/10" and "out of 10" are dropped first):
 
-    1. Labelled scores anywhere: "Assistant 1: 8" ... "Assistant 2 receives a score of 7".
-    2. The first of the first three non-empty lines (markdown marks removed) that is a score
+    1. The first of the first three non-empty lines (markdown marks removed) that is a score
        line, as the prompt asks for: two numbers and nothing else but separators (spaces,
        commas, "/", "and", "vs") after an optional "Scores:" or "The scores are": "8 7",
        "8, 7", "Scores: 8.5 and 7", "**Scores**\\n8 7" (the reference split the first line on
        spaces after replacing commas). Prose with two numbers in it is no score line:
        "1 and 2 are both fine" is unparseable.
+    2. Only when there is no score line, labelled scores anywhere: "Assistant 1: 8" ...
+       "Assistant 2 receives a score of 7". Numbers the explanation puts after a label
+       ("Assistant 1 is 3 sentences long") never override the score line.
 
     Example:
         >>> from reflectune_hf.judge import parse_judge_scores
         >>> parse_judge_scores("8, 7\\nAssistant 1 gave more detail.")
         (8.0, 7.0)
+        >>> parse_judge_scores("6 9\\nAssistant 1 is 3 sentences long and Assistant 2 is 1 sentence long.")
+        (6.0, 9.0)
         >>> parse_judge_scores("Assistant 1 lists 3 tips while Assistant 2 lists 5.") is None
         True
     """
     if not isinstance(text, str) or not text.strip():
         return None
     clean = _OUT_OF.sub("", text)
-    found: dict[str, str] = {}
-    for match in _LABELED.finditer(clean):
-        found.setdefault(match.group(1), match.group(2))
-    if len(found) == 2:
-        return _in_range((found["1"], found["2"]))
     lines = [_MARKUP.sub("", line).strip() for line in clean.splitlines()]
     for line in [line for line in lines if line][:MAX_SCORE_LINES]:
         numbers = re.findall(_NUM, line)
         if len(numbers) == 2 and _SCORE_LINE_REST.fullmatch(re.sub(_NUM, " ", line)):
             return _in_range(numbers)
+    found: dict[str, str] = {}
+    for match in _LABELED.finditer(clean):
+        found.setdefault(match.group(1), match.group(2))
+    if len(found) == 2:
+        return _in_range((found["1"], found["2"]))
     return None
 
 

@@ -355,15 +355,15 @@ def top_k_by(ds, column: str = "ifd", k: Optional[int] = None, fraction: Optiona
              max_value: Optional[float] = 1.0, keep_order: bool = False):
     """Cherry LLM / Superfiltering selection: drop missing scores and scores above `max_value`,
     sort by `column` descending (ties keep their input order) and take the first `k` rows, or
-    `floor(fraction * len(ds))` where `len(ds)` is the size of the *given* dataset (the
-    Superfiltering script hard-codes Alpaca's 52,002). Neither `k` nor `fraction`: every
-    remaining row, sorted.
+    `ceil(fraction * len(ds))`, `len(ds)` the *given* dataset's size (Superfiltering hard-codes
+    52,002), rounded up so that a fraction never selects 0 of some eligible rows. Neither `k`
+    nor `fraction`: every remaining row, sorted.
 
     Args:
         ds: a Dataset with the score column.
         column: the score to rank by (`ifd`, `rifd`, `ifd_loss`...).
         k: number of rows to keep (at most the number of valid rows).
-        fraction: share of `len(ds)` to keep, in (0, 1].
+        fraction: share of `len(ds)` to keep, in (0, 1], rounded up to a whole row.
         max_value: drop scores above it (kept: equal); `None` keeps every valid score.
         keep_order: return the chosen rows in input order instead of score order.
 
@@ -373,6 +373,8 @@ def top_k_by(ds, column: str = "ifd", k: Optional[int] = None, fraction: Optiona
         >>> ds = Dataset.from_dict({"ifd": [0.2, 0.9, 1.3, None, 0.6, 0.9]})
         >>> list(top_k_by(ds, fraction=0.5)["ifd"])
         [0.9, 0.9, 0.6]
+        >>> list(top_k_by(ds, fraction=0.05)["ifd"])   # 0.3 of a row rounds up to one
+        [0.9]
     """
     from datasets import Dataset
 
@@ -396,7 +398,7 @@ def top_k_by(ds, column: str = "ifd", k: Optional[int] = None, fraction: Optiona
     candidates = np.flatnonzero(ok)
     ranked = candidates[np.argsort(-scores[candidates], kind="stable")]
     if fraction is not None:
-        k = math.floor(len(ds) * fraction + 1e-9)
+        k = math.ceil(len(ds) * fraction - 1e-9)  # rounded up: > 0 rows whenever len(ds) > 0
     chosen = ranked if k is None else ranked[:k]
     if keep_order:
         chosen = np.sort(chosen)

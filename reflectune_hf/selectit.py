@@ -11,8 +11,8 @@ into scores at three levels:
 - model level: `S_model = sum_m (params_m / sum params) * S_sent_m` over several models.
 
 The formula functions (`rating_distribution`, `token_scores`, `sentence_scores`,
-`model_weights`, `model_scores`) are pure numpy and vectorised over leading dimensions;
-`SelectITScorer` runs the models. `formula="reference"` reproduces the reference code's
+`model_weights`, `model_scores`) are pure numpy, vectorised over leading dimensions, and live
+in `reflectune_hf.selectit_math` (re-exported here); `SelectITScorer` runs the models. `formula="reference"` reproduces the reference code's
 extra exp-renormalisation `P' = softmax(P / sum(P))` for comparison. Differences from the
 reference code, on purpose: rating-token ids are looked up in each tokenizer (the reference
 hard-codes Llama-2's), the token-level spread runs over the five ratings and is divided by 4 (the reference
@@ -47,126 +47,19 @@ from . import __version__
 from .data import batch_size_of, require_columns, text_column
 from .models import _torch_dtype, default_device, load_causal_lm, model_identity
 from .prompts import SELECTIT_RATING_LINES, selectit_prompt
+from .selectit_math import (FORMULAS, RATINGS, model_scores, model_weights, normalize_ratings,  # noqa: F401
+                            rating_distribution, sentence_scores, token_scores)
 from .utils import LazyState
 
 logger = logging.getLogger(__name__)
 
 # Bump when the scores' computation changes, so datasets' cache does not serve stale scores.
-SELECTIT_VERSION = 1
-RATINGS = ("1", "2", "3", "4", "5")
-FORMULAS = ("paper", "reference")
+SELECTIT_VERSION = 2  # 2: selectit_model and selectit_sentence_by_model with one model too
 STAGE = "SelectITScorer"
 
 
 class RatingTokenError(ValueError):
     """A tokenizer has no single token for one of the ratings "1".."5"."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure formulas (numpy, vectorised over leading dimensions; NaN in, NaN out)
-# ---------------------------------------------------------------------------------------------
-
-
-def rating_distribution(probs: np.ndarray, rating_ids: Sequence[Sequence[int]]) -> np.ndarray:
-    """Probabilities of the 5 ratings from next-token probabilities `[..., vocab]`.
-
-    A rating spelled by several single tokens ("1" and " 1") gets the sum of their
-    probabilities: they are the same answer, and the sum is the model's probability of it.
-
-    Example:
-        >>> import numpy as np
-        >>> from reflectune_hf.selectit import rating_distribution
-        >>> rating_distribution(np.array([0.1, 0.2, 0.3, 0.1, 0.1, 0.05, 0.15]),
-        ...                     [[0], [1, 6], [2], [3], [4]]).round(2).tolist()
-        [0.1, 0.35, 0.3, 0.1, 0.1]
-    """
-    probs = np.asarray(probs, dtype=np.float64)
-    return np.stack([probs[..., list(ids)].sum(axis=-1) for ids in rating_ids], axis=-1)
-
-
-def normalize_ratings(p: np.ndarray, formula: str = "paper") -> np.ndarray:
-    """`P / sum(P)` (paper) or `softmax(P / sum(P))` (reference code) over the last axis.
-
-    Example:
-        >>> from reflectune_hf.selectit import normalize_ratings
-        >>> normalize_ratings([0.1, 0.1, 0.2, 0.05, 0.05]).tolist()
-        [0.2, 0.2, 0.4, 0.1, 0.1]
-    """
-    if formula not in FORMULAS:
-        raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
-    p = np.asarray(p, dtype=np.float64)
-    total = p.sum(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(total > 0, p / total, np.nan)
-        if formula == "reference":
-            e = np.exp(q)
-            q = e / e.sum(axis=-1, keepdims=True)
-    return q
-
-
-def token_scores(p: np.ndarray, formula: str = "paper", k: Optional[int] = None) -> np.ndarray:
-    """Token-level scores `S_base * sum_i |P'_i - P'_max| / (N - 1)` of rating probabilities
-    `[..., N=5]`; NaN where the probabilities are not finite or sum to zero.
-
-    With `formula="reference"` and the prompt count `k`, the spread is the reference code's:
-    summed over the first `k` ratings only and divided by `k - 1` (the same as the paper's at
-    its default k = 5; NaN at k = 1, where the reference divides by zero).
-
-    Example:
-        >>> from reflectune_hf.selectit import token_scores
-        >>> round(float(token_scores([0.1, 0.2, 0.4, 0.2, 0.1])), 6)  # rating 3, spread (.3+.2+.2+.3)/4
-        0.75
-    """
-    q = normalize_ratings(p, formula)
-    n = q.shape[-1]
-    ok = np.isfinite(q).all(axis=-1)
-    q0 = np.where(ok[..., None], q, 0.0)
-    best = q0.argmax(axis=-1)
-    top = np.take_along_axis(q0, best[..., None], axis=-1)
-    if formula == "reference" and k is not None and k != n:
-        if k < 2:
-            return np.full(ok.shape, np.nan)
-        spread = (top - q0[..., :k]).sum(axis=-1) / (k - 1)
-    else:
-        spread = np.abs(q0 - top).sum(axis=-1) / (n - 1)
-    return np.where(ok, (best + 1) * spread, np.nan)
-
-
-def sentence_scores(token: np.ndarray, alpha: float = 0.2) -> np.ndarray:
-    """Sentence-level scores `mean / (1 + alpha * std)` over the last axis (the K prompts).
-
-    Example:
-        >>> from reflectune_hf.selectit import sentence_scores
-        >>> round(float(sentence_scores([1.0, 2.0, 3.0, 4.0, 5.0], alpha=0.2)), 6)
-        2.338556
-    """
-    token = np.asarray(token, dtype=np.float64)
-    return token.mean(axis=-1) / (1.0 + alpha * token.std(axis=-1))
-
-
-def model_weights(param_counts: Sequence[int]) -> np.ndarray:
-    """The model-level weights `params_m / sum(params)`.
-
-    Example:
-        >>> from reflectune_hf.selectit import model_weights
-        >>> model_weights([7, 13]).tolist()
-        [0.35, 0.65]
-    """
-    counts = np.asarray(param_counts, dtype=np.float64)
-    if counts.ndim != 1 or len(counts) == 0 or (counts <= 0).any():
-        raise ValueError(f"parameter counts must be positive, got {list(param_counts)}")
-    return counts / counts.sum()
-
-
-def model_scores(sentence: np.ndarray, param_counts: Sequence[int]) -> np.ndarray:
-    """Model-level scores: sentence scores `[..., n_models]` weighted by parameter counts.
-
-    Example:
-        >>> from reflectune_hf.selectit import model_scores
-        >>> round(float(model_scores([2.0, 4.0], [135, 270])), 6)
-        3.333333
-    """
-    return np.asarray(sentence, dtype=np.float64) @ model_weights(param_counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,8 +165,9 @@ class SelectITScorer(LazyState):
     Output columns (float, NaN where undefined):
     - `selectit_token`: token-level score of the first model on the first rating prompt;
     - `selectit_sentence`: sentence-level score of the first model over the K prompts;
-    - with more than one model, `selectit_sentence_by_model` (list of float, in the order of
-      `models`) and `selectit_model`, their parameter-count-weighted sum;
+    - `selectit_sentence_by_model` (list of float, in the order of `models`) and
+      `selectit_model`, their parameter-count-weighted sum: with one model, the sentence score
+      itself, so a selection on `selectit_model` works whatever the number of models;
     - `selectit_status` (str): `"ok"`, or the `;`-joined reasons a score is NaN among
       `empty_instruction`, `empty_output`, `too_long:<model>` (a prompt over `max_length`
       tokens), `non_finite:<model>` and `error:<model>:<Type>: <message>`.
@@ -302,8 +196,8 @@ class SelectITScorer(LazyState):
         >>> from reflectune_hf.selectit import SelectITScorer
         >>> scorer = SelectITScorer(k=2)
         >>> out = scorer({"instruction": ["Name a colour."], "output": ["Blue."]})
-        >>> out["selectit_status"]
-        ['ok']
+        >>> out["selectit_status"], out["selectit_model"] == out["selectit_sentence"]
+        (['ok'], True)
     """
 
     _transient = ("_raters", "device", "batch_size")  # runtime knobs: not in the fingerprint
@@ -434,11 +328,13 @@ class SelectITScorer(LazyState):
             "selectit_sentence": _floats(sentence, n),
             "selectit_status": [";".join(r) if r else "ok" for r in reasons],
         }
-        if len(self.models) > 1:
-            stacked = np.stack(per_model, -1) if per_model else np.full((n, len(self.models)), np.nan)
+        stacked = np.stack(per_model, -1) if per_model else np.full((n, len(self.models)), np.nan)
+        if len(self.models) == 1:
+            combined = stacked[:, 0]  # weight 1: the sentence score, without loading the model for its size
+        else:
             combined = model_scores(stacked, [r.n_params for r in self.raters()]) if per_model else stacked[:, 0]
-            result["selectit_sentence_by_model"] = [_floats(row, len(self.models)) for row in stacked]
-            result["selectit_model"] = _floats(combined, n)
+        result["selectit_sentence_by_model"] = [_floats(row, len(self.models)) for row in stacked]
+        result["selectit_model"] = _floats(combined, n)
         if single:
             return {key: value[0] for key, value in result.items()}
         return result

@@ -153,12 +153,16 @@ class SampleResponses(_OracleCaller):
         template: how the instruction is put to the teacher: a scoring template name (`"alpaca"`,
             as Tuna prompts its teacher, default) or None for the bare instruction and input.
         system: an optional system message.
+        logprobs: ask for token logprobs (default, what `rank_by_logprob` needs). False for the
+            student's answers of the contextual ranking, which the judge ranks from the texts
+            alone: a server without logprobs then answers instead of failing every row.
 
     Input columns: `instruction`, optional `input`, `id` (or `map(..., with_indices=True)`).
     Output columns: `responses` (list of `n` str), `avg_logprobs` (list of `n` float: the mean
     token log-probability of each response; NaN when the oracle gave none or the response has no
-    token), `sample_status` in `SAMPLE_STATUSES` (`oracle_error` rows have empty lists), and
-    `sample_error` (`""` unless the oracle failed). Every other column is kept.
+    token; only with `logprobs=True`), `sample_status` in `SAMPLE_STATUSES` (`oracle_error` rows
+    have empty lists; without logprobs a row is `ok` once answered), and `sample_error` (`""`
+    unless the oracle failed). Every other column is kept.
 
     Example:
         >>> from reflectune_hf.oracles import TransformersOracle
@@ -177,6 +181,7 @@ class SampleResponses(_OracleCaller):
     seed: Optional[int] = None
     template: Optional[str] = "alpaca"
     system: Optional[str] = None
+    logprobs: bool = True
     usage: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
 
     stage_name: ClassVar[str] = "SampleResponses"
@@ -187,10 +192,11 @@ class SampleResponses(_OracleCaller):
             raise ValueError(f"n must be >= 1, got {self.n}")
 
     def request(self, prompt: str) -> ChatRequest:
-        """The request for one formatted prompt: `n` samples with logprobs."""
+        """The request for one formatted prompt: `n` samples, with logprobs when `self.logprobs`."""
         system = [{"role": "system", "content": self.system}] if self.system else []
         return ChatRequest(messages=system + [{"role": "user", "content": prompt}], temperature=self.temperature,
-                           top_p=self.top_p, max_tokens=self.max_tokens, n=self.n, logprobs=True, seed=self.seed)
+                           top_p=self.top_p, max_tokens=self.max_tokens, n=self.n, logprobs=bool(self.logprobs),
+                           seed=self.seed)
 
     def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
         out = self._ids(batch, indices)
@@ -199,6 +205,8 @@ class SampleResponses(_OracleCaller):
         for result in self._complete(requests):
             if not result.ok:
                 row = ([], [], "oracle_error", result.error or "the oracle failed without a message")
+            elif not self.logprobs:
+                row = (list(result.texts), [], "ok", "")
             else:
                 per_choice = list(result.logprobs or [])
                 scores = [_mean_logprob(per_choice[k] if k < len(per_choice) else None)
@@ -210,8 +218,11 @@ class SampleResponses(_OracleCaller):
                 columns[name].append(value)
         bad = sum(s != "ok" for s in columns["sample_status"])
         if bad:
-            logger.warning("%s: %d of %d rows without full logprobs (%s)", self.stage_name, bad,
-                           len(requests), sorted(set(columns["sample_status"]) - {"ok"}))
+            logger.warning("%s: %d of %d rows %s (%s)", self.stage_name, bad, len(requests),
+                           "without full logprobs" if self.logprobs else "without responses",
+                           sorted(set(columns["sample_status"]) - {"ok"}))
+        if not self.logprobs:
+            del columns["avg_logprobs"]
         return {**out, **_typed(columns)}
 
 

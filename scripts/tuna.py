@@ -101,7 +101,9 @@ def rank_dataset(ds, script_args, student_model: str):
             student = make_oracle(student_model, script_args.student_base_url, script_args.sample_max_tokens,
                                   script_args.oracle_max_concurrency, script_args.oracle_timeout,
                                   script_args.oracle_max_retries)
-            ds = ds.map(SampleResponses(student, **sample), batched=True, desc="Tuna: sampling the student")
+            # The judge ranks the texts: no logprobs asked, so a server without them still answers.
+            ds = ds.map(SampleResponses(student, logprobs=False, **sample), batched=True,
+                        desc="Tuna: sampling the student")
         judge = ContextualRank(oracle, max_tokens=script_args.judge_max_tokens)
         ds = ds.map(judge, batched=True, desc="Tuna: contextual ranking")
     else:

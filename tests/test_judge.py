@@ -52,6 +52,10 @@ JUDGE_TEXTS = [
     ("Assistant 1: 8. The answer covers every step. Assistant 2: 7. It skips one.", (8.0, 7.0)),
     ("I give 8 to the first and 7 to the second.", None),                        # no score line
     ("Response 1 scores 9 of 10 points.", None),
+    # the first line's scores win over "Assistant N" numbers in the explanation (labels are a fallback)
+    ("6 9\nAssistant 1 is 3 sentences long and Assistant 2 is 1 sentence long.", (6.0, 9.0)),
+    ("8, 7\nAssistant 2: 3 errors. Assistant 1: 1 error.", (8.0, 7.0)),
+    ("Scores: 4 9\nAssistant 1 gives 2 steps, Assistant 2 gives 6.", (4.0, 9.0)),
 ]
 
 

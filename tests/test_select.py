@@ -274,7 +274,8 @@ def test_top_k_by_fraction_never_returns_missing_or_above_max(scores, fraction, 
     values = list(got["ifd"])
     eligible = [i for i, v in enumerate(scores) if is_valid(v) and (max_value is None or v <= max_value)]
     assert all(is_valid(v) and (max_value is None or v <= max_value) for v in values)
-    assert len(got) == min(len(eligible), math.floor(len(scores) * fraction + 1e-9))  # the input's size, no 52,002
+    assert len(got) == min(len(eligible), math.ceil(len(scores) * fraction - 1e-9))  # the input's size, no 52,002
+    assert len(got) > 0 or not eligible  # rounded up: never 0 rows when some are eligible
     expected = sorted(eligible, key=lambda i: -scores[i])[: len(got)]  # sorted() is stable: ties keep order
     assert list(got["id"]) == expected
 
@@ -288,6 +289,11 @@ def test_top_k_by_k_keep_order_and_errors():
     assert len(top_k_by(ds.select(range(0)), fraction=0.5)) == 0
     big = Dataset.from_dict({"ifd": np.linspace(0.01, 0.99, 1000).tolist()})
     assert len(top_k_by(big, fraction=0.05)) == 50
+    assert len(top_k_by(big.select(range(1, 1000)), fraction=0.05)) == 50  # 49.95 rounds up
+    assert len(top_k_by(big.select(range(1, 991)), fraction=0.05)) == 50  # 49.5 rounds up
+    # A handful of rows: 5 % of 8 is 0.4, rounded up to one row, never a silent empty selection.
+    assert list(top_k_by(ds, fraction=0.05)["ifd"]) == [0.9]
+    assert list(top_k_by(ds, fraction=0.3)["ifd"]) == [0.9, 0.9, 0.6]  # 2.4 -> 3
     for kwargs in ({"k": 1, "fraction": 0.1}, {"fraction": 0.0}, {"fraction": 1.5}, {"k": -1},
                    {"fraction": float("nan")}):
         with pytest.raises(ValueError):

@@ -259,8 +259,11 @@ def test_map_keeps_rows_and_fingerprint_is_stable(smol_raters, sample):
     before = Hasher.hash(scorer)
     scored = ds.map(scorer, batched=True, batch_size=2)
     assert scored["id"] == ds["id"] and scored.column_names == ds.column_names + [
-        "selectit_token", "selectit_sentence", "selectit_status"]
+        "selectit_token", "selectit_sentence", "selectit_status", "selectit_sentence_by_model", "selectit_model"]
     assert scored["selectit_status"] == ["ok"] * 3
+    # One model: the model level is the sentence score, so the README's selection works as written.
+    assert scored["selectit_model"] == scored["selectit_sentence"]
+    assert scored["selectit_sentence_by_model"] == [[s] for s in scored["selectit_sentence"]]
     assert scored["selectit_token"] == pytest.approx(scored["selectit_sentence"])  # k = 1
     assert Hasher.hash(scorer) == before  # loading models does not change the fingerprint
     assert pickle.loads(pickle.dumps(scorer))._raters is None  # the models never travel
@@ -275,6 +278,19 @@ def test_map_keeps_rows_and_fingerprint_is_stable(smol_raters, sample):
                                                                                       formula="reference"))
     one = scorer(ds[0])  # map without batched=True
     assert one["selectit_status"] == "ok" and one["selectit_sentence"] == pytest.approx(scored[0]["selectit_sentence"])
+
+
+def test_one_model_run_has_the_model_level_column(smol_raters):
+    rows = {key: list(values) for key, values in ROWS.items()}
+    rows["output"][1] = " "  # a failed row: NaN in every score column, the model level included
+    out = _scorer(smol_raters, k=2)(rows)
+    assert len(out["selectit_model"]) == 5 and math.isnan(out["selectit_model"][1])
+    np.testing.assert_array_equal(out["selectit_model"], out["selectit_sentence"])
+    assert [len(v) for v in out["selectit_sentence_by_model"]] == [1] * 5
+    from reflectune_hf.select import top_k_by
+
+    chosen = top_k_by(Dataset.from_dict(out), "selectit_model", fraction=0.5, max_value=None)
+    assert chosen.num_rows == 3 and not any(math.isnan(s) for s in chosen["selectit_model"])  # ceil(2.5)
 
 
 def test_missing_columns_and_wrong_types_are_clear_errors(smol_raters):
