@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Optional
 from urllib.parse import urlsplit
 
+from . import backends
 from .base import ChatRequest, ChatResult, OracleConfigurationError, content_text, usage_add
 from .http import http_response_class, in_flight_client
 from .cache import CachingOracle, redact_url
@@ -138,7 +139,7 @@ def _parse_choices(data: dict, want: int, with_logprobs: bool) -> list[tuple]:
     return got
 
 
-class OpenAIOracle(CachingOracle):
+class OpenAIOracle(backends.StructuredOutput, CachingOracle):
     """Chat completions from any OpenAI-compatible server, cached per request.
 
     Args:
@@ -155,6 +156,12 @@ class OpenAIOracle(CachingOracle):
         requests_per_minute, tokens_per_minute: optional client-side budget (per process).
         cache: True (default cache file), False, a path or an `OracleCache`.
         progress: show a tqdm bar; None shows it for runs of more than 64 requests.
+        backend: `"auto"` (recognise the server once per process: `oracles.backends`),
+            `"llamacpp"`, `"vllm"`, `"openai"` or `"plain"`. structured: `"auto"` (enforce a
+            request's `answer_format` where the backend can, free text with one logged note where
+            it cannot), `"on"` (raise `OracleConfigurationError` where it cannot) or `"off"`.
+            vllm_fields: `"auto"` (from vLLM's `/version`), `"structured_outputs"` (vLLM >=
+            0.10.2) or `"guided"` (`guided_regex`, vLLM < 0.12); vllm_format: `"regex"` or `"json"`.
 
     The pickled state (hence the `datasets` fingerprint) is this configuration only: clients,
     event loops, connections and usage counters are rebuilt lazily in each process.
@@ -171,7 +178,8 @@ class OpenAIOracle(CachingOracle):
     def __init__(self, model: str, base_url: Optional[str] = None, api_key: Optional[str] = None,
                  max_concurrency: int = 32, timeout: float = 120.0, max_retries: int = 6,
                  requests_per_minute: Optional[float] = None, tokens_per_minute: Optional[float] = None,
-                 cache=True, progress: Optional[bool] = None):
+                 cache=True, progress: Optional[bool] = None, backend: str = "auto", structured="auto",
+                 vllm_fields: str = "auto", vllm_format: str = "regex"):
         if not model:
             raise ValueError("model is required (the name the server knows the model by)")
         if max_concurrency < 1:
@@ -186,6 +194,7 @@ class OpenAIOracle(CachingOracle):
         self.tokens_per_minute = tokens_per_minute
         self.cache = cache
         self.progress = progress
+        self._set_structured(backend, structured, vllm_fields, vllm_format)
 
     def __repr__(self) -> str:
         return (f"OpenAIOracle(model={self.model!r}, base_url={redact_url(self.base_url)!r}, "
@@ -220,6 +229,7 @@ class OpenAIOracle(CachingOracle):
 
     # -- sending ------------------------------------------------------------------------------
     def _send(self, requests: list[ChatRequest], on_result) -> list[ChatResult]:
+        self._detect_backend(requests)
         return run_sync(lambda: self._run(requests, on_result))
 
     async def _run(self, requests: list[ChatRequest], on_result) -> list[ChatResult]:
@@ -309,6 +319,8 @@ class OpenAIOracle(CachingOracle):
             body["logprobs"], body["top_logprobs"] = True, request.top_logprobs or 0
         if seed is not None:
             body["seed"] = seed
+        if request.answer_format is not None:
+            body.update(self._structured(request)[0])
         return body
 
     async def _one(self, client, request: ChatRequest, limiter: Optional[RateLimiter]) -> ChatResult:
@@ -328,7 +340,7 @@ class OpenAIOracle(CachingOracle):
             except (AttributeError, TypeError, KeyError, ValueError) as err:
                 return ChatResult.failure(f"malformed response: {err}")
             for (text, reason, parsed) in got:
-                texts.append(text)
+                texts.append(self._decode(request, text))
                 reasons.append(reason)
                 logprobs.append(parsed)
             usage_add(usage, data.get("usage"))
