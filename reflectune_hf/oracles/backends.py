@@ -294,6 +294,11 @@ class StructuredOutput:
         fields = self.vllm_fields if self.vllm_fields != "auto" else vllm_fields_for(version)
         return backend, fields
 
+    def served_backend(self) -> str:
+        """The backend this oracle's structured requests go to in this process (`plain` when
+        the server was not recognised, or not asked yet)."""
+        return self._backend_now()[0]
+
     def _detect_backend(self, requests) -> None:
         """Before sending shaped requests: recognise the server (once per process) and check that
         the structured mode can be honoured; one logged note when answers will be free text."""

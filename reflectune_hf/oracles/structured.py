@@ -386,3 +386,4 @@ def shape_from_dict(data: Mapping) -> AnswerFormat:
 def is_answer_format(value: Any) -> bool:
     """True for a shape object (`MarkedFields`, `ScoreLine`, `RankingAnswer`)."""
     return isinstance(value, tuple(SHAPES.values()))
+
