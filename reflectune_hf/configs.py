@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .models import DTYPE_NAMES
+from .oracles.backends import BACKENDS, check_choice, structured_mode
 from .prompts import PROMPT_SETS, SCORING_TEMPLATES
 
 SELECTIONS = ("v2", "v1", "none")
@@ -119,8 +120,15 @@ class OracleConfig(_Checked):
     compress: bool = field(default=True, metadata=_help("fold inputs into instructions first (stage 0)"))
     format_retries: int = field(default=1, metadata=_help("re-asks when an answer does not parse"))
     reflect_batch_size: int = field(default=64, metadata=_help("rows per map batch (one oracle call each)"))
+    structured: str = field(default="auto", metadata=_help(
+        "answer format enforced by the oracle: auto (where the backend can: llama.cpp grammar, vLLM regex, "
+        "OpenAI JSON schema; free text elsewhere), on (fail where it cannot) or off"))
+    backend: str = field(default="auto", metadata=_help(
+        "the oracle server: auto (recognised from /v1/models), llamacpp, vllm, openai or plain"))
 
     def _check(self):
+        self.structured = structured_mode(self.structured)
+        self.backend = check_choice("backend", self.backend, BACKENDS)
         _at_least(self, 1, "max_concurrency", "local_batch_size", "max_new_tokens", "reflect_batch_size")
         _at_least(self, 0, "temperature", "format_retries")
         _at_least(self, 0, "timeout", strict=True)

@@ -36,7 +36,9 @@ from typing import ClassVar, Optional
 
 from .data import batch_size_of, require_columns, text_column
 from .judge import VERDICTS, judge_summary, judge_verdict, parse_judge_scores, plot_judge
+from .oracles.backends import structured_mode
 from .oracles.base import ChatRequest, usage_add
+from .oracles.stage_formats import stage_answer_format
 from .prompts import judge_messages
 from .quality import quality_report
 from .utils import LazyState
@@ -169,16 +171,19 @@ class PairwiseJudge(LazyState):
         oracle: the judge (anything with `complete`).
         max_tokens, temperature: the reference's settings are 1024 and 0.
         columns: the names of the A and B answer columns.
+        structured: `"auto"` (default) / `"on"` state the score-line shape (`ScoreLine`: two
+            scores, then the explanation) for the oracle to enforce where it can; `"off"` plain.
     """
 
     _transient: ClassVar[tuple[str, ...]] = ("usage",)
     stage = "PairwiseJudge"
 
     def __init__(self, oracle, max_tokens: Optional[int] = 1024, temperature: float = 0.0,
-                 columns: tuple[str, str] = ("response_a", "response_b")):
+                 columns: tuple[str, str] = ("response_a", "response_b"), structured="auto"):
         if not callable(getattr(oracle, "complete", None)):
             raise TypeError(f"{self.stage}: oracle must have a complete(requests) method, got {type(oracle).__name__}")
         self.oracle = oracle
+        self.structured = structured_mode(structured)
         self.max_tokens = max_tokens
         self.temperature = float(temperature)
         self.columns = tuple(columns)
@@ -186,8 +191,9 @@ class PairwiseJudge(LazyState):
 
     def request(self, question: str, answer_1: str, answer_2: str) -> ChatRequest:
         """The judge request for one order of the two answers."""
+        shape = stage_answer_format("judge", self.max_tokens) if self.structured != "off" else None
         return ChatRequest(messages=judge_messages(question, answer_1, answer_2), temperature=self.temperature,
-                           max_tokens=self.max_tokens)
+                           max_tokens=self.max_tokens, answer_format=shape)
 
     def __call__(self, batch) -> dict:
         require_columns(batch, ["instruction", *self.columns], self.stage)

@@ -252,6 +252,19 @@ def _quality_rows(quality: Optional[Mapping]) -> list[dict]:
     return rows
 
 
+def _format_rows(summary: dict, oracle: Optional[str]) -> list[dict]:
+    """Rows of the card's answer-format table from `summary["format_rates"]` (report.format_rates)."""
+    def pct(x) -> str:
+        return f"{100 * x:.1f}%"
+
+    rows = []
+    for split, r in (summary.get("format_rates") or {}).items():
+        rows.append({"split": split, "oracle": r.get("oracle") or oracle or "–", "rows": r["rows"],
+                     "parsed": pct(r["parsed"]),
+                     **{k: f"{r[k]} ({pct(r['share'][k])})" for k in ("first_try", "after_reask", "fallback", "none")}})
+    return rows
+
+
 def _size_category(n: int) -> str:
     for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
         if n < limit:
@@ -310,6 +323,7 @@ def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[d
         status_rows=_status_rows(splits),
         score_rows=_score_rows(summary),
         selection_rows=_selection_rows(summary),
+        format_rows=_format_rows(summary, context.get("oracle_model")),
         quality_rows=_quality_rows(quality),
         quality_tokenizer=(quality or {}).get("tokenizer"),
         quality_embedder=(quality or {}).get("embedding_model"),

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
 
 from .data import ID_COLUMN, batch_size_of, require_columns, text_column
+from .oracles.backends import structured_mode
 from .oracles.base import ChatRequest, ChatResult, usage_add
+from .oracles.stage_formats import stage_answer_format
 from .prompts import PromptSet, get_prompt_set
 from .utils import LazyState
 
@@ -75,6 +77,10 @@ class OracleStage(LazyState):
         temperature, top_p, seed: sampling parameters of the first request (reference: 0.0, 1.0).
         format_retries: re-asks when the answer does not parse (see the module docstring).
         retry_temperature: the lowest temperature of a re-ask.
+        structured: `"auto"` (default) or `"on"`/True: each request states the answer shape
+            (`oracles.stage_formats.stage_answer_format`) for the oracle to enforce where its
+            backend can (grammar, regex, JSON schema; the prompt is unchanged); `"off"`/False:
+            plain requests, as before.
     """
 
     oracle: Any
@@ -85,10 +91,12 @@ class OracleStage(LazyState):
     seed: Optional[int] = None
     format_retries: int = 1
     retry_temperature: float = 0.7
+    structured: Union[str, bool] = "auto"
     usage: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
 
     _transient: ClassVar[tuple[str, ...]] = ("usage",)
     stage_name: ClassVar[str] = "OracleStage"
+    answer_shape: ClassVar[str] = ""  # the stage's shape in `stage_answer_format`
     # The column that is non-empty exactly for the rows whose request failed (what `map_stage` heals).
     error_column: ClassVar[str] = "reflection_error"
     # The columns the stage writes and their types (the schema of a 0-row result).
@@ -109,6 +117,9 @@ class OracleStage(LazyState):
             raise ValueError(f"format_retries must be >= 0, got {self.format_retries}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+        self.structured = structured_mode(self.structured)
+        if self.structured == "on" and getattr(self.oracle, "structured", None) == "off":
+            raise ValueError(f"{self.stage_name}: structured='on' but the oracle has structured='off'")
 
     # -- the oracle loop -----------------------------------------------------------------------
 
@@ -120,9 +131,10 @@ class OracleStage(LazyState):
         if attempt:
             temperature, seed = max(self.temperature, self.retry_temperature), (self.seed or 0) + attempt
         max_tokens = self.max_tokens * 2 if longer and self.max_tokens else self.max_tokens
-        return ChatRequest(
-            messages=messages, temperature=temperature, top_p=self.top_p, max_tokens=max_tokens, seed=seed
-        )
+        on = self.structured != "off" and self.answer_shape
+        shape = stage_answer_format(self.answer_shape, max_tokens) if on else None
+        return ChatRequest(messages=messages, temperature=temperature, top_p=self.top_p, max_tokens=max_tokens,
+                           seed=seed, answer_format=shape)
 
     def _complete(self, requests: list[ChatRequest]) -> list:
         results = list(self.oracle.complete(requests))

@@ -75,17 +75,20 @@ def make_oracle(config: OracleConfig):
     if name.startswith(LOCAL_PREFIX):
         return TransformersOracle(model=name[len(LOCAL_PREFIX):] or "smollm2-135m-instruct",
                                   batch_size=config.local_batch_size, max_new_tokens=config.max_new_tokens)
+    served = {"backend": config.backend, "structured": config.structured}
     if config.batch_api:
-        return OpenAIBatchOracle(name, base_url=config.base_url, timeout=config.timeout, max_retries=config.max_retries)
+        return OpenAIBatchOracle(name, base_url=config.base_url, timeout=config.timeout, max_retries=config.max_retries,
+                                 **served)
     return OpenAIOracle(name, base_url=config.base_url, max_concurrency=config.max_concurrency,
                         requests_per_minute=config.requests_per_minute, tokens_per_minute=config.tokens_per_minute,
                         timeout=config.timeout, max_retries=config.max_retries, context_window=config.context_window,
-                        tokenizer=config.context_tokenizer)
+                        tokenizer=config.context_tokenizer, **served)
 
 
 def _stage_kwargs(config: OracleConfig) -> dict:
     return {"prompt_set": config.prompt_set, "max_tokens": config.max_new_tokens,
-            "temperature": config.temperature, "format_retries": config.format_retries}
+            "temperature": config.temperature, "format_retries": config.format_retries,
+            "structured": config.structured}
 
 
 def reflect(config: ReflectConfig, data=None, oracle=None):
@@ -189,6 +192,7 @@ class JobResult:
     selected: Optional[int]
     oracle_usage: dict
     seconds: float
+    format_rates: Optional[dict] = None  # report.format_rates: per reflected split
 
     def table(self) -> str:
         """The closing summary table printed by the CLI."""
@@ -198,6 +202,10 @@ class JobResult:
             lines.append(f"{split:<22}{n:>7}  {counts}")
         if self.selected is not None and SELECTED_SPLIT not in self.rows:
             lines.append(f"{SELECTED_SPLIT:<22}{self.selected:>7}")
+        if self.format_rates:
+            from .report import format_rate_lines
+
+            lines += ["answer format (rows, parsed in full, outcomes):", *format_rate_lines(self.format_rates)]
         if self.oracle_usage:
             lines.append("oracle usage: " + ", ".join(f"{k}={v}" for k, v in sorted(self.oracle_usage.items())))
         lines.append(f"written to {self.output_dir} in {self.seconds:.0f} s")
@@ -220,8 +228,22 @@ def _result(data, out: Path, selected, oracle, started: float) -> JobResult:
                     break
         statuses[name] = counts
     usage = dict(getattr(oracle, "usage", None) or {})
+    from .report import format_rates
+
     return JobResult(data, out, {k: len(v) for k, v in splits.items()}, statuses,
-                     None if selected is None else len(selected), usage, time.monotonic() - started)
+                     None if selected is None else len(selected), usage, time.monotonic() - started,
+                     format_rates(splits, oracle=oracle_label(oracle)))
+
+
+def oracle_label(oracle) -> Optional[str]:
+    """The oracle as the format rates name it: its model, and the backend that served it."""
+    if oracle is None:
+        return None
+    model = getattr(oracle, "model", None) or type(oracle).__name__
+    served = getattr(oracle, "served_backend", None)
+    if callable(served) and getattr(oracle, "structured", "auto") != "off":
+        return f"{model} ({served()})"
+    return str(model)
 
 
 def _with_selected(variants, chosen):

@@ -110,6 +110,7 @@ class CompressInstruction(OracleStage):
     """
 
     stage_name: ClassVar[str] = "CompressInstruction"
+    answer_shape: ClassVar[str] = "compress"
     error_column: ClassVar[str] = "compress_error"
     output_features: ClassVar[dict] = {name: "string" for name in (
         "instruction", "input", "compress_status", "compress_raw", "compress_error", "original_instruction",
@@ -207,6 +208,7 @@ class ReflectInstruction(OracleStage):
 
     merge_input: bool = False
     stage_name: ClassVar[str] = "ReflectInstruction"
+    answer_shape: ClassVar[str] = "instruction"
     worst_rank: ClassVar[int] = _INSTRUCTION_RANK["failed"]
 
     def _plan(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> tuple:
@@ -263,6 +265,7 @@ class ReflectResponse(OracleStage):
     """
 
     stage_name: ClassVar[str] = "ReflectResponse"
+    answer_shape: ClassVar[str] = "response"
 
     def _plan(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> tuple:
         out, n, instructions, outputs, inputs = self._pair_columns(batch, indices)

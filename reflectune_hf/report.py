@@ -38,10 +38,13 @@ from .select import (
     valid_scores,
 )
 
+from .oracles.stage_formats import FORMAT_OUTCOMES
+
 logger = logging.getLogger(__name__)
 
 QUANTILES = {"q05": 0.05, "q25": 0.25, "median": 0.5, "q75": 0.75, "q95": 0.95}
 SINGLE_SPLIT = "data"
+FORMAT_COLUMN = "format_outcome"
 TOKENIZE_CHUNK = 1024
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -119,13 +122,15 @@ def _as_splits(data) -> dict:
 
 
 def summarize(variants_or_dataset, tokenizer=None, *, ratio: str = "ppl", require_below_one: bool = True,
-              bins: int = 40) -> dict:
+              bins: int = 40, oracle: Optional[str] = None) -> dict:
     """Statistics of a variants `DatasetDict` (or any DatasetDict / single Dataset).
 
     Per split: `rows`, counts of `reflection_status`, `score_status` and `source` (when the
     columns exist), instruction and response `lengths` (tokens with `tokenizer`, else characters;
     the instruction counts a non-empty `input` too) and, for the IFD and r-IFD columns of `ratio`,
     `count` (valid), `missing`, `above_one`, mean, std, min, quantiles q05/q25/median/q75/q95, max.
+    `format_rates` gives, per reflected split (those with a `format_outcome` column), how the
+    oracle's answers met the format (`format_rates`; labelled with `oracle` when given).
     `histograms` holds shared bin edges and per-split counts for the plots. With the four variant
     splits scored, `selection` gives the V1 and V2 counts, V2 counts by source and by rejection
     reason, and the funnel; a single Dataset with a `source` column gets its counts by source.
@@ -136,6 +141,7 @@ def summarize(variants_or_dataset, tokenizer=None, *, ratio: str = "ppl", requir
         ratio: `"ppl"` (`ifd`/`rifd`) or `"loss"` (`ifd_loss`/`rifd_loss`).
         require_below_one: passed to the V2 selection.
         bins: histogram bins.
+        oracle: the oracle's name for the format rates (e.g. the model and its backend).
 
     Returns:
         A JSON-serialisable dict (`json.dumps(summary, allow_nan=False)` works).
@@ -168,7 +174,48 @@ def summarize(variants_or_dataset, tokenizer=None, *, ratio: str = "ppl", requir
             floor_hi = 1.5 if key in scores else 1.0
             summary["histograms"][key] = _histogram({k: v.astype(float) for k, v in per_split.items()}, bins, floor_hi)
     summary["selection"] = _selection(splits, ratio, require_below_one)
+    summary["format_rates"] = format_rates(splits, oracle=oracle)
     return summary
+
+
+def format_rates(data, oracle: Optional[str] = None) -> dict:
+    """How the oracle's answers met the format, per reflected split: `{split: {"oracle", "rows"
+    (rows with an outcome), "parsed" (share parsed in full, first try or after a re-ask), and the
+    count and share of each outcome in `FORMAT_OUTCOMES`}}`; splits without a `format_outcome`
+    column (or only `""`, as `origin`) are left out.
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from reflectune_hf.report import format_rates
+        >>> ds = Dataset.from_dict({"format_outcome": ["first_try", "first_try", "after_reask", "fallback"]})
+        >>> rates = format_rates({"reflect_response": ds}, oracle="m (llamacpp)")["reflect_response"]
+        >>> rates["rows"], rates["parsed"], rates["first_try"], rates["share"]["fallback"]
+        (4, 0.75, 2, 0.25)
+    """
+    splits = _as_splits(data) if not isinstance(data, Mapping) else dict(data)
+    out = {}
+    for name, ds in splits.items():
+        if FORMAT_COLUMN not in ds.column_names:
+            continue
+        counts = {k: n for k, n in _counts(ds, FORMAT_COLUMN).items() if k not in ("", "null")}
+        rows = sum(counts.values())
+        if not rows:
+            continue
+        entry = {"oracle": oracle, "rows": rows, **{k: counts.get(k, 0) for k in FORMAT_OUTCOMES}}
+        entry["share"] = {k: counts.get(k, 0) / rows for k in FORMAT_OUTCOMES}
+        entry["parsed"] = (counts.get("first_try", 0) + counts.get("after_reask", 0)) / rows
+        out[name] = entry
+    return out
+
+
+def format_rate_lines(rates: Mapping) -> list[str]:
+    """One line per split of `format_rates`: parsed share, then each outcome's count."""
+    lines = []
+    for split, r in rates.items():
+        counts = ", ".join(f"{k} {r[k]}" for k in FORMAT_OUTCOMES if r.get(k))
+        who = f" [{r['oracle']}]" if r.get("oracle") else ""
+        lines.append(f"{split:<22}{r['rows']:>7}  parsed {100 * r['parsed']:.1f}% ({counts}){who}")
+    return lines
 
 
 def _selection(splits: dict, ratio: str, require_below_one: bool) -> dict:

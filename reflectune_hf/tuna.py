@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from .data import ID_COLUMN, ColumnError, batch_size_of, require_columns, text_column
+from .oracles.backends import structured_mode
 from .oracles.base import ChatRequest, usage_add
+from .oracles.stage_formats import stage_answer_format
 from .prompts import get_scoring_template, tuna_ranking_messages
 from .tuna_parse import ParsedRanking, extract_reference_response, parse_ranking  # noqa: F401 (public here too)
 from .utils import LazyState, versioned
@@ -273,7 +275,9 @@ class ContextualRank(_OracleCaller):
             the reference, or None). temperature, top_p, max_tokens, seed: the reference's 1.0,
             1.0, 2048. format_retries: re-asks when no ranking can be read, as a distinct request
             (seed = attempt, temperature at least `retry_temperature`) so the cache cannot return
-            the same answer.
+            the same answer. structured: `"auto"` (default) / `"on"` state the answer shape
+            (`RankingAnswer`: analysis, `###Response N:`, score lines, `rank: [...]`) for the
+            oracle to enforce where it can; `"off"` sends plain requests.
 
     Input columns: `instruction`, optional `input`, `responses` (list of str), `id`.
     Output columns: `ranking_raw` (the judge's text), `rank` (list of int, best first; index N is
@@ -302,6 +306,7 @@ class ContextualRank(_OracleCaller):
     seed: Optional[int] = None
     format_retries: int = 1
     retry_temperature: float = 0.7
+    structured: Any = "auto"
     usage: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
 
     stage_name: ClassVar[str] = "ContextualRank"
@@ -310,13 +315,16 @@ class ContextualRank(_OracleCaller):
         self._validate()
         if self.format_retries < 0:
             raise ValueError(f"format_retries must be >= 0, got {self.format_retries}")
+        self.structured = structured_mode(self.structured)
 
-    def _request(self, messages: list, attempt: int) -> ChatRequest:
+    def _request(self, messages: list, attempt: int, num_responses: int = 4) -> ChatRequest:
         temperature, seed = self.temperature, self.seed
         if attempt:
             temperature, seed = max(self.temperature, self.retry_temperature), (self.seed or 0) + attempt
+        on = self.structured != "off" and num_responses <= 9  # one-digit indices in the shape
+        shape = stage_answer_format("ranking", self.max_tokens, num_responses) if on else None
         return ChatRequest(messages=messages, temperature=temperature, top_p=self.top_p,
-                           max_tokens=self.max_tokens, seed=seed)
+                           max_tokens=self.max_tokens, seed=seed, answer_format=shape)
 
     def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
         out = self._ids(batch, indices)
@@ -331,8 +339,8 @@ class ContextualRank(_OracleCaller):
         for attempt in range(1 + self.format_retries):
             if not pending:
                 break
-            results = self._complete([self._request(tuna_ranking_messages(prompts[i], responses[i]), attempt)
-                                      for i in pending])
+            results = self._complete([self._request(tuna_ranking_messages(prompts[i], responses[i]), attempt,
+                                                    len(responses[i])) for i in pending])
             retry = []
             for i, result in zip(pending, results):
                 if not result.ok:  # the oracle already retried transport errors: keep the first answer

@@ -17,6 +17,8 @@ The splits have the same rows in the same order (aligned by `id`) and the same c
 - `reflection_status`: the status of the split's last reflection step (instruction reflection
   for `reflect_instruction`, response reflection for `reflect_response` and `reflect_both`; `""`
   for `origin`), the column `reflectune_hf.select` reads.
+- `format_outcome`: how that step's answer met the format (`oracles.stage_formats.format_outcome`:
+  `first_try`, `after_reask`, `fallback`, `none`; `""` for `origin`), the measured format rate.
 - `instruction_reflection_{raw,error,attempts,finish_reason,status}`: the instruction reflection
   behind the row (`reflect_instruction`, `reflect_both`); `""` / `0` in the other splits.
 - `response_reflection_{raw,error,attempts,finish_reason,status}`: the response reflection
@@ -45,6 +47,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .data import ColumnError, empty_dataset, require_columns, to_alpaca
 from .extract import extract_instruction_reflection, extract_response_reflection
+from .oracles.stage_formats import format_outcome
 from .reflect import CompressInstruction, NoOracle, ReflectInstruction, ReflectResponse, map_stage
 from .utils import versioned
 
@@ -179,6 +182,9 @@ def _finish_split(batch: dict, defaults: dict, last_step: Optional[str]) -> dict
     n = len(next(iter(batch.values()))) if batch else 0
     out = {name: [value] * n for name, value in defaults.items()}
     out["reflection_status"] = list(batch[f"{last_step}_reflection_status"]) if last_step else [""] * n
+    attempts = list(batch[f"{last_step}_reflection_attempts"]) if last_step else [0] * n
+    out["format_outcome"] = ([format_outcome(s, a) for s, a in zip(out["reflection_status"], attempts)]
+                             if last_step else [""] * n)
     return out
 
 
@@ -194,14 +200,14 @@ def _align(splits: dict) -> dict:
                 order.append(name)
                 features[name] = ds.features[name]
     first_reflection = next(i for i, name in enumerate(order) if name.endswith("_reflection_raw"))
-    order.insert(first_reflection, "reflection_status")
+    order[first_reflection:first_reflection] = ["reflection_status", "format_outcome"]
     aligned = {}
     for split, ds in splits.items():
         missing = [name for name in features if name not in ds.column_names]
         defaults = {name: ("" if getattr(features[name], "dtype", "") in ("string", "large_string") else 0)
                     for name in missing}
         full = Features({**ds.features, **{name: features[name] for name in missing},
-                         "reflection_status": Value("string")})
+                         "reflection_status": Value("string"), "format_outcome": Value("string")})
         ds = ds.map(_finish_split, batched=True, fn_kwargs={"defaults": defaults, "last_step": LAST_STEP[split]},
                     features=full, desc=f"Aligning {split}")
         aligned[split] = ds.select_columns(order)

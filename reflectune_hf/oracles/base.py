@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Protocol, runtime_checkable
 
 from ..utils import stable_hash
+from .structured import AnswerFormat, shape_from_dict
 
 
 class OracleConfigurationError(RuntimeError):
@@ -121,6 +122,10 @@ class ChatRequest:
             given (stored frozen, hashable; `message_dicts` gives them back as JSON).
         temperature, top_p, max_tokens, n, seed: sampling parameters as in the OpenAI API.
         logprobs: ask for token log-probabilities; `top_logprobs` alternatives per token.
+        answer_format: the answer shape the stage needs (`reflectune_hf.oracles.structured`:
+            `MarkedFields`, `ScoreLine`, `RankingAnswer`, or its `to_dict()`), enforced by
+            backends that can (grammar, regex, JSON schema) and ignored by the others; None (the
+            default) leaves `to_dict()` and the cache key exactly as without the field.
 
     Raises:
         TypeError: `messages` is not a list of dicts (e.g. a bare string or a single dict), or a
@@ -137,6 +142,7 @@ class ChatRequest:
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     seed: Optional[int] = None
+    answer_format: Optional[AnswerFormat] = None
 
     def __post_init__(self):
         messages = self.messages
@@ -165,6 +171,8 @@ class ChatRequest:
         _check_int("n", self.n, 1, optional=False)
         _check_int("top_logprobs", self.top_logprobs, 0)
         _check_int("seed", self.seed, -(2 ** 63))
+        if self.answer_format is not None:
+            object.__setattr__(self, "answer_format", shape_from_dict(self.answer_format))
 
     @property
     def message_dicts(self) -> list[dict]:
@@ -175,6 +183,10 @@ class ChatRequest:
         """Canonical dict form (messages as dicts): the basis of cache keys."""
         data = asdict(self)
         data["messages"] = self.message_dicts
+        if self.answer_format is None:
+            del data["answer_format"]  # cache keys of plain requests stay as they were
+        else:
+            data["answer_format"] = self.answer_format.to_dict()
         return data
 
     def key(self, model: str, base_url: Optional[str] = None) -> str:

@@ -52,10 +52,12 @@ import time
 from types import SimpleNamespace
 from typing import Optional
 
+from . import backends
 from .base import ChatRequest, ChatResult, OracleConfigurationError, usage_add
 from .cache import OracleCache, redact_url
 from .http import http_library
 from .openai_oracle import OpenAIOracle, _parse_choices
+from .structured import shape_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,9 @@ def _ensure_tables(cache: OracleCache) -> None:
                   "input_file_id TEXT, status TEXT, created REAL, done INTEGER NOT NULL DEFAULT 0)")
     cache.execute("CREATE TABLE IF NOT EXISTS batch_requests (key TEXT NOT NULL, batch_id TEXT NOT NULL, "
                   "PRIMARY KEY (key, batch_id))")
+    # The answer shape of each structured request, so a JSON answer collected by a later run that
+    # no longer asks for it is still cached as the marker text its key stands for.
+    cache.execute("CREATE TABLE IF NOT EXISTS batch_formats (key TEXT PRIMARY KEY, answer_format TEXT NOT NULL)")
 
 
 def _read_line(line: str) -> tuple[Optional[str], Optional[dict], Optional[str]]:
@@ -120,21 +125,28 @@ class OpenAIBatchOracle(OpenAIOracle):
         max_wait: stop polling after this many seconds (None: wait until the batches end); rows
             not answered yet come back with an error and the next `complete` collects them.
         max_requests_per_batch, max_bytes_per_batch: split larger submissions.
+        backend, structured, vllm_fields, vllm_format: as `OpenAIOracle`; each line's body carries
+            the same structured-output fields as the online request (`backend="auto"` means
+            `openai` here: the Batch API is OpenAI's wire format, nothing is probed).
     """
 
     def __init__(self, model: str, base_url: Optional[str] = None, api_key: Optional[str] = None,
                  completion_window: str = "24h", poll_interval: float = 30.0, max_wait: Optional[float] = None,
                  max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH, max_bytes_per_batch: int = MAX_BYTES_PER_BATCH,
-                 timeout: float = 120.0, max_retries: int = 6, cache=True, progress: Optional[bool] = None):
+                 timeout: float = 120.0, max_retries: int = 6, cache=True, progress: Optional[bool] = None,
+                 backend: str = "auto", structured="auto", vllm_fields: str = "auto", vllm_format: str = "regex"):
         if not cache:
             raise ValueError("OpenAIBatchOracle needs the cache: it stores the submitted batch ids to resume")
         super().__init__(model, base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries,
-                         cache=cache, progress=progress)
+                         cache=cache, progress=progress, backend=backend, structured=structured,
+                         vllm_fields=vllm_fields, vllm_format=vllm_format)
         self.completion_window = completion_window
         self.poll_interval = float(poll_interval)
         self.max_wait = max_wait
         self.max_requests_per_batch = int(max_requests_per_batch)
         self.max_bytes_per_batch = int(max_bytes_per_batch)
+
+    fixed_backend = "openai"  # the Batch API's wire format: `backend="auto"` probes nothing
 
     def __repr__(self) -> str:
         return super().__repr__().replace("OpenAIOracle(", "OpenAIBatchOracle(", 1)
@@ -263,6 +275,11 @@ class OpenAIBatchOracle(OpenAIOracle):
                               "body": self._body(requests[i], requests[i].n, requests[i].seed)}) + "\n").encode()
                  for i in todo]
         by_line = dict(zip(lines, (keys[i] for i in todo)))
+        shaped = [(keys[i], json.dumps(requests[i].answer_format.to_dict())) for i in todo
+                  if requests[i].answer_format is not None and self._structured(requests[i])[1]]
+        if shaped:
+            with cache.transaction() as conn:
+                conn.executemany("INSERT OR REPLACE INTO batch_formats (key, answer_format) VALUES (?, ?)", shaped)
         batch_ids = []
         for part in split_lines(lines, self.max_requests_per_batch, self.max_bytes_per_batch):
             try:
@@ -374,6 +391,16 @@ class OpenAIBatchOracle(OpenAIOracle):
             logger.warning("%s", problems[batch.id])
         return True
 
+    def _decode_line(self, key: Optional[str], request: Optional[ChatRequest], text: str) -> str:
+        """A JSON answer of a structured request as its marker text (the shape recorded at
+        submission when the request is no longer asked for)."""
+        if request is not None:
+            return self._decode(request, text)
+        rows = list(self.cache_store.execute("SELECT answer_format FROM batch_formats WHERE key = ?", (key,)))
+        if not rows:
+            return text
+        return backends.decode_answer(shape_from_dict(json.loads(rows[0][0])), text)
+
     def _line_result(self, item: dict, request: Optional[ChatRequest]) -> ChatResult:
         """One output/error line as a result; `request` is None for answers no longer asked for."""
         response = item.get("response") if isinstance(item.get("response"), dict) else {}
@@ -396,5 +423,6 @@ class OpenAIBatchOracle(OpenAIOracle):
         if len(got) < want:
             return ChatResult.failure(f"the batch answer has {len(got)} choices where n={want} was asked")
         texts, reasons, logprobs = (list(x) for x in zip(*got))
+        texts = [self._decode_line(item.get("custom_id"), request, t) for t in texts]
         return ChatResult(texts=texts, finish_reasons=reasons, usage=usage_add({}, body.get("usage")),
                           logprobs=logprobs if with_logprobs else None)

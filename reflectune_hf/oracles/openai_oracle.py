@@ -48,6 +48,7 @@ import os
 from typing import Any, ClassVar, Optional
 from urllib.parse import urlsplit
 
+from . import backends
 from .base import ChatRequest, ChatResult, OracleConfigurationError, usage_add
 from .budget import PromptCounter, completion_budget
 from .cache import CachingOracle, redact_url
@@ -91,7 +92,7 @@ def _parse_choices(data: dict, want: int, with_logprobs: bool) -> list[tuple]:
     return got
 
 
-class OpenAIOracle(CachingOracle):
+class OpenAIOracle(backends.StructuredOutput, CachingOracle):
     """Chat completions from any OpenAI-compatible server, cached per request.
 
     Args:
@@ -116,6 +117,12 @@ class OpenAIOracle(CachingOracle):
         tokenizer: counts prompt tokens exactly for `context_window` (a Hub id, a local path or
             an embedded alias such as "smollm2-135m-instruct", loaded here, chat template
             applied); default: `budget.estimate_prompt_tokens`, an over-estimate.
+        backend: `"auto"` (recognise the server once per process: `oracles.backends`),
+            `"llamacpp"`, `"vllm"`, `"openai"` or `"plain"`. structured: `"auto"` (enforce a
+            request's `answer_format` where the backend can, free text with one logged note where
+            it cannot), `"on"` (raise `OracleConfigurationError` where it cannot) or `"off"`.
+            vllm_fields: `"auto"` (from vLLM's `/version`), `"structured_outputs"` (vLLM >=
+            0.10.2) or `"guided"` (`guided_regex`, vLLM < 0.12); vllm_format: `"regex"` or `"json"`.
 
     The pickled state (hence the `datasets` fingerprint) is this configuration only: clients,
     event loops, connections and usage counters are rebuilt lazily in each process.
@@ -133,7 +140,8 @@ class OpenAIOracle(CachingOracle):
                  max_concurrency: int = 32, timeout: float = 120.0, max_retries: int = 6,
                  requests_per_minute: Optional[float] = None, tokens_per_minute: Optional[float] = None,
                  cache=True, progress: Optional[bool] = None, context_window: Optional[int] = None,
-                 tokenizer: Optional[str] = None):
+                 tokenizer: Optional[str] = None, backend: str = "auto", structured="auto",
+                 vllm_fields: str = "auto", vllm_format: str = "regex"):
         if not model:
             raise ValueError("model is required (the name the server knows the model by)")
         if max_concurrency < 1:
@@ -159,6 +167,7 @@ class OpenAIOracle(CachingOracle):
         self.tokens_per_minute = tokens_per_minute
         self.cache = cache
         self.progress = progress
+        self._set_structured(backend, structured, vllm_fields, vllm_format)
 
     def __repr__(self) -> str:
         return (f"OpenAIOracle(model={self.model!r}, base_url={redact_url(self.base_url)!r}, "
@@ -207,6 +216,7 @@ class OpenAIOracle(CachingOracle):
     # -- the context window -------------------------------------------------------------------
     def _prepare(self, request: ChatRequest) -> ChatRequest:
         """The request as sent: its `max_tokens` cut to the room the context window leaves."""
+        request = super()._prepare(request)
         if getattr(self, "context_window", None) is None or request.max_tokens is None:
             return request
         try:
@@ -229,6 +239,7 @@ class OpenAIOracle(CachingOracle):
 
     # -- sending ------------------------------------------------------------------------------
     def _send(self, requests: list[ChatRequest], on_result) -> list[ChatResult]:
+        self._detect_backend(requests)
         return run_sync(lambda: self._run(requests, on_result))
 
     async def _run(self, requests: list[ChatRequest], on_result) -> list[ChatResult]:
@@ -318,6 +329,8 @@ class OpenAIOracle(CachingOracle):
             body["logprobs"], body["top_logprobs"] = True, request.top_logprobs or 0
         if seed is not None:
             body["seed"] = seed
+        if request.answer_format is not None:
+            body.update(self._structured(request)[0])
         return body
 
     async def _one(self, client, request: ChatRequest, limiter: Optional[RateLimiter]) -> ChatResult:
@@ -340,7 +353,7 @@ class OpenAIOracle(CachingOracle):
             except (AttributeError, TypeError, KeyError, ValueError) as err:
                 return ChatResult.failure(f"malformed response: {err}")
             for (text, reason, parsed) in got:
-                texts.append(text)
+                texts.append(self._decode(request, text))
                 reasons.append(reason)
                 logprobs.append(parsed)
             usage_add(usage, data.get("usage"))
