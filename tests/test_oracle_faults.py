@@ -13,14 +13,12 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from pathlib import Path
 
-import pytest
 from conftest import SHARED
 
 from reflectune_hf.data import records_to_dataset, read_records, sample_path
 from reflectune_hf.extract import extract_response_reflection
-from reflectune_hf.oracles import OpenAIOracle
+from reflectune_hf.oracles import ChatRequest, OpenAIOracle
 from reflectune_hf.oracles.loopback import LoopbackServer
 from reflectune_hf.reflect import ReflectResponse
 
@@ -109,8 +107,6 @@ def test_a_malformed_200_is_retried_within_the_budget_and_then_fails():
               "mixed": ["500", "malformed", "429", "ok"], "always": ["malformed"] * 10}
     with LoopbackServer(faults=script, retry_after="0") as server:
         oracle = OpenAIOracle("echo", base_url=server.base_url, timeout=5, max_retries=3, progress=False)
-        from reflectune_hf.oracles import ChatRequest
-
         results = oracle.complete([ChatRequest([{"role": "user", "content": p}]) for p in script])
         by_prompt = dict(zip(script, results))
         for prompt in ("trunc", "nochoices", "mixed"):
