@@ -155,11 +155,11 @@ class TunaTokenize:
     first token is the one that follows the prompt in training (SentencePiece spells "Response:The"
     as "Response", ":", "The", while "The" alone is "▁The"). The prompt's tokens are `prompt_ids`
     (the prompt alone); a candidate's tokens are those of the joint string after the prompt's, plus
-    EOS. Where the tokenizer merges across the boundary (a token holding the prompt's last
-    characters and the response's first), the candidate keeps only the first
-    `candidate_prompt_lengths[k]` prompt tokens and starts at the merged token: the labels start
-    exactly at the first token holding a character of the response. Cut so that prompt plus
-    response fit `max_length`; an empty list when the prompt alone fills it.
+    EOS. Where the tokenizer merges across the boundary (byte-level BPE: "Response:" + "-)" is
+    "Response", ":-", ")"), the candidate keeps only the prompt tokens the joint string shares
+    with the prompt alone (`candidate_prompt_lengths[k]` of them) and starts at the merged token,
+    so its labels start at the first token holding a character of the response. Cut so that
+    prompt plus response fit `max_length`; an empty list when the prompt alone fills it.
     """
 
     tokenizer: Any

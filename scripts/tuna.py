@@ -9,7 +9,8 @@ ranked first, and `ranked_dataset_path` keeps the ranked data (`save_to_disk`):
   (`SampleResponses`), ranked by mean token log-probability (`rank_by_logprob`).
 - `stage: contextual`: the model being trained answers `num_responses` times (unless the data has
   `responses`), and the judge `oracle_model` ranks them with its own reference (`ContextualRank`).
-  The student answers through its chat template (the Alpaca prompt is the user message); a model
+  The student answers through its chat template (the Alpaca prompt is the user message; only its
+  texts are asked for, no logprobs, so any OpenAI-compatible server can answer for it); a model
   without one is served with `student_base_url` (e.g. vLLM with `--chat-template`) or its answers
   come in a `responses` column.
 
