@@ -138,11 +138,30 @@ class TunaConfig(TrainingArguments):
         get_scoring_template(self.template)
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class TunaTokenize(LazyState):  # LazyState: hashed with the package version
-    """`Dataset.map` function: `instruction`, optional `input`, `ranked_responses` -> `prompt_ids`
-    and `candidate_ids` (each response's tokens plus EOS, cut so prompt plus response fit
-    `max_length`; an empty list when the prompt alone fills it)."""
+    """`Dataset.map` function: `instruction`, optional `input`, `ranked_responses` -> `prompt_ids`,
+    `candidate_ids` and `candidate_prompt_lengths`.
+
+    Each candidate is tokenised as the reference does, prompt and response in ONE string, so its
+    first token is the one that follows the prompt in training (SentencePiece spells "Response:The"
+    as "Response", ":", "The", while "The" alone is "▁The"). The prompt's tokens are `prompt_ids`
+    (the prompt alone); a candidate's tokens are those of the joint string after the prompt's, plus
+    EOS. Where the tokenizer merges across the boundary (byte-level BPE: "Response:" + "-)" is
+    "Response", ":-", ")"), the candidate keeps only the prompt tokens the joint string shares
+    with the prompt alone (`candidate_prompt_lengths[k]` of them) and starts at the merged token,
+    so its labels start at the first token holding a character of the response. Cut so that
+    prompt plus response fit `max_length`; an empty list when the prompt alone fills it.
+    """
 
     tokenizer: Any
     template: str = "alpaca"
@@ -156,16 +175,22 @@ class TunaTokenize(LazyState):  # LazyState: hashed with the package version
         n = len(batch["instruction"])
         inputs = batch["input"] if "input" in batch else [""] * n
         prompts = [format_prompt(i or "", x or "", self.template) for i, x in zip(batch["instruction"], inputs)]
-        prompt_ids = [ids[:self.max_length] for ids in self.tokenizer(prompts)["input_ids"]]
-        candidate_ids = []
-        for row, (ids, ranked) in enumerate(zip(prompt_ids, batch["ranked_responses"])):
+        full_prompts = self.tokenizer(prompts)["input_ids"]
+        prompt_ids, candidate_ids, prompt_lengths = [], [], []
+        for row, (prompt, ids, ranked) in enumerate(zip(prompts, full_prompts, batch["ranked_responses"])):
             ranked = list(ranked or [])[:self.max_candidates]
             if any(not isinstance(r, str) for r in ranked):
                 raise ColumnError(f"TunaTrainer: ranked_responses of row {row} must be a list of strings")
-            room = self.max_length - len(ids)
-            encoded = self.tokenizer(ranked, add_special_tokens=False)["input_ids"] if ranked else []
-            candidate_ids.append([(r + [self.tokenizer.eos_token_id])[:room] for r in encoded])
-        return {"prompt_ids": prompt_ids, "candidate_ids": candidate_ids}
+            joint = self.tokenizer([prompt + r for r in ranked])["input_ids"] if ranked else []
+            candidates, lengths = [], []
+            for whole in joint:
+                cut = min(_common_prefix(ids, whole), self.max_length)
+                candidates.append((whole[cut:] + [self.tokenizer.eos_token_id])[:self.max_length - cut])
+                lengths.append(cut)
+            prompt_ids.append(ids[:self.max_length])
+            candidate_ids.append(candidates)
+            prompt_lengths.append(lengths)
+        return {"prompt_ids": prompt_ids, "candidate_ids": candidate_ids, "candidate_prompt_lengths": prompt_lengths}
 
 
 @dataclass
@@ -173,7 +198,9 @@ class DataCollatorForTuna:
     """Pads a batch of rows with N ranked candidates each into one flat batch of sequences.
 
     Every candidate becomes a sequence `prompt_ids + candidate_ids` (right-padded), its labels the
-    response tokens (prompt and padding are -100). Rows may have different numbers of candidates:
+    response tokens (prompt and padding are -100); with `candidate_prompt_lengths` (from
+    `TunaTokenize`), candidate k follows the first `candidate_prompt_lengths[k]` prompt tokens
+    only. Rows may have different numbers of candidates:
     `candidate_index` (`[batch, N_max]`) gives each (row, rank) its sequence, or -1 for none, so
     no compute is spent on absent candidates.
 
@@ -195,11 +222,12 @@ class DataCollatorForTuna:
         sequences, label_rows, index = [], [], []
         for feature in features:
             prompt = list(feature["prompt_ids"])
+            cuts = feature.get("candidate_prompt_lengths") or [len(prompt)] * len(feature["candidate_ids"])
             slots = []
-            for candidate in feature["candidate_ids"]:
+            for candidate, cut in zip(feature["candidate_ids"], cuts):
                 slots.append(len(sequences))
-                sequences.append(prompt + list(candidate))
-                label_rows.append([IGNORE_INDEX] * len(prompt) + list(candidate))
+                sequences.append(prompt[:cut] + list(candidate))
+                label_rows.append([IGNORE_INDEX] * len(prompt[:cut]) + list(candidate))
             index.append(slots)
         if not sequences:
             raise ValueError("DataCollatorForTuna: no row of the batch has a candidate response")
@@ -220,7 +248,9 @@ class TunaTrainer(Trainer):
     (module docstring).
 
     Args:
-        model: a model, or a name (embedded alias such as `"smollm2-135m-instruct"`, Hub id, path).
+        model: a model, or a name (embedded alias such as `"smollm2-135m-instruct"`, Hub id, path),
+            loaded in float32: keep master weights in fp32 and set `bf16=True` (autocast) in
+            `args`; half-precision weights get a warning (Tuna's lr 1e-5 / 1e-6 steps vanish in them).
         args: a `TunaConfig` (a plain `TrainingArguments` gets Tuna's defaults).
         train_dataset, eval_dataset: rows with `instruction`, optional `input` and
             `ranked_responses` (best first: from `rank_by_logprob` or `ContextualRank`), or already
@@ -256,7 +286,9 @@ class TunaTrainer(Trainer):
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype="auto")
+            # fp32 master weights: set bf16=True (or fp16) in args for autocast, as the recipes do.
+            model = AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=torch.float32)
+        self._warn_half_precision(model, args)
         if processing_class is None:
             processing_class = load_tokenizer(model.config._name_or_path)
         if processing_class.pad_token_id is None:
@@ -271,6 +303,14 @@ class TunaTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # no num_items_in_batch: the loss is ours
         self.can_return_loss = True
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    @staticmethod
+    def _warn_half_precision(model, args: TrainingArguments) -> None:
+        dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
+        if dtype in (torch.bfloat16, torch.float16):
+            logger.warning("TunaTrainer: the model's trainable weights are %s: an Adam step at lr %g is below their "
+                           "resolution and most weights will not move. Load the model in float32 and train with "
+                           "bf16=True (autocast), as scripts/configs/tuna_*.yaml do.", dtype, args.learning_rate)
 
     @staticmethod
     def _prepare_dataset(dataset, tokenizer, args: TrainingArguments, tuna: dict, name: str):

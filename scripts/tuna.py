@@ -9,7 +9,8 @@ ranked first, and `ranked_dataset_path` keeps the ranked data (`save_to_disk`):
   (`SampleResponses`), ranked by mean token log-probability (`rank_by_logprob`).
 - `stage: contextual`: the model being trained answers `num_responses` times (unless the data has
   `responses`), and the judge `oracle_model` ranks them with its own reference (`ContextualRank`).
-  The student answers through its chat template (the Alpaca prompt is the user message); a model
+  The student answers through its chat template (the Alpaca prompt is the user message; only its
+  texts are asked for, no logprobs, so any OpenAI-compatible server can answer for it); a model
   without one is served with `student_base_url` (e.g. vLLM with `--chat-template`) or its answers
   come in a `responses` column.
 
@@ -132,18 +133,26 @@ def load_ranked_data(script_args, student_model: str):
     return ds
 
 
-def main(script_args, training_args, model_args):
-    import transformers
-    from packaging.version import Version
+def load_model(model_args):
+    """The model to train, in `model_args.dtype` (float32 when unset: fp32 master weights; the
+    recipes add bf16 autocast with `bf16: true`, as the Vicuna ones)."""
     from transformers import AutoModelForCausalLM
 
     from reflectune_hf.models import resolve_model
+
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model(model_args.model_name_or_path), revision=model_args.model_revision,
+        dtype=model_args.dtype or "float32", attn_implementation=model_args.attn_implementation)
+
+
+def main(script_args, training_args, model_args):
+    import transformers
+    from packaging.version import Version
+
     from reflectune_hf.tuna_trainer import TunaTrainer
 
     dataset = load_ranked_data(script_args, model_args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(model_args.model_name_or_path), revision=model_args.model_revision,
-        dtype=model_args.dtype or "auto", attn_implementation=model_args.attn_implementation)
+    model = load_model(model_args)
     trainer = TunaTrainer(model, args=training_args, train_dataset=dataset)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

@@ -187,10 +187,12 @@ def test_recipes_parse():
     for stage, lr in (("probabilistic", 1e-5), ("contextual", 1e-6)):
         script_args, args, model_args = script.make_parser().parse_args_and_config(
             ["--config", str(repo / "scripts" / "configs" / f"tuna_{stage}.yaml"), "--use_cpu", "true",
-             "--bf16", "false", "--output_dir", "unused"])
+             "--output_dir", "unused"])
         assert (script_args.stage, args.learning_rate, args.num_train_epochs, args.max_length) == (stage, lr, 1, 512)
         assert (args.template, args.margin, args.mle_weight, args.ce_candidates) == ("alpaca", 0.1, 1.0, "all")
-        assert model_args.dtype == "bfloat16" and not args.remove_unused_columns
+        assert not args.remove_unused_columns
+        # fp32 master weights, bf16 autocast (as the Vicuna recipes): lr 1e-6 would vanish in bf16 weights.
+        assert model_args.dtype == "float32" and args.bf16
 
 
 def test_trainer_accumulates_and_evaluates_pretokenized_rows(tiny, tmp_path):
@@ -209,3 +211,69 @@ def test_trainer_accumulates_and_evaluates_pretokenized_rows(tiny, tmp_path):
     metrics = trainer.evaluate()  # one batch of F0 and F1 together
     assert metrics["eval_loss"] == pytest.approx(formula(tiny, FEATURES)[0], abs=1e-4)
     assert {"eval_ce_loss", "eval_rank_loss", "eval_rank_accuracy"} <= set(metrics)
+
+
+def _sentencepiece_like_tokenizer(text: str):
+    """A Llama-like tokenizer (the reference's): "▁" prepended, spaces as "▁", one Unigram
+    segmentation of the whole string, BOS first. It spells "The" after "Response:" differently
+    from "The" alone ("▁The"), as SentencePiece does."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>", "▁Response", ":", "The", "▁The", "▁end"]
+    chars = sorted(set(text.replace(" ", "▁")) | {"▁"})
+    vocab = [(p, 0.0) for p in pieces[:3]] + [(p, -1.0) for p in pieces[3:]] + [(c, -10.0) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=0))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _label_boundary_is_the_response_start(tokenizer, prompt: str, response: str, row: dict, k: int):
+    """Candidate k of a tokenized row, collated, is the joint string's tokens plus EOS, and its labels
+    start at the first token holding a character of the response."""
+    batch = DataCollatorForTuna(tokenizer.pad_token_id or 0)([row])
+    ids, labels = batch["input_ids"][k].tolist(), batch["labels"][k].tolist()
+    joint = tokenizer(prompt + response, return_offsets_mapping=True)
+    n = len(joint["input_ids"])
+    assert ids[:n + 1] == joint["input_ids"] + [tokenizer.eos_token_id]  # as the model reads it in training
+    start = next(i for i, label in enumerate(labels) if label != -100)
+    ends = [end for _, end in joint["offset_mapping"]]
+    assert all(end <= len(prompt) for end in ends[:start]) and ends[start] > len(prompt)
+    assert labels[start:n + 1] == ids[start:n + 1]
+    return joint["input_ids"][start]
+
+
+def test_candidates_are_tokenized_with_their_prompt_as_one_string():
+    from datasets import Dataset
+
+    from reflectune_hf.models import load_tokenizer
+    from reflectune_hf.tuna import format_prompt
+    from reflectune_hf.tuna_trainer import TunaTokenize
+
+    prompt = format_prompt("Say hi.")
+    # SentencePiece: "Response:The" -> "▁Response", ":", "The"; "The" alone is "▁The".
+    spm = _sentencepiece_like_tokenizer(prompt + "The end.")
+    row = Dataset.from_dict({"instruction": ["Say hi."], "ranked_responses": [["The end.", " The end."]]}).map(
+        TunaTokenize(spm), batched=True)[0]
+    assert row["candidate_prompt_lengths"] == [len(row["prompt_ids"])] * 2
+    assert spm.convert_ids_to_tokens(row["candidate_ids"][0][:1]) == ["The"]  # not "▁The"
+    assert spm.convert_ids_to_tokens(row["candidate_ids"][1][:2]) == ["▁The", "▁end"]
+    for k, response in enumerate(["The end.", " The end."]):
+        _label_boundary_is_the_response_start(spm, prompt, response, row, k)
+    # SmolLM2's byte-level BPE merges across the boundary: "Response:" + "-) ok" is "Response", ":-", ")", " ok"
+    # ("-)" alone): the merged token is the first label, after the prompt's tokens before it.
+    smol = load_tokenizer("smollm2-135m-instruct")
+    responses = ["Hi there!", "-) ok", "'s fine"]
+    row = Dataset.from_dict({"instruction": ["Say hi."], "ranked_responses": [responses]}).map(
+        TunaTokenize(smol, max_length=64), batched=True)[0]
+    assert row["candidate_prompt_lengths"] == [len(row["prompt_ids"]), len(row["prompt_ids"]) - 1,
+                                               len(row["prompt_ids"]) - 1]
+    first = [_label_boundary_is_the_response_start(smol, prompt, r, row, k) for k, r in enumerate(responses)]
+    assert smol.convert_ids_to_tokens(first) == ["Hi", ":-", ":'"]
+    # A model trained on these rows is scored as it generates: the truncation keeps max_length.
+    short = Dataset.from_dict({"instruction": ["Say hi."], "ranked_responses": [responses]}).map(
+        TunaTokenize(smol, max_length=len(row["prompt_ids"]) + 2), batched=True)[0]
+    assert [cut + len(c) for cut, c in zip(short["candidate_prompt_lengths"], short["candidate_ids"])] == [
+        len(row["prompt_ids"]) + 2] * 3
