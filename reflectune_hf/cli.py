@@ -77,11 +77,10 @@ def _run_script(name: str, argv: list[str]) -> int:
 
 
 def _push(config: pipeline.DataConfig) -> str:
-    from .hub import push_to_hub, require_token
+    from .hub import push_to_hub
 
     if not config.push_to_hub:
         raise ValueError("push needs --push_to_hub <namespace/name>")
-    require_token()  # before loading anything
     data = pipeline.load_input(config)
     context_file = Path(config.data) / pipeline.CONTEXT_FILE  # the configuration of the run that wrote the folder
     record = json.loads(context_file.read_text()) if context_file.is_file() else {}
@@ -143,6 +142,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if name in SCRIPT_COMMANDS:
             return _run_script(name, rest)
         config = parse_config(name, rest)
+        if getattr(config, "push_to_hub", None):  # no token: say how to log in before any work, not a 401 after it
+            from .hub import require_token
+
+            require_token()
         result = _push(config) if name == "push" else JOBS[name][1](config)
     except SystemExit as exit_:  # argparse: 2 for bad arguments, 0 for --help
         return int(exit_.code or 0)

@@ -34,7 +34,7 @@ def render_model_card(trainer, model_name=None, dataset_name=None, tags=None):
     from huggingface_hub import ModelCard, ModelCardData
 
     from . import __version__
-    from .hub import public_name
+    from .sanitize import public_name
 
     info = getattr(trainer, "card_info", {})
     args = trainer.args

@@ -126,7 +126,7 @@ def select(config: SelectionConfig, variants):
 
 def config_record(config) -> dict:
     """The configuration as `reflectune_config.json` holds it: every field of the job's config
-    (`hub.sanitize_config`: no secrets, URLs without user or password), so
+    (`sanitize.sanitize_config`: no secrets, URLs without user or password), so
     `reflectune <command> --config <out>/reflectune_config.json` parses to the same config.
 
     Example:
@@ -136,7 +136,7 @@ def config_record(config) -> dict:
         ...     oracle_model="m", base_url="http://127.0.0.1:8000/v1")
         ('http://127.0.0.1:8000/v1', 2048, True)
     """
-    from .hub import sanitize_config
+    from .sanitize import sanitize_config
 
     return sanitize_config(asdict(config))
 
@@ -164,7 +164,7 @@ def publish(config: DataConfig, data, card_context: dict) -> Path:
 
 def card_context(config, oracle=None, data=None) -> dict:
     """What the card shows of a configuration (a config dataclass, or the dict of a
-    `reflectune_config.json`): its fields, `data` as `source_dataset`; `hub.sanitize_context`
+    `reflectune_config.json`): its fields, `data` as `source_dataset`; `sanitize.sanitize_context`
     then drops secrets and reduces local paths to a name. The license is `config.license`, else
     the one the loaded `data` declares."""
     skip = ("output_dir", "private", "limit", "quality_report", "data")

@@ -459,6 +459,11 @@ def test_push_without_a_token_says_how_to_log_in(tmp_path, hub_sent, monkeypatch
     assert cli.main(["push", "--data", str(tmp_path / "out"), "--push_to_hub", "me/data"]) == 1
     err = capsys.readouterr().err
     assert "hf auth login" in err and "HF_TOKEN" in err and "401" not in err
+    with LoopbackServer() as server:  # a whole run with --push_to_hub stops before its first request
+        assert cli.main(["reflect", "--data", "sample", "--oracle_model", "m", "--base_url", server.base_url,
+                         "--push_to_hub", "me/data", "--output_dir", str(tmp_path / "run")]) == 1
+        assert server.log == []
+    assert "hf auth login" in capsys.readouterr().err and not (tmp_path / "run").exists()
     assert hub_sent == []
 
 
