@@ -51,7 +51,7 @@ def test_marked_fields_round_trip_parses_ok():
 
 
 def test_marked_fields_regex_accepts_what_models_write_and_rejects_markers_inside_fields():
-    ok = ["1. Vague.\n2. [New Instruction] Do X. [End]3. [New Answer] Done. [End]",
+    ok = ["1. Vague.\n2. [New Instruction] Do X. [End]\n3. [New Answer] Done. [End]",
           "[New Instruction] Do X. [End]\n\n3. [New Answer] Done [with care]. [End]"]
     for text in ok:
         assert re.fullmatch(INSTRUCTION.regex(), text), text
@@ -60,7 +60,8 @@ def test_marked_fields_regex_accepts_what_models_write_and_rejects_markers_insid
            "[New Instruction] Do X. [End]\n[New Answer] Y [New Answer] Z [End]",
            "Analysis with [brackets]\n[New Instruction] X [End]\n[New Answer] Y [End]",
            "[New Instruction]  [End]\n[New Answer] Y [End]",  # an empty field
-           "[New Instruction] " + "x" * 301 + " [End]\n[New Answer] Y [End]"]  # too long
+           "[New Instruction] " + "x" * 301 + " [End]\n[New Answer] Y [End]",  # too long
+           "[New Instruction] Use `x [End] [New Answer] y` [End]"]  # fields on one line: a code span hides markers
     for text in bad:
         assert not re.fullmatch(INSTRUCTION.regex(), text), text
 
@@ -76,7 +77,8 @@ def test_score_line_round_trip():
 
 def test_ranking_round_trip():
     shape = RankingAnswer(num_responses=4, analysis_max_chars=200, reference_max_chars=300)
-    data = {"analysis": "Open-ended. Responses 1 and 2 are duplicates.", "reference_response": "A full answer.\n\n- one",
+    data = {"analysis": "Open-ended. Responses 1 and 2 are duplicates.",
+            "reference_response": "A full answer.\n\n- one",
             "scores": [9, 7, 7, 3, 15], "rank": [4, 0, 1, 3]}
     text = shape.from_json(json.dumps(data))
     assert re.fullmatch(shape.regex(), text), text

@@ -156,7 +156,8 @@ def test_openai_compatible_api_gets_a_strict_json_schema_and_answers_come_back_a
         fields = only_structured(server.bodies[0])
         assert fields == {"response_format": {"type": "json_schema", "json_schema": {
             "name": "marked_fields", "strict": True, "schema": SHAPE.json_schema(bounded=False)}}}
-        assert result.text == "1. Vague.\n[New Instruction] Explain tides. [End]\n[New Answer] The Moon pulls the sea. [End]"
+        assert result.text == ("1. Vague.\n[New Instruction] Explain tides. [End]\n"
+                               "[New Answer] The Moon pulls the sea. [End]")
         assert parse_instruction_reflection(result.text) == ("Explain tides.", "The Moon pulls the sea.")
         # The cache holds the marker text: a rerun gets it back as the stage parses it.
         again = OpenAIOracle("m", base_url=server.base_url).complete([shaped()])[0]

@@ -73,8 +73,8 @@ def format_outcome(status: Optional[str], attempts: Optional[int]) -> str:
 
     Example:
         >>> from reflectune_hf.oracles.stage_formats import format_outcome
-        >>> format_outcome("ok", 1), format_outcome("ok", 2), format_outcome("failed", 2), format_outcome("oracle_error", 1)
-        ('first_try', 'after_reask', 'fallback', 'none')
+        >>> [format_outcome(s, a) for s, a in (("ok", 1), ("ok", 2), ("failed", 2), ("oracle_error", 1))]
+        ['first_try', 'after_reask', 'fallback', 'none']
     """
     if status in _NO_ANSWER or status is None:
         return "none"

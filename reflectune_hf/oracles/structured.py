@@ -125,14 +125,15 @@ class MarkedFields:
 
     Canonical text: `<analysis>\\n[Marker 1] text [End]\\n[Marker 2] text [End]`. The regex and the
     grammar also allow what models write around markers: the analysis runs up to the first `[`
-    (so "2. [New Instruction]" is fine), and between fields up to two spaces or newlines and an
-    enumerator such as "3. ".
+    (so "2. [New Instruction]" is fine), and between fields one or two newlines and an enumerator
+    such as "3. " (a new line: a code span cannot run from one field into the next).
 
     Example:
         >>> import re
         >>> from reflectune_hf.oracles.structured import Field, MarkedFields
         >>> shape = MarkedFields((Field("New Instruction", 300), Field("New Answer", 900)), analysis_max_chars=400)
-        >>> bool(re.fullmatch(shape.regex(), "1. Vague.\\n2. [New Instruction] Do X. [End]\\n3. [New Answer] Done. [End]"))
+        >>> text = "1. Vague.\\n2. [New Instruction] Do X. [End]\\n3. [New Answer] Done. [End]"
+        >>> bool(re.fullmatch(shape.regex(), text))
         True
         >>> sorted(shape.json_schema()["properties"])
         ['analysis', 'new_answer', 'new_instruction']
@@ -161,7 +162,7 @@ class MarkedFields:
         parts = [f"{_ANALYSIS_UNIT_RE}{{0,{self.analysis_max_chars}}}"] if self.analysis_max_chars else []
         for i, f in enumerate(self.fields):
             if i:
-                parts.append(r"[ \n]{0,2}([1-9]\. ?)?")
+                parts.append(r"\n\n?([1-9]\. ?)?")
             parts.append(f"\\[{f.marker}\\] {_FIELD_FIRST_RE}{_FIELD_UNIT_RE}{{0,{f.max_chars - 1}}} \\[End\\]")
         return "".join(parts)
 
@@ -179,7 +180,7 @@ class MarkedFields:
             root.append(f'"[{f.marker}] " {name} " [End]"')
             rules.append(f"{name} ::= {_FIELD_FIRST_GBNF} field-char{{0,{f.max_chars - 1}}}")
         if len(self.fields) > 1:
-            rules.append('gap ::= [ \\n]{0,2} ([1-9] "." " "?)?')
+            rules.append('gap ::= "\\n" "\\n"? ([1-9] "." " "?)?')
         rules.append(f"field-char ::= {_FIELD_UNIT_GBNF}")
         return "\n".join([f"root ::= {' '.join(root)}"] + rules) + "\n"
 
@@ -349,7 +350,8 @@ class RankingAnswer:
         for key in ("scores", "rank"):
             value = data.get(key)
             if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                raise ValueError(f"RankingAnswer: the JSON answer has no list of integers {key!r} (keys: {sorted(data)})")
+                raise ValueError(f"RankingAnswer: the JSON answer has no list of integers {key!r} "
+                                 f"(keys: {sorted(data)})")
             numbers[key] = value
         lines = []
         analysis = _string(data, "analysis", "RankingAnswer", required=False).strip() if self.analysis_max_chars else ""

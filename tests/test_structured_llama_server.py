@@ -1,0 +1,49 @@
+"""Structured output for real: the reflection stages through `OpenAIOracle` against the real
+llama.cpp server (the embedded SmolLM2 GGUF), recognised as llama.cpp with no other argument, so
+every request carries the stage's GBNF grammar; the statuses must be `ok` in >= 95% of rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from reflectune_hf.extract import extract_instruction_reflection, extract_response_reflection
+from reflectune_hf.oracles import OpenAIOracle, backends
+from reflectune_hf.oracles.stage_formats import format_outcome
+from reflectune_hf.reflect import ReflectInstruction, ReflectResponse
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+ROWS = 6
+MAX_TOKENS = 192  # the quickstart's budget
+
+
+def test_reflection_through_the_real_llama_server_with_the_grammar_parses(llama_server, sample):
+    backends.forget_detections()
+    rows = sample.filter(lambda r: not r["input"].strip()).select(range(ROWS)).to_dict()
+    oracle = OpenAIOracle(llama_server.model, base_url=llama_server.base_url, max_concurrency=4)
+    assert oracle.served_backend() == "plain"  # nothing asked yet
+    outcomes = {}
+    for stage, extract in ((ReflectInstruction(oracle, max_tokens=MAX_TOKENS), extract_instruction_reflection),
+                           (ReflectResponse(oracle, max_tokens=MAX_TOKENS), extract_response_reflection)):
+        out = stage(rows)
+        parsed = extract({**rows, **out})
+        outcomes[stage.stage_name] = [format_outcome(s, a) for s, a in
+                                      zip(parsed["reflection_status"], out["reflection_attempts"])]
+        ok = parsed["reflection_status"].count("ok") / ROWS
+        print(json.dumps({"stage": stage.stage_name, "ok_rate": ok, "statuses": parsed["reflection_status"],
+                          "outcomes": outcomes[stage.stage_name]}))
+        assert ok >= 0.95, (stage.stage_name, parsed["reflection_status"], out["reflection_raw"])
+    assert oracle.served_backend() == "llamacpp"  # recognised from /v1/models with no other argument
+
+
+def test_a_tight_budget_still_gets_the_marker(llama_server):
+    """48 tokens: the grammar bounds the analysis (20 characters), so the marker always comes."""
+    backends.forget_detections()
+    oracle = OpenAIOracle(llama_server.model, base_url=llama_server.base_url, backend="llamacpp", cache=False)
+    out = ReflectResponse(oracle, max_tokens=48, format_retries=0)(
+        {"id": [0, 1], "instruction": ["Name a primary colour.", "What is 2 + 2?"], "output": ["Green.", "5"]})
+    assert out["reflection_error"] == ["", ""]
+    assert [raw.count("[Better Answer] ") for raw in out["reflection_raw"]] == [1, 1], out["reflection_raw"]
+    assert all(len(raw.split("[Better Answer]")[0]) <= 20 for raw in out["reflection_raw"])

@@ -1,0 +1,95 @@
+"""The stages state their answer shape (prompts unchanged), and the measured format rate: the
+`format_outcome` column of every reflected split, `summarize`, the card and the closing table."""
+
+from __future__ import annotations
+
+import pytest
+from datasets import Dataset
+from scripted_oracle import ScriptedOracle
+
+from reflectune_hf.evaluate import PairwiseJudge
+from reflectune_hf.oracles.stage_formats import stage_answer_format
+from reflectune_hf.oracles.structured import MarkedFields, RankingAnswer, ScoreLine
+from reflectune_hf.reflect import CompressInstruction, ReflectInstruction, ReflectResponse
+from reflectune_hf.tuna import ContextualRank
+
+PAIR = {"id": [0], "instruction": ["Name a bird."], "input": [""], "output": ["Cat."]}
+
+
+def first_request(stage, batch):
+    oracle = stage.oracle
+    stage(batch)
+    return oracle.requests[0]
+
+
+@pytest.mark.parametrize("make, kind, batch", [
+    (lambda o, **k: ReflectInstruction(o, max_tokens=300, **k), "instruction", PAIR),
+    (lambda o, **k: ReflectResponse(o, max_tokens=300, **k), "response", PAIR),
+    (lambda o, **k: CompressInstruction(o, max_tokens=300, **k), "compress", {**PAIR, "input": ["Robins?"]}),
+])
+def test_reflection_stages_state_their_shape_and_keep_the_prompt(make, kind, batch):
+    shaped = first_request(make(ScriptedOracle()), batch)
+    plain = first_request(make(ScriptedOracle(), structured="off"), batch)
+    assert shaped.answer_format == stage_answer_format(kind, 300) and isinstance(shaped.answer_format, MarkedFields)
+    assert plain.answer_format is None
+    assert shaped.messages == plain.messages  # the prompt is byte-identical
+    assert first_request(make(ScriptedOracle(), structured=True), batch).answer_format == shaped.answer_format
+
+
+def test_judge_and_ranking_state_their_shapes():
+    judge = PairwiseJudge(ScriptedOracle(default=("8 7\nFine.",)), max_tokens=200)
+    judge({"instruction": ["Q?"], "response_a": ["a"], "response_b": ["b"]})
+    assert {r.answer_format for r in judge.oracle.requests} == {stage_answer_format("judge", 200)}
+    assert isinstance(judge.oracle.requests[0].answer_format, ScoreLine)
+    off = PairwiseJudge(ScriptedOracle(default=("8 7",)), structured="off")
+    off({"instruction": ["Q?"], "response_a": ["a"], "response_b": ["b"]})
+    assert off.oracle.requests[0].answer_format is None
+
+    rank = ContextualRank(ScriptedOracle(default=("###Response 3:\nX\n\nrank: [3, 0]",)), max_tokens=500)
+    out = rank({"id": [0], "instruction": ["Q?"], "responses": [["a", "b", "c"]]})
+    shape = rank.oracle.requests[0].answer_format
+    assert shape == stage_answer_format("ranking", 500, 3)
+    assert isinstance(shape, RankingAnswer) and shape.num_responses == 3
+    assert out["rank"] == [[3, 0]]
+
+
+def test_bad_structured_values_fail_at_construction():
+    with pytest.raises(ValueError, match="structured must be"):
+        ReflectResponse(ScriptedOracle(), structured="sometimes")
+
+    class OffOracle(ScriptedOracle):
+        structured = "off"
+
+    with pytest.raises(ValueError, match="oracle has structured='off'"):
+        ReflectResponse(OffOracle(), structured="on")
+
+
+def test_format_outcome_column_summarize_card_and_table(tmp_path):
+    from reflectune_hf.hub import build_card
+    from reflectune_hf.pipeline import JobResult
+    from reflectune_hf.report import format_rates, summarize
+    from reflectune_hf.variants import build_variants
+
+    bird, fish, cow = "[New Instruction] Name a bird. [End]\n[New Answer] Robin. [End]", "no format", "!error down"
+    oracle = ScriptedOracle(rules=(
+        ("Name a fish", ("no format at all", bird)),  # parsed after the re-ask
+        ("Name a cow", (cow,)),                         # the oracle fails: no answer
+        ("Name a dog", (fish, fish)),                   # never parsed: fallback
+    ), default=(bird + "\n[Better Answer] Robin. [End]",))
+    data = Dataset.from_dict({"instruction": ["Name a bird.", "Name a fish.", "Name a cow.", "Name a dog."],
+                              "output": ["Cat.", "Cat.", "Cat.", "Cat."]})
+    variants = build_variants(data, oracle, compress=False)
+    assert list(variants["origin"]["format_outcome"]) == [""] * 4
+    assert list(variants["reflect_instruction"]["format_outcome"]) == ["first_try", "after_reask", "none", "fallback"]
+    rates = summarize(variants, oracle="scripted")["format_rates"]
+    assert set(rates) == {"reflect_instruction", "reflect_response", "reflect_both"}
+    assert rates["reflect_instruction"]["rows"] == 4 and rates["reflect_instruction"]["parsed"] == 0.5
+    assert rates["reflect_instruction"]["oracle"] == "scripted"
+    assert format_rates(variants) == {k: {**v, "oracle": None} for k, v in rates.items()}
+
+    card = str(build_card(variants, {"oracle_model": "scripted"}))
+    assert "### Answer format" in card
+    assert "| `reflect_instruction` | scripted | 4 | 50.0% | 1 (25.0%) | 1 (25.0%) | 1 (25.0%) | 1 (25.0%) |" in card
+
+    table = JobResult(variants, tmp_path, {k: 4 for k in variants}, {}, None, {}, 1.0, rates).table()
+    assert "answer format" in table and "parsed 50.0% (first_try 1, after_reask 1, fallback 1, none 1)" in table
