@@ -56,3 +56,52 @@ def test_fingerprint_and_overlong_rows(oracle):
     assert Hasher.hash(TransformersOracle(model="other", cache=False)) != Hasher.hash(oracle)
     [result] = oracle.complete(ask(["word " * 9000], max_tokens=4))
     assert not result.ok and "exceeds the model's context" in result.error
+
+
+def test_greedy_text_is_plain_generate_in_fp32(oracle):
+    """The decode loop (finished rows leave the batch) gives generate's greedy text, fp32, same batch."""
+    import torch
+
+    model, tokenizer = oracle._load()
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in PROMPTS]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, inputs["input_ids"].shape[1]:]]
+    assert model.dtype == torch.float32
+    assert [r.text for r in oracle.complete(ask(PROMPTS))] == expected
+
+
+def test_the_smaller_budget_wins(oracle):
+    """A stage's max_tokens never overrides the oracle's own max_new_tokens, nor the reverse."""
+    short = TransformersOracle(batch_size=3, max_new_tokens=3, cache=False)
+    short._model, short._tokenizer = oracle._load()
+    assert short._prepare(ask(PROMPTS[:1], max_tokens=512)[0]).max_tokens == 3
+    assert short._prepare(ask(PROMPTS[:1])[0]).max_tokens == 3
+    assert oracle._prepare(ask(PROMPTS[:1], max_tokens=2)[0]).max_tokens == 2
+    results = short.complete(ask(PROMPTS, max_tokens=512))
+    assert all(r.ok and r.usage["completion_tokens"] <= 3 for r in results)
+    assert [r.text for r in results] == [r.text for r in oracle.complete(ask(PROMPTS, max_tokens=3))]
+
+
+def test_budget_is_capped_by_the_context_window(oracle, monkeypatch):
+    """min(max_tokens, context - prompt): a long row gets a shorter answer, not an error."""
+    model, tokenizer = oracle._load()
+    [request] = ask(PROMPTS[:1], max_tokens=12)
+    prompt_tokens = len(tokenizer(tokenizer.apply_chat_template(request.message_dicts, add_generation_prompt=True,
+                                                                tokenize=False), add_special_tokens=False)["input_ids"])
+    monkeypatch.setattr(model.config, "max_position_embeddings", prompt_tokens + 4)
+    [result] = oracle.complete([request])
+    assert result.ok and result.usage["prompt_tokens"] == prompt_tokens
+    assert result.usage["completion_tokens"] <= 4
+    monkeypatch.setattr(model.config, "max_position_embeddings", prompt_tokens)
+    [full] = oracle.complete([request])
+    assert not full.ok and "exceeds the model's context" in full.error and "shorten the row" in full.error
+
+
+def test_progress_bar_advances_per_request(oracle, capsys):
+    """One bar per call, counting requests (not batches), shown as soon as two requests are generated."""
+    oracle.complete(ask(["Say yes.", "Say no."], max_tokens=2))
+    err = capsys.readouterr().err
+    assert "0/2" in err and "req" in err

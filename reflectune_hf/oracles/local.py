@@ -1,13 +1,24 @@
 """`TransformersOracle`: a local causal LM as the oracle (no server, no network).
 
-Prompts go through the tokenizer's chat template, are left-padded and generated in batches of
-`batch_size`. Temperature 0 is greedy decoding; otherwise multinomial sampling with the
-request's temperature and top_p (and no top-k, as OpenAI-style APIs). `n` choices come from
-`num_return_sequences` (greedy decoding yields one choice repeated `n` times). A request with a
-`seed` is generated alone under that seed, so its answer does not depend on its batch
-neighbours. Logprobs are the model's own log-probabilities (before temperature) of the
-generated tokens, with the `top_logprobs` best alternatives; asking for them keeps the logits
-of every step of a batch in memory, so lower `batch_size` for long outputs.
+Prompts go through the tokenizer's chat template and are generated in batches of `batch_size`
+by `local_decode.decode`: one prefill, then one token per step for the rows still running
+(finished rows leave the batch), each request reported - cached, counted, and advancing the
+progress bar - the moment it ends. Temperature 0 is greedy decoding (the same text as
+`model.generate` in fp32); otherwise multinomial sampling with the request's temperature and
+top_p (and no top-k, as OpenAI-style APIs). `n` sampled choices share one prefill (greedy
+decoding yields one choice repeated `n` times). A request with a `seed` is generated alone from
+its own random generator, so its answer does not depend on its batch neighbours and the global
+random state is untouched. Logprobs are the model's own log-probabilities (before temperature
+and before any format mask) of the generated tokens, with the `top_logprobs` best alternatives.
+
+Token budget: a request's `max_tokens` and the oracle's `max_new_tokens` both cap the answer
+(the smaller wins), and so does the context window (`max_position_embeddings`): the budget is
+`min(max_tokens, max_new_tokens, context - prompt_tokens)`, so a long row gets a shorter answer
+(`finish_reason "length"`) instead of an error; only a prompt that fills the context fails.
+
+A request with an `answer_format` (`structured.py`) is decoded under that shape's regex
+(`structured="auto"`, the default, or `"on"`): a token mask per step from llguidance, so the
+answer always has the stage's markers. `structured="off"` drops the format (plain text).
 
 Answers are cached in the `OracleCache` like any oracle's (model key: the resolved model and
 dtype; server: `"local"`).
@@ -23,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from itertools import groupby
 from pathlib import Path
 from typing import ClassVar, Optional
@@ -45,17 +55,27 @@ class TransformersOracle(CachingOracle):
         max_new_tokens: used when a request has no `max_tokens`.
         dtype: "float32" (default), "bfloat16" or "float16". device: default CUDA if visible.
         cache: True (default cache file), False, a path or an `OracleCache`.
-        progress: show a tqdm bar; None shows it for more than 4 batches.
+        progress: a tqdm bar advancing per request; None (default) shows it when more than one
+            request is generated.
+        structured: "auto" (default) or "on": enforce each request's `answer_format` by
+            constrained decoding ("on" raises if llguidance is missing, "auto" logs it and
+            answers in free text); "off": ignore answer formats.
 
     The model loads on first use in each process; pickling keeps the configuration only.
     """
 
-    _transient: ClassVar[tuple[str, ...]] = CachingOracle._transient + ("_model", "_tokenizer", "_identity_cache")
+    _transient: ClassVar[tuple[str, ...]] = CachingOracle._transient + ("_model", "_tokenizer", "_identity_cache",
+                                                                        "_constraints")
 
     def __init__(self, model: str = "smollm2-135m-instruct", batch_size: int = 8, max_new_tokens: int = 512,
-                 dtype: str = "float32", device: Optional[str] = None, cache=True, progress: Optional[bool] = None):
+                 dtype: str = "float32", device: Optional[str] = None, cache=True, progress: Optional[bool] = None,
+                 structured: str = "auto"):
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
+        structured = {True: "on", False: "off"}.get(structured, structured)
+        if structured not in ("auto", "on", "off"):
+            raise ValueError(f"structured must be 'auto', 'on' or 'off', got {structured!r}")
+        self.structured = structured
         self.model = str(model)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
@@ -97,11 +117,15 @@ class TransformersOracle(CachingOracle):
         return {**super().fingerprint_identity(), "weights": weights}
 
     def _prepare(self, request: ChatRequest) -> ChatRequest:
-        if request.max_tokens is not None:
-            return request
+        """The request as sent and keyed: budget `min(max_tokens, max_new_tokens)` (the smaller wins),
+        and no answer format when `structured="off"`."""
         from dataclasses import replace
 
-        return replace(request, max_tokens=self.max_new_tokens)
+        budget = self.max_new_tokens if request.max_tokens is None else min(request.max_tokens, self.max_new_tokens)
+        changes = {"max_tokens": budget} if budget != request.max_tokens else {}
+        if self.structured == "off" and getattr(request, "answer_format", None) is not None:
+            changes["answer_format"] = None
+        return replace(request, **changes) if changes else request
 
     def _load(self):
         if getattr(self, "_model", None) is None:
@@ -116,45 +140,66 @@ class TransformersOracle(CachingOracle):
         return self._model, self._tokenizer
 
     # -- sending ------------------------------------------------------------------------------
+    def _constraint(self, request: ChatRequest, tokenizer):
+        """The `LocalConstraint` enforcing `request.answer_format`, or None (plain text)."""
+        shape = request.answer_format
+        if shape is None or self.structured == "off":
+            return None
+        constraints = self.__dict__.setdefault("_constraints", {})
+        if shape not in constraints:
+            from .local_decode import LocalConstraint
+
+            try:
+                constraints[shape] = LocalConstraint(tokenizer, shape.regex())
+            except ImportError as err:
+                if self.structured == "on":
+                    raise OracleConfigurationError(f"structured='on': {err}") from err
+                logger.warning("%s; answers are free text (structured='auto')", err)
+                constraints[shape] = None
+        return constraints[shape]
+
     def _send(self, requests: list[ChatRequest], on_result) -> list[ChatResult]:
         from tqdm.auto import tqdm
 
         model, tokenizer = self._load()
         prompts = [tokenizer.apply_chat_template(r.message_dicts, add_generation_prompt=True, tokenize=False)
                    for r in requests]
-        lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         limit = getattr(model.config, "max_position_embeddings", None)
+        # Each request's budget: min(max_tokens, context - prompt), so a long row gets a shorter answer.
+        budgets = [min(r.max_tokens, limit - len(i)) if limit else r.max_tokens for r, i in zip(requests, ids)]
         results: list[Optional[ChatResult]] = [None] * len(requests)
+        show = self.progress if self.progress is not None else len(requests) > 1
+        bar = tqdm(total=len(requests), desc=f"oracle {Path(self.model).name}", unit="req", disable=not show,
+                   leave=False)
 
         def finish(i: int, result: ChatResult) -> None:
             results[i] = result
             on_result(i, result)
+            bar.update(1)
 
         todo = []
-        for i, request in enumerate(requests):
-            if limit and lengths[i] + request.max_tokens > limit:
-                finish(i, ChatResult.failure(f"prompt of {lengths[i]} tokens + max_tokens {request.max_tokens} "
-                                             f"exceeds the model's context of {limit} tokens"))
+        for i in range(len(requests)):
+            if budgets[i] < 1:
+                finish(i, ChatResult.failure(f"prompt of {len(ids[i])} tokens exceeds the model's context of "
+                                             f"{limit} tokens (no room for an answer): shorten the row"))
             else:
                 todo.append(i)
-        batches = self._batches(requests, todo, lengths)
-        show = self.progress if self.progress is not None else len(batches) > 4
-        for batch in tqdm(batches, desc=f"oracle {Path(self.model).name}", unit="batch", disable=not show):
-            try:
-                answers = self._generate([prompts[i] for i in batch], requests[batch[0]])
-            except Exception as err:  # noqa: BLE001 - isolate the failing row(s)
-                if len(batch) > 1:
-                    logger.debug("batch failed (%s); retrying its rows one by one", err)
-                    answers = [None] * len(batch)
-                else:
-                    answers = [ChatResult.failure(f"generation failed: {type(err).__name__}: {err}")]
-            for i, answer in zip(batch, answers):
-                if answer is None:
-                    try:
-                        answer = self._generate([prompts[i]], requests[i])[0]
-                    except Exception as err:  # noqa: BLE001
-                        answer = ChatResult.failure(f"generation failed: {type(err).__name__}: {err}")
-                finish(i, answer)
+        try:
+            for batch in self._batches(requests, todo, [len(i) for i in ids]):
+                try:
+                    self._generate(batch, requests, ids, budgets, finish)
+                except Exception as err:  # noqa: BLE001 - isolate the failing row(s)
+                    left = [i for i in batch if results[i] is None]
+                    logger.debug("batch failed (%s); retrying its %d unanswered rows one by one", err, len(left))
+                    for i in left:
+                        try:
+                            self._generate([i], requests, ids, budgets, finish)
+                        except Exception as one:  # noqa: BLE001
+                            if results[i] is None:
+                                finish(i, ChatResult.failure(f"generation failed: {type(one).__name__}: {one}"))
+        finally:
+            bar.close()
         return results
 
     def _batches(self, requests: list[ChatRequest], todo: list[int], lengths: list[int]) -> list[list[int]]:
@@ -162,74 +207,55 @@ class TransformersOracle(CachingOracle):
         def setting(i: int):
             r = requests[i]
             greedy = r.temperature == 0
-            return (greedy, 0.0 if greedy else r.temperature, 1.0 if greedy else r.top_p, r.max_tokens, r.n,
+            return (greedy, 0.0 if greedy else r.temperature, 1.0 if greedy else r.top_p, r.n,
                     r.logprobs, r.top_logprobs or 0, -1 if (greedy or r.seed is None) else r.seed)
 
         batches = []
         for key, group in groupby(sorted(todo, key=lambda i: (setting(i), -lengths[i])), key=setting):
             rows = list(group)
-            size = 1 if key[-1] != -1 else max(1, self.batch_size // (1 if key[0] else key[4]))
+            size = 1 if key[-1] != -1 else max(1, self.batch_size // (1 if key[0] else key[3]))
             batches += [rows[k:k + size] for k in range(0, len(rows), size)]
         return batches
 
-    def _generate(self, prompts: list[str], request: ChatRequest) -> list[ChatResult]:
-        """Generate for prompts sharing `request`'s sampling settings."""
-        import torch
+    def _generate(self, batch: list[int], requests: list[ChatRequest], ids: list[list[int]], budgets: list[int],
+                  finish) -> None:
+        """Generate for the requests `batch` (one sampling setting); `finish(i, result)` as each ends."""
+        from .local_decode import decode
 
         model, tokenizer = self._load()
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        inputs = inputs.to(model.device)
+        request = requests[batch[0]]
         greedy = request.temperature == 0
         copies = 1 if greedy else request.n
-        kwargs = dict(max_new_tokens=request.max_tokens, do_sample=not greedy, num_return_sequences=copies,
-                      pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
-                      output_logits=request.logprobs)
-        if not greedy:
-            kwargs.update(temperature=request.temperature, top_p=request.top_p, top_k=0)
-        seeded = request.seed is not None and not greedy
-        # A seed applies to this call only: the global random state is restored afterwards.
-        rng = torch.random.fork_rng(devices=[] if model.device.type == "cpu" else None) if seeded else nullcontext()
-        with torch.inference_mode(), rng:
-            if seeded:
-                torch.manual_seed(request.seed)
-            out = model.generate(**inputs, **kwargs)
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tokenizer.eos_token_id}
-        generated = out.sequences[:, inputs["input_ids"].shape[1]:].tolist()
-        steps = torch.stack(out.logits, dim=1).float().log_softmax(-1) if request.logprobs else None
-        results = []
-        for p in range(len(prompts)):
-            texts, reasons, logprobs, completion = [], [], [], 0
-            for c in range(copies):
-                row = p * copies + c
-                ids = generated[row]
-                stop = next((k for k, t in enumerate(ids) if t in eos), None)
-                ids = ids[:stop] if stop is not None else ids
-                texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-                reasons.append("stop" if stop is not None else "length")
-                completion += len(ids)
-                if steps is not None:
-                    logprobs.append(self._token_logprobs(tokenizer, steps[row], ids, request.top_logprobs or 0))
+        rows: dict[int, list] = {}
+
+        def on_row(p: int, c: int, tokens: list[int], reason: str, logprobs) -> None:
+            rows.setdefault(p, [None] * copies)[c] = (tokens, reason, logprobs)
+            if any(x is None for x in rows[p]):
+                return
+            i = batch[p]
+            texts = [tokenizer.decode(t, skip_special_tokens=True) for t, _, _ in rows[p]]
+            reasons = [r for _, r, _ in rows[p]]
+            completion = sum(len(t) for t, _, _ in rows[p])
+            entries = [self._token_logprobs(tokenizer, lp) for _, _, lp in rows[p]] if request.logprobs else None
             if greedy and request.n > 1:
-                texts, reasons, logprobs = texts * request.n, reasons * request.n, logprobs * request.n
-                completion *= request.n
-            prompt_tokens = int(inputs["attention_mask"][p].sum())
-            results.append(ChatResult(texts=texts, finish_reasons=reasons,
-                                      logprobs=logprobs if request.logprobs else None,
-                                      usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                             "total_tokens": prompt_tokens + completion}))
-        return results
+                texts, reasons, completion = texts * request.n, reasons * request.n, completion * request.n
+                entries = entries * request.n if entries is not None else None
+            prompt_tokens = len(ids[i])
+            finish(i, ChatResult(texts=texts, finish_reasons=reasons, logprobs=entries,
+                                 usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                        "total_tokens": prompt_tokens + completion}))
+
+        decode(model, [ids[i] for i in batch], [budgets[i] for i in batch], eos=eos,
+               pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+               greedy=greedy, temperature=request.temperature, top_p=request.top_p,
+               seed=None if greedy else request.seed, copies=copies,
+               top_logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+               constraints=[self._constraint(requests[i], tokenizer) for i in batch], on_row=on_row)
 
     @staticmethod
-    def _token_logprobs(tokenizer, step_logprobs, ids: list[int], top: int) -> list[dict]:
-        entries = []
-        for k, token_id in enumerate(ids):
-            dist = step_logprobs[k]
-            alternatives = []
-            if top:
-                values, indices = dist.topk(top)
-                alternatives = [{"token": tokenizer.decode([int(i)]), "logprob": float(v)}
-                                for v, i in zip(values, indices)]
-            entries.append({"token": tokenizer.decode([token_id]), "logprob": float(dist[token_id]),
-                            "top_logprobs": alternatives})
-        return entries
+    def _token_logprobs(tokenizer, steps) -> list[dict]:
+        return [{"token": tokenizer.decode([token]), "logprob": float(logprob),
+                 "top_logprobs": [{"token": tokenizer.decode([alt]), "logprob": float(value)} for alt, value in alts]}
+                for token, logprob, alts in steps]
