@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional, Union
 from urllib.parse import urlsplit
 
 from . import __version__
+from .oracles.stage_formats import FORMAT_OUTCOMES
 from .report import plot_summary, summarize
 from .select import VARIANT_SPLITS
 from .utils import card_template
@@ -168,7 +169,7 @@ def _format_rows(summary: dict, oracle: Optional[str]) -> list[dict]:
     for split, r in (summary.get("format_rates") or {}).items():
         rows.append({"split": split, "oracle": r.get("oracle") or oracle or "–", "rows": r["rows"],
                      "parsed": pct(r["parsed"]),
-                     **{k: f"{r[k]} ({pct(r['share'][k])})" for k in ("first_try", "after_reask", "fallback", "none")}})
+                     **{k: f"{r[k]} ({pct(r['share'][k])})" for k in FORMAT_OUTCOMES}})
     return rows
 
 
