@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Union
 
 from . import __version__
+from .oracles.stage_formats import FORMAT_OUTCOMES
 from .report import plot_summary, summarize
 from .sanitize import (  # noqa: F401  (public here too, as before)
     host_only, is_hub_id, is_secret_key, public_name, sanitize_config, sanitize_context, strip_url_secrets)
@@ -136,7 +137,7 @@ def _format_rows(summary: dict, oracle: Optional[str]) -> list[dict]:
     for split, r in (summary.get("format_rates") or {}).items():
         rows.append({"split": split, "oracle": r.get("oracle") or oracle or "–", "rows": r["rows"],
                      "parsed": pct(r["parsed"]),
-                     **{k: f"{r[k]} ({pct(r['share'][k])})" for k in ("first_try", "after_reask", "fallback", "none")}})
+                     **{k: f"{r[k]} ({pct(r['share'][k])})" for k in FORMAT_OUTCOMES}})
     return rows
 
 

@@ -66,6 +66,14 @@ def test_marked_fields_regex_accepts_what_models_write_and_rejects_markers_insid
         assert not re.fullmatch(INSTRUCTION.regex(), text), text
 
 
+def test_a_field_cannot_be_the_prompts_placeholder():
+    for text in ["[Better Answer] your answer [End]", "[Better Answer] your better answer [End]"]:
+        assert not re.fullmatch(RESPONSE.regex(), text) and parse_response_reflection(text) is None
+    for text in ["[Better Answer] Your task is done. [End]", "[Better Answer] yes, 4. [End]",
+                 "[Better Answer] yours truly [End]", "[Better Answer] ya [End]"]:
+        assert re.fullmatch(RESPONSE.regex(), text) and parse_response_reflection(text), text
+
+
 def test_score_line_round_trip():
     shape = ScoreLine(300)
     text = shape.from_json('{"score_1": 8, "score_2": 6.5, "explanation": "A is precise."}')

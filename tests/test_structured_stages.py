@@ -93,3 +93,17 @@ def test_format_outcome_column_summarize_card_and_table(tmp_path):
 
     table = JobResult(variants, tmp_path, {k: 4 for k in variants}, {}, None, {}, 1.0, rates).table()
     assert "answer format" in table and "parsed 50.0% (first_try 1, after_reask 1, fallback 1, none 1)" in table
+
+
+def test_cli_options_reach_the_oracle_and_the_stages():
+    from reflectune_hf.configs import RecycleConfig
+    from reflectune_hf.pipeline import make_oracle
+
+    config = RecycleConfig(oracle_model="m", base_url="http://127.0.0.1:9/v1", structured="on", backend="llama.cpp")
+    oracle = make_oracle(config)
+    assert (oracle.structured, oracle.backend) == ("on", "llamacpp")
+    assert make_oracle(RecycleConfig(oracle_model="m", batch_api=True, structured="off")).structured == "off"
+    with pytest.raises(ValueError, match="structured must be"):
+        RecycleConfig(oracle_model="m", structured="always")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        RecycleConfig(oracle_model="m", backend="tgi")

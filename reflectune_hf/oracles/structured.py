@@ -23,7 +23,8 @@ Each shape is frozen, hashable and JSON-able (`to_dict()`, `shape_from_dict`), a
 
 Free text inside a field cannot hold a `[` that could open a marker (`[End]`, `[New ...]`,
 `[Better ...]`, `[The end]`: a `[` followed by a space, `*`, `_`, `[`, or one of the letters
-n, e, b, t); `arr[0]` or `[1, 2]` are fine. The analysis holds no bracket and no `#` at all, so
+n, e, b, t); `arr[0]` or `[1, 2]` are fine. A field cannot open with the prompt's placeholder
+(a lower-case "your ", as in "[Better Answer] your answer [End]"). The analysis holds no bracket and no `#` at all, so
 it can never be mistaken for a field or for the judge's reference response.
 
 Example:
@@ -45,12 +46,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 # Free text of a field: any character but `[`, or a `[` that cannot open a marker.
-_SAFE_AFTER_BRACKET = " \t*_[nNeEbBtT"
 _FIELD_UNIT_RE = r"([^\[]|\[[^\[ \t*_nNeEbBtT])"
-_FIELD_FIRST_RE = r"[^\[\s]"
+# A field opens with a non-space and never with the format's placeholder ("your answer", "your
+# instruction" in the paper's prompts): a lower-case "your " cannot start it ("Your task", "yours" can).
+_FIELD_FIRST_RE = r"([^\[\sy]|y[^\[o]|yo[^\[u]|you[^\[r]|your[^\[ ])"
 _ANALYSIS_UNIT_RE = r"[^\[\]#]"
 _FIELD_UNIT_GBNF = r'[^\[] | "[" [^\[ \t*_nNeEbBtT]'
-_FIELD_FIRST_GBNF = r"[^\[ \t\n\r]"
+_FIELD_FIRST_GBNF = r'([^\[ \t\n\ry] | "y" [^\[o] | "yo" [^\[u] | "you" [^\[r] | "your" [^\[ ])'
 _ANALYSIS_UNIT_GBNF = r"[^\[\]#]"
 
 
