@@ -34,14 +34,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from . import __version__
 from .report import plot_summary, summarize
 from .select import VARIANT_SPLITS
-from .utils import card_template, versioned
+from .utils import LOCAL_PREFIX, card_template, public_name, versioned  # noqa: F401 (public_name: public here too)
 
 logger = logging.getLogger(__name__)
 
 # Secret-named keys: `api_key`, `*_key`, `*token` (not `max_new_tokens`, `tokens_per_minute`...), `bearer`...
 SECRET_KEY = re.compile(r"(^|[_.-])(api[_-]?key|key|secret|password|passwd|bearer|authorization|credentials?)$"
                         r"|token$|^bearer", re.I)
-LOCAL_PREFIX = "local:"  # an oracle run here: `local:<model>`
 SPLIT_DESCRIPTIONS = {
     "origin": "the source pairs (inputs folded into the instruction when compressed)",
     "reflect_instruction": "instruction reflection: a new instruction and its answer",
@@ -139,31 +138,6 @@ def sanitize_config(config: Optional[Mapping[str, Any]]) -> dict:
             value = sanitize_config(value)
         clean[str(key)] = value
     return clean
-
-
-def _looks_local(text: str) -> bool:
-    return text.startswith(("/", "~", "./", "../", ".\\")) or os.path.exists(os.path.expanduser(text))
-
-
-def public_name(value: str) -> str:
-    """How a card names a dataset or model: a Hub id or alias as it is; a local file by its name
-    (`my.jsonl (local file)`), a local directory by its folder name (`local data` when it has
-    none); `local:<path>` keeps its prefix. A card never shows a local path.
-
-    Example:
-        >>> from reflectune_hf.hub import public_name
-        >>> public_name("/home/me/data/my.jsonl"), public_name("tatsu-lab/alpaca"), public_name("local:/srv/m/")
-        ('my.jsonl (local file)', 'tatsu-lab/alpaca', 'local:m')
-    """
-    text = str(value)
-    if text.startswith(LOCAL_PREFIX):
-        return LOCAL_PREFIX + public_name(text[len(LOCAL_PREFIX):])
-    if not _looks_local(text):
-        return text
-    path = Path(os.path.expanduser(text))
-    if path.suffix and not path.is_dir():
-        return f"{path.name} (local file)"
-    return path.resolve().name or "local data"
 
 
 def sanitize_context(context: Optional[Mapping[str, Any]]) -> dict:

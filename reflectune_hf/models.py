@@ -299,7 +299,9 @@ def model_identity(name_or_path: str) -> dict:
     return {"hub_id": name, "revision": Path(found).parent.name if isinstance(found, str) else None}
 
 
-def _torch_dtype(dtype):
+def torch_dtype(dtype):
+    """The `torch.dtype` named by `dtype` (one of `DTYPE_NAMES`, or a `torch.dtype`); raises a
+    `ValueError` naming the accepted names otherwise."""
     import torch
 
     if isinstance(dtype, torch.dtype):
@@ -381,7 +383,7 @@ def load_causal_lm(name_or_path: str, dtype="float32", device=None):
     """
     path = resolve_model(name_or_path)  # a conversion runs outside the pause: it drops two models
     with gc_paused():  # see _import_model_code: imports and loading create ~650,000 objects
-        kwargs = {"dtype": _torch_dtype(dtype)}
+        kwargs = {"dtype": torch_dtype(dtype)}
         _import_model_code(path)
         from transformers import AutoModelForCausalLM
 

@@ -36,12 +36,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from . import __version__
 from .data import batch_size_of, require_columns, text_column
-from .models import default_device, load_causal_lm, model_identity  # noqa: F401  (model_identity re-exported)
+from .models import default_device, load_causal_lm, model_identity, torch_dtype  # noqa: F401  (model_identity re-exported)
 from .prompts import get_scoring_template, reverse_prompt
 from .scoring_engine import Span, check_model, mean_token_losses
-from .utils import LazyState, stable_hash
+from .utils import LazyState, package_version, stable_hash
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +153,8 @@ class IFDScorer(LazyState):
     def __init__(self, model: str = "smollm2-135m-instruct", template: str = "vicuna", max_length: int = 2048,
                  dtype: str = "float32", device: Optional[str] = None, max_tokens_per_batch: Optional[int] = None,
                  num_threads: Optional[int] = None):
-        from .models import _torch_dtype
-
         self._template = get_scoring_template(template)  # raises on an unknown template
-        _torch_dtype(dtype)  # raises on an unknown dtype
+        torch_dtype(dtype)  # raises on an unknown dtype
         if max_length < 2 or (max_tokens_per_batch is not None and max_tokens_per_batch < 1):
             raise ValueError("max_length must be >= 2 and max_tokens_per_batch >= 1")
         self.model, self.template, self.max_length, self.dtype = str(model), template, int(max_length), str(dtype)
@@ -165,7 +162,7 @@ class IFDScorer(LazyState):
         self.max_tokens_per_batch = None if max_tokens_per_batch is None else int(max_tokens_per_batch)
         self.fingerprint = stable_hash({
             "model": model_identity(self.model), "template": template, "max_length": self.max_length,
-            "dtype": self.dtype, "version": __version__, "scoring": SCORING_VERSION,
+            "dtype": self.dtype, "version": package_version(), "scoring": SCORING_VERSION,
         })
         self._model = self._tokenizer = self._device = self._share_prefixes = None
 

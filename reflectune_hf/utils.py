@@ -221,3 +221,31 @@ def card_template(name: str) -> Path:
         if path.is_file():
             return path
     raise FileNotFoundError(f"Card template {name!r} not found in {[str(p) for p in candidates]}")
+
+
+LOCAL_PREFIX = "local:"  # an oracle run here: `local:<model>`
+
+
+def _looks_local(text: str) -> bool:
+    return text.startswith(("/", "~", "./", "../", ".\\")) or os.path.exists(os.path.expanduser(text))
+
+
+def public_name(value: str) -> str:
+    """How a card names a dataset or model: a Hub id or alias as it is; a local file by its name
+    (`my.jsonl (local file)`), a local directory by its folder name (`local data` when it has
+    none); `local:<path>` keeps its prefix. A card never shows a local path.
+
+    Example:
+        >>> from reflectune_hf.utils import public_name
+        >>> public_name("/home/me/data/my.jsonl"), public_name("tatsu-lab/alpaca"), public_name("local:/srv/m/")
+        ('my.jsonl (local file)', 'tatsu-lab/alpaca', 'local:m')
+    """
+    text = str(value)
+    if text.startswith(LOCAL_PREFIX):
+        return LOCAL_PREFIX + public_name(text[len(LOCAL_PREFIX):])
+    if not _looks_local(text):
+        return text
+    path = Path(os.path.expanduser(text))
+    if path.suffix and not path.is_dir():
+        return f"{path.name} (local file)"
+    return path.resolve().name or "local data"
