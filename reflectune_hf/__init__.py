@@ -33,7 +33,7 @@ from .select import ifd_below, is_scored, rifd_below, select_v1, select_v2, top_
 from .selectit import SelectITScorer  # noqa: E402
 from .train import to_messages, vicuna_sft_config, vicuna_sft_trainer  # noqa: E402
 from .variants import build_variants  # noqa: E402
-# Tuna's data stages; TunaTrainer, TunaConfig and tuna_loss load torch: `from reflectune_hf.tuna import TunaTrainer`.
+# Tuna's data stages; TunaTrainer, TunaConfig and tuna_loss load torch: `from reflectune_hf.tuna_trainer import TunaTrainer`.
 from .tuna import ContextualRank, SampleResponses, rank_by_logprob  # noqa: E402
 
 __all__ = [

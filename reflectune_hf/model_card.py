@@ -4,7 +4,7 @@
 dataset, the recipe in effect (the hyperparameters the trainer really ran with), the chat
 template with a rendered example, and the library versions. Local paths never reach the card:
 a base model or dataset given as a local path (absolute or relative) shows by its folder or file
-name only (`hub.public_name`), and only Hub ids (`owner/name`) go into the card's metadata.
+name only (`sanitize.public_name`), and only Hub ids (`owner/name`) go into the card's metadata.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .train import TEMPLATE_NAME
-from .utils import card_template
+from .sanitize import public_name
+from .utils import card_template, package_version
 
 
 def _hub_id(name: Optional[str]) -> Optional[str]:
@@ -24,17 +24,15 @@ def _hub_id(name: Optional[str]) -> Optional[str]:
     return name
 
 
-def render_model_card(trainer, model_name=None, dataset_name=None, tags=None):
+def render_model_card(trainer, model_name=None, dataset_name=None, tags=None, template_name=None):
     """The `huggingface_hub.ModelCard` of a trained model, from `cards/model_card.md`: base model,
-    dataset, recipe (the hyperparameters in effect) and the chat template with a rendered example."""
+    dataset, recipe (the hyperparameters in effect) and the chat template with a rendered example.
+    `template_name` names the chat template in the card (the trainer passes its own)."""
     import datasets
     import torch
     import transformers
     import trl
     from huggingface_hub import ModelCard, ModelCardData
-
-    from . import __version__
-    from .sanitize import public_name
 
     info = getattr(trainer, "card_info", {})
     args = trainer.args
@@ -72,7 +70,7 @@ def render_model_card(trainer, model_name=None, dataset_name=None, tags=None):
         card_data, template_path=str(card_template("model_card.md")),
         model_title=model_name or Path(args.output_dir).name, base_model_name=base_model, dataset_name=dataset,
         num_rows=info.get("rows"), recipe=recipe, chat_template=template, rendered_example=example,
-        template_name=TEMPLATE_NAME, hub_model_id=getattr(trainer, "hub_model_id", None) or Path(args.output_dir).name,
-        versions={"reflectune_hf": __version__, "TRL": trl.__version__, "Transformers": transformers.__version__,
+        template_name=template_name, hub_model_id=getattr(trainer, "hub_model_id", None) or Path(args.output_dir).name,
+        versions={"reflectune_hf": package_version(), "TRL": trl.__version__, "Transformers": transformers.__version__,
                   "PyTorch": torch.__version__, "Datasets": datasets.__version__},
     )

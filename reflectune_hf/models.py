@@ -19,16 +19,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import gc
 import importlib
 import importlib.metadata
 import importlib.util
 import logging
 import os
 import shutil
-import sys
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -299,7 +296,9 @@ def model_identity(name_or_path: str) -> dict:
     return {"hub_id": name, "revision": Path(found).parent.name if isinstance(found, str) else None}
 
 
-def _torch_dtype(dtype):
+def torch_dtype(dtype):
+    """The `torch.dtype` named by `dtype` (one of `DTYPE_NAMES`, or a `torch.dtype`); raises a
+    `ValueError` naming the accepted names otherwise."""
     import torch
 
     if isinstance(dtype, torch.dtype):
@@ -319,34 +318,22 @@ def default_device(device=None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-_import_lock = threading.Lock()
-
-
 def _import_model_code(path: str) -> None:
-    """Import the code that loading the causal LM at `path` runs, at a fraction of the usual cost.
+    """Import the code that loading the causal LM at `path` runs, with the collector paused.
 
     Importing torch and transformers, and the config, modeling and tokenizer modules that
     transformers imports on first use, creates ~650,000 objects tracked by Python's cyclic
     garbage collector: while they are created the collector scans the growing heap over and over
-    (~1 s on 2 cores), and it scans all of them once more when the process exits (~1 s again).
-    So this runs with the collector paused, and the first time it imports transformers' modeling
-    code in a process it then frees what the imports left as garbage (one collection) and moves
-    the survivors (modules, classes, functions: they live as long as the process) into the
-    permanent generation that later collections skip (`gc.freeze`). That happens before any
-    model exists, and only while no transformers model can (its `modeling_utils` not imported
-    yet): a model and its tokenizer sit in reference cycles, and a frozen one would never be freed.
+    (~1 s on 2 cores). So this runs inside `gc_paused`, which restores the collector's state when
+    it ends. Nothing is frozen (`gc.freeze` acts on the whole process: that is the caller's
+    choice, e.g. a script's, never the library's).
     """
-    with _import_lock:  # a second thread waits, then finds the code imported and freezes nothing
-        first = "transformers.modeling_utils" not in sys.modules
-        with gc_paused():
-            from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+    with gc_paused():
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
-            config_class = type(AutoConfig.from_pretrained(path))
-            if config_class in MODEL_FOR_CAUSAL_LM_MAPPING:  # else from_pretrained raises its own clear error
-                MODEL_FOR_CAUSAL_LM_MAPPING[config_class]  # imports the modeling module
-        if first and "transformers.modeling_utils" in sys.modules:
-            gc.collect()
-            gc.freeze()
+        config_class = type(AutoConfig.from_pretrained(path))
+        if config_class in MODEL_FOR_CAUSAL_LM_MAPPING:  # else from_pretrained raises its own clear error
+            MODEL_FOR_CAUSAL_LM_MAPPING[config_class]  # imports the modeling module
 
 
 def load_tokenizer(name_or_path: str):
@@ -381,7 +368,7 @@ def load_causal_lm(name_or_path: str, dtype="float32", device=None):
     """
     path = resolve_model(name_or_path)  # a conversion runs outside the pause: it drops two models
     with gc_paused():  # see _import_model_code: imports and loading create ~650,000 objects
-        kwargs = {"dtype": _torch_dtype(dtype)}
+        kwargs = {"dtype": torch_dtype(dtype)}
         _import_model_code(path)
         from transformers import AutoModelForCausalLM
 

@@ -36,12 +36,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from . import __version__
 from .data import batch_size_of, require_columns, text_column
-from .models import default_device, load_causal_lm, model_identity  # noqa: F401  (model_identity re-exported)
+from .models import default_device, load_causal_lm, model_identity, torch_dtype  # noqa: F401  (model_identity re-exported)
 from .prompts import get_scoring_template, reverse_prompt
 from .scoring_engine import Span, check_model, mean_token_losses
-from .utils import LazyState, stable_hash
+from .utils import LazyState, package_version, stable_hash, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +127,9 @@ class IFDScorer(LazyState):
         max_tokens_per_batch: padded tokens per forward pass (rows × longest row); default
             16384 on a GPU and 1024 on CPU, where larger micro-batches only add memory traffic
             (measured on 2 cores: 1024 tokens 0.8 s/row, 16384 tokens 1.8 s/row, SmolLM2-135M).
-        num_threads: torch CPU threads; default: all cores, split between `num_proc` workers.
+        num_threads: torch CPU threads while the losses are computed (default: torch's; under
+            `map(num_proc=N, with_rank=True)` the cores split between the workers). Set around each
+            call and restored after it: the process's thread count is never changed for good.
 
     The datasets fingerprint is the pickled configuration (model, template, max_length, dtype)
     plus `model_identity(model)` and the package and scoring versions: a repeated `map` is
@@ -148,16 +149,14 @@ class IFDScorer(LazyState):
     """
 
     # Runtime knobs are transient too: they change the speed, never the scores (see above).
-    _transient = ("_model", "_tokenizer", "_device", "_share_prefixes", "device", "num_threads",
+    _transient = ("_model", "_tokenizer", "_device", "_engine", "device", "num_threads",
                   "max_tokens_per_batch")
 
     def __init__(self, model: str = "smollm2-135m-instruct", template: str = "vicuna", max_length: int = 2048,
                  dtype: str = "float32", device: Optional[str] = None, max_tokens_per_batch: Optional[int] = None,
                  num_threads: Optional[int] = None):
-        from .models import _torch_dtype
-
         self._template = get_scoring_template(template)  # raises on an unknown template
-        _torch_dtype(dtype)  # raises on an unknown dtype
+        torch_dtype(dtype)  # raises on an unknown dtype
         if max_length < 2 or (max_tokens_per_batch is not None and max_tokens_per_batch < 1):
             raise ValueError("max_length must be >= 2 and max_tokens_per_batch >= 1")
         self.model, self.template, self.max_length, self.dtype = str(model), template, int(max_length), str(dtype)
@@ -165,9 +164,9 @@ class IFDScorer(LazyState):
         self.max_tokens_per_batch = None if max_tokens_per_batch is None else int(max_tokens_per_batch)
         self.fingerprint = stable_hash({
             "model": model_identity(self.model), "template": template, "max_length": self.max_length,
-            "dtype": self.dtype, "version": __version__, "scoring": SCORING_VERSION,
+            "dtype": self.dtype, "version": package_version(), "scoring": SCORING_VERSION,
         })
-        self._model = self._tokenizer = self._device = self._share_prefixes = None
+        self._model = self._tokenizer = self._device = self._engine = None
 
     def __repr__(self) -> str:
         return (f"IFDScorer(model={self.model!r}, template={self.template!r}, max_length={self.max_length}, "
@@ -177,17 +176,20 @@ class IFDScorer(LazyState):
 
     def load(self, rank: Optional[int] = None) -> "IFDScorer":
         """Load the model now (it loads on the first call otherwise); `rank` picks the GPU."""
-        import torch
-
         if self._model is None:
             device = pick_device(self.device, rank)
-            if device.startswith("cpu") and (self.num_threads or rank is not None):
-                torch.set_num_threads(self.num_threads or max(1, len(os.sched_getaffinity(0)) // _worker_count()))
             logger.info("IFDScorer loading %s (%s) on %s", self.model, self.dtype, device)
             self._model, self._tokenizer = load_causal_lm(self.model, dtype=self.dtype, device=device)
             self._device = device
-            self._share_prefixes = check_model(self._model)
+            self._engine = check_model(self._model)  # the fast path where tested, else plain
         return self
+
+    def _cpu_threads(self, rank: Optional[int]) -> Optional[int]:
+        """Torch threads for the work on CPU: `num_threads`, or under `map(num_proc=N,
+        with_rank=True)` the cores split between the workers; None (torch's own) otherwise."""
+        if not str(self._device or "").startswith("cpu") or not (self.num_threads or rank is not None):
+            return None
+        return self.num_threads or max(1, len(os.sched_getaffinity(0)) // _worker_count())
 
     @property
     def token_budget(self) -> int:
@@ -242,8 +244,9 @@ class IFDScorer(LazyState):
                         where.append((i, kind))
                     else:
                         reasons[i].append(f"no_scored_token:{LOSS_NAMES[kind]}")
-            values = mean_token_losses(self._model, spans, self._tokenizer.pad_token_id, self.token_budget,
-                                       share_prefixes=self._share_prefixes)
+            with torch_threads(self._cpu_threads(rank)):
+                values = mean_token_losses(self._model, spans, self._tokenizer.pad_token_id, self.token_budget,
+                                           **self._engine.kwargs())
             for (i, kind), value in zip(where, values):
                 if isinstance(value, Exception):
                     reasons[i].append(f"error:{type(value).__name__}: {value}")

@@ -12,7 +12,13 @@ them, equal to what the model's `labels=` loss gives for that sequence alone, bu
 - the body of the model (`model.base_model`) gives hidden states, and the LM head runs only on
   the positions whose next token is scored, in chunks: no `[batch, seq, vocab]` logits tensor.
 
-`check_model` verifies both shortcuts on the loaded model once.
+`check_model` picks the path for the loaded model once. Both shortcuts reach into transformers'
+internals (the body without its head; a KV-cache layer whose class is swapped for one that
+serves a batch-1 prefix to any batch), so they run only where `fast_path_allowed` says so: a
+transformers version in `FAST_PATH_TRANSFORMERS` and a `config.model_type` in
+`FAST_PATH_MODEL_TYPES` (the ones tested), and only when the loaded model's logits check out
+as `lm_head(last hidden state)`. Anything else takes the plain path: the model's own forward,
+its logits kept only from the first scored position on (`logits_to_keep`), same losses.
 
 Example:
     >>> from reflectune_hf.models import load_causal_lm
@@ -34,6 +40,10 @@ from typing import Hashable, Optional
 logger = logging.getLogger(__name__)
 
 MIN_SHARED_PREFIX = 8  # tokens; shorter common prefixes are not worth a separate pass
+# Where the fast path (body + head on scored positions, shared prefixes) was tested: transformers
+# versions [min, max) and model types. Others take the plain path (same losses, slower).
+FAST_PATH_TRANSFORMERS = ("5.0.0", "6.0.0")
+FAST_PATH_MODEL_TYPES = frozenset({"llama", "gemma3_text"})
 _HEAD_CHUNK_ELEMENTS = 1 << 25  # logits per chunk: at most 32M floats (128 MB in fp32)
 
 
@@ -171,12 +181,45 @@ def _forward(model, spans: list[Span], pad_id: Optional[int], prefix_len: int = 
     return (sums.cpu() / counts).tolist()
 
 
+def _forward_plain(model, spans: list[Span], pad_id: Optional[int]) -> list[float]:
+    """Mean losses of `spans` from the model's own forward (no shortcut into its internals): right
+    padded, logits kept from the first scored position of the batch on (`logits_to_keep`, where
+    the model takes it), float32 cross-entropy, summed in float64 like `_forward`."""
+    import inspect
+
+    import torch
+    import torch.nn.functional as F
+
+    device = model.device
+    width = max(len(s.ids) for s in spans)
+    ids = torch.full((len(spans), width), 0 if pad_id is None else pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(spans):
+        ids[b, : len(s.ids)] = torch.tensor(s.ids)
+        mask[b, : len(s.ids)] = 1
+    first = min(s.start for s in spans) - 1  # the first position whose logits predict a scored token
+    kwargs = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = width - first  # the last width - first positions
+    else:
+        first = 0
+    with torch.inference_mode():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs).logits
+        sums = []
+        for b, s in enumerate(spans):
+            rows = logits[b, s.start - 1 - first: len(s.ids) - 1 - first].float()
+            target = ids[b, s.start: len(s.ids)].to(device)
+            sums.append(F.cross_entropy(rows, target, reduction="none").double().sum().item())
+    return [total / s.n_scored for total, s in zip(sums, spans)]
+
+
 def mean_token_losses(model, spans: list[Span], pad_id: Optional[int], max_tokens: int = 16384,
-                      share_prefixes: bool = True) -> list:
+                      share_prefixes: bool = True, plain: bool = False) -> list:
     """The mean loss of each span's scored tokens: a float, or the exception that its
     micro-batch raised when it was retried alone (one failing span does not stop the others).
 
-    Every span needs `n_scored >= 1`.
+    Every span needs `n_scored >= 1`. `plain=True` takes the plain path (the model's own
+    forward; no shared prefixes), for models `check_model` does not clear for the fast path.
     """
     out: list = [None] * len(spans)
     groups = defaultdict(list)
@@ -187,7 +230,7 @@ def mean_token_losses(model, spans: list[Span], pad_id: Optional[int], max_token
 
     for members in groups.values():
         prefix_len, cache = 0, None
-        if share_prefixes and len(members) > 1:
+        if share_prefixes and not plain and len(members) > 1:
             n = _shared_prefix_length([spans[i] for i in members])
             if n >= MIN_SHARED_PREFIX:
                 cache = _prefix_cache(model, spans[members[0]].ids[:n])
@@ -195,6 +238,8 @@ def mean_token_losses(model, spans: list[Span], pad_id: Optional[int], max_token
 
         def run(idx: list[int]) -> list:
             try:
+                if plain:
+                    return _forward_plain(model, [spans[i] for i in idx], pad_id)
                 return _forward(model, [spans[i] for i in idx], pad_id, prefix_len, cache)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: retry one by one
                 if len(idx) == 1:
@@ -209,29 +254,64 @@ def mean_token_losses(model, spans: list[Span], pad_id: Optional[int], max_token
     return out
 
 
-def check_model(model) -> bool:
-    """Check the fast path on `model`: raise `NotImplementedError` when its logits are not
-    `lm_head(last hidden state)`; return whether shared-prefix passes give the same losses."""
+def fast_path_allowed(model) -> bool:
+    """Whether `model` may take the fast path at all: the installed transformers version lies in
+    `FAST_PATH_TRANSFORMERS` and `model.config.model_type` is in `FAST_PATH_MODEL_TYPES`.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> from reflectune_hf.scoring_engine import fast_path_allowed
+        >>> fast_path_allowed(SimpleNamespace(config=SimpleNamespace(model_type="unknown-arch")))
+        False
+    """
+    import transformers
+    from packaging.version import Version
+
+    low, high = FAST_PATH_TRANSFORMERS
+    version_ok = Version(low) <= Version(Version(transformers.__version__).base_version) < Version(high)
+    return version_ok and getattr(model.config, "model_type", None) in FAST_PATH_MODEL_TYPES
+
+
+@dataclass(frozen=True)
+class EnginePath:
+    """How `mean_token_losses` runs for one model: `plain` (the model's own forward) or the fast
+    path, with or without shared-prefix passes. Pass it on as `**path.kwargs()`."""
+
+    plain: bool
+    share_prefixes: bool
+
+    def kwargs(self) -> dict:
+        return {"plain": self.plain, "share_prefixes": self.share_prefixes}
+
+
+def check_model(model) -> EnginePath:
+    """The path for `model`: plain unless `fast_path_allowed(model)` and its logits are
+    `lm_head(last hidden state)`; then shared-prefix passes too when they give the same losses."""
     import math
 
     import torch
 
+    name = type(model).__name__
+    if not fast_path_allowed(model):
+        logger.info("%s (%s): plain forward path (fast path tested on transformers %s-%s, %s)", name,
+                    getattr(model.config, "model_type", None), *FAST_PATH_TRANSFORMERS, sorted(FAST_PATH_MODEL_TYPES))
+        return EnginePath(plain=True, share_prefixes=False)
     ids = list(range(3, 3 + 2 * MIN_SHARED_PREFIX))
     probe = torch.tensor([ids], device=model.device)
     with torch.inference_mode():
         full = model(input_ids=probe).logits[0].float()
         mine = _head(model)(model.base_model(input_ids=probe).last_hidden_state[0]).float()
     if not torch.allclose(full, mine, rtol=1e-3, atol=1e-3 * float(full.abs().max())):
-        raise NotImplementedError(
-            f"{type(model).__name__}: logits differ from lm_head(last hidden state); not supported by IFDScorer")
+        logger.warning("%s: logits differ from lm_head(last hidden state); plain forward path", name)
+        return EnginePath(plain=True, share_prefixes=False)
     spans = [Span(ids, start=MIN_SHARED_PREFIX + 2, group=0), Span(ids[:-1], start=MIN_SHARED_PREFIX + 2, group=0)]
     plain = [_forward(model, [s], None)[0] for s in spans]
     try:
         shared = mean_token_losses(model, spans, None)
     except Exception:  # noqa: BLE001
-        return False
+        return EnginePath(plain=False, share_prefixes=False)
     tolerance = 1e-4 if model.dtype == torch.float32 else 3e-2  # half precision rounds each pass differently
     ok = all(isinstance(b, float) and math.isclose(a, b, rel_tol=tolerance) for a, b in zip(plain, shared))
     if not ok:
-        logger.warning("%s: shared-prefix passes disagree with plain ones; disabled", type(model).__name__)
-    return ok
+        logger.warning("%s: shared-prefix passes disagree with plain ones; disabled", name)
+    return EnginePath(plain=False, share_prefixes=ok)

@@ -43,13 +43,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import __version__
 from .data import batch_size_of, require_columns, text_column
-from .models import _torch_dtype, default_device, load_causal_lm, model_identity
+from .models import default_device, load_causal_lm, model_identity, torch_dtype
 from .prompts import SELECTIT_RATING_LINES, selectit_prompt
 from .selectit_math import (FORMULAS, RATINGS, model_scores, model_weights, normalize_ratings,  # noqa: F401
                             rating_distribution, sentence_scores, token_scores)
-from .utils import LazyState
+from .utils import LazyState, package_version
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +224,7 @@ class SelectITScorer(LazyState):
             raise ValueError(f"{STAGE}: formula='reference' needs k >= 2 (the reference code divides by k - 1)")
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"{STAGE}: batch_size and max_length must be >= 1")
-        _torch_dtype(dtype)  # fail now on an unknown dtype, not at the first batch
+        torch_dtype(dtype)  # fail now on an unknown dtype, not at the first batch
         self.models = models
         self.k = k
         self.alpha = float(alpha)
@@ -235,7 +234,7 @@ class SelectITScorer(LazyState):
         self.device = device
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
-        self._identity = {"models": [model_identity(m) for m in models], "package": __version__,
+        self._identity = {"models": [model_identity(m) for m in models], "package": package_version(),
                           "selectit": SELECTIT_VERSION}
         self._raters = None
 

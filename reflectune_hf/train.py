@@ -339,7 +339,8 @@ def _trainer_class():
         def model_card(self, model_name=None, dataset_name=None, tags=None):
             from .model_card import render_model_card
 
-            return render_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
+            return render_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags,
+                                     template_name=TEMPLATE_NAME)
 
     VicunaSFTTrainer.__qualname__ = "VicunaSFTTrainer"  # importable (and picklable) as reflectune_hf.train.VicunaSFTTrainer
     return VicunaSFTTrainer

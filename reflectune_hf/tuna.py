@@ -11,7 +11,7 @@ that keeps every row and every column it does not write, and records a status pe
   `ContextualRank(judge)` adds `ranking_raw`, `rank`, `reference_response`, `ranking_status` and
   `ranked_responses`.
 
-`TunaTrainer` (in `reflectune_hf.tuna_trainer`, importable from here) trains on
+`TunaTrainer` (import it from `reflectune_hf.tuna_trainer`, which imports this module) trains on
 `ranked_responses` with cross-entropy plus the rank-gap margin loss `tuna_loss`.
 
 Example:
@@ -42,16 +42,6 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_STATUSES = ("ok", "partial_logprobs", "no_logprobs", "oracle_error")
 RANKING_STATUSES = ("ok", "repaired", "partial", "no_ranking", "no_scores", "no_responses", "oracle_error")
-_TRAINER_NAMES = ("DataCollatorForTuna", "TunaConfig", "TunaTrainer", "ranking_loss", "tuna_loss")
-
-
-def __getattr__(name: str):
-    # The trainer imports torch and transformers.Trainer (seconds): only when asked for.
-    if name in _TRAINER_NAMES:
-        from . import tuna_trainer
-
-        return getattr(tuna_trainer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def format_prompt(instruction: str, input: str = "", template: Optional[str] = "alpaca") -> str:

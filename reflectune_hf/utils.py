@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional
 
 CACHE_ENV = "REFLECTUNE_HF_CACHE"
 
@@ -72,6 +72,35 @@ def gc_paused():
             _gc_pauses -= 1
             if _gc_pauses == 0 and _gc_was_enabled:
                 gc.enable()
+
+
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]):
+    """Run the block with `torch.set_num_threads(n)` and restore the previous count after it
+    (also on an error); `n=None` changes nothing. The count is process-wide while the block runs,
+    so threads that run torch work at the same time see it too.
+
+    Example:
+        >>> import torch
+        >>> from reflectune_hf.utils import torch_threads
+        >>> before = torch.get_num_threads()
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

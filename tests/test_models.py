@@ -68,23 +68,21 @@ def test_load_works_offline_in_a_new_process(smollm2_dir):
     assert "LlamaForCausalLM" in out.stdout
 
 
-def test_first_load_freezes_import_objects_and_never_a_model(smollm2_dir):
-    """A new process: the first load moves the import-time objects to the permanent generation
-    (fast imports, fast exit) once; every model and tokenizer it returns can still be freed."""
+def test_load_freezes_nothing_and_leaves_the_collector_as_it_was(smollm2_dir):
+    """No global side effect on the garbage collector: a load in a new process moves nothing to
+    the permanent generation (`gc.freeze` is the caller's business), ends with the collector
+    enabled as it began, and every model and tokenizer it returns can be freed."""
     out = _run_python(
         "import gc, weakref\n"
         "from reflectune_hf.models import load_causal_lm\n"
-        "assert gc.get_freeze_count() == 0\n"
         "model, tokenizer = load_causal_lm('smollm2-135m-instruct', device='cpu')\n"
-        "frozen = gc.get_freeze_count()\n"
-        "assert gc.isenabled() and frozen > 100_000, frozen\n"
-        "refs = [weakref.ref(model), weakref.ref(tokenizer)]\n"
         "again = load_causal_lm('smollm2-135m-instruct', device='cpu')\n"
-        "assert gc.get_freeze_count() <= frozen, ('froze twice', frozen, gc.get_freeze_count())\n"
-        "refs += [weakref.ref(again[0]), weakref.ref(again[1])]\n"
+        "assert gc.get_freeze_count() == 0, ('froze', gc.get_freeze_count())\n"
+        "assert gc.isenabled()\n"
+        "refs = [weakref.ref(x) for x in (model, tokenizer, *again)]\n"
         "del model, tokenizer, again\n"
         "gc.collect()\n"
-        "assert [r() for r in refs] == [None] * 4, 'a model or tokenizer was frozen'\n"
+        "assert [r() for r in refs] == [None] * 4, 'a model or tokenizer survived'\n"
         "print('freed')\n"
     )
     assert out.returncode == 0 and "freed" in out.stdout, out.stderr

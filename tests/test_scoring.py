@@ -42,8 +42,8 @@ def subprocess_env() -> dict:
 def sibling(scorer, **changes):
     """A scorer with another configuration that reuses `scorer`'s loaded model (same weights)."""
     other = IFDScorer(**changes)
-    other._model, other._tokenizer, other._device, other._share_prefixes = (
-        scorer._model, scorer._tokenizer, scorer._device, scorer._share_prefixes)
+    other._model, other._tokenizer, other._device, other._engine = (
+        scorer._model, scorer._tokenizer, scorer._device, scorer._engine)
     return other
 
 
@@ -158,7 +158,7 @@ def test_long_output_truncates_the_instruction_target_away(scorer):
 def test_non_finite_losses_and_failed_sequences_get_a_status(scorer, monkeypatch):
     import reflectune_hf.scoring as scoring
 
-    def fake(model, spans, pad_id, max_tokens, share_prefixes=True):
+    def fake(model, spans, pad_id, max_tokens, share_prefixes=True, plain=False):
         values = [1.0] * len(spans)
         values[2] = math.inf  # row 0, ins_condition
         values[5] = RuntimeError("out of memory")  # row 1, out_alone
@@ -352,3 +352,108 @@ def test_bench_prints_one_json_line_with_speed_parity_and_memory():
     result = json.loads(lines[0])
     assert result["rows"] == 4 and result["speedup"] > 0 and result["max_rel_diff"] < 1e-3
     assert result["nan_mismatches"] == 0 and result["rss_mb_first_batch"] > 0 and result["rss_growth"] > 0
+
+
+def test_num_threads_is_scoped_to_the_scoring_work(scorer, monkeypatch):
+    """An explicit `num_threads` applies while the losses are computed, and the process's torch
+    thread count is back to what it was afterwards (also after a failure); no `num_threads`
+    leaves it alone."""
+    import torch
+
+    import reflectune_hf.scoring as scoring
+
+    seen = []
+    real = scoring.mean_token_losses
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "mean_token_losses", recording)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        sibling(scorer, num_threads=1).score(["Name a colour."], [""], ["Blue."])
+        assert seen == [1] and torch.get_num_threads() == 2
+        sibling(scorer).score(["Name a colour."], [""], ["Blue."])
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        monkeypatch.setattr(scoring, "mean_token_losses", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            sibling(scorer, num_threads=1).score(["Name a colour."], [""], ["Blue."])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def _engine_spans(scorer) -> list:
+    from reflectune_hf.scoring_engine import Span
+
+    tok = scorer._tokenizer
+    prefix = tok("A chat between a curious user and an artificial intelligence assistant. USER: ")["input_ids"]
+    spans = []
+    for i, text in enumerate(["Name a colour. ASSISTANT: Blue.", "Say hi in French. ASSISTANT: Bonjour !",
+                              "Count to three. ASSISTANT: One, two, three."]):
+        ids = prefix + tok(text, add_special_tokens=False)["input_ids"]
+        spans += [Span(ids, start=len(prefix), group=0), Span(ids, start=1, group=i + 1)]
+    return spans
+
+
+def test_plain_path_gives_the_fast_paths_losses(scorer):
+    """The fallback (the model's own forward with `logits_to_keep`, no class swap) and the fast
+    path (body + head on scored positions + shared prefixes) agree within float32 noise."""
+    from reflectune_hf.scoring_engine import EnginePath, mean_token_losses
+
+    assert scorer._engine == EnginePath(plain=False, share_prefixes=True), "the embedded model takes the fast path"
+    spans = _engine_spans(scorer)
+    pad = scorer._tokenizer.pad_token_id
+    fast = mean_token_losses(scorer._model, spans, pad, 1024, share_prefixes=True)
+    plain = mean_token_losses(scorer._model, spans, pad, 1024, plain=True)
+    assert all(isinstance(x, float) for x in fast + plain)
+    for a, b in zip(fast, plain):
+        assert math.isclose(a, b, rel_tol=1e-4), (fast, plain)
+    whole = sibling(scorer)
+    whole._engine = EnginePath(plain=True, share_prefixes=False)
+    batch = {"instruction": ["Name a colour.", "Add 2 and 3."], "input": ["", ""], "output": ["Blue.", "5"]}
+    got, want = whole(batch), sibling(scorer)(batch)
+    for column in LOSS_COLUMNS:
+        for a, b in zip(got[column], want[column]):
+            assert_close(a, b, rel=1e-4)
+
+
+def test_unknown_version_or_model_type_takes_the_plain_path(scorer, monkeypatch):
+    import reflectune_hf.scoring_engine as engine
+
+    assert engine.fast_path_allowed(scorer._model)
+    monkeypatch.setattr(engine, "FAST_PATH_MODEL_TYPES", frozenset({"some-other-arch"}))
+    assert not engine.fast_path_allowed(scorer._model)
+    assert engine.check_model(scorer._model) == engine.EnginePath(plain=True, share_prefixes=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(engine, "FAST_PATH_TRANSFORMERS", ("0.1.0", "0.2.0"))
+    assert engine.check_model(scorer._model) == engine.EnginePath(plain=True, share_prefixes=False)
+
+
+def test_logits_that_are_not_the_head_of_the_hidden_state_take_the_plain_path(scorer):
+    """A model whose forward changes its logits after the head (here: a hook scaling them) is not
+    `lm_head(hidden)`: it takes the plain path, whose losses are those of its real logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from reflectune_hf.scoring_engine import EnginePath, check_model, mean_token_losses
+
+    model = scorer._model
+
+    def scale(module, args, output):
+        output.logits = output.logits * 0.5
+        return output
+
+    handle = model.register_forward_hook(scale)
+    try:
+        assert check_model(model) == EnginePath(plain=True, share_prefixes=False)
+        span = _engine_spans(scorer)[1]
+        got = mean_token_losses(model, [span], scorer._tokenizer.pad_token_id, plain=True)[0]
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([span.ids])).logits[0].float()
+        want = F.cross_entropy(logits[span.start - 1: -1], torch.tensor(span.ids[span.start:])).item()
+    finally:
+        handle.remove()
+    assert math.isclose(got, want, rel_tol=1e-5), (got, want)
