@@ -74,7 +74,8 @@ def make_oracle(config: OracleConfig):
         raise ValueError(ORACLE_REQUIRED)
     if name.startswith(LOCAL_PREFIX):
         return TransformersOracle(model=name[len(LOCAL_PREFIX):] or "smollm2-135m-instruct",
-                                  batch_size=config.local_batch_size, max_new_tokens=config.max_new_tokens)
+                                  batch_size=config.local_batch_size, max_new_tokens=config.max_new_tokens,
+                                  structured=config.structured)
     served = {"backend": config.backend, "structured": config.structured}
     if config.batch_api:
         return OpenAIBatchOracle(name, base_url=config.base_url, timeout=config.timeout, max_retries=config.max_retries,

@@ -103,6 +103,8 @@ def test_cli_options_reach_the_oracle_and_the_stages():
     oracle = make_oracle(config)
     assert (oracle.structured, oracle.backend) == ("on", "llamacpp")
     assert make_oracle(RecycleConfig(oracle_model="m", batch_api=True, structured="off")).structured == "off"
+    # The local oracle gets the setting too (`--structured off` means free text there as well).
+    assert make_oracle(RecycleConfig(oracle_model="local:smollm2-135m-instruct", structured="off")).structured == "off"
     with pytest.raises(ValueError, match="structured must be"):
         RecycleConfig(oracle_model="m", structured="always")
     with pytest.raises(ValueError, match="backend must be one of"):
