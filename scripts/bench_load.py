@@ -5,7 +5,8 @@ would feel it: interpreter start, imports of torch and transformers, tokenizer a
 loaded from the converted cache directory, interpreter shutdown. The baseline loads the same
 directory the plain transformers way (`AutoTokenizer.from_pretrained` and
 `AutoModelForCausalLM.from_pretrained` with SDPA, eval mode), which is what `load_causal_lm`
-did before it paused the garbage collector during imports and froze the import-time objects.
+did before it paused the garbage collector during imports (it no longer freezes the import-time
+objects: `gc.freeze` acts on the whole process, which a library must not do).
 The two alternate, so both see the same machine. The conversion happens once, before timing.
 
 Prints ONE JSON line: runs, both medians and minima in seconds, `ratio` (ours / baseline
