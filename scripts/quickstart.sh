@@ -5,8 +5,9 @@
 # README.md dataset card, plots, summary.json). Extra arguments go to `reflectune recycle`,
 # e.g. `bash scripts/quickstart.sh --limit 8`.
 #
-# A 135M oracle rarely follows the reflection format: most rows come back with a fallback
-# status (kept, never dropped). Point at a real oracle for real data, e.g.
+# A 135M oracle left free rarely follows the reflection format; structured output (on by
+# default: constrained decoding) keeps it, so most rows come back `ok` (statuses per row, every
+# row kept). Point at a real oracle for real data, e.g.
 #   reflectune recycle --oracle_model gpt-4o-mini --data tatsu-lab/alpaca
 #   reflectune recycle --oracle_model Qwen/Qwen2.5-7B-Instruct --base_url http://127.0.0.1:8000/v1 --data my.jsonl
 set -euo pipefail
