@@ -26,9 +26,9 @@ from .configs import (  # noqa: F401  (the job configs, re-exported for `pipelin
     SelectionConfig, StudentConfig)
 from .data import load_data
 from .oracles import ChatRequest, OpenAIBatchOracle, OpenAIOracle, TransformersOracle
+from .sanitize import LOCAL_PREFIX, sanitize_config
 
 logger = logging.getLogger(__name__)
-LOCAL_PREFIX = "local:"
 SELECTED_SPLIT = "selected"
 ORACLE_REQUIRED = ("--oracle_model is required: a model name on an OpenAI-compatible server "
                    "(with --base_url for vLLM, TGI, Ollama or llama.cpp) or local:<model>")
@@ -137,7 +137,6 @@ def config_record(config) -> dict:
         ...     oracle_model="m", base_url="http://127.0.0.1:8000/v1")
         ('http://127.0.0.1:8000/v1', 2048, True)
     """
-    from .sanitize import sanitize_config
 
     return sanitize_config(asdict(config))
 

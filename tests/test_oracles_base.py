@@ -9,7 +9,7 @@ import pytest
 
 from reflectune_hf.oracles import ChatRequest, OpenAIOracle, estimate
 from reflectune_hf.oracles.loopback import LoopbackServer
-from reflectune_hf.oracles.openai_oracle import _token_guess
+from reflectune_hf.oracles.runtime import token_guess
 
 USER = [{"role": "user", "content": "Hi"}]
 PARTS = [{"type": "text", "text": "What is in this picture?"},
@@ -71,7 +71,7 @@ def test_token_counts_use_the_text_of_content_parts():
     parts = ChatRequest([{"role": "user", "content": PARTS}], max_tokens=10)
     text = ChatRequest([{"role": "user", "content": "What is in this picture?"}], max_tokens=10)
     assert estimate([parts], tokenizer=WordTokenizer()).prompt_tokens == 3 + 3 + 5
-    assert _token_guess(parts, 1) == _token_guess(text, 1)
+    assert token_guess(parts, 1) == token_guess(text, 1)
     none = ChatRequest([{"role": "assistant", "content": None}, {"role": "user", "content": "go"}])
     assert estimate([none], tokenizer=WordTokenizer()).prompt_tokens == 3 + 3 + 3 + 1  # None counts nothing
 

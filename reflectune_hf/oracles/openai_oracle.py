@@ -55,8 +55,6 @@ from .cache import CachingOracle, redact_url
 from .http import MALFORMED_HEADER, PARSED_JSON, http_response_class, in_flight_client, split_userinfo
 from .runtime import RateLimiter, Secret, run_sync, token_guess
 
-_token_guess = token_guess  # its former name here
-
 logger = logging.getLogger(__name__)
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
