@@ -1,5 +1,5 @@
 """`python -m reflectune_hf ...` is the `reflectune` command."""
 
-from .cli import main
+from .cli.main import main
 
 raise SystemExit(main())

@@ -193,7 +193,7 @@ class VersionedFunction:
 
     Example:
         >>> from datasets.fingerprint import Hasher
-        >>> from reflectune_hf.extract import extract_response_reflection
+        >>> from reflectune_hf.reflection.extract import extract_response_reflection
         >>> type(extract_response_reflection).__name__, extract_response_reflection.__name__
         ('VersionedFunction', 'extract_response_reflection')
         >>> Hasher.hash(extract_response_reflection) == Hasher.hash(extract_response_reflection)

@@ -1,6 +1,6 @@
 """Benchmark: `IFDScorer` against the per-row reference loop, on the same rows and model.
 
-The baseline is the method's reference algorithm (`reflectune_hf.scoring_reference`: batch size
+The baseline is the method's reference algorithm (`reflectune_hf.scoring.reference`: batch size
 1, four full forward passes per row through the whole model); both run the same model in `--dtype`
 (`--baseline-dtype float32` compares a low-precision scorer with the published script's float32). Prints ONE JSON line: rows, both seconds per row, `speedup` (baseline / scorer) and
 `max_rel_diff` (the largest relative difference of the four losses over all rows), plus the
@@ -65,8 +65,8 @@ def main(args: argparse.Namespace) -> dict:
     import torch
 
     from reflectune_hf.models import load_causal_lm
-    from reflectune_hf.scoring import LOSS_NAMES, IFDScorer
-    from reflectune_hf.scoring_reference import reference_scores
+    from reflectune_hf.scoring.ifd import LOSS_NAMES, IFDScorer
+    from reflectune_hf.scoring.reference import reference_scores
 
     if args.threads:
         torch.set_num_threads(args.threads)

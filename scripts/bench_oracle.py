@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import openai  # noqa: F401 - imported before any timing: module import is not request throughput
 
@@ -47,7 +48,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "reflectune_hf.oracles.loopback", "--latency", str(args.latency),
+    server = Path(__file__).resolve().parents[1] / "tests" / "loopback.py"  # a test server, not part of the package
+    cmd = [sys.executable, str(server), "--latency", str(args.latency),
            "--jitter", str(args.jitter), "--error_rate", str(args.error_rate), "--retry_after", args.retry_after]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     return proc, json.loads(proc.stdout.readline())["base_url"]

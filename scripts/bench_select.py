@@ -30,7 +30,7 @@ def synthetic_variants(rows: int, missing: float, seed: int):
     """Four aligned splits with distinct texts, status ok, random ppl ratios with NaN."""
     from datasets import Dataset, DatasetDict
 
-    from reflectune_hf.select import VARIANT_SPLITS
+    from reflectune_hf.selection.select import VARIANT_SPLITS
 
     rng = np.random.default_rng(seed)
     splits = {}
@@ -65,7 +65,7 @@ def main(args=None) -> dict:
     args = make_parser().parse_args(args)
     import datasets
 
-    from reflectune_hf.select import select_v2
+    from reflectune_hf.selection.select import select_v2
 
     datasets.disable_progress_bars()
     variants = synthetic_variants(args.rows, args.missing, args.seed)

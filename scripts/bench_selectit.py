@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from reflectune_hf.data import load_data
-from reflectune_hf.selectit import SelectITScorer, model_scores, rating_prompts_for, sentence_scores, token_scores
+from reflectune_hf.scoring.selectit import SelectITScorer, model_scores, rating_prompts_for, sentence_scores, token_scores
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ import logging
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
     from trl import TrlParser
 
-    from reflectune_hf.eval_run import EvalConfig
+    from reflectune_hf.cli.eval_job import EvalConfig
 
     if subparsers is not None:
         return subparsers.add_parser("eval", help="Judge two models' answers pairwise", dataclass_types=(EvalConfig,))
@@ -34,7 +34,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 
 def main(config) -> dict:
-    from reflectune_hf.eval_run import run_eval
+    from reflectune_hf.cli.eval_job import run_eval
 
     return run_eval(config)
 

@@ -1,7 +1,7 @@
 """Score a dataset with IFD and r-IFD (the four student-model losses), on one or many processes.
 
 Each process scores a contiguous shard (accelerate's `split_between_processes`) with
-`reflectune_hf.scoring.IFDScorer`; the score columns are gathered to the main process, which adds
+`reflectune_hf.scoring.ifd.IFDScorer`; the score columns are gathered to the main process, which adds
 them to the data in the original order and writes the result. One process or several give the
 same table. On CPU the cores are split between the processes.
 
@@ -66,7 +66,7 @@ def main(config: ScoreConfig):
     from accelerate.utils import gather_object
 
     from reflectune_hf.data import load_data
-    from reflectune_hf.scoring import SCORE_COLUMNS, IFDScorer
+    from reflectune_hf.scoring.ifd import SCORE_COLUMNS, IFDScorer
 
     on_cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
     state = PartialState(cpu=on_cpu)

@@ -1,7 +1,7 @@
 """Supervised fine-tuning with the Vicuna v1.1 template and assistant-only loss, TRL-style.
 
 The same arguments as TRL's `trl sft` (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig),
-with the paper's hyperparameters as defaults (`reflectune_hf.train.paper_hyperparameters`), the
+with the paper's hyperparameters as defaults (`reflectune_hf.training.sft.paper_hyperparameters`), the
 packaged Vicuna template as `chat_template_path`, embedded model aliases and Alpaca data accepted:
 Alpaca rows are turned into `messages` and checked before the model loads.
 
@@ -104,7 +104,7 @@ def main(script_args, training_args, model_args, dataset_args=None):
     from packaging.version import Version
     from trl import get_peft_config, get_quantization_config
 
-    from reflectune_hf.train import PAPER_GLOBAL_BATCH_SIZE, vicuna_sft_trainer
+    from reflectune_hf.training.sft import PAPER_GLOBAL_BATCH_SIZE, vicuna_sft_trainer
 
     check_args(script_args, training_args, model_args, dataset_args)
     model_init_kwargs = dict(
@@ -154,7 +154,7 @@ def main(script_args, training_args, model_args, dataset_args=None):
 def make_parser(subparsers: argparse._SubParsersAction = None, prog: str = None):
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-    from reflectune_hf.train import batch_size_fields, paper_hyperparameters
+    from reflectune_hf.training.sft import batch_size_fields, paper_hyperparameters
 
     dataclass_types = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig)
     if subparsers is not None:

@@ -83,7 +83,7 @@ def make_oracle(model: str, base_url: Optional[str], max_tokens: int, max_concur
 
 def rank_dataset(ds, script_args, student_model: str):
     """Add `ranked_responses` to Alpaca rows with the stage's oracle(s)."""
-    from reflectune_hf.tuna import ContextualRank, SampleResponses, rank_by_logprob
+    from reflectune_hf.tuna.stages import ContextualRank, SampleResponses, rank_by_logprob
 
     if not script_args.oracle_model:
         raise ValueError(f"The data has no ranked_responses: set oracle_model (the {script_args.stage} ranking's "
@@ -149,7 +149,7 @@ def main(script_args, training_args, model_args):
     import transformers
     from packaging.version import Version
 
-    from reflectune_hf.tuna_trainer import TunaTrainer
+    from reflectune_hf.tuna.trainer import TunaTrainer
 
     dataset = load_ranked_data(script_args, model_args.model_name_or_path)
     model = load_model(model_args)
@@ -167,7 +167,7 @@ def main(script_args, training_args, model_args):
 def make_parser(subparsers: argparse._SubParsersAction = None, prog: str = None):
     from trl import ModelConfig, TrlParser
 
-    from reflectune_hf.tuna_trainer import TunaConfig
+    from reflectune_hf.tuna.trainer import TunaConfig
 
     dataclass_types = (TunaScriptArguments, TunaConfig, ModelConfig)
     if subparsers is not None:

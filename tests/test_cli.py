@@ -12,8 +12,10 @@ import pytest
 import yaml
 from datasets import DatasetDict, load_from_disk
 
-from reflectune_hf import cli, pipeline
-from reflectune_hf.oracles.loopback import LoopbackServer
+from reflectune_hf.cli import main as cli
+
+from reflectune_hf.cli import jobs as pipeline
+from loopback import LoopbackServer
 
 
 def reflectune(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
@@ -72,12 +74,12 @@ def test_push_an_output_folder(tmp_path, monkeypatch, capsys):
     from huggingface_hub import DatasetCard, HfApi
 
     from reflectune_hf import load_sample
-    from reflectune_hf.hub import save_local
+    from reflectune_hf.publishing.hub import save_local
 
     save_local(load_sample(), tmp_path / "out", card_context={"oracle_model": "m", "api_key": "sk-secret"})
     (tmp_path / "out" / "reflectune_config.json").write_text(json.dumps({"oracle_model": "from-the-run",
                                                                          "data": str(tmp_path / "rows.jsonl")}))
-    from reflectune_hf.quality import quality_report
+    from reflectune_hf.evaluation.quality import quality_report
 
     (tmp_path / "out" / "quality.json").write_text(json.dumps(quality_report(load_sample(), coherence=False)))
     sent = []
@@ -220,7 +222,7 @@ def test_reflect_score_select_sft_one_step_at_a_time(tmp_path):
     """Each command reads the previous output folder: reflect (a loopback oracle), score (the
     embedded student), select (V2 and V1, the license the user gave in the card), sft (a few
     steps on a split of the result)."""
-    from reflectune_hf.select import VARIANT_SPLITS
+    from reflectune_hf.selection.select import VARIANT_SPLITS
 
     with LoopbackServer() as server:
         out = reflectune("reflect", "--data", "sample", "--limit", 4, "--oracle_model", "echo", "--base_url",
@@ -273,7 +275,7 @@ def test_recycle_with_a_local_oracle(tmp_path):
 def test_card_license_comes_from_the_flag_or_the_loaded_data():
     from datasets import Dataset, DatasetInfo
 
-    from reflectune_hf.pipeline import RecycleConfig, card_context
+    from reflectune_hf.cli.jobs import RecycleConfig, card_context
 
     data = Dataset.from_dict({"instruction": ["a"], "output": ["b"]}, info=DatasetInfo(license="cc-by-4.0"))
     assert card_context(RecycleConfig(oracle_model="m"), data=data)["license"] == "cc-by-4.0"
@@ -284,7 +286,7 @@ def test_card_license_comes_from_the_flag_or_the_loaded_data():
 def test_closing_table_counts_each_split_once():
     from datasets import Dataset
 
-    from reflectune_hf.pipeline import JobResult, _result
+    from reflectune_hf.cli.jobs import JobResult, _result
 
     origin = Dataset.from_dict({"id": [0, 1], "reflection_status": ["", ""], "score_status": ["ok", "empty_output"]})
     both = Dataset.from_dict({"id": [0, 1], "reflection_status": ["ok", "failed"]})
@@ -380,7 +382,7 @@ def test_timeout_and_max_retries_flags_bound_a_hanging_server(tmp_path):
 
 
 def test_eval_and_tuna_take_the_same_client_options():
-    from reflectune_hf import eval_run
+    from reflectune_hf.cli import eval_job as eval_run
     from reflectune_hf.oracles import OpenAIOracle
 
     evaluate = cli._load_script("evaluate.py")
@@ -419,7 +421,7 @@ def hub_sent(monkeypatch):
 
 def test_a_folder_whose_selection_kept_nothing_reselects_pushes_and_refuses_to_train(tmp_path, hub_sent, capsys):
     from reflectune_hf import load_sample
-    from reflectune_hf.hub import save_local
+    from reflectune_hf.publishing.hub import save_local
 
     from synthetic_variants import make_variants
 
@@ -449,7 +451,7 @@ def test_push_without_a_token_says_how_to_log_in(tmp_path, hub_sent, monkeypatch
     from huggingface_hub import constants
 
     from reflectune_hf import load_sample
-    from reflectune_hf.hub import save_local
+    from reflectune_hf.publishing.hub import save_local
 
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
@@ -471,7 +473,7 @@ def test_the_config_file_round_trips():
     """Every field, the `*_tokens*` ones and the base URL's path included, comes back from the file."""
     import tempfile
 
-    from reflectune_hf.pipeline import RecycleConfig, config_record
+    from reflectune_hf.cli.jobs import RecycleConfig, config_record
 
     config = RecycleConfig(
         data="my.jsonl", oracle_model="gpt-test", base_url="http://127.0.0.1:8000/v1", max_new_tokens=321,

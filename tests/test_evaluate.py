@@ -16,9 +16,9 @@ import pytest
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 
-import reflectune_hf.evaluate as evaluate_mod
+import reflectune_hf.evaluation.stages as evaluate_mod
 from reflectune_hf.data import ColumnError
-from reflectune_hf.evaluate import GenerateResponses, PairwiseJudge, judge_summary, load_eval_set
+from reflectune_hf.evaluation.stages import GenerateResponses, PairwiseJudge, judge_summary, load_eval_set
 from reflectune_hf.oracles.base import ChatResult
 from reflectune_hf.prompts import JUDGE_SYSTEM, judge_messages
 
@@ -293,7 +293,7 @@ def test_eval_script_rejects_inconsistent_flags():
 
 
 def test_run_eval_with_response_files(tmp_path, monkeypatch):
-    from reflectune_hf import eval_run
+    from reflectune_hf.cli import eval_job as eval_run
 
     rows = [{"id": i, "instruction": f"Q{i}", "test_set": "mine"} for i in range(4)]
     _write_jsonl(tmp_path / "a.jsonl", [{**r, "response": w} for r, w in zip(rows, ["good", "good", "fair", "poor"])])
@@ -323,7 +323,7 @@ def test_run_eval_with_response_files(tmp_path, monkeypatch):
 
 
 def test_make_oracle_picks_server_or_local():
-    from reflectune_hf import eval_run
+    from reflectune_hf.cli import eval_job as eval_run
     from reflectune_hf.oracles import OpenAIOracle, TransformersOracle
 
     remote = eval_run.make_oracle("m", "http://127.0.0.1:9/v1", 64)
@@ -333,7 +333,7 @@ def test_make_oracle_picks_server_or_local():
 
 
 def test_run_eval_two_models_on_named_test_sets(tmp_path, monkeypatch, capsys):
-    from reflectune_hf import eval_run
+    from reflectune_hf.cli import eval_job as eval_run
 
     _write_jsonl(tmp_path / "vicuna_test_set.jsonl", [{"question_id": i, "text": f"good q{i}"} for i in range(3)])
     _write_jsonl(tmp_path / "koala_test_set.jsonl", [{"id": f"k{i}", "prompt": f"fair q{i}"} for i in range(4)])

@@ -11,7 +11,7 @@ import json
 import pytest
 from matplotlib.image import imread
 
-from reflectune_hf.evaluate import (VERDICTS, GenerateResponses, PairwiseJudge, judge_summary, load_eval_set,
+from reflectune_hf.evaluation.stages import (VERDICTS, GenerateResponses, PairwiseJudge, judge_summary, load_eval_set,
                                     parse_judge_scores, plot_judge)
 from reflectune_hf.oracles import OpenAIOracle
 

@@ -15,7 +15,7 @@ import pytest
 from datasets import Dataset
 
 from reflectune_hf.data import ColumnError
-from reflectune_hf.extract import (
+from reflectune_hf.reflection.extract import (
     STATUSES,
     extract_instruction_reflection,
     extract_response_reflection,

@@ -13,18 +13,18 @@ from datasets.fingerprint import Hasher
 
 import reflectune_hf
 from reflectune_hf import utils
-from reflectune_hf.evaluate import PairwiseJudge
-from reflectune_hf.extract import extract_instruction_reflection, extract_response_reflection
-from reflectune_hf.hub import _messages_or_null
+from reflectune_hf.evaluation.stages import PairwiseJudge
+from reflectune_hf.reflection.extract import extract_instruction_reflection, extract_response_reflection
+from reflectune_hf.publishing.hub import _messages_or_null
 from reflectune_hf.models import model_identity, resolve_model
 from reflectune_hf.oracles import TransformersOracle
-from reflectune_hf.reflect import CompressInstruction, ReflectInstruction, ReflectResponse
-from reflectune_hf.scoring import IFDScorer
-from reflectune_hf.select import ifd_below, is_scored
-from reflectune_hf.selectit import SelectITScorer
-from reflectune_hf.train import to_messages
-from reflectune_hf.tuna import ContextualRank, SampleResponses, rank_by_logprob
-from reflectune_hf.variants import _finish_split
+from reflectune_hf.reflection.stages import CompressInstruction, ReflectInstruction, ReflectResponse
+from reflectune_hf.scoring.ifd import IFDScorer
+from reflectune_hf.selection.select import ifd_below, is_scored
+from reflectune_hf.scoring.selectit import SelectITScorer
+from reflectune_hf.training.sft import to_messages
+from reflectune_hf.tuna.stages import ContextualRank, SampleResponses, rank_by_logprob
+from reflectune_hf.reflection.variants import _finish_split
 
 from scripted_oracle import ScriptedOracle
 
@@ -65,7 +65,7 @@ def test_versioned_functions_keep_name_doc_signature_and_pickle_to_themselves():
         assert inspect.signature(f) == inspect.signature(f.__wrapped__)
         assert pickle.loads(pickle.dumps(f)) is f
     assert to_messages({"instruction": "Hi.", "output": "Hello."})["messages"][1]["content"] == "Hello."
-    from reflectune_hf import extract
+    from reflectune_hf.reflection import extract
 
     finder = doctest.DocTestFinder()
     names = {t.name.rsplit(".", 1)[-1] for t in finder.find(extract) if t.examples}

@@ -11,7 +11,7 @@ from huggingface_hub import DatasetCard, HfApi
 
 from reflectune_hf import load_sample
 from reflectune_hf.data import ColumnError
-from reflectune_hf.hub import build_card, host_only, push_to_hub, sanitize_config, sanitize_context, save_local
+from reflectune_hf.publishing.hub import build_card, host_only, push_to_hub, sanitize_config, sanitize_context, save_local
 
 from synthetic_variants import make_variants
 
@@ -97,7 +97,7 @@ def test_push_keeps_untrainable_rows_with_null_messages(hub_calls, caplog):
     """A row with an empty output is published (no row is dropped) with `messages` null and a
     warning that says to drop it before training; a non-string text column raises before sending."""
     bad = Dataset.from_dict({"id": [0, 1], "instruction": ["a", "b"], "input": ["", ""], "output": ["x", ""]})
-    with caplog.at_level("WARNING", logger="reflectune_hf.hub"):
+    with caplog.at_level("WARNING", logger="reflectune_hf.publishing.hub"):
         push_to_hub(bad, "me/bad")
     assert hub_calls.calls[0][3] == {"train": 2} and "1 of 2 rows have an empty instruction or output" in caplog.text
     typed = Dataset.from_dict({"id": [0], "instruction": ["a"], "input": [""], "output": [3]})
@@ -125,7 +125,7 @@ def test_empty_split_is_saved_and_left_out_of_the_data_files(variants, tmp_path,
 
 def test_quality_report_feeds_the_card(tmp_path):
     """`quality_report` (real MiniLM coherence, token lengths) becomes the card's data-quality table."""
-    from reflectune_hf.quality import quality_report
+    from reflectune_hf.evaluation.quality import quality_report
 
     data = load_sample().select(range(8))
     quality = quality_report(data, coherence=True)

@@ -97,7 +97,7 @@ def find_cycle(graph: dict) -> list | None:
 
 def test_graph_sees_relative_function_level_and_submodule_imports():
     graph, _ = import_graph()
-    assert "reflectune_hf.models" in graph["reflectune_hf.scoring"]  # `from .models import ...`
+    assert "reflectune_hf.models" in graph["reflectune_hf.scoring.ifd"]  # `from .models import ...`
     assert len(graph) > 20 and any(graph.values())
 
 
@@ -117,12 +117,12 @@ def test_no_import_cycles():
 # Private names still shared across modules, each given one public home by issue #19 point 2
 # (one home per helper). The list only shrinks: a new private import fails the test below.
 KNOWN_PRIVATE_IMPORTS = {
-    ("reflectune_hf.eval_run", "reflectune_hf.evaluate", "_read_json_rows"),
+    ("reflectune_hf.cli.eval_job", "reflectune_hf.evaluation.stages", "_read_json_rows"),
     ("reflectune_hf.oracles.batch", "reflectune_hf.oracles.openai_oracle", "_parse_choices"),
-    ("reflectune_hf.quality", "reflectune_hf.report", "_as_splits"),
-    ("reflectune_hf.quality", "reflectune_hf.report", "_stats"),
-    ("reflectune_hf.report", "reflectune_hf.select", "_arrow"),
-    ("reflectune_hf.report", "reflectune_hf.select", "_text"),
+    ("reflectune_hf.evaluation.quality", "reflectune_hf.publishing.report", "_as_splits"),
+    ("reflectune_hf.evaluation.quality", "reflectune_hf.publishing.report", "_stats"),
+    ("reflectune_hf.publishing.report", "reflectune_hf.selection.select", "_arrow"),
+    ("reflectune_hf.publishing.report", "reflectune_hf.selection.select", "_text"),
 }
 
 
@@ -132,3 +132,86 @@ def test_no_private_names_imported_across_modules():
     new = sorted(found - KNOWN_PRIVATE_IMPORTS)
     assert not new, "private names imported from other modules (make them public in one home): " + "; ".join(
         f"{m} imports {src}.{name}" for m, src, name in new)
+
+
+BASE = {"utils", "sanitize", "prompts", "data", "models"}
+METHOD_PACKAGES = {"reflection", "scoring", "selection", "tuna", "training", "evaluation", "publishing"}
+
+
+def _part(module: str) -> str:
+    """`reflectune_hf.scoring.ifd` -> `scoring`; the root -> `` (the public API)."""
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def package_graph() -> dict:
+    """The import graph collapsed to the package's top-level parts (`oracles`, `scoring`, `cli`, ...)."""
+    graph, _ = import_graph()
+    parts: dict = {}
+    for module, targets in graph.items():
+        src = _part(module)
+        if not src or src == "__main__":
+            continue
+        parts.setdefault(src, set()).update(t for t in map(_part, targets) if t and t != src)
+    return parts
+
+
+def test_data_flows_one_way_between_parts():
+    """The CLI and jobs import stages; stages import oracles, prompts and data; nothing imports the CLI."""
+    graph = package_graph()
+    assert {"oracles", "reflection", "scoring", "cli"} <= set(graph)
+    cycle = find_cycle(graph)
+    assert cycle is None, "cycle between parts of the package: " + " -> ".join(cycle)
+    assert not [p for p, targets in graph.items() if "cli" in targets and p != "cli"], "only the CLI imports the CLI"
+    for low in BASE | {"oracles"}:
+        wrong = graph.get(low, set()) & (METHOD_PACKAGES | {"cli"})
+        assert not wrong, f"{low} imports {sorted(wrong)}: a method or the CLI imports it, not the other way"
+
+
+def test_the_method_is_visible_in_the_tree():
+    """No flat module left beside the subpackages but the shared base and the public API."""
+    flat = {p.stem for p in ROOT.glob("*.py")} - {"__init__", "__main__"}
+    assert flat <= BASE, f"modules outside a subpackage: {sorted(flat - BASE)}"
+
+
+def _declared_distributions() -> set:
+    """Distribution names in setup.cfg's install_requires and extras (normalised)."""
+    import configparser
+    import re
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT.parent / "setup.cfg")
+    text = cfg["options"]["install_requires"] + "\n" + "\n".join(cfg["options.extras_require"].values())
+    names = set()
+    for line in text.splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            names.add(re.split(r"[\s\[<>=!~;]", line, maxsplit=1)[0].lower().replace("_", "-"))
+    return names
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """A module the package imports (at the top or inside a function) comes from a distribution that
+    setup.cfg names, so an installed wheel does not depend on what happens to be installed."""
+    import importlib.metadata
+    import sys
+
+    if not (ROOT.parent / "setup.cfg").is_file():
+        import pytest
+
+        pytest.skip("an installed package without its setup.cfg")
+    imported = set()
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != PACKAGE}
+    providers = importlib.metadata.packages_distributions()
+    declared = _declared_distributions()
+    missing = {}
+    for module in sorted(third_party):
+        dists = {d.lower().replace("_", "-") for d in providers.get(module, [module])}
+        if not dists & declared:
+            missing[module] = sorted(dists)
+    assert not missing, f"imported but not declared in setup.cfg: {missing}"

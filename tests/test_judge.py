@@ -10,8 +10,8 @@ import math
 import pytest
 from matplotlib.image import imread
 
-import reflectune_hf.judge as judge_mod
-from reflectune_hf.judge import format_judge_table, judge_summary, judge_verdict, parse_judge_scores, plot_judge
+import reflectune_hf.evaluation.judge as judge_mod
+from reflectune_hf.evaluation.judge import format_judge_table, judge_summary, judge_verdict, parse_judge_scores, plot_judge
 
 # (judge text, expected (Assistant 1, Assistant 2) scores or None when unparseable)
 JUDGE_TEXTS = [

@@ -7,10 +7,10 @@ import re
 import pytest
 
 from reflectune_hf import load_sample
-from reflectune_hf.extract import extract_instruction_reflection, extract_response_reflection
+from reflectune_hf.reflection.extract import extract_instruction_reflection, extract_response_reflection
 from reflectune_hf.oracles import ChatRequest, TransformersOracle
 from reflectune_hf.oracles.stage_formats import stage_answer_format
-from reflectune_hf.reflect import ReflectInstruction, ReflectResponse
+from reflectune_hf.reflection.stages import ReflectInstruction, ReflectResponse
 
 MAX_TOKENS = 96
 

@@ -17,10 +17,10 @@ from collections import Counter
 from conftest import SHARED
 
 from reflectune_hf.data import records_to_dataset, read_records, sample_path
-from reflectune_hf.extract import extract_response_reflection
+from reflectune_hf.reflection.extract import extract_response_reflection
 from reflectune_hf.oracles import ChatRequest, OpenAIOracle
-from reflectune_hf.oracles.loopback import LoopbackServer
-from reflectune_hf.reflect import ReflectResponse
+from loopback import LoopbackServer
+from reflectune_hf.reflection.stages import ReflectResponse
 
 ROWS = 200
 TIMEOUT = 2.0  # the client's timeout per HTTP attempt

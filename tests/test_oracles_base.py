@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from reflectune_hf.oracles import ChatRequest, OpenAIOracle, estimate
-from reflectune_hf.oracles.loopback import LoopbackServer
+from loopback import LoopbackServer
 from reflectune_hf.oracles.runtime import token_guess
 
 USER = [{"role": "user", "content": "Hi"}]

@@ -17,7 +17,7 @@ import pytest
 
 from reflectune_hf.oracles import ChatRequest, OpenAIBatchOracle, OpenAIOracle, OracleCache, OracleConfigurationError
 from reflectune_hf.oracles.batch import split_lines
-from reflectune_hf.oracles.loopback import LoopbackServer
+from loopback import LoopbackServer
 
 
 class BatchServer(LoopbackServer):

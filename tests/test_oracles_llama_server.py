@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from reflectune_hf.oracles import ChatRequest, OpenAIOracle
-from reflectune_hf.oracles.loopback import LoopbackServer
+from loopback import LoopbackServer
 
 pytestmark = pytest.mark.server
 

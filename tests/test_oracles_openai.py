@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, free_port
 
 from reflectune_hf.oracles import ChatRequest, OpenAIOracle, Oracle, OracleCache, OracleConfigurationError
-from reflectune_hf.oracles.loopback import LoopbackServer
+from loopback import LoopbackServer
 
 
 def ask(*prompts, **kwargs) -> list[ChatRequest]:

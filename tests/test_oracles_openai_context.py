@@ -8,7 +8,7 @@ import pytest
 
 from reflectune_hf.oracles import ChatRequest, OpenAIOracle
 from reflectune_hf.oracles.budget import PromptCounter, estimate_prompt_tokens
-from reflectune_hf.oracles.loopback import LoopbackServer
+from loopback import LoopbackServer
 
 
 def ask(text: str, max_tokens=64) -> ChatRequest:

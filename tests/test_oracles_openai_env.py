@@ -12,7 +12,7 @@ import pytest
 
 from reflectune_hf.oracles import ChatRequest, OpenAIOracle, OracleConfigurationError, RateLimiter
 from reflectune_hf.oracles import runtime
-from reflectune_hf.oracles.loopback import LoopbackServer
+from loopback import LoopbackServer
 from reflectune_hf.oracles.http import http_response_class
 from reflectune_hf.oracles.runtime import token_guess as _token_guess
 

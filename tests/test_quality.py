@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from datasets import Dataset, DatasetDict
 
-import reflectune_hf.quality as quality_mod
+import reflectune_hf.evaluation.quality as quality_mod
 from reflectune_hf.models import load_causal_lm
 from reflectune_hf.prompts import get_scoring_template
-from reflectune_hf.quality import (EmbeddingModelNotAvailable, MiniLMEmbedder, coherence_scores, minilm_path,
+from reflectune_hf.evaluation.quality import (EmbeddingModelNotAvailable, MiniLMEmbedder, coherence_scores, minilm_path,
                                    quality_report, response_perplexity)
 
 

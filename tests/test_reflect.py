@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reflectune_hf.data import ColumnError
-from reflectune_hf.extract import STATUSES, extract_instruction_reflection, extract_response_reflection
+from reflectune_hf.reflection.extract import STATUSES, extract_instruction_reflection, extract_response_reflection
 from reflectune_hf.oracles.base import ChatResult
 from reflectune_hf.prompts import get_prompt_set
-from reflectune_hf.reflect import COMPRESS_STATUSES, CompressInstruction, ReflectInstruction, ReflectResponse, map_stage, merge_input
+from reflectune_hf.reflection.stages import COMPRESS_STATUSES, CompressInstruction, ReflectInstruction, ReflectResponse, map_stage, merge_input
 
 from scripted_oracle import GOOD_COMPRESS, GOOD_INSTRUCTION, GOOD_RESPONSE, ScriptedOracle, demo_oracle
 from test_prompts import _python_blocks, _reference_text, _section, _systems
@@ -269,7 +269,7 @@ def test_usage_is_counted_but_not_pickled():
 # --- fingerprints and datasets' cache ------------------------------------------------------------
 
 STAGE_CONFIGS = """
-from reflectune_hf.reflect import CompressInstruction, ReflectInstruction, ReflectResponse
+from reflectune_hf.reflection.stages import CompressInstruction, ReflectInstruction, ReflectResponse
 from scripted_oracle import demo_oracle
 STAGES = [
     ReflectInstruction(demo_oracle()), ReflectInstruction(demo_oracle("other-model")),
@@ -297,7 +297,7 @@ def test_second_map_in_a_new_process_calls_no_oracle(tmp_path):
     first = ds.map(ReflectResponse(oracle), batched=True)
     assert len(oracle.requests) == 3
     script = (
-        "from datasets import load_from_disk\nfrom reflectune_hf.reflect import ReflectResponse\n"
+        "from datasets import load_from_disk\nfrom reflectune_hf.reflection.stages import ReflectResponse\n"
         "from scripted_oracle import demo_oracle\nimport json\n"
         f"oracle = demo_oracle()\nout = load_from_disk({str(tmp_path / 'ds')!r}).map(ReflectResponse(oracle), batched=True)\n"
         "print(json.dumps([len(oracle.requests or []), list(out['reflection_raw'])]))"
@@ -367,7 +367,7 @@ def test_empty_rows_get_no_request_and_say_why():
 
 
 def test_build_variants_sends_nothing_for_an_empty_output():
-    from reflectune_hf.variants import build_variants
+    from reflectune_hf.reflection.variants import build_variants
 
     oracle = demo_oracle()
     ds = Dataset.from_dict({"instruction": ["Name a bird.", "Say hi."], "input": ["", ""], "output": ["Cat.", "  "]})
@@ -381,7 +381,7 @@ def test_lone_surrogate_flags_its_row_and_the_batch_proceeds():
     # Issue #16.9b: text that is not valid UTF-8 reaches a stage through Python batches (Arrow
     # refuses it): that row gets no request and `invalid_text`; a real oracle answers the others.
     from reflectune_hf.oracles import OpenAIOracle
-    from reflectune_hf.oracles.loopback import LoopbackServer
+    from loopback import LoopbackServer
 
     batch = _rows(instruction=["Name a bird \ud800.", "Name a star.", "Sort."], input=["", "", "3, 1\udfff"],
                   output=["Cat.", "Sun", "1, 3"])
@@ -414,7 +414,7 @@ def test_a_compression_that_drops_the_input_falls_back_to_the_merge():
 def test_input_rule_passes_real_compressions(shared_data):
     # The published compression of the method (cherry_alpaca_5_percent_compressed.json, rows
     # matched by output): nearly all keep their input by the rule; what fails is a real loss.
-    from reflectune_hf.row_checks import input_survives
+    from reflectune_hf.reflection.row_checks import input_survives
 
     rows = json.loads((shared_data / "cherry_alpaca_5_percent.json").read_text())
     compressed = {r["output"]: r["instruction"] for r in
@@ -473,7 +473,7 @@ def test_a_stage_alone_runs_on_plain_and_streaming_alpaca_rows(tmp_path):
 def test_estimate_builds_the_requests_the_stages_send():
     # Issue #16.9d: one request builder (`stage.requests`), so the estimate's requests are the
     # stages' first attempts (same cache keys: stripped texts, inputs merged, empty rows left out).
-    from reflectune_hf.pipeline import ReflectConfig, estimate_requests, reflect
+    from reflectune_hf.cli.jobs import ReflectConfig, estimate_requests, reflect
 
     ds = Dataset.from_dict({"instruction": [" Sort: ", "Name a star.", "Say hi.", "Add."],
                             "input": ["3, 1, 2 ", "", "", "2, 2"], "output": ["1, 2, 3", " Sun ", "", "4"]})

@@ -12,10 +12,10 @@ from datasets import Dataset, DatasetDict
 from matplotlib.image import imread
 from synthetic_variants import is_valid, make_variants
 
-import reflectune_hf.report as report_mod
+import reflectune_hf.publishing.report as report_mod
 from reflectune_hf import load_sample
-from reflectune_hf.report import plot_summary, summarize
-from reflectune_hf.select import VARIANT_SPLITS, select_v2
+from reflectune_hf.publishing.report import plot_summary, summarize
+from reflectune_hf.selection.select import VARIANT_SPLITS, select_v2
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, load_from_disk
 
-from reflectune_hf.oracles.loopback import LoopbackServer
+from loopback import LoopbackServer
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

@@ -16,8 +16,8 @@ import pytest
 
 from conftest import REPO
 from reflectune_hf.data import ColumnError
-from reflectune_hf.scoring import LOSS_NAMES, SCORE_COLUMNS, IFDScorer, model_identity, pick_device
-from reflectune_hf.scoring_reference import reference_scores
+from reflectune_hf.scoring.ifd import LOSS_NAMES, SCORE_COLUMNS, IFDScorer, model_identity, pick_device
+from reflectune_hf.scoring.reference import reference_scores
 
 LOSS_COLUMNS = [f"loss_{n}" for n in LOSS_NAMES]
 
@@ -156,7 +156,7 @@ def test_long_output_truncates_the_instruction_target_away(scorer):
 
 
 def test_non_finite_losses_and_failed_sequences_get_a_status(scorer, monkeypatch):
-    import reflectune_hf.scoring as scoring
+    import reflectune_hf.scoring.ifd as scoring
 
     def fake(model, spans, pad_id, max_tokens, share_prefixes=True, plain=False):
         values = [1.0] * len(spans)
@@ -202,7 +202,7 @@ def test_batch_composition_does_not_change_scores(scorer, sample):
 def test_token_budget_follows_the_device_unless_given():
     """`max_tokens_per_batch=None` means 1024 padded tokens per pass on CPU (larger micro-batches
     are slower there) and 16384 on a GPU; an explicit value always wins."""
-    from reflectune_hf.scoring import CPU_TOKENS_PER_BATCH, GPU_TOKENS_PER_BATCH
+    from reflectune_hf.scoring.ifd import CPU_TOKENS_PER_BATCH, GPU_TOKENS_PER_BATCH
 
     scorer = IFDScorer()
     for device, budget in (("cpu", CPU_TOKENS_PER_BATCH), ("cuda", GPU_TOKENS_PER_BATCH),
@@ -282,9 +282,9 @@ def _run_python(code: str, timeout: int = 300) -> str:
 def test_repeated_map_in_a_new_process_is_served_from_cache_without_model_load():
     script = """
         import json, sys
-        import reflectune_hf.scoring as scoring
+        import reflectune_hf.scoring.ifd as scoring
         from reflectune_hf import load_sample
-        from reflectune_hf.scoring import IFDScorer
+        from reflectune_hf.scoring.ifd import IFDScorer
         if sys.argv[-1] == "second":
             def refuse(*args, **kwargs):
                 raise AssertionError("the model was loaded")
@@ -360,7 +360,7 @@ def test_num_threads_is_scoped_to_the_scoring_work(scorer, monkeypatch):
     leaves it alone."""
     import torch
 
-    import reflectune_hf.scoring as scoring
+    import reflectune_hf.scoring.ifd as scoring
 
     seen = []
     real = scoring.mean_token_losses
@@ -386,7 +386,7 @@ def test_num_threads_is_scoped_to_the_scoring_work(scorer, monkeypatch):
 
 
 def _engine_spans(scorer) -> list:
-    from reflectune_hf.scoring_engine import Span
+    from reflectune_hf.scoring.engine import Span
 
     tok = scorer._tokenizer
     prefix = tok("A chat between a curious user and an artificial intelligence assistant. USER: ")["input_ids"]
@@ -401,7 +401,7 @@ def _engine_spans(scorer) -> list:
 def test_plain_path_gives_the_fast_paths_losses(scorer):
     """The fallback (the model's own forward with `logits_to_keep`, no class swap) and the fast
     path (body + head on scored positions + shared prefixes) agree within float32 noise."""
-    from reflectune_hf.scoring_engine import EnginePath, mean_token_losses
+    from reflectune_hf.scoring.engine import EnginePath, mean_token_losses
 
     assert scorer._engine == EnginePath(plain=False, share_prefixes=True), "the embedded model takes the fast path"
     spans = _engine_spans(scorer)
@@ -421,7 +421,7 @@ def test_plain_path_gives_the_fast_paths_losses(scorer):
 
 
 def test_unknown_version_or_model_type_takes_the_plain_path(scorer, monkeypatch):
-    import reflectune_hf.scoring_engine as engine
+    import reflectune_hf.scoring.engine as engine
 
     assert engine.fast_path_allowed(scorer._model)
     monkeypatch.setattr(engine, "FAST_PATH_MODEL_TYPES", frozenset({"some-other-arch"}))
@@ -438,7 +438,7 @@ def test_logits_that_are_not_the_head_of_the_hidden_state_take_the_plain_path(sc
     import torch
     import torch.nn.functional as F
 
-    from reflectune_hf.scoring_engine import EnginePath, check_model, mean_token_losses
+    from reflectune_hf.scoring.engine import EnginePath, check_model, mean_token_losses
 
     model = scorer._model
 

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from synthetic_variants import is_valid, make_variants
 
-import reflectune_hf.select as select_mod
+import reflectune_hf.selection.select as select_mod
 from reflectune_hf.data import ColumnError
-from reflectune_hf.select import (
+from reflectune_hf.selection.select import (
     NOT_REFLECTED,
     VARIANT_SPLITS,
     explain_v2,

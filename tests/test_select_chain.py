@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from datasets import DatasetDict
 
-from reflectune_hf.report import plot_summary, summarize
-from reflectune_hf.scoring import IFDScorer
-from reflectune_hf.select import V2_SOURCES, explain_v2, select_v2
-from reflectune_hf.variants import VARIANT_SPLITS, build_variants
+from reflectune_hf.publishing.report import plot_summary, summarize
+from reflectune_hf.scoring.ifd import IFDScorer
+from reflectune_hf.selection.select import V2_SOURCES, explain_v2, select_v2
+from reflectune_hf.reflection.variants import VARIANT_SPLITS, build_variants
 
 from scripted_oracle import ScriptedOracle
 

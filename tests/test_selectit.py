@@ -10,7 +10,7 @@ import pytest
 from datasets import Dataset
 
 from reflectune_hf.prompts import SELECTIT_RATING_LINES
-from reflectune_hf.selectit import (
+from reflectune_hf.scoring.selectit import (
     RatingTokenError,
     SelectITScorer,
     model_scores,
@@ -135,7 +135,7 @@ def test_configuration_is_checked_up_front():
 
 
 def test_selection_with_top_k_by():
-    select = pytest.importorskip("reflectune_hf.select", reason="reflectune_hf.select comes with issue 6")
+    select = pytest.importorskip("reflectune_hf.selection.select", reason="reflectune_hf.selection.select comes with issue 6")
     ds = Dataset.from_dict({"id": list(range(10)),
                             "selectit_model": [0.5, 4.2, math.nan, 1.5, 3.9, 0.1, 2.0, 0.2, 2.5, 1.0]})
     chosen = select.top_k_by(ds, "selectit_model", fraction=0.2, max_value=None)
@@ -287,7 +287,7 @@ def test_one_model_run_has_the_model_level_column(smol_raters):
     assert len(out["selectit_model"]) == 5 and math.isnan(out["selectit_model"][1])
     np.testing.assert_array_equal(out["selectit_model"], out["selectit_sentence"])
     assert [len(v) for v in out["selectit_sentence_by_model"]] == [1] * 5
-    from reflectune_hf.select import top_k_by
+    from reflectune_hf.selection.select import top_k_by
 
     chosen = top_k_by(Dataset.from_dict(out), "selectit_model", fraction=0.5, max_value=None)
     assert chosen.num_rows == 3 and not any(math.isnan(s) for s in chosen["selectit_model"])  # ceil(2.5)

@@ -8,13 +8,13 @@ import re
 
 import pytest
 
-from reflectune_hf.extract import (instruction_status, parse_compressed_instruction, parse_instruction_reflection,
+from reflectune_hf.reflection.extract import (instruction_status, parse_compressed_instruction, parse_instruction_reflection,
                                    parse_response_reflection)
-from reflectune_hf.judge import parse_judge_scores
+from reflectune_hf.evaluation.judge import parse_judge_scores
 from reflectune_hf.oracles.base import ChatRequest
 from reflectune_hf.oracles.structured import (Field, MarkedFields, RankingAnswer, ScoreLine, is_answer_format,
                                               shape_from_dict)
-from reflectune_hf.tuna_parse import extract_reference_response, parse_ranking
+from reflectune_hf.tuna.parse import extract_reference_response, parse_ranking
 
 INSTRUCTION = MarkedFields((Field("New Instruction", 300), Field("New Answer", 900)), analysis_max_chars=400)
 RESPONSE = MarkedFields((Field("Better Answer", 900),), analysis_max_chars=400)

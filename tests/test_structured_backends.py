@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from reflectune_hf.extract import instruction_status, parse_instruction_reflection
+from reflectune_hf.reflection.extract import instruction_status, parse_instruction_reflection
 from reflectune_hf.oracles import ChatRequest, OpenAIBatchOracle, OpenAIOracle, OracleConfigurationError
 from reflectune_hf.oracles import backends
 from reflectune_hf.oracles.structured import Field, MarkedFields, ScoreLine

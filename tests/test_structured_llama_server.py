@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from reflectune_hf.extract import extract_instruction_reflection, extract_response_reflection
+from reflectune_hf.reflection.extract import extract_instruction_reflection, extract_response_reflection
 from reflectune_hf.oracles import OpenAIOracle, backends
 from reflectune_hf.oracles.stage_formats import format_outcome
-from reflectune_hf.reflect import ReflectInstruction, ReflectResponse
+from reflectune_hf.reflection.stages import ReflectInstruction, ReflectResponse
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

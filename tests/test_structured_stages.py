@@ -7,11 +7,11 @@ import pytest
 from datasets import Dataset
 from scripted_oracle import ScriptedOracle
 
-from reflectune_hf.evaluate import PairwiseJudge
+from reflectune_hf.evaluation.stages import PairwiseJudge
 from reflectune_hf.oracles.stage_formats import stage_answer_format
 from reflectune_hf.oracles.structured import MarkedFields, RankingAnswer, ScoreLine
-from reflectune_hf.reflect import CompressInstruction, ReflectInstruction, ReflectResponse
-from reflectune_hf.tuna import ContextualRank
+from reflectune_hf.reflection.stages import CompressInstruction, ReflectInstruction, ReflectResponse
+from reflectune_hf.tuna.stages import ContextualRank
 
 PAIR = {"id": [0], "instruction": ["Name a bird."], "input": [""], "output": ["Cat."]}
 
@@ -65,10 +65,10 @@ def test_bad_structured_values_fail_at_construction():
 
 
 def test_format_outcome_column_summarize_card_and_table(tmp_path):
-    from reflectune_hf.hub import build_card
-    from reflectune_hf.pipeline import JobResult
-    from reflectune_hf.report import format_rates, summarize
-    from reflectune_hf.variants import build_variants
+    from reflectune_hf.publishing.hub import build_card
+    from reflectune_hf.cli.jobs import JobResult
+    from reflectune_hf.publishing.report import format_rates, summarize
+    from reflectune_hf.reflection.variants import build_variants
 
     bird, fish, cow = "[New Instruction] Name a bird. [End]\n[New Answer] Robin. [End]", "no format", "!error down"
     oracle = ScriptedOracle(rules=(
@@ -96,8 +96,8 @@ def test_format_outcome_column_summarize_card_and_table(tmp_path):
 
 
 def test_cli_options_reach_the_oracle_and_the_stages():
-    from reflectune_hf.configs import RecycleConfig
-    from reflectune_hf.pipeline import make_oracle
+    from reflectune_hf.cli.configs import RecycleConfig
+    from reflectune_hf.cli.jobs import make_oracle
 
     config = RecycleConfig(oracle_model="m", base_url="http://127.0.0.1:9/v1", structured="on", backend="llama.cpp")
     oracle = make_oracle(config)

@@ -17,7 +17,7 @@ import yaml
 
 from reflectune_hf.data import ColumnError, read_records, sample_path
 from reflectune_hf.prompts import SCORING_TEMPLATES, VICUNA_SYSTEM
-from reflectune_hf.train import (
+from reflectune_hf.training.sft import (
     batch_size_fields,
     chat_template_path,
     check_sft_dataset,
@@ -468,8 +468,8 @@ def test_saved_dataset_trains_unchanged_with_trl_cli(tmp_path, sample, smollm2_d
     """What `save_local` writes (and `push_to_hub` publishes: the same parquet files and card) trains
     with TRL's own `trl sft` and our YAML, untouched: the folder as `dataset_name`, read through the
     splits its README card declares, and its parquet file as a `datasets:` entry."""
-    from reflectune_hf.hub import save_local
-    from reflectune_hf.variants import build_variants
+    from reflectune_hf.publishing.hub import save_local
+    from reflectune_hf.reflection.variants import build_variants
 
     from scripted_oracle import demo_oracle
 
@@ -505,7 +505,7 @@ def test_sft_script_trains_a_reflectune_output_folder(tmp_path, sample, smollm2_
     from datasets import DatasetDict
     from trl import DatasetMixtureConfig, ScriptArguments
 
-    from reflectune_hf.hub import save_local
+    from reflectune_hf.publishing.hub import save_local
 
     script = load_script()
     rows = sample.select(range(8))

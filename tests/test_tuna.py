@@ -11,7 +11,7 @@ import pytest
 from reflectune_hf.data import ColumnError
 from reflectune_hf.oracles.base import ChatResult
 from reflectune_hf.prompts import TUNA_RANKING_SYSTEM, tuna_ranking_messages, tuna_ranking_prompt
-from reflectune_hf.tuna import (
+from reflectune_hf.tuna.stages import (
     ContextualRank, SampleResponses, extract_reference_response, format_prompt, parse_ranking, rank_by_logprob,
 )
 

@@ -17,7 +17,7 @@ import pytest
 from datasets import Dataset
 
 from reflectune_hf.oracles import OpenAIOracle
-from reflectune_hf.tuna import ContextualRank, SampleResponses
+from reflectune_hf.tuna.stages import ContextualRank, SampleResponses
 
 REPO = Path(__file__).resolve().parents[1]
 JUDGE_ANSWER = "###Response 2:\nA reference answer.\n\nResponse 0: [9]\nResponse 1: [7]\n\nrank: [2, 0, 1]"

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from reflectune_hf.tuna_trainer import TunaTrainer
+from reflectune_hf.tuna.trainer import TunaTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 WATCHED = ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight")

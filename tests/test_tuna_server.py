@@ -8,13 +8,13 @@ import math
 import pytest
 
 from reflectune_hf.oracles import OpenAIOracle
-from reflectune_hf.tuna import SampleResponses, format_prompt, rank_by_logprob
+from reflectune_hf.tuna.stages import SampleResponses, format_prompt, rank_by_logprob
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 def test_sample_rank_and_train_on_smollm2(llama_server, sample, tmp_path):
-    from reflectune_hf.tuna_trainer import TunaConfig, TunaTrainer
+    from reflectune_hf.tuna.trainer import TunaConfig, TunaTrainer
 
     rows = sample.select(range(4))
     oracle = OpenAIOracle(llama_server.model, base_url=llama_server.base_url, max_concurrency=4)

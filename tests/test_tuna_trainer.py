@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from reflectune_hf.tuna_trainer import DataCollatorForTuna, TunaConfig, TunaTrainer, ranking_loss, tuna_loss
+from reflectune_hf.tuna.trainer import DataCollatorForTuna, TunaConfig, TunaTrainer, ranking_loss, tuna_loss
 
 NAN = float("nan")
 
@@ -110,7 +110,7 @@ def test_compute_loss_equals_the_formula(tiny, tmp_path, ce):
 
 def test_compute_loss_calls_tuna_loss(tiny, tmp_path, monkeypatch):
     """The trainer's loss is the pure function's, on its [batch, N] scores and its CE (one definition)."""
-    import reflectune_hf.tuna_trainer as tuna_trainer
+    import reflectune_hf.tuna.trainer as tuna_trainer
 
     calls = []
 
@@ -149,7 +149,7 @@ def test_tokenize_truncates_and_drops_rows_without_candidates(tmp_path, caplog):
     from datasets import Dataset
 
     from reflectune_hf.models import load_tokenizer
-    from reflectune_hf.tuna_trainer import TunaTokenize
+    from reflectune_hf.tuna.trainer import TunaTokenize
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     data = Dataset.from_dict({"id": [0, 1, 2], "instruction": ["Say hi.", "Count.", "word " * 80],
@@ -249,8 +249,8 @@ def test_candidates_are_tokenized_with_their_prompt_as_one_string():
     from datasets import Dataset
 
     from reflectune_hf.models import load_tokenizer
-    from reflectune_hf.tuna import format_prompt
-    from reflectune_hf.tuna_trainer import TunaTokenize
+    from reflectune_hf.tuna.stages import format_prompt
+    from reflectune_hf.tuna.trainer import TunaTokenize
 
     prompt = format_prompt("Say hi.")
     # SentencePiece: "Response:The" -> "▁Response", ":", "The"; "The" alone is "▁The".

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from reflectune_hf.extract import STATUSES
-from reflectune_hf.variants import VARIANT_SPLITS, build_variants
+from reflectune_hf.reflection.extract import STATUSES
+from reflectune_hf.reflection.variants import VARIANT_SPLITS, build_variants
 
 from scripted_oracle import GOOD_COMPRESS, GOOD_INSTRUCTION, GOOD_RESPONSE, ScriptedOracle
 
@@ -62,7 +62,7 @@ def test_four_aligned_splits_with_one_schema_and_statuses(arrow_ds, tmp_path):
     assert list(rb["instruction"]) == list(ri["instruction"])
     assert list(rb["instruction_reflection_status"]) == list(ri["instruction_reflection_status"])
     assert list(rb["response_reflection_status"]) == ["ok", "ok", "ok", "ok"]
-    # reflection_status: the split's last reflection step (what reflectune_hf.select reads)
+    # reflection_status: the split's last reflection step (what reflectune_hf.selection.select reads)
     assert list(ri["reflection_status"]) == list(ri["instruction_reflection_status"])
     assert list(rb["reflection_status"]) == list(rb["response_reflection_status"])
     assert list(rr["reflection_status"]) == list(rr["response_reflection_status"])
@@ -136,7 +136,7 @@ def test_bad_input_is_rejected_clearly():
 
 
 def test_variants_feed_v2_selection_which_reads_the_statuses(arrow_ds):
-    from reflectune_hf.select import explain_v2, select_v2
+    from reflectune_hf.selection.select import explain_v2, select_v2
 
     variants = build_variants(arrow_ds, _oracle())
     ifd = {"origin": [0.5] * 4, "reflect_instruction": [0.6, 0.6, 0.4, 0.6],

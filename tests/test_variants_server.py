@@ -17,11 +17,11 @@ import pytest
 from datasets import load_from_disk
 from datasets.fingerprint import Hasher
 
-from reflectune_hf.extract import STATUSES
+from reflectune_hf.reflection.extract import STATUSES
 from reflectune_hf.oracles import OpenAIOracle
-from reflectune_hf.oracles.loopback import LoopbackServer
-from reflectune_hf.reflect import COMPRESS_STATUSES, ReflectResponse
-from reflectune_hf.variants import VARIANT_SPLITS, build_variants
+from loopback import LoopbackServer
+from reflectune_hf.reflection.stages import COMPRESS_STATUSES, ReflectResponse
+from reflectune_hf.reflection.variants import VARIANT_SPLITS, build_variants
 
 pytestmark = pytest.mark.server
 
@@ -82,7 +82,7 @@ import json, sys
 from datasets import load_from_disk
 from datasets.fingerprint import Hasher
 from reflectune_hf.oracles import OpenAIOracle
-from reflectune_hf.reflect import ReflectResponse
+from reflectune_hf.reflection.stages import ReflectResponse
 calls = []
 complete = OpenAIOracle.complete
 def counting(self, requests):

@@ -271,7 +271,7 @@ class RankingAnswer:
     Example:
         >>> import re
         >>> from reflectune_hf.oracles.structured import RankingAnswer
-        >>> from reflectune_hf.tuna_parse import parse_ranking
+        >>> from reflectune_hf.tuna.parse import parse_ranking
         >>> shape = RankingAnswer(num_responses=2, analysis_max_chars=200, reference_max_chars=200)
         >>> text = shape.from_json('{"analysis": "Close-ended.", "reference_response": "Blue.", '
         ...                        '"scores": [9, 4, 15], "rank": [2, 0, 1]}')

@@ -1,0 +1,210 @@
+"""The configurations of the `reflectune` jobs: dataclasses with the same field names in Python,
+YAML files (`--config recipe.yaml`) and command-line flags (`--oracle_model` or `--oracle-model`),
+read with TRL's `TrlParser`.
+
+Every config checks its values when it is made, so a bad option fails before any oracle call
+or model load, with a `ValueError` that names the option (the CLI turns it into exit code 2).
+
+Example:
+    >>> from reflectune_hf.cli.configs import RecycleConfig
+    >>> RecycleConfig(oracle_model="gpt-4o-mini", selection="v2", top_fraction=0.05).ratio
+    'ppl'
+    >>> RecycleConfig(oracle_model="gpt-4o-mini", ratio="mean")
+    Traceback (most recent call last):
+    ...
+    ValueError: ratio must be one of ['loss', 'ppl'], got 'mean'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..models import DTYPE_NAMES
+from ..oracles.backends import BACKENDS, check_choice, structured_mode
+from ..prompts import PROMPT_SETS, SCORING_TEMPLATES
+
+SELECTIONS = ("v2", "v1", "none")
+RATIOS = ("ppl", "loss")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+def _one_of(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def _at_least(config, minimum, *names: str, optional: bool = False, strict: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is None and optional:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or value < minimum or (strict and value == minimum):
+            raise ValueError(f"{name} must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
+
+
+def _integer(config, name: str, minimum: int, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class _Checked:
+    """Runs the `_check` of every config class in the hierarchy when a config is made."""
+
+    def __post_init__(self):
+        for cls in reversed(type(self).__mro__):
+            check = cls.__dict__.get("_check")
+            if check is not None:
+                check(self)
+
+
+@dataclass
+class DataConfig(_Checked):
+    """Where the data comes from and where results go."""
+
+    data: str = field(default="sample", metadata=_help(
+        "'sample' (the bundled 40 rows), a Hub dataset id, a JSON/JSONL/Parquet file, or a folder written by "
+        "save_to_disk or by an earlier reflectune command"))
+    split: str = field(default="train", metadata=_help("split to read from a Hub id or a DatasetDict"))
+    limit: Optional[int] = field(default=None, metadata=_help("use only the first N rows"))
+    output_dir: str = field(default="reflectune-output", metadata=_help("where data, card and plots are written"))
+    push_to_hub: Optional[str] = field(default=None, metadata=_help("also push the result to this Hub dataset repo"))
+    private: bool = field(default=True, metadata=_help("make the pushed repo private"))
+    license: Optional[str] = field(default=None, metadata=_help(
+        "license of the source data for the card (default: the one the loaded dataset declares, if any)"))
+    quality_report: bool = field(default=False, metadata=_help(
+        "add data-quality statistics to the card: token lengths, perplexity, MiniLM instruction-response "
+        "coherence (needs the `quality` extra: pip install 'reflectune_hf[quality]')"))
+
+    def _check(self):
+        if not isinstance(self.data, str) or not self.data.strip():
+            raise ValueError(f"data must name a dataset, a file or a folder, got {self.data!r}")
+        _at_least(self, 1, "limit", optional=True)
+
+
+@dataclass
+class OracleConfig(_Checked):
+    """The oracle LLM that compresses and reflects."""
+
+    oracle_model: Optional[str] = field(default=None, metadata=_help(
+        "model name on an OpenAI-compatible server (OPENAI_API_KEY, --base_url), or local:<model> for a "
+        "transformers model run here (e.g. local:smollm2-135m-instruct)"))
+    base_url: Optional[str] = field(default=None, metadata=_help(
+        "OpenAI-compatible server (vLLM, TGI, Ollama, llama.cpp); default OPENAI_BASE_URL or api.openai.com"))
+    batch_api: bool = field(default=False, metadata=_help("use the OpenAI Batch API (half price, hours of latency)"))
+    max_concurrency: int = field(default=32, metadata=_help("requests in flight"))
+    timeout: float = field(default=120.0, metadata=_help(
+        "seconds an HTTP attempt to the oracle server may take before it is retried"))
+    max_retries: int = field(default=6, metadata=_help(
+        "retries per oracle request (429, 5xx, timeouts, dropped connections, malformed answers; exponential "
+        "backoff, Retry-After honoured); a request still failing after them fails its row, and a rerun retries it"))
+    context_window: Optional[int] = field(default=None, metadata=_help(
+        "context length of the server's model: each request's completion budget becomes min(max_new_tokens, "
+        "context_window - prompt tokens) and a prompt that does not fit fails its row without being sent"))
+    context_tokenizer: Optional[str] = field(default=None, metadata=_help(
+        "tokenizer (Hub id, path or embedded alias) that counts prompt tokens for --context_window; default: an "
+        "over-estimate from the text's size"))
+    requests_per_minute: Optional[float] = field(default=None, metadata=_help("rate limit"))
+    tokens_per_minute: Optional[float] = field(default=None, metadata=_help("rate limit"))
+    local_batch_size: int = field(default=8, metadata=_help("generation batch of a local: oracle"))
+    max_new_tokens: int = field(default=2048, metadata=_help("completion budget per oracle request"))
+    temperature: float = field(default=0.0, metadata=_help("sampling temperature of the first request"))
+    prompt_set: str = field(default="paper", metadata=_help("'paper' (byte-identical to the method) or 'clean'"))
+    compress: bool = field(default=True, metadata=_help("fold inputs into instructions first (stage 0)"))
+    format_retries: int = field(default=1, metadata=_help("re-asks when an answer does not parse"))
+    reflect_batch_size: int = field(default=64, metadata=_help("rows per map batch (one oracle call each)"))
+    structured: str = field(default="auto", metadata=_help(
+        "answer format enforced by the oracle: auto (where the backend can: llama.cpp grammar, vLLM regex, "
+        "OpenAI JSON schema; free text elsewhere), on (fail where it cannot) or off"))
+    backend: str = field(default="auto", metadata=_help(
+        "the oracle server: auto (recognised from /v1/models), llamacpp, vllm, openai or plain"))
+
+    def _check(self):
+        self.structured = structured_mode(self.structured)
+        self.backend = check_choice("backend", self.backend, BACKENDS)
+        _at_least(self, 1, "max_concurrency", "local_batch_size", "max_new_tokens", "reflect_batch_size")
+        _at_least(self, 0, "temperature", "format_retries")
+        _at_least(self, 0, "timeout", strict=True)
+        _integer(self, "max_retries", minimum=0)
+        _integer(self, "context_window", minimum=1, optional=True)
+        _at_least(self, 0, "requests_per_minute", "tokens_per_minute", optional=True, strict=True)
+        _one_of("prompt_set", self.prompt_set, PROMPT_SETS)
+
+
+@dataclass
+class StudentConfig(_Checked):
+    """The student model that scores IFD and r-IFD."""
+
+    student_model: str = field(default="smollm2-135m-instruct", metadata=_help("alias, Hub id or local path"))
+    template: str = field(default="vicuna", metadata=_help(
+        "scoring template: vicuna, alpaca, wizardlm, or plain (for base models that know no chat template)"))
+    max_length: int = field(default=2048, metadata=_help("token limit per scored text"))
+    dtype: str = field(default="float32", metadata=_help("float32, bfloat16 or float16"))
+    device: Optional[str] = field(default=None, metadata=_help("cpu, cuda, cuda:1 ... (default: CUDA if present)"))
+    max_tokens_per_batch: Optional[int] = field(default=None, metadata=_help(
+        "padded tokens per forward pass (default: 16384 on GPU, 1024 on CPU)"))
+    score_batch_size: int = field(default=256, metadata=_help("rows per map batch"))
+
+    def _check(self):
+        _one_of("template", self.template, SCORING_TEMPLATES)
+        _one_of("dtype", self.dtype, DTYPE_NAMES)
+        _at_least(self, 2, "max_length")
+        _at_least(self, 1, "score_batch_size")
+        _at_least(self, 1, "max_tokens_per_batch", optional=True)
+
+
+@dataclass
+class SelectionConfig(_Checked):
+    """How the recycled data is selected."""
+
+    selection: str = field(default="v2", metadata=_help("v2 (Selective Reflection-Tuning), v1 (reflect_both) or none"))
+    require_below_one: bool = field(default=True, metadata=_help("V2: the reference code's extra IFD/r-IFD < 1 checks"))
+    ratio: str = field(default="ppl", metadata=_help("ppl (ratios of perplexities, V2 code) or loss (Cherry LLM)"))
+    top_fraction: Optional[float] = field(default=None, metadata=_help("then keep the top fraction by IFD"))
+
+    def _check(self):
+        _one_of("selection", self.selection, SELECTIONS)
+        _one_of("ratio", self.ratio, RATIOS)
+        if self.top_fraction is not None and not (isinstance(self.top_fraction, (int, float))
+                                                  and not isinstance(self.top_fraction, bool)
+                                                  and 0 < self.top_fraction <= 1):
+            raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction!r}")
+
+
+@dataclass
+class ReflectConfig(OracleConfig, DataConfig):
+    """`reflectune reflect`: the four variants, no scores."""
+
+
+@dataclass
+class ScoreConfig(StudentConfig, DataConfig):
+    """`reflectune score`: IFD / r-IFD columns for every split of the data."""
+
+
+@dataclass
+class SelectConfig(SelectionConfig, DataConfig):
+    """`reflectune select`: selection on scored variants."""
+
+
+@dataclass
+class RecycleConfig(SelectionConfig, StudentConfig, OracleConfig, DataConfig):
+    """`reflectune recycle`: the whole method, from raw pairs to selected, published data."""
+
+
+@dataclass
+class EstimateConfig(OracleConfig, DataConfig):
+    """`reflectune estimate`: tokens and money of a reflect run, before anything is sent."""
+
+    input_price: Optional[float] = field(default=None, metadata=_help("price per million prompt tokens"))
+    output_price: Optional[float] = field(default=None, metadata=_help("price per million output tokens"))
+    tokenizer: str = field(default="smollm2-135m-instruct", metadata=_help("tokenizer that counts prompt tokens"))
+
+    def _check(self):
+        _at_least(self, 0, "input_price", "output_price", optional=True)

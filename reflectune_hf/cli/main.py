@@ -1,0 +1,165 @@
+"""The `reflectune` command: thin parsing over `reflectune_hf.cli.jobs` and the TRL-style scripts.
+
+Each subcommand takes its config dataclass's fields as flags (`--oracle_model` or
+`--oracle-model`) or from a YAML file (`--config recipe.yaml`, the same field names; flags
+override it), in the manner of TRL's `TrlParser`.
+
+    reflectune recycle --oracle_model local:smollm2-135m-instruct --data sample --output_dir out
+    reflectune recycle --oracle_model gpt-4o-mini --data tatsu-lab/alpaca --push_to_hub me/alpaca-recycled
+    reflectune estimate --oracle_model gpt-4o-mini --data tatsu-lab/alpaca --input_price 0.15 --output_price 0.6
+    reflectune sft --config scripts/configs/smoke_cpu.yaml
+
+Exit codes: 0 success, 1 a failed job (the error is printed without a traceback; `-v` shows
+it), 2 bad arguments. `-v` also shows the HTTP library's and the openai SDK's per-request logs,
+kept at WARNING otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import jobs
+
+logger = logging.getLogger("reflectune_hf")
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai")  # kept at WARNING unless -v
+
+JOBS: dict[str, tuple[type, Callable, str]] = {
+    "recycle": (jobs.RecycleConfig, jobs.run_recycle,
+                "the whole method: compress, reflect, extract, score, select, save/push with a card"),
+    "reflect": (jobs.ReflectConfig, jobs.run_reflect, "the four aligned variants, no scores"),
+    "score": (jobs.ScoreConfig, jobs.run_score, "IFD / r-IFD columns on every split of a dataset"),
+    "select": (jobs.SelectConfig, jobs.run_select, "V2 / V1 selection on scored variants"),
+    "estimate": (jobs.EstimateConfig, jobs.run_estimate, "tokens and cost of a reflect run; sends nothing"),
+    "push": (jobs.DataConfig, None, "push an output folder to the Hub (--data folder --push_to_hub repo)"),
+}
+SCRIPT_COMMANDS = {"sft": ("sft.py", "fine-tune with TRL's SFTTrainer and the Vicuna v1.1 template"),
+                   "eval": ("evaluate.py", "judge two models' answers pairwise, in both orders")}
+
+
+def _usage() -> str:
+    lines = ["usage: reflectune <command> [--config file.yaml] [--flag value ...]", "", "commands:"]
+    for name, (_, _, text) in JOBS.items():
+        lines.append(f"  {name:<10}{text}")
+    for name, (_, text) in SCRIPT_COMMANDS.items():
+        lines.append(f"  {name:<10}{text}")
+    lines.append("\n`reflectune <command> --help` lists a command's flags.")
+    return "\n".join(lines)
+
+
+def _load_script(filename: str):
+    path = SCRIPTS / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: this command runs the repository's scripts/{filename} "
+                                "(use a source checkout or editable install)")
+    spec = importlib.util.spec_from_file_location(f"reflectune_scripts_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_script(name: str, argv: list[str]) -> int:
+    module = _load_script(SCRIPT_COMMANDS[name][0])
+    parser = module.make_parser(prog=f"reflectune {name}")
+    try:
+        args = parser.parse_args_and_config(argv)
+        if hasattr(module, "check_args"):  # bad arguments found before anything loads: exit 2 too
+            module.check_args(*args)
+    except ValueError as err:
+        parser.error(str(err))
+    module.main(*args)
+    return 0
+
+
+def _push(config: jobs.DataConfig) -> str:
+    from ..publishing.hub import push_to_hub
+
+    if not config.push_to_hub:
+        raise ValueError("push needs --push_to_hub <namespace/name>")
+    data = jobs.load_input(config)
+    context_file = Path(config.data) / jobs.CONTEXT_FILE  # the configuration of the run that wrote the folder
+    record = json.loads(context_file.read_text()) if context_file.is_file() else {}
+    context = jobs.card_context(record, data=data)
+    quality_file = Path(config.data) / "quality.json"  # written by --quality_report
+    quality = json.loads(quality_file.read_text()) if quality_file.is_file() else None
+    return push_to_hub(data, config.push_to_hub, private=config.private, card_context=context, quality=quality)
+
+
+def _print_result(name: str, result) -> None:
+    if isinstance(result, jobs.JobResult):
+        print(result.table())
+    elif isinstance(result, dict):
+        width = max(len(k) for k in result)
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in result.items()))
+    elif result is not None:
+        print(result)
+
+
+def parse_config(name: str, argv: list[str]):
+    """The config of job `name` from its flags and `--config` file, as `reflectune <name>` reads
+    it; bad arguments exit 2 (argparse's `SystemExit`) with one line naming the problem.
+
+    Example:
+        >>> from reflectune_hf.cli.main import parse_config
+        >>> parse_config("select", ["--data", "scored", "--top_fraction", "0.1"]).top_fraction
+        0.1
+    """
+    from trl import TrlParser
+
+    config_type, _, text = JOBS[name]
+    parser = TrlParser((config_type,), prog=f"reflectune {name}", description=text)
+    try:
+        (config,) = parser.parse_args_and_config(argv)
+    except (ValueError, FileNotFoundError) as err:  # a bad value, or a bad or missing --config file
+        parser.error(str(err))
+    if isinstance(config, jobs.OracleConfig) and not config.oracle_model:
+        parser.error(jobs.ORACLE_REQUIRED)
+    return config
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the `reflectune` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv
+    argv = [a for a in argv if a != "-v"]
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # one INFO line per HTTP request (and per SDK retry) is noise: -v shows them
+        for name in HTTP_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in JOBS and name not in SCRIPT_COMMANDS:
+        print(f"reflectune: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        if name in SCRIPT_COMMANDS:
+            return _run_script(name, rest)
+        config = parse_config(name, rest)
+        if getattr(config, "push_to_hub", None):  # no token: say how to log in before any work, not a 401 after it
+            from ..publishing.hub import require_token
+
+            require_token()
+        result = _push(config) if name == "push" else JOBS[name][1](config)
+    except SystemExit as exit_:  # argparse: 2 for bad arguments, 0 for --help
+        return int(exit_.code or 0)
+    except KeyboardInterrupt:
+        print("reflectune: interrupted; rerun the same command to resume from the caches", file=sys.stderr)
+        return 130
+    except Exception as err:  # a failed job: one clear line, the traceback with -v
+        if verbose:
+            logger.exception("%s failed", name)
+        print(f"reflectune {name}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    _print_result(name, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""`map_stage`: run an oracle stage over a dataset so that a rerun heals the rows that failed.
+
+`ds.map(stage, batched=True)` on an Arrow-backed dataset is cached by `datasets` under a
+fingerprint of the data and the stage's configuration, so the same `map` in a later process
+replays the cached Arrow file, failed rows (`oracle_error`) included, and sends nothing: the
+failures would never heal. `map_stage` makes the same call and, when its result came from the
+datasets cache with failed rows, maps again under a new fingerprint (the hash of the failed
+result's fingerprint and of the failed rows' positions): the oracle cache answers every request
+that succeeded before (nothing is sent) and the failed ones are sent again. It follows that chain
+(each hop may itself come from an earlier rerun's cache) until a result is clean or computed in
+this call. Each content state has its own fingerprint, so maps after it (extraction, scoring)
+cached on a failed state are never reused for a healed one.
+
+A run that left no failed row replays from the cache: 0 requests, and a local oracle loads no
+model. In-memory datasets (no cache files), `IterableDataset`s and `load_from_cache_file=False`
+get a plain `map`. A 0-row dataset (which `map` returns without calling the stage) gets the
+stage's output columns (`stage.output_features`) with 0 rows.
+
+A stage takes part when it has an `error_column` (non-empty exactly for the rows whose request
+failed) or a `failed_rows(dataset)` method; any other function gets a plain `map`.
+
+Example:
+    >>> from datasets import Dataset
+    >>> from reflectune_hf.oracles.base import ChatResult
+    >>> from reflectune_hf.reflection.stages import ReflectResponse
+    >>> from reflectune_hf.oracles.rerun import map_stage
+    >>> class Canned:
+    ...     def complete(self, requests):
+    ...         return [ChatResult(texts=["[Better Answer] Robin. [End]"]) for _ in requests]
+    >>> ds = Dataset.from_dict({"instruction": ["Name a bird."], "output": ["Cat."]})
+    >>> list(map_stage(ds, ReflectResponse(Canned()))["reflection_raw"])
+    ['[Better Answer] Robin. [End]']
+    >>> map_stage(ds.select([]), ReflectResponse(Canned())).column_names[-2:]
+    ['reflection_attempts', 'reflection_finish_reason']
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from typing import Any
+
+from ..utils import stable_hash
+
+logger = logging.getLogger(__name__)
+
+
+def failed_rows(dataset, stage: Any) -> list[int]:
+    """Positions of the rows of `dataset` (a stage's result) whose request failed: `stage.failed_rows`
+    when the stage has it, else the rows where `stage.error_column` is non-empty, else none."""
+    method = getattr(stage, "failed_rows", None)
+    if callable(method):
+        return list(method(dataset))
+    column = getattr(stage, "error_column", None)
+    if not column or column not in dataset.column_names:
+        return []
+    return [i for i, error in enumerate(dataset[column]) if error]
+
+
+def _cache_snapshot(dataset) -> dict:
+    """`{path: mtime_ns}` of the Arrow files next to `dataset`'s cache files (where `map` writes)."""
+    snapshot = {}
+    for folder in {os.path.dirname(f["filename"]) for f in dataset.cache_files}:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(".arrow"):
+                    snapshot[entry.path] = entry.stat().st_mtime_ns
+    return snapshot
+
+
+def _replayed(result, before: dict) -> bool:
+    """True when every cache file of `result` existed, unchanged, before the map: a cache replay."""
+    files = [f["filename"] for f in result.cache_files]
+    if not files:
+        return False
+    for path in files:
+        try:
+            if before.get(path) != os.stat(path).st_mtime_ns:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _empty_result(dataset, stage: Any):
+    from datasets import Features, Value
+
+    from ..data import empty_dataset
+
+    features = dict(dataset.features)
+    for name, dtype in (getattr(stage, "output_features", None) or {}).items():
+        features.setdefault(name, Value(dtype))
+    return empty_dataset(Features(features))
+
+
+def map_stage(dataset, stage: Any, **map_kwargs):
+    """`dataset.map(stage, batched=True, **map_kwargs)`, healing rows the datasets cache replays as
+    failed (see the module docstring): the one call to run an oracle stage.
+
+    Args:
+        dataset: a `Dataset` (or `IterableDataset`: a plain lazy `map`, without the options
+            it does not take, such as `desc` or `num_proc`).
+        stage: an oracle stage (`CompressInstruction`, `ReflectInstruction`, `ReflectResponse`, or
+            any callable with an `error_column` or a `failed_rows(dataset)` method).
+        **map_kwargs: passed to `Dataset.map` (`batched=True` unless given; `batch_size`,
+            `num_proc`, `desc`, `load_from_cache_file`, ...).
+
+    Returns:
+        The mapped dataset: clean, or computed in this call (its failures are this run's).
+    """
+    from datasets import Dataset
+
+    map_kwargs.setdefault("batched", True)
+    if not isinstance(dataset, Dataset):  # IterableDataset.map takes no desc, num_proc, cache options
+        accepted = inspect.signature(dataset.map).parameters
+        return dataset.map(stage, **{k: v for k, v in map_kwargs.items() if k in accepted})
+    if len(dataset) == 0:
+        return _empty_result(dataset, stage)
+    plain = (not dataset.cache_files or map_kwargs.get("load_from_cache_file") is False
+             or map_kwargs.get("keep_in_memory") or "new_fingerprint" in map_kwargs)
+    if plain:
+        return dataset.map(stage, **map_kwargs)
+    before = _cache_snapshot(dataset)
+    result = dataset.map(stage, **map_kwargs)
+    while _replayed(result, before):
+        failed = failed_rows(result, stage)
+        if not failed:
+            break
+        fingerprint = stable_hash({"heal": result._fingerprint, "failed": failed}, length=32)
+        logger.info("%s: %d row(s) of the cached result failed; mapping again to retry them (fingerprint %s)",
+                    getattr(stage, "stage_name", type(stage).__name__), len(failed), fingerprint)
+        before = _cache_snapshot(dataset)
+        result = dataset.map(stage, new_fingerprint=fingerprint, **map_kwargs)
+    return result

@@ -1,0 +1,241 @@
+"""`OracleStage`, the shared configuration and oracle loop of the stages in `reflectune_hf.reflection.stages`
+(their module docstring describes the re-asks and statuses), and `merge_input`, the lossless merge
+of an instruction and its input.
+
+Example:
+    >>> from reflectune_hf.oracles.stage import merge_input
+    >>> merge_input("Sort:", "3, 1, 2")
+    'Sort:\\n\\n3, 1, 2'
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
+
+from ..data import ID_COLUMN, batch_size_of, require_columns, text_column
+from ..prompts import PromptSet, get_prompt_set
+from ..utils import LazyState
+from .backends import structured_mode
+from .base import ChatRequest, ChatResult, usage_add
+from .stage_formats import stage_answer_format
+
+logger = logging.getLogger("reflectune_hf.reflection.stages")
+
+_REFLECTION_FEATURES = {"reflection_raw": "string", "reflection_error": "string", "reflection_attempts": "int64",
+                        "reflection_finish_reason": "string"}
+
+
+class NoOracle:
+    """An oracle that sends nothing and fails every request: for building a stage's requests
+    (`stage.requests(batch)`) or its output schema without an oracle.
+
+    Example:
+        >>> from reflectune_hf.reflection.stages import NoOracle, ReflectResponse
+        >>> ReflectResponse(NoOracle()).requests({"instruction": ["Hi"], "output": ["Hello"]})[0].max_tokens
+        2048
+    """
+
+    def complete(self, requests):
+        return [ChatResult.failure("NoOracle sends nothing") for _ in requests]
+
+
+def merge_input(instruction: str, input: str) -> str:
+    """The deterministic, lossless merge of an instruction and its input: the instruction, a blank
+    line, the input (the instruction alone when the input is blank).
+
+    Example:
+        >>> from reflectune_hf.reflection.stages import merge_input
+        >>> merge_input("Translate to French.", "Good morning")
+        'Translate to French.\\n\\nGood morning'
+    """
+    if not input.strip():
+        return instruction
+    if not instruction.strip():
+        return input.strip()
+    return f"{instruction.rstrip()}\n\n{input.strip()}"
+
+
+@dataclass
+class _Answer:
+    text: str = ""
+    error: str = ""
+    attempts: int = 0
+    finish_reason: str = ""
+    rank: int = 1 << 30
+
+
+@dataclass
+class OracleStage(LazyState):
+    """Shared configuration and oracle loop of the reflection stages.
+
+    Args:
+        oracle: any object with `complete(list[ChatRequest]) -> list[ChatResult]`.
+        prompt_set: `"paper"` (byte-identical to the method, default), `"clean"` or a `PromptSet`.
+        max_tokens: completion budget per request (the reference uses 2048).
+        temperature, top_p, seed: sampling parameters of the first request (reference: 0.0, 1.0).
+        format_retries: re-asks when the answer does not parse (see the module docstring).
+        retry_temperature: the lowest temperature of a re-ask.
+        structured: `"auto"` (default) or `"on"`/True: each request states the answer shape
+            (`oracles.stage_formats.stage_answer_format`) for the oracle to enforce where its
+            backend can (grammar, regex, JSON schema; the prompt is unchanged); `"off"`/False:
+            plain requests, as before.
+    """
+
+    oracle: Any
+    prompt_set: Union[str, PromptSet] = "paper"
+    max_tokens: Optional[int] = 2048
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    format_retries: int = 1
+    retry_temperature: float = 0.7
+    structured: Union[str, bool] = "auto"
+    usage: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
+
+    _transient: ClassVar[tuple[str, ...]] = ("usage",)
+    stage_name: ClassVar[str] = "OracleStage"
+    answer_shape: ClassVar[str] = ""  # the stage's shape in `stage_answer_format`
+    # The column that is non-empty exactly for the rows whose request failed (what `map_stage` heals).
+    error_column: ClassVar[str] = "reflection_error"
+    # The columns the stage writes and their types (the schema of a 0-row result).
+    output_features: ClassVar[dict] = _REFLECTION_FEATURES
+    worst_rank: ClassVar[int] = 1  # the rank of an answer that does not parse
+
+    def __post_init__(self):
+        if isinstance(self.prompt_set, str):
+            self.prompt_set = get_prompt_set(self.prompt_set)
+        elif not isinstance(self.prompt_set, PromptSet):
+            raise TypeError(f"prompt_set must be a name or a PromptSet, got {type(self.prompt_set).__name__}")
+        if not callable(getattr(self.oracle, "complete", None)):
+            raise TypeError(
+                f"{self.stage_name} needs an oracle with complete(list[ChatRequest]) -> list[ChatResult], "
+                f"got {type(self.oracle).__name__}"
+            )
+        if self.format_retries < 0:
+            raise ValueError(f"format_retries must be >= 0, got {self.format_retries}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+        self.structured = structured_mode(self.structured)
+        if self.structured == "on" and getattr(self.oracle, "structured", None) == "off":
+            raise ValueError(f"{self.stage_name}: structured='on' but the oracle has structured='off'")
+
+    # -- the oracle loop -----------------------------------------------------------------------
+
+    def request(self, messages: list[dict], attempt: int = 0, longer: bool = False) -> ChatRequest:
+        """The request of one attempt: attempt 0 as configured, re-asks distinct (module docstring);
+        `longer` (the re-ask of an answer cut by the token limit) doubles `max_tokens` (the oracle
+        still caps it to what the context window leaves)."""
+        temperature, seed = self.temperature, self.seed
+        if attempt:
+            temperature, seed = max(self.temperature, self.retry_temperature), (self.seed or 0) + attempt
+        max_tokens = self.max_tokens * 2 if longer and self.max_tokens else self.max_tokens
+        on = self.structured != "off" and self.answer_shape
+        shape = stage_answer_format(self.answer_shape, max_tokens) if on else None
+        return ChatRequest(messages=messages, temperature=temperature, top_p=self.top_p, max_tokens=max_tokens,
+                           seed=seed, answer_format=shape)
+
+    def _complete(self, requests: list[ChatRequest]) -> list:
+        results = list(self.oracle.complete(requests))
+        if len(results) != len(requests):
+            raise RuntimeError(
+                f"{type(self.oracle).__name__}.complete returned {len(results)} results for {len(requests)} requests"
+            )
+        if self.usage is None:
+            self.usage = {}
+        for result in results:
+            if not result.cached:
+                usage_add(self.usage, result.usage)
+        return results
+
+    def ask(self, conversations: Sequence[list[dict]], rank: Union[Callable[[str], int], Sequence[Callable]]
+            ) -> list[_Answer]:
+        """Ask the oracle once per conversation, re-asking those whose answer ranks above 0.
+
+        `rank(text)` scores an answer (0: usable), one function for all or one per conversation;
+        an answer cut by the token limit (`finish_reason == "length"`) scores `worst_rank` at
+        best, so it is re-asked and any better-parsing answer replaces it."""
+        rankers = list(rank) if isinstance(rank, (list, tuple)) else [rank] * len(conversations)
+        answers = [_Answer() for _ in conversations]
+        pending = list(range(len(conversations)))
+        for attempt in range(1 + self.format_retries):
+            if not pending:
+                break
+            results = self._complete([self.request(conversations[i], attempt, longer=answers[i].finish_reason == "length")
+                                      for i in pending])
+            retry = []
+            for i, result in zip(pending, results):
+                answer = answers[i]
+                answer.attempts = attempt + 1
+                if not result.ok:
+                    if attempt == 0:  # the oracle already retried transport errors: record it
+                        answer.error = result.error or "the oracle failed without a message"
+                    continue
+                reasons = result.finish_reasons
+                reason = str(reasons[0]) if reasons and reasons[0] else ""
+                score = rankers[i](result.text)
+                if reason == "length":
+                    score = max(score, self.worst_rank)
+                if score < answer.rank:
+                    answer.text, answer.rank, answer.finish_reason = result.text, score, reason
+                if answer.rank > 0:
+                    retry.append(i)
+            if retry and attempt < self.format_retries:
+                logger.info("%s: re-asking %d of %d answers that do not parse", self.stage_name, len(retry), len(pending))
+            pending = retry
+        return answers
+
+    # -- rows and requests -----------------------------------------------------------------------
+
+    def _ids(self, batch: Mapping, indices: Optional[Sequence[int]]) -> dict:
+        """`{"id": indices}` when the batch has no ids and `map(..., with_indices=True)`, else `{}`:
+        ids only align variants (`build_variants` adds them), a stage alone needs none."""
+        if ID_COLUMN not in batch and indices is not None:
+            return {ID_COLUMN: list(indices)}
+        return {}
+
+    def _pair_columns(self, batch: Mapping, indices: Optional[Sequence[int]]) -> tuple:
+        """(output dict with ids if needed, n, instructions, outputs, inputs) of a pair batch."""
+        require_columns(batch, ["instruction", "output"], self.stage_name)
+        out = self._ids(batch, indices)
+        n = batch_size_of(batch)
+        inputs = text_column(batch, "input", self.stage_name) if "input" in batch else [""] * n
+        return (out, n, text_column(batch, "instruction", self.stage_name),
+                text_column(batch, "output", self.stage_name), inputs)
+
+    def _plan(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> tuple:
+        """`(out, n, todo, conversations, context)`: the columns written whatever the oracle says,
+        the positions of the rows to send, their conversations, and what `__call__` needs."""
+        raise NotImplementedError
+
+    def requests(self, batch: Mapping) -> list[ChatRequest]:
+        """The first-attempt requests this stage sends for `batch` (rows that get no request
+        left out), exactly as `__call__` sends them: what `reflectune estimate` counts.
+
+        Example:
+            >>> from reflectune_hf.reflection.stages import NoOracle, ReflectResponse
+            >>> batch = {"instruction": [" Name a bird. ", ""], "output": ["Cat.", "x"]}
+            >>> requests = ReflectResponse(NoOracle()).requests(batch)  # the empty instruction sends nothing
+            >>> len(requests), "[Instruction]\\nName a bird.\\n" in requests[0].message_dicts[1]["content"]
+            (1, True)
+        """
+        _, _, _, conversations, _ = self._plan(batch)
+        return [self.request(messages) for messages in conversations]
+
+    def failed_rows(self, dataset) -> list[int]:
+        """Positions of the rows of a mapped `dataset` whose request failed (`error_column` set)."""
+        if self.error_column not in dataset.column_names:
+            return []
+        return [i for i, error in enumerate(dataset[self.error_column]) if error]
+
+    @staticmethod
+    def _reflection_columns(answers: list[_Answer], todo: Sequence[int], n: int) -> dict:
+        """The reflection columns of `n` rows, answered at positions `todo`; the other rows (no
+        request) get `""` / 0 attempts."""
+        columns = {"reflection_raw": [""] * n, "reflection_error": [""] * n, "reflection_attempts": [0] * n,
+                   "reflection_finish_reason": [""] * n}
+        for i, a in zip(todo, answers):
+            columns["reflection_raw"][i], columns["reflection_error"][i] = a.text, a.error
+            columns["reflection_attempts"][i], columns["reflection_finish_reason"][i] = a.attempts, a.finish_reason
+        return columns
