@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -150,8 +151,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._relay(owner, raw)
 
     def _relay(self, owner: "LoopbackServer", raw: Optional[bytes]) -> None:
-        path = self.path[len("/v1"):] if self.path.startswith("/v1") else self.path
-        url = owner.upstream.rstrip("/") + path
+        # /v1/... maps onto the upstream base URL; any other path (/openapi.json, /version, /health)
+        # onto the upstream's root, where servers answer them.
+        if self.path.startswith("/v1"):
+            url = owner.upstream.rstrip("/") + self.path[len("/v1"):]
+        else:
+            parts = urllib.parse.urlsplit(owner.upstream)
+            url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, self.path, "", ""))
         request = urllib.request.Request(url, data=raw, method="POST" if raw is not None else "GET",
                                          headers={"Content-Type": "application/json"})
         try:
