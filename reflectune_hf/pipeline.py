@@ -74,8 +74,10 @@ def make_oracle(config: OracleConfig):
     if not name:
         raise ValueError(ORACLE_REQUIRED)
     if name.startswith(LOCAL_PREFIX):
+        # The stages ask for max_new_tokens; the oracle allows twice that, so the re-ask of an
+        # answer cut by the limit (`truncated`, asked with twice the budget) really gets it.
         return make_local_oracle(name[len(LOCAL_PREFIX):] or "smollm2-135m-instruct", engine=config.local_engine,
-                                 batch_size=config.local_batch_size, max_new_tokens=config.max_new_tokens,
+                                 batch_size=config.local_batch_size, max_new_tokens=2 * config.max_new_tokens,
                                  structured=config.structured)
     served = {"backend": config.backend, "structured": config.structured}
     if config.batch_api:
