@@ -109,3 +109,18 @@ def test_engine_choice():
     chosen = make_oracle(RecycleConfig(oracle_model="local:smollm2-135m-instruct", local_engine="transformers",
                                        local_batch_size=5))
     assert isinstance(chosen, TransformersOracle) and chosen.batch_size == 5
+
+
+def test_the_reask_of_a_truncated_answer_gets_twice_the_budget():
+    """The stage re-asks a `length` answer with twice max_tokens; the local oracle from the CLI
+    config must not cap it back to max_new_tokens (it did: the re-ask had the same budget)."""
+    from reflectune_hf.configs import RecycleConfig
+    from reflectune_hf.pipeline import make_oracle
+    from reflectune_hf.reflect import ReflectResponse
+
+    for engine in ("llamacpp", "transformers"):
+        config = RecycleConfig(oracle_model="local:smollm2-135m-instruct", max_new_tokens=8, local_engine=engine)
+        oracle = make_oracle(config)
+        stage = ReflectResponse(oracle, max_tokens=config.max_new_tokens)
+        first, longer = (stage.request([{"role": "user", "content": "x"}], attempt=a, longer=a == 1) for a in (0, 1))
+        assert oracle._prepare(first).max_tokens == 8 and oracle._prepare(longer).max_tokens == 16  # noqa: SLF001
