@@ -109,6 +109,10 @@ class LlamaEngine:
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
+    def reset(self) -> None:
+        """Remove every sequence's KV cells (after an interrupted decode)."""
+        self._lib.llama_memory_clear(self._memory, True)
+
     def forget(self, seq_id: int) -> None:
         """Remove every KV cell of sequence `seq_id`."""
         self._lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
@@ -172,6 +176,7 @@ def _log_softmax(logits):
 def run_sequences(engine: LlamaEngine, sequences: list[Sequence], *, eos: set,
                   on_done: Callable[[Sequence], None]) -> None:
     """Decode `sequences` on `engine` (continuous batching); `on_done(seq)` as each one ends."""
+    engine.reset()  # nothing left over from an interrupted call
     queue = list(reversed(sequences))
     free = list(range(engine.n_seq - 1, -1, -1))
     running: dict[int, dict] = {}  # seq_id -> {"seq", "pos", "fed" (prompt tokens sent), "next"}

@@ -292,7 +292,14 @@ class LlamaCppOracle(CachingOracle):
                         top_p=request.top_p, seed=None if request.seed is None else request.seed + c,
                         top_logprobs=(request.top_logprobs or 0) if request.logprobs else None,
                         matcher=constraint.matcher() if constraint is not None else None))
-            run_sequences(engine, sequences, eos=eos, on_done=on_sequence)
+            try:
+                run_sequences(engine, sequences, eos=eos, on_done=on_sequence)
+            except Exception as err:  # noqa: BLE001 - the unanswered rows fail, the answered ones stay
+                logger.warning("llama.cpp decoding stopped: %s: %s", type(err).__name__, err)
+                engine.reset()
+                for i in range(len(requests)):
+                    if results[i] is None:
+                        finish(i, ChatResult.failure(f"generation failed: {type(err).__name__}: {err}"))
         finally:
             bar.close()
         for i, result in enumerate(results):
