@@ -21,6 +21,5 @@ exec "$VENV/bin/reflectune" recycle \
   --student_model smollm2-135m-instruct \
   --max_new_tokens 192 \
   --local_batch_size 16 \
-  --format_retries 0 \
   --output_dir "${REFLECTUNE_OUTPUT:-reflectune-output}" \
   "$@"

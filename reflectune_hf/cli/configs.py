@@ -114,6 +114,9 @@ class OracleConfig(_Checked):
     requests_per_minute: Optional[float] = field(default=None, metadata=_help("rate limit"))
     tokens_per_minute: Optional[float] = field(default=None, metadata=_help("rate limit"))
     local_batch_size: int = field(default=8, metadata=_help("generation batch of a local: oracle"))
+    local_engine: str = field(default="auto", metadata=_help(
+        "engine of a local: oracle: auto (llama.cpp in-process for an embedded GGUF model when llama-cpp-python is "
+        "installed, else transformers), llamacpp or transformers"))
     max_new_tokens: int = field(default=2048, metadata=_help("completion budget per oracle request"))
     temperature: float = field(default=0.0, metadata=_help("sampling temperature of the first request"))
     prompt_set: str = field(default="paper", metadata=_help("'paper' (byte-identical to the method) or 'clean'"))
@@ -129,6 +132,7 @@ class OracleConfig(_Checked):
     def _check(self):
         self.structured = structured_mode(self.structured)
         self.backend = check_choice("backend", self.backend, BACKENDS)
+        self.local_engine = check_choice("local_engine", self.local_engine, ("auto", "llamacpp", "transformers"))
         _at_least(self, 1, "max_concurrency", "local_batch_size", "max_new_tokens", "reflect_batch_size")
         _at_least(self, 0, "temperature", "format_retries")
         _at_least(self, 0, "timeout", strict=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..data import load_data
-from ..oracles import ChatRequest, OpenAIBatchOracle, OpenAIOracle, TransformersOracle
+from ..oracles import ChatRequest, OpenAIBatchOracle, OpenAIOracle, make_local_oracle
 from ..sanitize import LOCAL_PREFIX, sanitize_config
 from .configs import (  # noqa: F401  (the job configs, re-exported for `pipeline.RecycleConfig`)
     DataConfig, EstimateConfig, OracleConfig, RecycleConfig, ReflectConfig, ScoreConfig, SelectConfig,
@@ -66,16 +66,19 @@ def load_input(config: DataConfig):
 
 
 def make_oracle(config: OracleConfig):
-    """The oracle of `config.oracle_model`: `local:<model>` runs a transformers model here; any
+    """The oracle of `config.oracle_model`: `local:<model>` runs the model here (`config.local_engine`:
+    llama.cpp for an embedded GGUF by default, else transformers; `make_local_oracle`); any
     other name goes to an OpenAI-compatible server (the Batch API with `batch_api`) with the
     config's `timeout`, `max_retries`, `context_window` (and `context_tokenizer`)."""
     name = config.oracle_model
     if not name:
         raise ValueError(ORACLE_REQUIRED)
     if name.startswith(LOCAL_PREFIX):
-        return TransformersOracle(model=name[len(LOCAL_PREFIX):] or "smollm2-135m-instruct",
-                                  batch_size=config.local_batch_size, max_new_tokens=config.max_new_tokens,
-                                  structured=config.structured)
+        # The stages ask for max_new_tokens; the oracle allows twice that, so the re-ask of an
+        # answer cut by the limit (`truncated`, asked with twice the budget) really gets it.
+        return make_local_oracle(name[len(LOCAL_PREFIX):] or "smollm2-135m-instruct", engine=config.local_engine,
+                                 batch_size=config.local_batch_size, max_new_tokens=2 * config.max_new_tokens,
+                                 structured=config.structured)
     served = {"backend": config.backend, "structured": config.structured}
     if config.batch_api:
         return OpenAIBatchOracle(name, base_url=config.base_url, timeout=config.timeout, max_retries=config.max_retries,

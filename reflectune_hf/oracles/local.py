@@ -1,5 +1,9 @@
 """`TransformersOracle`: a local causal LM as the oracle (no server, no network).
 
+Any transformers checkpoint works here; for an embedded GGUF model, `local:<model>` runs
+`LlamaCppOracle` (`llamacpp_local`) by default, faster on a CPU, and this one with
+`--local_engine transformers`.
+
 Prompts go through the tokenizer's chat template and are generated in batches of `batch_size`
 by `local_decode.decode`: one prefill, then one token per step for the rows still running
 (finished rows leave the batch), each request reported - cached, counted, and advancing the

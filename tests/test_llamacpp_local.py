@@ -1,0 +1,124 @@
+"""`LlamaCppOracle`: the embedded GGUF through llama.cpp in-process, for real (no mocks), a few short rows."""
+
+import pickle
+import re
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from datasets.fingerprint import Hasher  # noqa: E402
+
+from reflectune_hf.oracles import ChatRequest, LlamaCppOracle, TransformersOracle, make_local_oracle  # noqa: E402
+from reflectune_hf.oracles.stage_formats import stage_answer_format  # noqa: E402
+
+QUESTIONS = ["Name two fruits.", "What is 2 + 3?", "Say hello in French.", "Name a colour."]
+
+
+def ask(text, **kw):
+    return ChatRequest([{"role": "user", "content": text}], **kw)
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    oracle = LlamaCppOracle(batch_size=4, max_new_tokens=16, n_ctx=512, n_threads=1, cache=False, progress=False)
+    yield oracle
+    oracle.close()
+
+
+def test_greedy_answers_are_deterministic_and_independent_of_the_batch(oracle):
+    together = oracle.complete([ask(q) for q in QUESTIONS])
+    assert all(r.ok and r.text for r in together)
+    alone = oracle.complete([ask(QUESTIONS[1])])[0]  # alone, in another slot, after other sequences
+    assert alone.text == together[1].text
+
+
+def test_answers_keep_the_stage_format(oracle):
+    shape = stage_answer_format("response", max_tokens=64)
+    requests = [ChatRequest([{"role": "user", "content": f"Improve this answer. Question: {q} Answer: no idea"}],
+                            max_tokens=64, answer_format=shape) for q in QUESTIONS[:3]]
+    results = LlamaCppOracle(batch_size=4, max_new_tokens=64, n_ctx=512, n_threads=1, cache=False).complete(requests)
+    for result in results:
+        assert result.ok and re.fullmatch(shape.regex(), result.text), result.text
+        assert "[Better Answer]" in result.text and result.text.endswith("[End]")
+
+
+def test_small_budget_ends_with_length_and_prompt_too_long_fails_its_row(oracle):
+    short, long = oracle.complete([ask("Write a long story about a dragon.", max_tokens=3),
+                                   ask("word " * 600, max_tokens=8)])
+    assert short.ok and short.finish_reasons == ["length"] and short.usage["completion_tokens"] == 3
+    assert not long.ok and "raise n_ctx or shorten the row" in long.error
+
+
+def test_sampling_n_seed_and_logprobs(oracle):
+    request = ask("Say hi.", temperature=0.9, n=2, seed=7, max_tokens=6, logprobs=True, top_logprobs=2)
+    first, second = oracle.complete([request])[0], oracle.complete([request, ask("Name a colour.")])[0]
+    assert len(first.texts) == 2 and first.texts == second.texts  # a seed fixes the sample, whatever the batch
+    step = first.logprobs[0][0]
+    assert step["logprob"] <= 0 and len(step["top_logprobs"]) == 2
+    greedy = oracle.complete([ask("Say hi.", n=3, max_tokens=4)])[0]
+    assert len(set(greedy.texts)) == 1 and len(greedy.texts) == 3
+
+
+def test_cache_hit_on_rerun_sends_nothing(tmp_path):
+    kwargs = dict(batch_size=2, max_new_tokens=8, n_ctx=512, n_threads=1, cache=tmp_path / "c.sqlite")
+    first = LlamaCppOracle(**kwargs)
+    answers = first.complete([ask(q) for q in QUESTIONS[:2]])
+    second = LlamaCppOracle(**kwargs)
+    again = second.complete([ask(q) for q in QUESTIONS[:2]])
+    assert [a.text for a in again] == [a.text for a in answers] and all(a.cached for a in again)
+    assert second.usage["requests"] == 0 and getattr(second, "_engine", None) is None  # nothing loaded
+    # The other engine keys its own answers: nothing replayed across engines.
+    other = TransformersOracle(batch_size=2, max_new_tokens=8, cache=tmp_path / "c.sqlite")
+    assert other.cached([ask(q) for q in QUESTIONS[:2]]) == [False, False]
+
+
+def test_pickling_keeps_the_configuration_and_the_fingerprint_names_the_engine(oracle):
+    oracle.complete([ask("Hi", max_tokens=2)])
+    copy = pickle.loads(pickle.dumps(oracle))
+    assert getattr(copy, "_engine", None) is None and (copy.model, copy.batch_size) == (oracle.model, 4)
+    assert copy.complete([ask("Hi", max_tokens=2)])[0].text == oracle.complete([ask("Hi", max_tokens=2)])[0].text
+    copy.close()
+    llama, torch_ = make_local_oracle(engine="llamacpp"), make_local_oracle(engine="transformers")
+    assert Hasher.hash(llama) != Hasher.hash(torch_)
+    assert Hasher.hash(llama) != Hasher.hash(make_local_oracle(engine="llamacpp", weights="gguf"))
+    assert Hasher.hash(llama) == Hasher.hash(make_local_oracle(engine="llamacpp", n_threads=3))  # speed only
+    assert llama._identity()[0] != torch_._identity()[0]  # noqa: SLF001 - the cache keys differ too
+
+
+def test_structured_off_answers_in_free_text():
+    shape = stage_answer_format("response", max_tokens=16)
+    oracle = LlamaCppOracle(batch_size=2, max_new_tokens=16, n_ctx=512, n_threads=1, cache=False, structured="off")
+    result = oracle.complete([ask("Say hi.", answer_format=shape)])[0]
+    assert result.ok and "[Better Answer]" not in result.text
+
+
+def test_engine_choice():
+    assert isinstance(make_local_oracle("smollm2-135m-instruct"), LlamaCppOracle)  # auto: the embedded GGUF
+    assert isinstance(make_local_oracle("./some-hf-checkpoint"), TransformersOracle)
+    with pytest.raises(ValueError, match="needs a GGUF model"):
+        make_local_oracle("./some-hf-checkpoint", engine="llamacpp")
+    with pytest.raises(ValueError, match="local_engine must be one of"):
+        make_local_oracle(engine="onnx")
+    from reflectune_hf.configs import RecycleConfig
+    from reflectune_hf.pipeline import make_oracle
+
+    assert isinstance(make_oracle(RecycleConfig(oracle_model="local:smollm2-135m-instruct")), LlamaCppOracle)
+    chosen = make_oracle(RecycleConfig(oracle_model="local:smollm2-135m-instruct", local_engine="transformers",
+                                       local_batch_size=5))
+    assert isinstance(chosen, TransformersOracle) and chosen.batch_size == 5
+
+
+def test_the_reask_of_a_truncated_answer_gets_twice_the_budget():
+    """The stage re-asks a `length` answer with twice max_tokens; the local oracle from the CLI
+    config must not cap it back to max_new_tokens (it did: the re-ask had the same budget)."""
+    from reflectune_hf.configs import RecycleConfig
+    from reflectune_hf.pipeline import make_oracle
+    from reflectune_hf.reflect import ReflectResponse
+
+    for engine in ("llamacpp", "transformers"):
+        config = RecycleConfig(oracle_model="local:smollm2-135m-instruct", max_new_tokens=8, local_engine=engine)
+        oracle = make_oracle(config)
+        stage = ReflectResponse(oracle, max_tokens=config.max_new_tokens)
+        first, longer = (stage.request([{"role": "user", "content": "x"}], attempt=a, longer=a == 1) for a in (0, 1))
+        assert oracle._prepare(first).max_tokens == 8 and oracle._prepare(longer).max_tokens == 16  # noqa: SLF001
