@@ -132,3 +132,12 @@ def test_the_command_list_names_every_command(capsys):
     out = capsys.readouterr().out
     for name in ALL_COMMANDS:
         assert f"  {name} " in out
+
+
+def test_doctests_of_the_parsing_modules():
+    import doctest
+
+    from reflectune_hf.cli import arguments, configs, sft_job
+
+    for module in (arguments, configs, sft_job, cli):
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module.__name__
