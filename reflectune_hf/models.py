@@ -22,9 +22,11 @@ import functools
 import importlib
 import importlib.metadata
 import importlib.util
+import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,11 +194,26 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """What the libraries print on stderr inside the block (transformers' progress bars for the
+    dequantisation, the weight loading and the shard writing) is held back; it is written out
+    only if the block fails. Our log lines go through logging's handlers and are not affected."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+
+
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF checkpoint into a float32 safetensors directory at `out_dir`.
 
     The directory appears atomically: everything is written to a temporary sibling first and
-    renamed into place, so an interrupted conversion never leaves a directory that loads.
+    renamed into place, so an interrupted conversion never leaves a directory that loads. The
+    conversion logs one INFO line; the libraries' progress bars are not shown.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -206,11 +223,12 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     tmp.chmod(0o755)
     try:
-        logger.info("Converting %s to %s (once)", gguf, out_dir)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        logger.info("Converting %s to a transformers model in %s (once)", gguf.name, out_dir)
+        with _quiet_stderr():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            quantized = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
         config = quantized.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -223,8 +241,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         if tied:
             plain.tie_weights()
         plain.generation_config = quantized.generation_config
-        plain.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        with _quiet_stderr():
+            plain.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
         for file in tmp.iterdir():  # readable by every user of a shared cache (some writers make 0600 files)
             file.chmod(0o644)
         del quantized, plain

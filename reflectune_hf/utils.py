@@ -230,23 +230,17 @@ def versioned(func: Callable) -> VersionedFunction:
 
 
 def card_template(name: str) -> Path:
-    """Path of a card template (`dataset_card.md`, `model_card.md`) from the repository's `cards/`.
-
-    Looked up in the source checkout first (editable installs), then where a wheel installs
-    `cards/` (`<prefix>/share/reflectune_hf/cards`, see `data_files` in setup.cfg).
+    """Path of a card template (`dataset_card.md`, `model_card.md`): package data in
+    `reflectune_hf/cards/`, so a checkout, an editable install and a wheel (`pip install --target`
+    included) find it in the same place.
 
     Example:
         >>> from reflectune_hf.utils import card_template
         >>> card_template("dataset_card.md").name
         'dataset_card.md'
     """
-    import sys
-
-    candidates = [
-        Path(__file__).resolve().parents[1] / "cards" / name,
-        Path(sys.prefix) / "share" / "reflectune_hf" / "cards" / name,
-    ]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"Card template {name!r} not found in {[str(p) for p in candidates]}")
+    path = Path(__file__).resolve().parent / "cards" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"Card template {name!r} not found at {path}: the package's cards/ is incomplete; "
+                                "reinstall reflectune_hf")
+    return path

@@ -1,5 +1,5 @@
-"""Pairwise evaluation of two models on instruction test sets, judged in both orders
-(REFERENCE.md §11); the `reflectune eval` job as a TRL-style script.
+"""Pairwise evaluation of two models on instruction test sets, judged in both orders: a thin
+TRL-style wrapper around `reflectune_hf.cli.eval_job` (the job of `reflectune eval`).
 
     # two local models, an OpenAI-compatible judge
     python scripts/evaluate.py --test_sets vicuna koala --eval_dir ../shared/data/eval \
@@ -16,26 +16,12 @@ Prints the win / tie / lose / error table and writes `<output_dir>/<test set>.js
 `summary.json` and `judge.png`. Servers' API keys come from the environment (`OPENAI_API_KEY`).
 """
 
-from __future__ import annotations
-
-import argparse
 import logging
 
-
-def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
-    from trl import TrlParser
-
-    from reflectune_hf.cli.eval_job import EvalConfig
-
-    if subparsers is not None:
-        return subparsers.add_parser("eval", help="Judge two models' answers pairwise", dataclass_types=(EvalConfig,))
-    return TrlParser((EvalConfig,), prog=prog, description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+from reflectune_hf.cli.eval_job import make_parser, run_eval
 
 
 def main(config) -> dict:
-    from reflectune_hf.cli.eval_job import run_eval
-
     return run_eval(config)
 
 

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning with the Vicuna v1.1 template and assistant-only loss, TRL-style.
+"""Supervised fine-tuning with the Vicuna v1.1 template and assistant-only loss, TRL-style: a thin
+wrapper around `reflectune_hf.cli.sft_job` (the job of `reflectune sft`).
 
 The same arguments as TRL's `trl sft` (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig),
 with the paper's hyperparameters as defaults (`reflectune_hf.training.sft.paper_hyperparameters`), the
@@ -20,155 +21,16 @@ The recipes use only TRL's own keys, so `trl sft --config <recipe>.yaml` runs th
 or local path as the model and a dataset that already has a `messages` column).
 """
 
-import argparse
 import logging
-import os
 
-logger = logging.getLogger("reflectune_hf.scripts.sft")
-
-
-def load_datasets(script_args, dataset_args):
-    """A DatasetDict from `datasets:` (TRL's mixture), or `dataset_name`: `"sample"` (the bundled
-    40 rows), a directory saved with `save_to_disk`, a data file, or a Hub id."""
-    import datasets
-    from trl import get_dataset
-
-    from reflectune_hf.data import load_sample
-
-    if dataset_args is not None and dataset_args.datasets:
-        if script_args.dataset_name:
-            logger.warning("Both `datasets` and `dataset_name` are set; `datasets` is used.")
-        return get_dataset(dataset_args)
-    name = script_args.dataset_name
-    if not name:
-        raise ValueError("Set `dataset_name` (a Hub id, a local path or 'sample') or `datasets` in the config.")
-    if name == "sample":
-        return datasets.DatasetDict({"train": load_sample()})
-    if os.path.isdir(os.path.join(name, "arrow")):  # a folder written by `reflectune` / `save_local`
-        name = os.path.join(name, "arrow")
-    if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("dataset_info.json", "dataset_dict.json")):
-        loaded = datasets.load_from_disk(name)
-        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
-    if os.path.isfile(name):
-        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(name)[1])
-        if builder is None:
-            raise ValueError(f"Unsupported data file {name}: use .json, .jsonl, .parquet or .csv")
-        return datasets.load_dataset(builder, data_files=name)
-    return datasets.load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
-
-
-def train_split(dataset, wanted: str) -> str:
-    """`wanted` when the data has it; for the default `train` of a `reflectune` output (splits
-    `origin`, `reflect_*`, `selected`), its `selected` split; else a clear error. A split without
-    rows is refused in one line (for `selected`: the selection kept nothing, and how to loosen it)."""
-    if wanted in dataset:
-        name = wanted
-    elif wanted == "train" and "selected" in dataset:
-        logger.info("No `train` split: training on `selected` (set dataset_train_split to pick another).")
-        name = "selected"
-    else:
-        raise ValueError(f"The data has no split {wanted!r}, only {list(dataset)}: set dataset_train_split "
-                         "(e.g. `--dataset_train_split reflect_both` for V1 data).")
-    split = dataset[name]
-    if hasattr(split, "__len__") and len(split) == 0:
-        if name == "selected":
-            raise ValueError("The split 'selected' has no rows: the selection kept none. Loosen it (`reflectune "
-                             "select --data <folder> --no_require_below_one`, or a larger --top_fraction) or train "
-                             "on another split (`--dataset_train_split reflect_both`).")
-        raise ValueError(f"The split {name!r} has no rows: pick another with --dataset_train_split "
-                         f"(the data has {list(dataset)}).")
-    return name
-
-
-def check_args(script_args, training_args, model_args, dataset_args=None) -> None:
-    """Bad arguments, found before anything loads (`reflectune sft` exits 2 on them)."""
-    if not model_args.model_name_or_path:
-        raise ValueError("Set --model_name_or_path (an embedded alias such as smollm2-135m-instruct, a Hub id or "
-                         "a local directory), or `model_name_or_path:` in the --config file.")
-
-
-def dataset_label(script_args, dataset_args) -> str:
-    """What the model card names as the data: the Hub id or path, or the mixture's sources."""
-    if dataset_args is None or not dataset_args.datasets:
-        return script_args.dataset_name
-    names = []
-    for source in dataset_args.datasets:
-        files = source.data_files
-        files = list(files.values()) if isinstance(files, dict) else [files] if isinstance(files, str) else files
-        names.append(source.path + (f" ({', '.join(os.path.basename(str(f)) for f in files)})" if files else ""))
-    return " + ".join(names)
+from reflectune_hf.cli.sft_job import make_parser, run_sft  # noqa: F401  (make_parser: TRL's script shape)
 
 
 def main(script_args, training_args, model_args, dataset_args=None):
-    import transformers
-    from packaging.version import Version
-    from trl import get_peft_config, get_quantization_config
-
-    from reflectune_hf.training.sft import PAPER_GLOBAL_BATCH_SIZE, vicuna_sft_trainer
-
-    check_args(script_args, training_args, model_args, dataset_args)
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    if training_args.model_init_kwargs is not None:
-        model_init_kwargs.update(training_args.model_init_kwargs)
-    training_args.model_init_kwargs = model_init_kwargs
-
-    global_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                    * training_args.world_size)
-    if global_batch != PAPER_GLOBAL_BATCH_SIZE:
-        logger.warning("Global batch is %d (per-device %d x accumulation %d x %d processes); the paper used %d.",
-                       global_batch, training_args.per_device_train_batch_size,
-                       training_args.gradient_accumulation_steps, training_args.world_size, PAPER_GLOBAL_BATCH_SIZE)
-
-    dataset = load_datasets(script_args, dataset_args)
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = dataset[script_args.dataset_test_split]
-    trainer = vicuna_sft_trainer(
-        model_args.model_name_or_path,
-        dataset[train_split(dataset, script_args.dataset_train_split)],
-        training_args,
-        eval_dataset=eval_dataset,
-        dataset_name=dataset_label(script_args, dataset_args),
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-    )
-
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)  # weights, tokenizer with the template, README.md card
-    trainer.save_state()  # trainer_state.json with the loss history
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
-
-    if Version(transformers.__version__) >= Version("5.18.0"):
-        trainer.end()
-
-
-def make_parser(subparsers: argparse._SubParsersAction = None, prog: str = None):
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
-
-    from reflectune_hf.training.sft import batch_size_fields, paper_hyperparameters
-
-    dataclass_types = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig)
-    if subparsers is not None:
-        parser = subparsers.add_parser("sft", help="Vicuna v1.1 SFT", dataclass_types=dataclass_types)
-    else:
-        parser = TrlParser(dataclass_types, prog=prog)
-    # The paper's recipe as defaults; a --config file and the command line override them.
-    paper = {**paper_hyperparameters(), **batch_size_fields()}
-    parser.set_defaults_with_config(**paper)
-    return parser
+    run_sft(script_args, training_args, model_args, dataset_args)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = make_parser()
-    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config()
-    main(script_args, training_args, model_args, dataset_args)
+    main(*parser.parse_args_and_config())

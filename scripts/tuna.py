@@ -1,4 +1,5 @@
-"""Tuna fine-tuning (probabilistic, then contextual ranking), TRL-style.
+"""Tuna fine-tuning (probabilistic, then contextual ranking), TRL-style: a thin wrapper around
+`reflectune_hf.cli.tuna_job` (the job of `reflectune tuna`).
 
 Arguments: `TunaScriptArguments` (data and the oracle that ranks it), `TunaConfig` (transformers'
 `TrainingArguments` plus Tuna's `mle_weight`, `margin`, `ce_candidates`, `max_length`, `template`)
@@ -31,151 +32,15 @@ accelerate launch scripts/tuna.py --config scripts/configs/tuna_contextual.yaml 
 ```
 """
 
-import argparse
 import logging
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Optional
 
-logger = logging.getLogger("reflectune_hf.scripts.tuna")
-
-
-@dataclass
-class TunaScriptArguments:
-    """Data and ranking arguments of `scripts/tuna.py`."""
-
-    dataset_name: str = field(default="sample", metadata={
-        "help": "'sample', a JSON/JSONL/Parquet file, a save_to_disk folder or a Hub id."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
-    max_samples: Optional[int] = field(default=None, metadata={"help": "Use the first rows only."})
-    stage: str = field(default="probabilistic", metadata={
-        "help": "How rows without ranked_responses are ranked: 'probabilistic' or 'contextual'."})
-    oracle_model: Optional[str] = field(default=None, metadata={
-        "help": "The teacher (probabilistic) or judge (contextual) model."})
-    oracle_base_url: Optional[str] = field(default=None, metadata={
-        "help": "OpenAI-compatible server of oracle_model; unset: a local transformers model."})
-    num_responses: int = field(default=4, metadata={"help": "Responses sampled per instruction."})
-    sample_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the responses."})
-    sample_max_tokens: int = field(default=512, metadata={"help": "Token budget of each sampled response."})
-    judge_max_tokens: int = field(default=2048, metadata={"help": "Token budget of the judge's answer."})
-    oracle_max_concurrency: int = field(default=32, metadata={"help": "Requests in flight to the server."})
-    oracle_timeout: float = field(default=120.0, metadata={"help": "Seconds an HTTP attempt to a server may take."})
-    oracle_max_retries: int = field(default=6, metadata={
-        "help": "Retries per server request (429, 5xx, timeouts, ...)."})
-    student_base_url: Optional[str] = field(default=None, metadata={
-        "help": "contextual: a server answering for the model being trained (needed when it has no chat template); "
-                "unset: the model itself through transformers."})
-    ranked_dataset_path: Optional[str] = field(default=None, metadata={
-        "help": "save_to_disk the ranked data here before training."})
-    mix_original: bool = field(default=False, metadata={
-        "help": "Also train on each original Alpaca pair as a one-candidate (CE only) row, for regularisation."})
-
-
-def make_oracle(model: str, base_url: Optional[str], max_tokens: int, max_concurrency: int = 32,
-                timeout: float = 120.0, max_retries: int = 6):
-    from reflectune_hf.oracles import OpenAIOracle, TransformersOracle
-
-    if base_url:
-        return OpenAIOracle(model, base_url=base_url, max_concurrency=max_concurrency, timeout=timeout,
-                            max_retries=max_retries)
-    return TransformersOracle(model, max_new_tokens=max_tokens)
-
-
-def rank_dataset(ds, script_args, student_model: str):
-    """Add `ranked_responses` to Alpaca rows with the stage's oracle(s)."""
-    from reflectune_hf.tuna.stages import ContextualRank, SampleResponses, rank_by_logprob
-
-    if not script_args.oracle_model:
-        raise ValueError(f"The data has no ranked_responses: set oracle_model (the {script_args.stage} ranking's "
-                         f"{'teacher' if script_args.stage == 'probabilistic' else 'judge'}) to rank it.")
-    oracle = make_oracle(script_args.oracle_model, script_args.oracle_base_url,
-                         max(script_args.sample_max_tokens, script_args.judge_max_tokens),
-                         script_args.oracle_max_concurrency, script_args.oracle_timeout,
-                         script_args.oracle_max_retries)
-    sample = dict(n=script_args.num_responses, temperature=script_args.sample_temperature,
-                  max_tokens=script_args.sample_max_tokens)
-    if script_args.stage == "probabilistic":
-        ds = ds.map(SampleResponses(oracle, **sample), batched=True, desc="Tuna: sampling the teacher")
-        ds = ds.map(rank_by_logprob, batched=True, desc="Tuna: ranking by log-probability")
-    elif script_args.stage == "contextual":
-        if "responses" not in ds.column_names:
-            student = make_oracle(student_model, script_args.student_base_url, script_args.sample_max_tokens,
-                                  script_args.oracle_max_concurrency, script_args.oracle_timeout,
-                                  script_args.oracle_max_retries)
-            # The judge ranks the texts: no logprobs asked, so a server without them still answers.
-            ds = ds.map(SampleResponses(student, logprobs=False, **sample), batched=True,
-                        desc="Tuna: sampling the student")
-        judge = ContextualRank(oracle, max_tokens=script_args.judge_max_tokens)
-        ds = ds.map(judge, batched=True, desc="Tuna: contextual ranking")
-    else:
-        raise ValueError(f"stage must be 'probabilistic' or 'contextual', got {script_args.stage!r}")
-    logger.info("Ranking statuses: %s", dict(Counter(ds["ranking_status"])))
-    return ds
-
-
-def load_ranked_data(script_args, student_model: str):
-    import datasets
-
-    from reflectune_hf.data import load_data
-
-    base = load_data(script_args.dataset_name, split=script_args.dataset_train_split)
-    if script_args.max_samples is not None:
-        base = base.select(range(min(script_args.max_samples, len(base))))
-    ds = base
-    if "ranked_responses" not in ds.column_names:
-        ds = rank_dataset(ds, script_args, student_model)
-        if script_args.ranked_dataset_path:
-            ds.save_to_disk(script_args.ranked_dataset_path)
-    ds = ds.select_columns([c for c in ("id", "instruction", "input", "ranked_responses") if c in ds.column_names])
-    if script_args.mix_original:  # the reference adds the original Alpaca pairs "for regularization"
-        original = base.map(lambda out: {"ranked_responses": [out]}, input_columns="output")
-        ds = datasets.concatenate_datasets([ds, original.select_columns(ds.column_names).cast(ds.features)])
-    return ds
-
-
-def load_model(model_args):
-    """The model to train, in `model_args.dtype` (float32 when unset: fp32 master weights; the
-    recipes add bf16 autocast with `bf16: true`, as the Vicuna ones)."""
-    from transformers import AutoModelForCausalLM
-
-    from reflectune_hf.models import resolve_model
-
-    return AutoModelForCausalLM.from_pretrained(
-        resolve_model(model_args.model_name_or_path), revision=model_args.model_revision,
-        dtype=model_args.dtype or "float32", attn_implementation=model_args.attn_implementation)
+from reflectune_hf.cli.tuna_job import make_parser, run_tuna  # noqa: F401  (make_parser: TRL's script shape)
 
 
 def main(script_args, training_args, model_args):
-    import transformers
-    from packaging.version import Version
-
-    from reflectune_hf.tuna.trainer import TunaTrainer
-
-    dataset = load_ranked_data(script_args, model_args.model_name_or_path)
-    model = load_model(model_args)
-    trainer = TunaTrainer(model, args=training_args, train_dataset=dataset)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()  # trainer_state.json with the loss history
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    if Version(transformers.__version__) >= Version("5.18.0"):
-        trainer.end()
-
-
-def make_parser(subparsers: argparse._SubParsersAction = None, prog: str = None):
-    from trl import ModelConfig, TrlParser
-
-    from reflectune_hf.tuna.trainer import TunaConfig
-
-    dataclass_types = (TunaScriptArguments, TunaConfig, ModelConfig)
-    if subparsers is not None:
-        return subparsers.add_parser("tuna", help="Tuna ranking fine-tuning", dataclass_types=dataclass_types)
-    return TrlParser(dataclass_types, prog=prog)
+    run_tuna(script_args, training_args, model_args)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    main(*make_parser().parse_args_and_config())

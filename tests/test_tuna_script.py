@@ -1,4 +1,5 @@
-"""scripts/tuna.py: the CPU smoke recipe end to end (local SmolLM2 teacher, ranking, one training step)."""
+"""`reflectune tuna` (`cli.tuna_job`): the CPU smoke recipe end to end through its wrapper scripts/tuna.py (local
+SmolLM2 teacher, ranking, one training step), and bad data refused."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_script():
+    """scripts/tuna.py, the thin wrapper around `reflectune_hf.cli.tuna_job`."""
     spec = importlib.util.spec_from_file_location("tuna_script", REPO / "scripts" / "tuna.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
@@ -41,7 +43,8 @@ def test_smoke_recipe_ranks_trains_and_saves(tmp_path, smollm2_dir):
 
 
 def test_unranked_data_without_an_oracle_is_refused(tmp_path):
-    script = load_script()
+    from reflectune_hf.cli import tuna_job as script
+
     script_args, _, _ = script.make_parser().parse_args_and_config(
         ["--config", str(REPO / "scripts" / "configs" / "tuna_smoke_cpu.yaml"), "--output_dir", str(tmp_path),
          "--oracle_model", ""])

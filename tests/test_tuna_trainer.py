@@ -177,13 +177,11 @@ def test_tokenize_truncates_and_drops_rows_without_candidates(tmp_path, caplog):
 
 
 def test_recipes_parse():
-    import importlib.util
     from pathlib import Path
 
+    from reflectune_hf.cli import tuna_job as script
+
     repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("tuna_script", repo / "scripts" / "tuna.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     for stage, lr in (("probabilistic", 1e-5), ("contextual", 1e-6)):
         script_args, args, model_args = script.make_parser().parse_args_and_config(
             ["--config", str(repo / "scripts" / "configs" / f"tuna_{stage}.yaml"), "--use_cpu", "true",

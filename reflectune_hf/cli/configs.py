@@ -66,22 +66,15 @@ class _Checked:
 
 
 @dataclass
-class DataConfig(_Checked):
-    """Where the data comes from and where results go."""
+class InputConfig(_Checked):
+    """Where the data comes from."""
 
+    help_group = "data"
     data: str = field(default="sample", metadata=_help(
         "'sample' (the bundled 40 rows), a Hub dataset id, a JSON/JSONL/Parquet file, or a folder written by "
         "save_to_disk or by an earlier reflectune command"))
     split: str = field(default="train", metadata=_help("split to read from a Hub id or a DatasetDict"))
     limit: Optional[int] = field(default=None, metadata=_help("use only the first N rows"))
-    output_dir: str = field(default="reflectune-output", metadata=_help("where data, card and plots are written"))
-    push_to_hub: Optional[str] = field(default=None, metadata=_help("also push the result to this Hub dataset repo"))
-    private: bool = field(default=True, metadata=_help("make the pushed repo private"))
-    license: Optional[str] = field(default=None, metadata=_help(
-        "license of the source data for the card (default: the one the loaded dataset declares, if any)"))
-    quality_report: bool = field(default=False, metadata=_help(
-        "add data-quality statistics to the card: token lengths, perplexity, MiniLM instruction-response "
-        "coherence (needs the `quality` extra: pip install 'reflectune_hf[quality]')"))
 
     def _check(self):
         if not isinstance(self.data, str) or not self.data.strip():
@@ -90,9 +83,55 @@ class DataConfig(_Checked):
 
 
 @dataclass
+class HubConfig(_Checked):
+    """Where results are pushed."""
+
+    help_group = "output"
+    negated_help = {"private": "make the pushed repo public"}
+    push_to_hub: Optional[str] = field(default=None, metadata=_help("also push the result to this Hub dataset repo"))
+    private: bool = field(default=True, metadata=_help("make the pushed repo private"))
+
+
+@dataclass
+class OutputConfig(HubConfig):
+    """Where results go, and what the card says."""
+
+    output_dir: str = field(default="reflectune-output", metadata=_help("where data, card and plots are written"))
+    license: Optional[str] = field(default=None, metadata=_help(
+        "license of the source data for the card (default: the one the loaded dataset declares, if any)"))
+    quality_report: bool = field(default=False, metadata=_help(
+        "add data-quality statistics to the card: token lengths, perplexity, MiniLM instruction-response "
+        "coherence (needs the `quality` extra: pip install 'reflectune_hf[quality]')"))
+
+
+@dataclass
+class DataConfig(OutputConfig, InputConfig):
+    """Where the data comes from and where results go."""
+
+
+@dataclass
+class PushSource(_Checked):
+    """The folder `reflectune push` publishes."""
+
+    help_group = "data"
+    data: str = field(default="reflectune-output", metadata=_help("the folder an earlier reflectune command wrote"))
+
+
+@dataclass
+class PushConfig(HubConfig, PushSource):
+    """`reflectune push`: an output folder to the Hub, with its card."""
+
+    def _check(self):
+        if not self.push_to_hub:
+            raise ValueError("push needs --push_to_hub <namespace/name>")
+
+
+@dataclass
 class OracleConfig(_Checked):
     """The oracle LLM that compresses and reflects."""
 
+    help_group = "oracle"
+    negated_help = {"compress": "keep the inputs as they are: no compression"}
     oracle_model: Optional[str] = field(default=None, metadata=_help(
         "model name on an OpenAI-compatible server (OPENAI_API_KEY, --base_url), or local:<model> for a "
         "transformers model run here (e.g. local:smollm2-135m-instruct)"))
@@ -146,6 +185,7 @@ class OracleConfig(_Checked):
 class StudentConfig(_Checked):
     """The student model that scores IFD and r-IFD."""
 
+    help_group = "student"
     student_model: str = field(default="smollm2-135m-instruct", metadata=_help("alias, Hub id or local path"))
     template: str = field(default="vicuna", metadata=_help(
         "scoring template: vicuna, alpaca, wizardlm, or plain (for base models that know no chat template)"))
@@ -168,8 +208,11 @@ class StudentConfig(_Checked):
 class SelectionConfig(_Checked):
     """How the recycled data is selected."""
 
+    help_group = "selection"
+    negated_help = {"require_below_one": "V2: skip the IFD < 1 and r-IFD < 1 checks"}
     selection: str = field(default="v2", metadata=_help("v2 (Selective Reflection-Tuning), v1 (reflect_both) or none"))
-    require_below_one: bool = field(default=True, metadata=_help("V2: the reference code's extra IFD/r-IFD < 1 checks"))
+    require_below_one: bool = field(default=True, metadata=_help(
+        "V2: also require IFD < 1 and r-IFD < 1, as the authors' code does"))
     ratio: str = field(default="ppl", metadata=_help("ppl (ratios of perplexities, V2 code) or loss (Cherry LLM)"))
     top_fraction: Optional[float] = field(default=None, metadata=_help("then keep the top fraction by IFD"))
 
@@ -203,9 +246,10 @@ class RecycleConfig(SelectionConfig, StudentConfig, OracleConfig, DataConfig):
 
 
 @dataclass
-class EstimateConfig(OracleConfig, DataConfig):
+class EstimateConfig(OracleConfig, InputConfig):
     """`reflectune estimate`: tokens and money of a reflect run, before anything is sent."""
 
+    help_group = "prices"
     input_price: Optional[float] = field(default=None, metadata=_help("price per million prompt tokens"))
     output_price: Optional[float] = field(default=None, metadata=_help("price per million output tokens"))
     tokenizer: str = field(default="smollm2-135m-instruct", metadata=_help("tokenizer that counts prompt tokens"))

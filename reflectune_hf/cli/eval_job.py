@@ -1,8 +1,8 @@
 """The `reflectune eval` job: answer test sets with two models (or take two response files),
 judge the answers in both orders, print the table and write the chart.
 
-`EvalConfig` is a dataclass usable from Python, YAML and the command line (`scripts/evaluate.py`
-parses it with TRL's `TrlParser`); `run_eval(config)` does the work and returns the summaries.
+`EvalConfig` is a dataclass usable from Python, YAML and the command line (`make_parser`, also
+behind `scripts/evaluate.py`); `run_eval(config)` does the work and returns the summaries.
 
 Outputs in `output_dir`: `<test set>.jsonl` (every row: question, both answers with their
 statuses, both judge answers, scores and verdict), `summary.json` (`judge_summary` per test set
@@ -33,12 +33,21 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvalConfig:
-    """Configuration of `run_eval` (every field is a command-line flag of `scripts/evaluate.py`).
+    """Configuration of `run_eval` (every field is a flag of `reflectune eval`).
 
     A model is answered by an OpenAI-compatible server when its `base_url` is set (the server
     applies the chat template), else loaded locally with `TransformersOracle` (its tokenizer's
     chat template); embedded aliases, Hub ids and local directories all work.
     """
+
+    help_groups = {  # the flags' headings in `reflectune eval --help`
+        "test_sets": "test sets", "eval_dir": "test sets", "max_rows": "test sets",
+        "model_a": "models", "base_url_a": "models", "model_b": "models", "base_url_b": "models",
+        "responses_a": "models", "responses_b": "models", "max_new_tokens": "models", "temperature": "models",
+        "judge_model": "judge", "judge_base_url": "judge", "judge_max_tokens": "judge",
+        "timeout": "servers", "max_retries": "servers",
+        "label_a": "output", "label_b": "output", "output_dir": "output",
+    }
 
     test_sets: list[str] = field(default_factory=list, metadata={
         "help": "Test-set files, or names looked up in --eval_dir (vicuna, wizardlm, koala, sinstruct, lima)."})
@@ -58,7 +67,7 @@ class EvalConfig:
     max_retries: int = field(default=6, metadata={"help": "Retries per server request (429, 5xx, timeouts, ...)."})
     max_new_tokens: int = field(default=512, metadata={"help": "Answer length limit (tokens)."})
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature of the answers."})
-    judge_max_tokens: int = field(default=1024, metadata={"help": "Judge answer limit (the reference's 1024)."})
+    judge_max_tokens: int = field(default=1024, metadata={"help": "Judge answer limit (1024 in the authors' code)."})
     label_a: str = field(default="A", metadata={"help": "Name of model A in the table and chart."})
     label_b: str = field(default="B", metadata={"help": "Name of model B in the table and chart."})
     output_dir: str = field(default="reflectune-output/eval", metadata={"help": "Where results are written."})
@@ -78,6 +87,21 @@ class EvalConfig:
                 raise ValueError("Give at least one test set (--test_sets) to answer")
         if not self.judge_model:
             raise ValueError("--judge_model is required")
+
+
+DESCRIPTION = ("Answer instruction test sets with two models (or read two response files), judge the answers "
+               "pairwise in both orders, print the win / tie / lose table and write the chart. Servers' API keys "
+               "come from the environment (OPENAI_API_KEY).")
+
+
+def make_parser(subparsers=None, prog: str | None = None):
+    """The command line of `reflectune eval` (and `scripts/evaluate.py`): `EvalConfig`'s fields as
+    grouped flags, or a `--config` YAML file."""
+    from .arguments import CommandParser
+
+    if subparsers is not None:
+        return subparsers.add_parser("eval", help="Judge two models' answers pairwise", dataclass_types=(EvalConfig,))
+    return CommandParser((EvalConfig,), prog=prog, description=DESCRIPTION)
 
 
 def make_oracle(model: str, base_url: Optional[str], max_tokens: int, timeout: float = 120.0, max_retries: int = 6):

@@ -1,4 +1,5 @@
-"""The `reflectune` command: thin parsing over `reflectune_hf.cli.jobs` and the TRL-style scripts.
+"""The `reflectune` command: thin parsing over the jobs of this package (`jobs`, `sft_job`,
+`tuna_job`, `eval_job`); the repository's `scripts/*.py` are wrappers around the same jobs.
 
 Each subcommand takes its config dataclass's fields as flags (`--oracle_model` or
 `--oracle-model`) or from a YAML file (`--config recipe.yaml`, the same field names; flags
@@ -16,7 +17,7 @@ kept at WARNING otherwise.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import logging
 import sys
@@ -24,9 +25,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import jobs
+from .arguments import CommandParser
+from .configs import PushConfig
 
 logger = logging.getLogger("reflectune_hf")
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai")  # kept at WARNING unless -v
 
 JOBS: dict[str, tuple[type, Callable, str]] = {
@@ -36,52 +38,61 @@ JOBS: dict[str, tuple[type, Callable, str]] = {
     "score": (jobs.ScoreConfig, jobs.run_score, "IFD / r-IFD columns on every split of a dataset"),
     "select": (jobs.SelectConfig, jobs.run_select, "V2 / V1 selection on scored variants"),
     "estimate": (jobs.EstimateConfig, jobs.run_estimate, "tokens and cost of a reflect run; sends nothing"),
-    "push": (jobs.DataConfig, None, "push an output folder to the Hub (--data folder --push_to_hub repo)"),
+    "push": (PushConfig, None, "push an output folder to the Hub (--data folder --push_to_hub repo)"),
 }
-SCRIPT_COMMANDS = {"sft": ("sft.py", "fine-tune with TRL's SFTTrainer and the Vicuna v1.1 template"),
-                   "eval": ("evaluate.py", "judge two models' answers pairwise, in both orders")}
+# TRL-style jobs: a module of this package with make_parser(prog=...) and its run function.
+TRAINING_COMMANDS = {
+    "sft": ("sft_job", "run_sft", "fine-tune with TRL's SFTTrainer and the Vicuna v1.1 template"),
+    "tuna": ("tuna_job", "run_tuna", "Tuna fine-tuning: rank sampled answers, then train on the ranking"),
+    "eval": ("eval_job", "run_eval", "judge two models' answers pairwise, in both orders"),
+}
 
 
 def _usage() -> str:
     lines = ["usage: reflectune <command> [--config file.yaml] [--flag value ...]", "", "commands:"]
     for name, (_, _, text) in JOBS.items():
         lines.append(f"  {name:<10}{text}")
-    for name, (_, text) in SCRIPT_COMMANDS.items():
+    for name, (_, _, text) in TRAINING_COMMANDS.items():
         lines.append(f"  {name:<10}{text}")
-    lines.append("\n`reflectune <command> --help` lists a command's flags.")
+    lines.append("\n`reflectune <command> --help` lists a command's flags; -v shows debug logs and tracebacks.")
     return "\n".join(lines)
 
 
-def _load_script(filename: str):
-    path = SCRIPTS / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: this command runs the repository's scripts/{filename} "
-                                "(use a source checkout or editable install)")
-    spec = importlib.util.spec_from_file_location(f"reflectune_scripts_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def command_parser(name: str):
+    """The argument parser of `reflectune <name>` (what `--help` prints).
+
+    Example:
+        >>> from reflectune_hf.cli.main import command_parser
+        >>> "--limit" in command_parser("push").format_help()
+        False
+    """
+    if name in TRAINING_COMMANDS:
+        return _training_module(name).make_parser(prog=f"reflectune {name}")
+    config_type, _, text = JOBS[name]
+    return CommandParser((config_type,), prog=f"reflectune {name}", description=text)
 
 
-def _run_script(name: str, argv: list[str]) -> int:
-    module = _load_script(SCRIPT_COMMANDS[name][0])
-    parser = module.make_parser(prog=f"reflectune {name}")
+def _training_module(name: str):
+    return importlib.import_module(f"{__package__}.{TRAINING_COMMANDS[name][0]}")
+
+
+def _run_training(name: str, argv: list[str]) -> int:
+    module, run_name = _training_module(name), TRAINING_COMMANDS[name][1]
+    parser = command_parser(name)
     try:
         args = parser.parse_args_and_config(argv)
         if hasattr(module, "check_args"):  # bad arguments found before anything loads: exit 2 too
             module.check_args(*args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:  # a bad value, or a bad or missing --config file
         parser.error(str(err))
-    module.main(*args)
+    getattr(module, run_name)(*args)
     return 0
 
 
-def _push(config: jobs.DataConfig) -> str:
+def _push(config: PushConfig) -> str:
     from ..publishing.hub import push_to_hub
 
-    if not config.push_to_hub:
-        raise ValueError("push needs --push_to_hub <namespace/name>")
-    data = jobs.load_input(config)
+    data = jobs.load_input(jobs.DataConfig(data=config.data))
     context_file = Path(config.data) / jobs.CONTEXT_FILE  # the configuration of the run that wrote the folder
     record = json.loads(context_file.read_text()) if context_file.is_file() else {}
     context = jobs.card_context(record, data=data)
@@ -109,10 +120,7 @@ def parse_config(name: str, argv: list[str]):
         >>> parse_config("select", ["--data", "scored", "--top_fraction", "0.1"]).top_fraction
         0.1
     """
-    from trl import TrlParser
-
-    config_type, _, text = JOBS[name]
-    parser = TrlParser((config_type,), prog=f"reflectune {name}", description=text)
+    parser = command_parser(name)
     try:
         (config,) = parser.parse_args_and_config(argv)
     except (ValueError, FileNotFoundError) as err:  # a bad value, or a bad or missing --config file
@@ -135,12 +143,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in JOBS and name not in SCRIPT_COMMANDS:
+    if name not in JOBS and name not in TRAINING_COMMANDS:
         print(f"reflectune: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        if name in SCRIPT_COMMANDS:
-            return _run_script(name, rest)
+        if name in TRAINING_COMMANDS:
+            return _run_training(name, rest)
         config = parse_config(name, rest)
         if getattr(config, "push_to_hub", None):  # no token: say how to log in before any work, not a 401 after it
             from ..publishing.hub import require_token

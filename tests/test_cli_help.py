@@ -1,0 +1,143 @@
+"""`reflectune <command> --help` reads well: only the flags a command uses, grouped, negated flags
+that say what they do, each default printed once, no internal references, and `sft` showing our
+flags before TRL's."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+
+from reflectune_hf.cli import main as cli
+
+OUR_COMMANDS = ("recycle", "reflect", "score", "select", "estimate", "push", "eval")
+ALL_COMMANDS = OUR_COMMANDS + ("sft", "tuna")
+
+
+def help_text(name: str, capsys) -> str:
+    assert cli.main([name, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def flags(name: str) -> set[str]:
+    return {s for action in cli.command_parser(name)._actions for s in action.option_strings}
+
+
+def entries(text: str) -> list[str]:
+    """The help text cut into one entry per option (its option line and the lines of its help)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            out.append(line)
+        elif out and line.startswith("    "):
+            out[-1] += " " + line.strip()
+    return out
+
+
+@pytest.mark.parametrize("name, present, absent", [
+    ("push", {"--data", "--push_to_hub", "--private", "--no_private"},
+     {"--limit", "--quality_report", "--output_dir", "--license", "--split", "--oracle_model"}),
+    ("estimate", {"--data", "--limit", "--oracle_model", "--input_price", "--tokenizer"},
+     {"--output_dir", "--push_to_hub", "--private", "--quality_report", "--license", "--student_model"}),
+    ("select", {"--data", "--selection", "--top_fraction", "--output_dir"}, {"--oracle_model", "--student_model"}),
+    ("score", {"--data", "--student_model", "--score_batch_size", "--output_dir"}, {"--oracle_model", "--selection"}),
+    ("reflect", {"--oracle_model", "--no_compress", "--output_dir"}, {"--student_model", "--selection"}),
+    ("recycle", {"--oracle_model", "--student_model", "--selection", "--output_dir"}, {"--input_price"}),
+])
+def test_a_command_lists_only_the_flags_it_uses(name, present, absent):
+    assert present <= flags(name) and not absent & flags(name)
+
+
+@pytest.mark.parametrize("name, groups", [
+    ("recycle", ["data", "output", "oracle", "student", "selection"]),
+    ("estimate", ["data", "oracle", "prices"]),
+    ("push", ["data", "output"]),
+    ("eval", ["test sets", "models", "judge", "servers", "output"]),
+    ("tuna", ["data and ranking"]),
+])
+def test_flags_are_grouped_under_headings(name, groups, capsys):
+    text = help_text(name, capsys)
+    for title in groups:
+        assert f"\n{title}:\n" in text
+    parser = cli.command_parser(name)
+    group_of = {a.dest: g.title for g in parser._action_groups for a in g._group_actions}
+    if name == "recycle":
+        assert (group_of["oracle_model"], group_of["student_model"], group_of["top_fraction"]) == \
+            ("oracle", "student", "selection")
+        assert (group_of["data"], group_of["push_to_hub"]) == ("data", "output")
+
+
+def test_negated_flags_say_what_they_do(capsys):
+    by_option = {e.split()[0].rstrip(","): e for e in entries(help_text("push", capsys))}
+    assert "make the pushed repo public" in by_option["--no_private"]
+    assert "private" in by_option["--private"] and "public" not in by_option["--private"]
+    for name in OUR_COMMANDS + ("tuna",):
+        parser = cli.command_parser(name)
+        positive = {a.dest: a.help for a in parser._actions if not isinstance(a, argparse._StoreFalseAction)}
+        for action in parser._actions:
+            if isinstance(action, argparse._StoreFalseAction):
+                assert action.help and action.help != positive[action.dest], (name, action.option_strings)
+    recycle = {e.split()[0].rstrip(","): e for e in entries(help_text("recycle", capsys))}
+    assert "no compression" in recycle["--no_compress"] and "skip" in recycle["--no_require_below_one"]
+    sft = cli.command_parser("sft")
+    negated = [a for a in sft._actions if isinstance(a, argparse._StoreFalseAction)]
+    assert negated and all(a.help.startswith("set --") and "to false" in a.help for a in negated)
+
+
+@pytest.mark.parametrize("name", OUR_COMMANDS)
+def test_each_default_is_printed_once_and_none_is_not_printed(name, capsys):
+    text = help_text(name, capsys)
+    assert "(default: None)" not in text
+    for entry in entries(text):
+        assert len(re.findall(r"default", entry, flags=re.IGNORECASE)) <= 1, entry
+    assert "(default: False)" not in "".join(e for e in entries(text) if e.lstrip().startswith("--no_"))
+
+
+@pytest.mark.parametrize("name", ALL_COMMANDS)
+def test_no_internal_references(name, capsys):
+    text = help_text(name, capsys)
+    if name in ("sft", "tuna"):  # TRL's and transformers' own help texts come after ours
+        text = text.split("\n\n")[0:4]
+        text = "\n\n".join(text)
+    for needle in ("REFERENCE", "ARCHITECTURE", "§", "issue #", "scripts/"):
+        assert needle not in text, (name, needle)
+    assert not re.search(r"#\d+", text)
+    assert text.startswith(f"usage: reflectune {name} [-h] [--config FILE]")
+
+
+def test_sft_help_shows_our_flags_first_then_trls(capsys):
+    text = help_text("sft", capsys)
+    ours = text.index("reflectune: data, model and the paper's recipe:")
+    trl = text.index("TRL's SFT options")
+    assert ours < trl
+    for flag in ("--model_name_or_path", "--dataset_name", "--dataset_train_split", "--learning_rate", "--config"):
+        assert ours < text.index(f"  {flag}") < trl, flag
+    for flag in ("--dataset_config", "--max_steps", "--use_peft"):
+        assert text.index(f"  {flag}") > trl, flag
+    assert "embedded alias" in text[ours:trl] and "(default: 2e-05)" in text[ours:trl]
+    assert text.count("  --learning_rate") == 1  # moved, not copied
+
+
+def test_sft_parsing_is_unchanged_by_the_help_layout(tmp_path):
+    script_args, args, model_args, _ = cli.command_parser("sft").parse_args_and_config(
+        ["--model_name_or_path", "smollm2-135m-instruct", "--dataset_name", "sample", "--output_dir", str(tmp_path),
+         "--learning_rate", "1e-4", "--max_steps", "2"])
+    assert (model_args.model_name_or_path, script_args.dataset_name) == ("smollm2-135m-instruct", "sample")
+    assert (args.learning_rate, args.max_steps, args.num_train_epochs) == (1e-4, 2, 3)
+
+
+def test_the_command_list_names_every_command(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ALL_COMMANDS:
+        assert f"  {name} " in out
+
+
+def test_doctests_of_the_parsing_modules():
+    import doctest
+
+    from reflectune_hf.cli import arguments, configs, sft_job
+
+    for module in (arguments, configs, sft_job, cli):
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module.__name__
