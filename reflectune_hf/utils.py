@@ -230,9 +230,10 @@ def versioned(func: Callable) -> VersionedFunction:
 
 
 def card_template(name: str) -> Path:
-    """Path of a card template (`dataset_card.md`, `model_card.md`): package data in
-    `reflectune_hf/cards/`, so a checkout, an editable install and a wheel (`pip install --target`
-    included) find it in the same place.
+    """Path of a card template (`dataset_card.md`, `model_card.md`). The templates live in the
+    repository's top-level `cards/`; `reflectune_hf/cards` links to it, so a wheel carries them as
+    package data and a checkout, an editable install and a wheel (`pip install --target` included)
+    find them in the same place.
 
     Example:
         >>> from reflectune_hf.utils import card_template
