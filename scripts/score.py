@@ -16,6 +16,11 @@ accelerate launch --num_processes 8 scripts/score.py --config scripts/configs/sc
 torchrun --nproc_per_node 2 scripts/score.py --data sample --output scored.parquet --device cpu
 ```
 
+# A student served by vLLM or llama.cpp (only its tokenizer is loaded here)
+```bash
+python scripts/score.py --data sample --student_base_url http://127.0.0.1:8000/v1 --model HuggingFaceTB/SmolLM2-135M-Instruct
+```
+
 The output format follows the suffix of `--output`: `.jsonl`, `.json`, `.parquet`, else a
 directory written with `save_to_disk`. NaN scores (see `score_status`) are written as null in JSON.
 """
@@ -45,6 +50,10 @@ class ScoreConfig:
     device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda; default: each process's accelerate device"})
     max_tokens_per_batch: Optional[int] = field(default=None, metadata={"help": "padded tokens per forward pass (default: 16384 on GPU, 1024 on CPU)"})
     batch_size: int = field(default=256, metadata={"help": "rows per map batch"})
+    student_base_url: Optional[str] = field(default=None, metadata={"help": "score with the student served by vLLM or llama.cpp at this URL (ends in /v1); --model is then the tokenizer"})
+    student_server_model: Optional[str] = field(default=None, metadata={"help": "the student's name on that server (default: --model)"})
+    student_backend: str = field(default="auto", metadata={"help": "auto, vllm, llamacpp or echo (OpenAI-legacy)"})
+    student_max_concurrency: int = field(default=16, metadata={"help": "served student: requests in flight per process"})
 
 
 def write(ds, path: str) -> None:
@@ -77,6 +86,8 @@ def main(config: ScoreConfig):
         device="cpu" if on_cpu else (config.device or str(state.device)),
         max_tokens_per_batch=config.max_tokens_per_batch,
         num_threads=max(1, len(os.sched_getaffinity(0)) // state.num_processes) if on_cpu else None,
+        base_url=config.student_base_url, server_model=config.student_server_model,
+        student_backend=config.student_backend, max_concurrency=config.student_max_concurrency,
     )
     with state.split_between_processes(list(range(len(ds)))) as indices:
         shard = ds.select(indices).select_columns([c for c in ("instruction", "input", "output") if c in ds.column_names])
