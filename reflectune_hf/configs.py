@@ -23,7 +23,7 @@ from typing import Optional
 from .models import DTYPE_NAMES
 from .oracles.backends import BACKENDS, check_choice, structured_mode
 from .prompts import PROMPT_SETS, SCORING_TEMPLATES
-from .served_student import STUDENT_BACKENDS
+from .served_student import student_backend
 
 SELECTIONS = ("v2", "v1", "none")
 RATIOS = ("ppl", "loss")
@@ -166,7 +166,7 @@ class StudentConfig(_Checked):
         _at_least(self, 2, "max_length")
         _at_least(self, 1, "score_batch_size")
         _integer(self, "student_max_concurrency", minimum=1)
-        self.student_backend = check_choice("student_backend", self.student_backend, STUDENT_BACKENDS)
+        self.student_backend = student_backend(self.student_backend)
         _at_least(self, 1, "max_tokens_per_batch", optional=True)
 
 

@@ -61,6 +61,20 @@ TABLE = "served_student"
 _ENDPOINT = "/completions"
 
 
+def student_backend(value) -> str:
+    """`value` as one of `STUDENT_BACKENDS` ("llama.cpp", "llama-cpp" mean `llamacpp`), else a
+    ValueError naming them.
+
+    Example:
+        >>> from reflectune_hf.served_student import student_backend
+        >>> student_backend("llama.cpp"), student_backend("VLLM")
+        ('llamacpp', 'vllm')
+    """
+    text = str(value).strip().lower()
+    text = {"llama.cpp": "llamacpp", "llama-cpp": "llamacpp", "llama_cpp": "llamacpp"}.get(text, text)
+    return check_choice("student_backend", text, STUDENT_BACKENDS)
+
+
 class StudentServerError(OracleConfigurationError):
     """The served student cannot score at all (unreachable, refused, no prompt log-probabilities)."""
 
@@ -97,7 +111,7 @@ class StudentServer(LazyState):
         self.base_url, userinfo = split_userinfo(str(base_url).rstrip("/"))
         self._userinfo = Secret(userinfo) if userinfo else None
         self.server_model = str(server_model)
-        self.backend = check_choice("student_backend", backend, STUDENT_BACKENDS)
+        self.backend = student_backend(backend)
         self.max_concurrency, self.timeout, self.max_retries = int(max_concurrency), float(timeout), int(max_retries)
         self.cache = cache
         self._api_key = Secret(api_key) if api_key else None

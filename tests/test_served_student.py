@@ -97,6 +97,7 @@ IFDScorer("smollm2-135m-instruct", base_url=sys.argv[1], server_model="student",
 """
 
 
+@pytest.mark.slow  # a child process that loads the package, then a kill
 def test_a_killed_run_resumes_from_the_cache(tmp_path):
     import sqlite3
 
