@@ -148,7 +148,10 @@ class IFDScorer(LazyState):
     again. `device`, `num_threads` and `max_tokens_per_batch` change the speed, not the scores,
     so they are not part of it (nor of the pickled state): changing them reuses the cache. Under
     `map(num_proc=N, with_rank=True)` each worker loads its own copy and picks its own runtime
-    settings (GPU by rank, CPU cores split between workers, the device's default budget).
+    settings (GPU by rank, CPU cores split between workers, the device's default budget). With
+    `base_url`, the fingerprint holds the tokenizer's identity and the server (URL without
+    credentials, `server_model`, backend) instead of the weights and dtype; the served
+    student's concurrency, timeout and retries are left out like `device`.
 
     Example:
         >>> from reflectune_hf import load_sample
