@@ -259,16 +259,23 @@ def parity_rows(n: int = 16) -> list[dict]:
     return (picked if len(picked) >= n else rows)[:n]
 
 
-# Measured on the 16 rows (Q4_1 weights and one leading BOS token on the server vs the fp32
-# local engine), see the README: worst absolute loss differences ~0.9 (ins_alone, short texts
-# whose first tokens follow the BOS), the conditional losses within ~0.15.
-LOSS_TOLERANCE = {"ins_alone": 1.2, "out_alone": 1.0, "ins_condition": 0.3, "out_condition": 0.3}
+# Measured on these 16 rows (12 ok; 4 have one-token outputs: `no_scored_token:out_alone` on both
+# sides), largest absolute loss differences. The server computes with Q4_1 weights and, for
+# SmolLM2 (no BOS of its own), after one leading BOS token (see `served_student`): against the
+# local engine fed the same ids (BOS first): 0.081, 0.226, 0.060, 0.208, IFD Spearman 1.0; against
+# the plain local engine the conditional losses agree within 0.19 and 0.25, while the short
+# "alone" texts differ by up to 1.75 and 5.1 (their first tokens follow the BOS), IFD Spearman 0.59.
+SAME_IDS_TOLERANCE = {"ins_alone": 0.2, "out_alone": 0.4, "ins_condition": 0.15, "out_condition": 0.4}
+LOCAL_TOLERANCE = {"ins_condition": 0.4, "out_condition": 0.5}
 
 
 @pytest.mark.server
-@pytest.mark.slow
+@pytest.mark.slow  # llama-cpp-python's echo path sorts the vocabulary per prompt token: ~10 min on 2 cores
 def test_llamacpp_server_agrees_with_the_local_engine(llama_server):
     from scipy.stats import spearmanr
+
+    from reflectune_hf.models import load_causal_lm
+    from reflectune_hf.scoring_engine import Span, mean_token_losses
 
     rows = parity_rows()
     batch = {k: [r.get(k) or "" for r in rows] for k in ("instruction", "input", "output")}
@@ -276,11 +283,23 @@ def test_llamacpp_server_agrees_with_the_local_engine(llama_server):
     assert served.server.mode() == "llamacpp"
     remote = served(batch)
     local = IFDScorer(MODEL)(batch)
-    assert remote["score_status"] == ["ok"] * len(rows) == local["score_status"]
-    for name in LOSS_NAMES:
-        worst = max(abs(a - b) for a, b in zip(remote[f"loss_{name}"], local[f"loss_{name}"]))
-        assert worst <= LOSS_TOLERANCE[name], (name, worst)
-    assert spearmanr(remote["ifd"], local["ifd"]).correlation >= 0.95
+    assert remote["score_status"] == local["score_status"]
+    ok = [i for i, s in enumerate(remote["score_status"]) if s == "ok"]
+    assert len(ok) >= 12
+    for name, tolerance in LOCAL_TOLERANCE.items():
+        assert max(abs(remote[f"loss_{name}"][i] - local[f"loss_{name}"][i]) for i in ok) <= tolerance, name
+    model, tok = load_causal_lm(MODEL, device="cpu")  # the same computation as the server: BOS first
+    same = {name: [] for name in LOSS_NAMES}
+    for i in ok:
+        spans = [Span([tok.bos_token_id] + ids, start + 1)
+                 for ids, start in expected_spans(tok, batch["instruction"][i], batch["input"][i], batch["output"][i])]
+        for name, value in zip(LOSS_NAMES, mean_token_losses(model, spans, tok.pad_token_id, plain=True)):
+            same[name].append(value)
+    for name, tolerance in SAME_IDS_TOLERANCE.items():
+        worst = max(abs(remote[f"loss_{name}"][i] - v) for i, v in zip(ok, same[name]))
+        assert worst <= tolerance, (name, worst)
+    ifd_same = [math.exp(c - a) for c, a in zip(same["out_condition"], same["out_alone"])]
+    assert spearmanr([remote["ifd"][i] for i in ok], ifd_same).correlation >= 0.95
     rerun = IFDScorer(MODEL, base_url=llama_server.base_url, server_model=llama_server.model)
     assert rerun(batch) == remote and rerun.server.usage["sent"] == 0
 
