@@ -9,9 +9,15 @@ resident set after the scorer's first and last map-sized batch (`rss_mb_first_ba
 `rss_mb_last_batch`) and their ratio `rss_growth` (~1.0: nothing accumulates across batches;
 use several batches, e.g. `--rows 256 --batch-size 16`).
 
+With `--base_url` it compares instead the local engine with the same student served by vLLM or
+llama.cpp (`IFDScorer(base_url=...)`, answer cache off so every request is sent) on the same
+rows: one JSON line with `local_rows_per_s`, `server_rows_per_s`, their ratio, the largest
+absolute difference of each loss and the Spearman correlation of the two IFD rankings.
+
 Usage:
     python scripts/bench_ifd.py --dtype float32
     python scripts/bench_ifd.py --dtype bfloat16 --rows 64 --device cpu
+    python scripts/bench_ifd.py --base_url http://127.0.0.1:8000/v1 --server_model my-student --rows 256
 """
 
 from __future__ import annotations
@@ -41,7 +47,48 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens-per-batch", type=int, default=None, help="default: the scorer's (16384 GPU, 1024 CPU)")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per scorer call (a map batch)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both (default: torch's)")
+    parser.add_argument("--base_url", default=None, help="compare with the student served at this URL (ends in /v1)")
+    parser.add_argument("--server_model", default=None, help="the student's name on the server (default: --model)")
+    parser.add_argument("--student_backend", default="auto", help="auto, vllm, llamacpp or echo")
+    parser.add_argument("--max_concurrency", type=int, default=16, help="served requests in flight")
+    parser.add_argument("--skip_local", action="store_true", help="time the server only (no local engine run)")
     return parser
+
+
+def main_served(args: argparse.Namespace) -> dict:
+    """Local engine vs served student on the same rows: rows/s of each, loss differences."""
+    from scipy.stats import spearmanr
+
+    from reflectune_hf.scoring import LOSS_NAMES, IFDScorer
+
+    rows, source = load_rows(args.data, args.rows)
+    cols = [[r[k] for r in rows] for k in ("instruction", "input", "output")]
+    served = IFDScorer(args.model, args.template, args.max_length, base_url=args.base_url,
+                       server_model=args.server_model, student_backend=args.student_backend,
+                       max_concurrency=args.max_concurrency, cache=False)
+    start = time.perf_counter()
+    remote = served.score(*cols)
+    server_s = time.perf_counter() - start
+    result = {"rows": len(rows), "data": source, "backend": served.server.mode(),
+              "max_concurrency": served.server.concurrency(), "server_rows_per_s": round(len(rows) / server_s, 3),
+              "server_ok": sum(s == "ok" for s in remote["score_status"])}
+    if not args.skip_local:
+        local = IFDScorer(args.model, args.template, args.max_length, args.dtype, args.device, args.max_tokens_per_batch)
+        local.load()
+        start = time.perf_counter()
+        mine = local.score(*cols)
+        local_s = time.perf_counter() - start
+        both = [i for i in range(len(rows)) if remote["score_status"][i] == mine["score_status"][i] == "ok"]
+        result.update({
+            "local_rows_per_s": round(len(rows) / local_s, 3), "server_vs_local": round(local_s / server_s, 3),
+            "max_abs_loss_diff": {n: max((abs(remote[f"loss_{n}"][i] - mine[f"loss_{n}"][i]) for i in both),
+                                         default=None) for n in LOSS_NAMES},
+            "spearman_ifd": (float(spearmanr([remote["ifd"][i] for i in both], [mine["ifd"][i] for i in both])
+                                   .correlation) if len(both) > 2 else None),
+        })
+    result["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(result))
+    return result
 
 
 def load_rows(path, n: int) -> tuple[list[dict], str]:
@@ -110,4 +157,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main(make_parser().parse_args()) else 1)
+    arguments = make_parser().parse_args()
+    sys.exit(0 if (main_served if arguments.base_url else main)(arguments) else 1)

@@ -17,6 +17,12 @@ accelerate launch --num_processes 8 scripts/score.py --data my-org/alpaca --dtyp
 torchrun --nproc_per_node 2 scripts/score.py --data sample --output_dir scored --device cpu
 ```
 
+# A student served by vLLM or llama.cpp (only its tokenizer is loaded here)
+```bash
+python scripts/score.py --data sample --output_dir scored --student_model HuggingFaceTB/SmolLM2-135M-Instruct \
+    --student_base_url http://127.0.0.1:8000/v1
+```
+
 The folder holds `arrow/` (`load_from_disk`), `data/<split>-*.parquet`, the card and plots, as
 `reflectune score` writes it.
 """

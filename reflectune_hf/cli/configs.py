@@ -23,6 +23,7 @@ from typing import Optional
 from ..models import DTYPE_NAMES
 from ..oracles.backends import BACKENDS, check_choice, structured_mode
 from ..prompts import PROMPT_SETS, SCORING_TEMPLATES
+from ..scoring.served import student_backend
 
 SELECTIONS = ("v2", "v1", "none")
 RATIOS = ("ppl", "loss")
@@ -195,12 +196,21 @@ class StudentConfig(_Checked):
     max_tokens_per_batch: Optional[int] = field(default=None, metadata=_help(
         "padded tokens per forward pass (default: 16384 on GPU, 1024 on CPU)"))
     score_batch_size: int = field(default=256, metadata=_help("rows per map batch"))
+    student_base_url: Optional[str] = field(default=None, metadata=_help(
+        "score with the student served by vLLM or llama.cpp at this URL (ends in /v1); student_model is then "
+        "the tokenizer loaded here"))
+    student_server_model: Optional[str] = field(default=None, metadata=_help(
+        "the student's name on that server (default: student_model)"))
+    student_backend: str = field(default="auto", metadata=_help("auto, vllm, llamacpp or echo (OpenAI-legacy)"))
+    student_max_concurrency: int = field(default=16, metadata=_help("served student: requests in flight"))
 
     def _check(self):
         _one_of("template", self.template, SCORING_TEMPLATES)
         _one_of("dtype", self.dtype, DTYPE_NAMES)
         _at_least(self, 2, "max_length")
         _at_least(self, 1, "score_batch_size")
+        _integer(self, "student_max_concurrency", minimum=1)
+        self.student_backend = student_backend(self.student_backend)
         _at_least(self, 1, "max_tokens_per_batch", optional=True)
 
 

@@ -110,7 +110,9 @@ def score(config: StudentConfig, data):
     from ..scoring.ifd import IFDScorer
 
     scorer = IFDScorer(model=config.student_model, template=config.template, max_length=config.max_length,
-                       dtype=config.dtype, device=config.device, max_tokens_per_batch=config.max_tokens_per_batch)
+                       dtype=config.dtype, device=config.device, max_tokens_per_batch=config.max_tokens_per_batch,
+                       base_url=config.student_base_url, server_model=config.student_server_model,
+                       student_backend=config.student_backend, max_concurrency=config.student_max_concurrency)
     return data.map(scorer, batched=True, batch_size=config.score_batch_size, desc="IFD / r-IFD")
 
 

@@ -65,6 +65,8 @@ def run_score_sharded(config: ScoreConfig):
         device="cpu" if on_cpu else (config.device or str(state.device)),
         max_tokens_per_batch=config.max_tokens_per_batch,
         num_threads=max(1, len(os.sched_getaffinity(0)) // state.num_processes) if on_cpu else None,
+        base_url=config.student_base_url, server_model=config.student_server_model,
+        student_backend=config.student_backend, max_concurrency=config.student_max_concurrency,
     )
     splits = dict(data) if isinstance(data, DatasetDict) else {"train": data}
     scored = {name: _score_split(ds, scorer, config, state) for name, ds in splits.items()}

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Hashable, Optional
+from typing import Hashable, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +55,25 @@ class Span:
     ids: list
     start: int = 1
     group: Hashable = None  # spans of one group may share a prefix pass
+    text: Optional[str] = None  # the text `ids` were cut from (for servers that take text prompts)
 
     @property
     def n_scored(self) -> int:
         return len(self.ids) - self.start
+
+
+def mean_loss(token_logprobs: Sequence[float]) -> float:
+    """The mean loss of scored tokens from their log-probabilities (summed in float64, as the
+    engine sums its cross-entropies): what a served student's answers give for a span.
+
+    Example:
+        >>> from reflectune_hf.scoring_engine import mean_loss
+        >>> mean_loss([-1.0, -2.0])
+        1.5
+    """
+    if not token_logprobs:
+        raise ValueError("no scored token")
+    return -math.fsum(float(x) for x in token_logprobs) / len(token_logprobs)
 
 
 def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:

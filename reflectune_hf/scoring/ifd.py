@@ -37,10 +37,12 @@ from pathlib import Path
 from typing import Optional
 
 from ..data import batch_size_of, require_columns, text_column
-from ..models import default_device, load_causal_lm, model_identity, torch_dtype  # noqa: F401  (model_identity re-exported)
+from ..models import default_device, load_causal_lm, load_tokenizer, model_identity, torch_dtype  # noqa: F401
 from ..prompts import get_scoring_template, reverse_prompt
 from ..utils import LazyState, package_version, stable_hash, torch_threads
-from .engine import Span, check_model, mean_token_losses
+from .engine import Span, check_model, mean_loss, mean_token_losses
+from .served import StudentServer
+from .served_parse import ServedProblem
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +132,15 @@ class IFDScorer(LazyState):
         num_threads: torch CPU threads while the losses are computed (default: torch's; under
             `map(num_proc=N, with_rank=True)` the cores split between the workers). Set around each
             call and restored after it: the process's thread count is never changed for good.
+        base_url: score with a served student instead (`scoring.served`: vLLM, llama.cpp): only
+            the tokenizer of `model` is loaded here, each text is tokenised as above and the
+            server returns the log-probabilities the four losses are computed from (same spans,
+            statuses and ratios; a span the server's answer cannot be aligned with gets
+            `misaligned:<loss>`, a request that failed after its retries `error:...`).
+        server_model: the model's name on the server (default: `model`).
+        student_backend: `"auto"` (recognise the server), `"vllm"`, `"llamacpp"` or `"echo"`.
+        max_concurrency, timeout, max_retries, cache: the served student's requests in flight,
+            seconds per attempt, retries, and answer cache (`scoring.served.StudentServer`).
 
     The datasets fingerprint is the pickled configuration (model, template, max_length, dtype)
     plus `model_identity(model)` and the package and scoring versions: a repeated `map` is
@@ -137,7 +148,10 @@ class IFDScorer(LazyState):
     again. `device`, `num_threads` and `max_tokens_per_batch` change the speed, not the scores,
     so they are not part of it (nor of the pickled state): changing them reuses the cache. Under
     `map(num_proc=N, with_rank=True)` each worker loads its own copy and picks its own runtime
-    settings (GPU by rank, CPU cores split between workers, the device's default budget).
+    settings (GPU by rank, CPU cores split between workers, the device's default budget). With
+    `base_url`, the fingerprint holds the tokenizer's identity and the server (URL without
+    credentials, `server_model`, backend) instead of the weights and dtype; the served
+    student's concurrency, timeout and retries are left out like `device`.
 
     Example:
         >>> from reflectune_hf import load_sample
@@ -154,7 +168,9 @@ class IFDScorer(LazyState):
 
     def __init__(self, model: str = "smollm2-135m-instruct", template: str = "vicuna", max_length: int = 2048,
                  dtype: str = "float32", device: Optional[str] = None, max_tokens_per_batch: Optional[int] = None,
-                 num_threads: Optional[int] = None):
+                 num_threads: Optional[int] = None, base_url: Optional[str] = None,
+                 server_model: Optional[str] = None, student_backend: str = "auto", max_concurrency: int = 16,
+                 timeout: float = 300.0, max_retries: int = 6, cache=True):
         self._template = get_scoring_template(template)  # raises on an unknown template
         torch_dtype(dtype)  # raises on an unknown dtype
         if max_length < 2 or (max_tokens_per_batch is not None and max_tokens_per_batch < 1):
@@ -162,20 +178,30 @@ class IFDScorer(LazyState):
         self.model, self.template, self.max_length, self.dtype = str(model), template, int(max_length), str(dtype)
         self.device, self.num_threads = device, num_threads
         self.max_tokens_per_batch = None if max_tokens_per_batch is None else int(max_tokens_per_batch)
+        self.server = None if not base_url else StudentServer(
+            base_url, server_model or self.model, student_backend, max_concurrency, timeout, max_retries, cache)
+        identity = {"model": model_identity(self.model), "dtype": self.dtype}
+        if self.server is not None:  # the server's weights and precision; the local tokenizer
+            identity = {"tokenizer": model_identity(self.model), "server": self.server.identity()}
         self.fingerprint = stable_hash({
-            "model": model_identity(self.model), "template": template, "max_length": self.max_length,
-            "dtype": self.dtype, "version": package_version(), "scoring": SCORING_VERSION,
+            **identity, "template": template, "max_length": self.max_length,
+            "version": package_version(), "scoring": SCORING_VERSION,
         })
         self._model = self._tokenizer = self._device = self._engine = None
 
     def __repr__(self) -> str:
+        served = f", server={self.server!r}" if self.server is not None else ""
         return (f"IFDScorer(model={self.model!r}, template={self.template!r}, max_length={self.max_length}, "
-                f"dtype={self.dtype!r}, fingerprint={self.fingerprint!r})")
+                f"dtype={self.dtype!r}{served}, fingerprint={self.fingerprint!r})")
 
     # -- runtime ----------------------------------------------------------------------------
 
     def load(self, rank: Optional[int] = None) -> "IFDScorer":
         """Load the model now (it loads on the first call otherwise); `rank` picks the GPU."""
+        if self.server is not None:  # served: the tokenizer only
+            if self._tokenizer is None:
+                self._tokenizer = load_tokenizer(self.model)
+            return self
         if self._model is None:
             device = pick_device(self.device, rank)
             logger.info("IFDScorer loading %s (%s) on %s", self.model, self.dtype, device)
@@ -216,7 +242,7 @@ class IFDScorer(LazyState):
         limits = (self.max_length - reverse_len + 1, self.max_length - prompt_len + 1, self.max_length, self.max_length)
         sources = (texts["ins"], texts["out"], texts["whole_reverse"], texts["whole"])
         starts = (1, 1, len(enc[texts["reverse_prefix"]]), len(enc[texts["prefix"]]))
-        return [Span(self._truncated(text, enc[text], limit), max(start, 1), group=kind)
+        return [Span(self._truncated(text, enc[text], limit), max(start, 1), group=kind, text=text)
                 for kind, (text, limit, start) in enumerate(zip(sources, limits, starts))]
 
     def score(self, instructions: list[str], inputs: list[str], outputs: list[str], rank: Optional[int] = None) -> dict:
@@ -244,17 +270,27 @@ class IFDScorer(LazyState):
                         where.append((i, kind))
                     else:
                         reasons[i].append(f"no_scored_token:{LOSS_NAMES[kind]}")
-            with torch_threads(self._cpu_threads(rank)):
-                values = mean_token_losses(self._model, spans, self._tokenizer.pad_token_id, self.token_budget,
-                                           **self._engine.kwargs())
+            values = self._span_losses(spans, rank)
             for (i, kind), value in zip(where, values):
-                if isinstance(value, Exception):
+                if isinstance(value, ServedProblem):
+                    reasons[i].append(f"{value.status}:{LOSS_NAMES[kind]}")
+                elif isinstance(value, Exception):
                     reasons[i].append(f"error:{type(value).__name__}: {value}")
                 elif not math.isfinite(value):
                     reasons[i].append(f"non_finite:{LOSS_NAMES[kind]}")
                 else:
                     losses[i][kind] = value
         return _columns(losses, reasons)
+
+    def _span_losses(self, spans: list[Span], rank: Optional[int]) -> list:
+        """The mean loss of each span (or the exception standing for it): from the local engine,
+        or from the served student's log-probabilities through the same `mean_loss` math."""
+        if self.server is not None:
+            return [v if isinstance(v, Exception) else mean_loss(v)
+                    for v in self.server.span_logprobs(self._tokenizer, spans)]
+        with torch_threads(self._cpu_threads(rank)):
+            return mean_token_losses(self._model, spans, self._tokenizer.pad_token_id, self.token_budget,
+                                     **self._engine.kwargs())
 
     def __call__(self, batch: dict, rank: Optional[int] = None) -> dict:
         require_columns(batch, ["instruction", "output"], "IFDScorer")

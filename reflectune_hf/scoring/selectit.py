@@ -44,11 +44,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..data import batch_size_of, require_columns, text_column
-from ..models import default_device, load_causal_lm, model_identity, torch_dtype
+from ..models import default_device, load_causal_lm, load_tokenizer, model_identity, torch_dtype
 from ..prompts import SELECTIT_RATING_LINES, selectit_prompt
 from ..utils import LazyState, package_version
 from .selectit_math import (FORMULAS, RATINGS, model_scores, model_weights, normalize_ratings,  # noqa: F401
                             rating_distribution, sentence_scores, token_scores)
+from .served import StudentServer, StudentServerError
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,37 @@ class _Rater:
         return torch.stack(columns, -1).double().cpu().numpy()
 
 
+class _ServedRater:
+    """A model served by vLLM / llama.cpp (`scoring.served`): the local tokenizer and rating ids,
+    the next-token rating probabilities from the server's top-k log-probabilities."""
+
+    batch_size = 1 << 30  # all prompts of a map batch at once: the server's concurrency bounds them
+    model = None  # no weights here (no context limit known but `max_length`)
+
+    def __init__(self, name: str, server: StudentServer, top_logprobs: int):
+        self.name, self.server, self.top_logprobs = name, server, top_logprobs
+        self.tokenizer = load_tokenizer(name)
+        self.rating_ids = rating_token_ids(self.tokenizer)
+        self.n_params = None
+        self.problems: dict = {}  # prompt ids -> the row status of a prompt without ratings
+
+    def ratings(self, batch_ids: list[list[int]]):
+        out = np.full((len(batch_ids), len(RATINGS)), np.nan)
+        answers = self.server.rating_probabilities(self.tokenizer, batch_ids, self.rating_ids, self.top_logprobs)
+        for row, (ids, value) in enumerate(zip(batch_ids, answers)):
+            if isinstance(value, Exception):
+                status = getattr(value, "status", None)
+                self.problems[tuple(ids)] = (f"{status}:{self.name}" if status
+                                             else f"error:{self.name}:{type(value).__name__}: {value}")
+            else:
+                out[row] = value
+        return out
+
+    def problem(self, prompts: list[list[int]]) -> Optional[str]:
+        """The status of the first of `prompts` that got no ratings, or None."""
+        return next((self.problems[tuple(p)] for p in prompts if tuple(p) in self.problems), None)
+
+
 class SelectITScorer(LazyState):
     """Add SelectIT's token, sentence and model-level scores to a batch of Alpaca rows.
 
@@ -169,7 +201,8 @@ class SelectITScorer(LazyState):
       itself, so a selection on `selectit_model` works whatever the number of models;
     - `selectit_status` (str): `"ok"`, or the `;`-joined reasons a score is NaN among
       `empty_instruction`, `empty_output`, `too_long:<model>` (a prompt over `max_length`
-      tokens), `non_finite:<model>` and `error:<model>:<Type>: <message>`.
+      tokens), `non_finite:<model>`, `rating_outside_top_k:<model>` (served) and
+      `error:<model>:<Type>: <message>`.
 
     Args:
         models: embedded aliases, local directories or Hub ids of (base) causal LMs, loaded on
@@ -185,6 +218,13 @@ class SelectITScorer(LazyState):
             changes a score beyond float rounding, so, like `device`, it is not part of the
             datasets fingerprint (nor of the pickled state: `num_proc` workers use the default).
         max_length: longest prompt in tokens; a longer row gets `too_long:<model>`.
+        base_url: rate with a model served by vLLM or llama.cpp (`scoring.served`; one model):
+            only its tokenizer is loaded here; the rating probabilities come from the server's
+            top-`top_logprobs` next-token log-probabilities (vLLM caps them with
+            `--max-logprobs`, default 20). A prompt whose rating tokens are not all among them
+            gets `rating_outside_top_k:<model>`. server_model: the name on the server (default
+            the model's); student_backend, max_concurrency, timeout, max_retries, cache: as
+            `IFDScorer`'s.
 
     Rating tokens are looked up in each tokenizer (`rating_token_ids`); a rating spelled by
     several tokens ("1", " 1") gets the sum of their probabilities. The datasets fingerprint
@@ -205,7 +245,9 @@ class SelectITScorer(LazyState):
     def __init__(self, models=("smollm2-135m-instruct",), k: int = 5, alpha: float = 0.2,
                  rating_prompts: Optional[Sequence[str]] = None, formula: str = "paper",
                  dtype: str = "float32", device: Optional[str] = None, batch_size: int = 16,
-                 max_length: int = 2048):
+                 max_length: int = 2048, base_url: Optional[str] = None, server_model: Optional[str] = None,
+                 student_backend: str = "auto", top_logprobs: int = 20, max_concurrency: int = 16,
+                 timeout: float = 300.0, max_retries: int = 6, cache=True):
         models = (models,) if isinstance(models, str) else tuple(models)
         if not models or not all(isinstance(m, str) and m for m in models):
             raise ValueError(f"{STAGE}: models must be one or more model names, got {models!r}")
@@ -225,6 +267,14 @@ class SelectITScorer(LazyState):
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"{STAGE}: batch_size and max_length must be >= 1")
         torch_dtype(dtype)  # fail now on an unknown dtype, not at the first batch
+        if base_url and len(models) != 1:
+            raise ValueError(f"{STAGE}: a served student (base_url) rates with one model; the model level "
+                             "weighs several by their parameter counts, which a server does not give")
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 5:
+            raise ValueError(f"{STAGE}: top_logprobs must be an integer >= 5 (the ratings), got {top_logprobs!r}")
+        self.server = None if not base_url else StudentServer(
+            base_url, server_model or models[0], student_backend, max_concurrency, timeout, max_retries, cache)
+        self.top_logprobs = int(top_logprobs)
         self.models = models
         self.k = k
         self.alpha = float(alpha)
@@ -236,10 +286,14 @@ class SelectITScorer(LazyState):
         self.max_length = int(max_length)
         self._identity = {"models": [model_identity(m) for m in models], "package": package_version(),
                           "selectit": SELECTIT_VERSION}
+        if self.server is not None:  # the server's model and precision; the local tokenizer
+            self._identity.update(server=self.server.identity(), top_logprobs=self.top_logprobs)
         self._raters = None
 
     def raters(self) -> list[_Rater]:
         """The loaded models (loaded on first use)."""
+        if self._raters is None and self.server is not None:
+            self._raters = [_ServedRater(self.models[0], self.server, self.top_logprobs)]
         if self._raters is None:
             device = default_device(self.device)
             self._raters = [_Rater(name, self.dtype, device) for name in self.models]
@@ -255,11 +309,14 @@ class SelectITScorer(LazyState):
         time for a micro-batch that raised; a prompt that still raises is NaN with a reason."""
         out = np.full((len(prompts), len(RATINGS)), np.nan)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
+        size = getattr(rater, "batch_size", None) or self.batch_size
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
             try:
                 out[chunk] = rater.ratings([prompts[i] for i in chunk])
                 continue
+            except StudentServerError:  # the served student cannot work at all: one clear error
+                raise
             except Exception as exc:  # noqa: BLE001 - retried one by one, then recorded per row
                 if len(chunk) == 1:
                     reasons[owner[chunk[0]]].append(f"error:{rater.name}:{type(exc).__name__}: {exc}")
@@ -276,7 +333,8 @@ class SelectITScorer(LazyState):
         """Token `[n]` and sentence `[n]` scores of one model for the rows in `todo`."""
         n, k = len(texts), self.k
         token, sentence = np.full(n, np.nan), np.full(n, np.nan)
-        limit = min(self.max_length, getattr(rater.model.config, "max_position_embeddings", None) or self.max_length)
+        config = getattr(rater.model, "config", None)
+        limit = min(self.max_length, getattr(config, "max_position_embeddings", None) or self.max_length)
         prompts, owner, rows = [], [], []
         for row in todo:
             ids = rater.tokenizer(texts[row], add_special_tokens=True)["input_ids"]
@@ -291,7 +349,10 @@ class SelectITScorer(LazyState):
         scores = token_scores(self._rate(rater, prompts, reasons, owner), self.formula, k).reshape(len(rows), k)
         for j, row in enumerate(rows):
             if not np.isfinite(scores[j]).all():
-                if not any(r.startswith(f"error:{rater.name}:") for r in reasons[row]):
+                problem = rater.problem(prompts[j * k:(j + 1) * k]) if hasattr(rater, "problem") else None
+                if problem:
+                    reasons[row].append(problem)
+                elif not any(r.startswith(f"error:{rater.name}:") for r in reasons[row]):
                     reasons[row].append(f"non_finite:{rater.name}")
                 continue
             token[row] = scores[j, 0]

@@ -1,0 +1,331 @@
+"""A student served by vLLM or llama.cpp (`scoring.served`): request bodies, parsing, cache and
+resume, retries, fingerprints, SelectIT, the CLI flags, and parity with the local engine on the
+real llama.cpp server."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reflectune_hf.prompts import get_scoring_template, reverse_prompt
+from reflectune_hf.scoring.ifd import LOSS_NAMES, IFDScorer
+from reflectune_hf.scoring.served import StudentServer, StudentServerError
+from reflectune_hf.scoring.served_parse import ServedProblem, echo_logprobs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vllm_loopback import RATING_TOP, VllmLoopback, fake_logprob  # noqa: E402
+
+ROWS = {"instruction": ["Name a primary colour.", "Add the numbers."], "input": ["", "2 and 3"],
+        "output": ["Blue is a primary colour.", "2 + 3 = 5"]}
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from reflectune_hf.models import load_tokenizer
+
+    return load_tokenizer(MODEL)
+
+
+def expected_spans(tokenizer, instruction, input, output):
+    """The four (ids, start) of one row, built from the public prompt API (as the reference)."""
+    template = get_scoring_template("vicuna")
+    prompt = template.format(instruction, input)
+    reverse = template.no_input.format(instruction=reverse_prompt(output))
+    whole_reverse, whole = reverse + instruction + input, prompt + output
+    ids = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
+    return [(ids(instruction + input), 1), (ids(output), 1),
+            (ids(whole_reverse), len(ids(whole_reverse[: whole_reverse.rfind(instruction)]))),
+            (ids(whole), len(ids(whole[: whole.rfind(output)])))]
+
+
+def loopback_loss(ids, start):
+    values = [fake_logprob(p, t) for p, t in zip(ids[start - 1:-1], ids[start:])]
+    return -math.fsum(values) / len(values)
+
+
+def test_vllm_requests_are_token_ids_with_prompt_logprobs_and_losses_are_exact(tokenizer):
+    with VllmLoopback(model="served-name") as server:
+        scorer = IFDScorer(MODEL, base_url=server.base_url, server_model="served-name")
+        out = scorer(ROWS)
+        bodies = server.completions
+    assert out["score_status"] == ["ok", "ok"]
+    expected = [expected_spans(tokenizer, *row) for row in zip(ROWS["instruction"], ROWS["input"], ROWS["output"])]
+    sent = sorted(tuple(b["prompt"]) for b in bodies)
+    assert sent == sorted(tuple(ids) for row in expected for ids, _ in row)
+    for body in bodies:
+        assert set(body) == {"model", "prompt", "max_tokens", "temperature", "prompt_logprobs"}
+        assert (body["model"], body["max_tokens"], body["prompt_logprobs"], body["temperature"]) == \
+            ("served-name", 1, 1, 0.0)
+        assert all(isinstance(i, int) for i in body["prompt"])
+    for r, row in enumerate(expected):
+        for name, (ids, start) in zip(LOSS_NAMES, row):
+            assert out[f"loss_{name}"][r] == pytest.approx(loopback_loss(ids, start), rel=1e-12)
+        assert out["ifd"][r] == pytest.approx(math.exp(out["loss_out_condition"][r] - out["loss_out_alone"][r]))
+
+
+def test_failed_requests_are_statuses_and_a_rerun_sends_only_them_then_nothing():
+    with VllmLoopback(fail_after=3) as server:
+        scorer = IFDScorer(MODEL, base_url=server.base_url, server_model="student", max_retries=0)
+        first = scorer(ROWS)
+        assert server.answered == 3 and len(server.bodies) == 8
+        assert any(s.startswith("error:") or ";error:" in s for s in first["score_status"])
+        assert all(math.isnan(v) for s, v in zip(first["score_status"], first["ifd"]) if "out_" in s)
+        server.fail_after = None
+        second = IFDScorer(MODEL, base_url=server.base_url, server_model="student")(ROWS)
+        assert len(server.bodies) == 8 + 5 and second["score_status"] == ["ok", "ok"]
+        again = IFDScorer(MODEL, base_url=server.base_url, server_model="student")
+        third = again(ROWS)
+        assert len(server.bodies) == 13, "a rerun sends nothing"
+        assert again.server.usage == {"sent": 0, "cached": 8, "failed": 0}
+    assert third == second
+
+
+KILLED_RUN = """
+import sys
+from reflectune_hf import load_sample
+from reflectune_hf.scoring.ifd import IFDScorer
+rows = load_sample().select(range(6)).to_dict()
+IFDScorer("smollm2-135m-instruct", base_url=sys.argv[1], server_model="student", max_concurrency=1)(rows)
+"""
+
+
+@pytest.mark.slow  # a child process that loads the package, then a kill
+def test_a_killed_run_resumes_from_the_cache(tmp_path):
+    import sqlite3
+
+    from reflectune_hf import load_sample
+
+    cache = os.environ["REFLECTUNE_HF_ORACLE_CACHE"]
+    rows = load_sample().select(range(6)).to_dict()
+    with VllmLoopback(delay=0.3) as server:
+        child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, server.base_url], env=dict(os.environ),
+                                 cwd=str(Path(__file__).parents[1]))
+        done = 0
+        deadline = time.monotonic() + 240
+        while done < 4 and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.2)
+            if Path(cache).exists():
+                try:
+                    done = sqlite3.connect(cache).execute("SELECT COUNT(*) FROM served_student").fetchone()[0]
+                except sqlite3.OperationalError:
+                    done = 0
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        assert 4 <= done < 24, "killed in the middle of the run"
+        cached = sqlite3.connect(cache).execute("SELECT COUNT(*) FROM served_student").fetchone()[0]
+        before = len(server.bodies)
+        server.delay = 0.0
+        resumed = IFDScorer(MODEL, base_url=server.base_url, server_model="student")
+        out = resumed(rows)
+        assert resumed.server.usage["cached"] == cached and resumed.server.usage["sent"] == 24 - cached
+        assert len(server.bodies) - before == 24 - cached
+    assert out["score_status"] == ["ok"] * 6
+
+
+def test_429_with_retry_after_and_500_are_retried():
+    with VllmLoopback(faults=["429", "500"]) as server:
+        scorer = IFDScorer(MODEL, base_url=server.base_url, server_model="student", max_concurrency=1, max_retries=2)
+        out = scorer(ROWS)
+        assert len(server.bodies) == 8 + 2
+    assert out["score_status"] == ["ok", "ok"]
+    assert scorer.server.usage == {"sent": 8, "cached": 0, "failed": 0}
+
+
+def test_unreachable_server_is_one_clear_error():
+    from conftest import free_port
+
+    scorer = IFDScorer(MODEL, base_url=f"http://127.0.0.1:{free_port()}/v1")
+    with pytest.raises(StudentServerError, match="Cannot connect to the student server"):
+        scorer(ROWS)
+
+
+def test_fingerprint_has_server_model_tokenizer_and_url_without_secrets_not_speed():
+    base = IFDScorer(MODEL, base_url="http://user:secret@127.0.0.1:8000/v1", server_model="a")
+    assert "secret" not in repr(base) and "secret" not in str(base.server.identity())
+    assert base.server.base_url == "http://127.0.0.1:8000/v1" and base.server.auth == ("user", "secret")
+    same = IFDScorer(MODEL, base_url="http://127.0.0.1:8000/v1", server_model="a", max_concurrency=3, timeout=5,
+                     max_retries=1)
+    assert same.fingerprint == base.fingerprint
+    for other in (IFDScorer(MODEL, base_url="http://127.0.0.1:8000/v1", server_model="b"),
+                  IFDScorer(MODEL, base_url="http://127.0.0.1:9000/v1", server_model="a"),
+                  IFDScorer(MODEL, base_url="http://127.0.0.1:8000/v1", server_model="a", template="alpaca"),
+                  IFDScorer(MODEL)):
+        assert other.fingerprint != base.fingerprint
+    from datasets.fingerprint import Hasher
+
+    assert Hasher.hash(same) == Hasher.hash(IFDScorer(MODEL, base_url="http://127.0.0.1:8000/v1", server_model="a"))
+
+
+def test_echo_answers_map_to_local_tokens_by_character_offsets():
+    # local tokens "Hi", " there", "!" (ends 2, 8, 9); score the last two
+    choice = {"logprobs": {"tokens": ["Hi", " there", "!", "\n"], "text_offset": [0, 2, 8, 9],
+                           "token_logprobs": [None, -1.0, -2.0, -0.1], "top_logprobs": [None, {}, {}, {}]}}
+    assert echo_logprobs(choice, [2, 8, 9], start=1, text_length=9) == [-1.0, -2.0]
+    split = {"logprobs": {"tokens": ["Hi", " the", "re", "!"], "text_offset": [0, 2, 6, 8],
+                          "token_logprobs": [None, -1.0, -1.5, -2.0]}}
+    with pytest.raises(ServedProblem) as problem:
+        echo_logprobs(split, [2, 8, 9], start=1, text_length=9)
+    assert problem.value.status == "misaligned"
+    # the context may be split differently: only the scored tokens must match
+    assert echo_logprobs(split, [2, 8, 9], start=2, text_length=9) == [-2.0]
+    # a prefix token echoed by the server is dropped, offsets taken relative to the text
+    prefixed = {"logprobs": {"tokens": ["<s>", "Hi", " there"], "text_offset": [0, 3, 5],
+                             "token_logprobs": [None, -0.5, -1.0]}}
+    assert echo_logprobs(prefixed, [2, 8], start=1, text_length=8, prefix="<s>") == [-1.0]
+
+
+def test_selectit_reads_the_rating_tokens_from_the_top_logprobs():
+    import numpy as np
+
+    from reflectune_hf.selectit import SelectITScorer
+    from reflectune_hf.selectit_math import sentence_scores, token_scores
+
+    row = {"instruction": ["Name a colour."], "output": ["Blue."]}
+    with VllmLoopback() as server:
+        out = SelectITScorer(k=2, base_url=server.base_url, server_model="student")(row)
+        bodies = server.completions
+        narrow = SelectITScorer(k=2, base_url=server.base_url, server_model="student", top_logprobs=5)(row)
+    assert len(bodies) == 2
+    for body in bodies:
+        assert body["logprobs"] == 20 and body["return_tokens_as_token_ids"] is True and body["max_tokens"] == 1
+        assert all(isinstance(i, int) for i in body["prompt"])
+    probs = np.exp([RATING_TOP[i] for i in (33, 34, 35, 36, 37)])
+    token = float(token_scores(probs))
+    assert out["selectit_status"] == ["ok"]
+    assert out["selectit_token"][0] == pytest.approx(token)
+    assert out["selectit_sentence"][0] == pytest.approx(float(sentence_scores([token, token], 0.2)))
+    assert narrow["selectit_status"] == [f"rating_outside_top_k:{MODEL}"] and math.isnan(narrow["selectit_token"][0])
+
+
+def test_selectit_served_takes_one_model():
+    from reflectune_hf.selectit import SelectITScorer
+
+    with pytest.raises(ValueError, match="one model"):
+        SelectITScorer(models=[MODEL, MODEL], base_url="http://127.0.0.1:8000/v1")
+
+
+def test_score_command_flags_reach_the_served_scorer():
+    from datasets import Dataset
+
+    from reflectune_hf import pipeline
+    from reflectune_hf.cli.main import parse_config
+
+    with VllmLoopback(model="served") as server:
+        config = parse_config("score", ["--data", "sample", "--student_base_url", server.base_url,
+                                        "--student_server_model", "served", "--student_backend", "vllm",
+                                        "--student_max_concurrency", "4"])
+        assert (config.student_base_url, config.student_server_model, config.student_backend) == \
+            (server.base_url, "served", "vllm")
+        scored = pipeline.score(config, Dataset.from_dict(ROWS))
+        assert scored["score_status"] == ["ok", "ok"]
+        assert {b["model"] for b in server.completions} == {"served"}
+    with pytest.raises(SystemExit):
+        parse_config("score", ["--student_backend", "tgi"])
+
+
+def test_student_server_keys_in_a_yaml_config(tmp_path):
+    from reflectune_hf.cli.main import parse_config
+    from reflectune_hf.sanitize import sanitize_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("student_base_url: http://user:key@127.0.0.1:8000/v1\nstudent_server_model: big-student\n"
+                      "student_backend: llama.cpp\n")
+    config = parse_config("recycle", ["--config", str(recipe), "--oracle_model", "gpt-4o-mini"])
+    assert (config.student_server_model, config.student_backend) == ("big-student", "llamacpp")
+    assert sanitize_config(vars(config))["student_base_url"] == "http://127.0.0.1:8000/v1"
+
+
+# -- the real llama.cpp server ------------------------------------------------------------------
+
+
+def parity_rows(n: int = 16) -> list[dict]:
+    """`n` real Alpaca rows of moderate length (60-140 characters: the llama.cpp server's echo
+    path costs seconds per text on 2 cores), from the shared data, else the bundled sample."""
+    from conftest import SHARED
+
+    from reflectune_hf.data import read_records, sample_path
+
+    path = SHARED / "data" / "cherry_alpaca_5_percent.json"
+    rows = read_records(path if path.is_file() else sample_path())
+    picked = [r for r in rows if 60 <= len(r["instruction"]) + len(r.get("input") or "") + len(r["output"]) <= 140]
+    return (picked if len(picked) >= n else rows)[:n]
+
+
+# Measured on these 16 rows (12 ok; 4 have one-token outputs: `no_scored_token:out_alone` on both
+# sides), largest absolute loss differences. The server computes with Q4_1 weights and, for
+# SmolLM2 (no BOS of its own), after one leading BOS token (see `scoring.served`): against the
+# local engine fed the same ids (BOS first): 0.081, 0.226, 0.060, 0.208, IFD Spearman 1.0; against
+# the plain local engine the conditional losses agree within 0.19 and 0.25, while the short
+# "alone" texts differ by up to 1.75 and 5.1 (their first tokens follow the BOS), IFD Spearman 0.59.
+SAME_IDS_TOLERANCE = {"ins_alone": 0.2, "out_alone": 0.4, "ins_condition": 0.15, "out_condition": 0.4}
+LOCAL_TOLERANCE = {"ins_condition": 0.4, "out_condition": 0.5}
+
+
+@pytest.mark.server
+@pytest.mark.slow  # llama-cpp-python's echo path sorts the vocabulary per prompt token: ~10 min on 2 cores
+def test_llamacpp_server_agrees_with_the_local_engine(llama_server):
+    from scipy.stats import spearmanr
+
+    from reflectune_hf.models import load_causal_lm
+    from reflectune_hf.scoring_engine import Span, mean_token_losses
+
+    rows = parity_rows()
+    batch = {k: [r.get(k) or "" for r in rows] for k in ("instruction", "input", "output")}
+    served = IFDScorer(MODEL, base_url=llama_server.base_url, server_model=llama_server.model, max_concurrency=2)
+    assert served.server.mode() == "llamacpp"
+    remote = served(batch)
+    local = IFDScorer(MODEL)(batch)
+    assert remote["score_status"] == local["score_status"]
+    ok = [i for i, s in enumerate(remote["score_status"]) if s == "ok"]
+    assert len(ok) >= 12
+    for name, tolerance in LOCAL_TOLERANCE.items():
+        assert max(abs(remote[f"loss_{name}"][i] - local[f"loss_{name}"][i]) for i in ok) <= tolerance, name
+    model, tok = load_causal_lm(MODEL, device="cpu")  # the same computation as the server: BOS first
+    same = {name: [] for name in LOSS_NAMES}
+    for i in ok:
+        spans = [Span([tok.bos_token_id] + ids, start + 1)
+                 for ids, start in expected_spans(tok, batch["instruction"][i], batch["input"][i], batch["output"][i])]
+        for name, value in zip(LOSS_NAMES, mean_token_losses(model, spans, tok.pad_token_id, plain=True)):
+            same[name].append(value)
+    for name, tolerance in SAME_IDS_TOLERANCE.items():
+        worst = max(abs(remote[f"loss_{name}"][i] - v) for i, v in zip(ok, same[name]))
+        assert worst <= tolerance, (name, worst)
+    ifd_same = [math.exp(c - a) for c, a in zip(same["out_condition"], same["out_alone"])]
+    assert spearmanr([remote["ifd"][i] for i in ok], ifd_same).correlation >= 0.95
+    rerun = IFDScorer(MODEL, base_url=llama_server.base_url, server_model=llama_server.model)
+    assert rerun(batch) == remote and rerun.server.usage["sent"] == 0
+
+
+@pytest.mark.server
+def test_llamacpp_server_answers_are_aligned_not_shifted(llama_server, tokenizer):
+    """llama-cpp-python pairs echoed log-probabilities one position off without a leading BOS;
+    the client sends one, so "on" after "The cat sat" is likely and " mat" after "on the" not shifted."""
+    from reflectune_hf.scoring_engine import Span
+
+    server = StudentServer(llama_server.base_url, llama_server.model, max_concurrency=1)
+    text = "The cat sat on the mat."
+    ids = tokenizer(text)["input_ids"]
+    (values,) = server.span_logprobs(tokenizer, [Span(ids, 1, text=text)])
+    assert len(values) == len(ids) - 1
+    on = tokenizer.convert_ids_to_tokens(ids).index("Ġon") - 1
+    assert values[on] > -3.0  # "on" is among the likeliest words after "The cat sat"
+
+
+@pytest.mark.server
+def test_llamacpp_server_selectit_ratings_are_close_to_the_local_ones(llama_server):
+    from reflectune_hf.selectit import SelectITScorer
+
+    served = SelectITScorer(k=2, base_url=llama_server.base_url, server_model=llama_server.model)(ROWS)
+    local = SelectITScorer(k=2)(ROWS)
+    assert served["selectit_status"] == ["ok", "ok"] == local["selectit_status"]
+    # measured: 0.347 vs 0.397 and 0.761 vs 0.729 (Q4_1 weights on the server, fp32 here)
+    for a, b in zip(served["selectit_token"], local["selectit_token"]):
+        assert abs(a - b) <= 0.15
