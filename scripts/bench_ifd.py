@@ -59,7 +59,7 @@ def main_served(args: argparse.Namespace) -> dict:
     """Local engine vs served student on the same rows: rows/s of each, loss differences."""
     from scipy.stats import spearmanr
 
-    from reflectune_hf.scoring import LOSS_NAMES, IFDScorer
+    from reflectune_hf.scoring.ifd import LOSS_NAMES, IFDScorer
 
     rows, source = load_rows(args.data, args.rows)
     cols = [[r[k] for r in rows] for k in ("instruction", "input", "output")]

@@ -215,7 +215,7 @@ def test_selectit_served_takes_one_model():
 def test_score_command_flags_reach_the_served_scorer():
     from datasets import Dataset
 
-    from reflectune_hf import pipeline
+    from reflectune_hf.cli import jobs as pipeline
     from reflectune_hf.cli.main import parse_config
 
     with VllmLoopback(model="served") as server:
