@@ -100,8 +100,8 @@ def test_engine_choice():
         make_local_oracle("./some-hf-checkpoint", engine="llamacpp")
     with pytest.raises(ValueError, match="local_engine must be one of"):
         make_local_oracle(engine="onnx")
-    from reflectune_hf.configs import RecycleConfig
-    from reflectune_hf.pipeline import make_oracle
+    from reflectune_hf.cli.configs import RecycleConfig
+    from reflectune_hf.cli.jobs import make_oracle
 
     assert isinstance(make_oracle(RecycleConfig(oracle_model="local:smollm2-135m-instruct")), LlamaCppOracle)
     chosen = make_oracle(RecycleConfig(oracle_model="local:smollm2-135m-instruct", local_engine="transformers",
@@ -112,9 +112,9 @@ def test_engine_choice():
 def test_the_reask_of_a_truncated_answer_gets_twice_the_budget():
     """The stage re-asks a `length` answer with twice max_tokens; the local oracle from the CLI
     config must not cap it back to max_new_tokens (it did: the re-ask had the same budget)."""
-    from reflectune_hf.configs import RecycleConfig
-    from reflectune_hf.pipeline import make_oracle
-    from reflectune_hf.reflect import ReflectResponse
+    from reflectune_hf.cli.configs import RecycleConfig
+    from reflectune_hf.cli.jobs import make_oracle
+    from reflectune_hf.reflection.stages import ReflectResponse
 
     for engine in ("llamacpp", "transformers"):
         config = RecycleConfig(oracle_model="local:smollm2-135m-instruct", max_new_tokens=8, local_engine=engine)

@@ -185,8 +185,8 @@ def test_echo_answers_map_to_local_tokens_by_character_offsets():
 def test_selectit_reads_the_rating_tokens_from_the_top_logprobs():
     import numpy as np
 
-    from reflectune_hf.selectit import SelectITScorer
-    from reflectune_hf.selectit_math import sentence_scores, token_scores
+    from reflectune_hf.scoring.selectit import SelectITScorer
+    from reflectune_hf.scoring.selectit_math import sentence_scores, token_scores
 
     row = {"instruction": ["Name a colour."], "output": ["Blue."]}
     with VllmLoopback() as server:
@@ -206,7 +206,7 @@ def test_selectit_reads_the_rating_tokens_from_the_top_logprobs():
 
 
 def test_selectit_served_takes_one_model():
-    from reflectune_hf.selectit import SelectITScorer
+    from reflectune_hf.scoring.selectit import SelectITScorer
 
     with pytest.raises(ValueError, match="one model"):
         SelectITScorer(models=[MODEL, MODEL], base_url="http://127.0.0.1:8000/v1")
@@ -275,7 +275,7 @@ def test_llamacpp_server_agrees_with_the_local_engine(llama_server):
     from scipy.stats import spearmanr
 
     from reflectune_hf.models import load_causal_lm
-    from reflectune_hf.scoring_engine import Span, mean_token_losses
+    from reflectune_hf.scoring.engine import Span, mean_token_losses
 
     rows = parity_rows()
     batch = {k: [r.get(k) or "" for r in rows] for k in ("instruction", "input", "output")}
@@ -308,7 +308,7 @@ def test_llamacpp_server_agrees_with_the_local_engine(llama_server):
 def test_llamacpp_server_answers_are_aligned_not_shifted(llama_server, tokenizer):
     """llama-cpp-python pairs echoed log-probabilities one position off without a leading BOS;
     the client sends one, so "on" after "The cat sat" is likely and " mat" after "on the" not shifted."""
-    from reflectune_hf.scoring_engine import Span
+    from reflectune_hf.scoring.engine import Span
 
     server = StudentServer(llama_server.base_url, llama_server.model, max_concurrency=1)
     text = "The cat sat on the mat."
@@ -321,7 +321,7 @@ def test_llamacpp_server_answers_are_aligned_not_shifted(llama_server, tokenizer
 
 @pytest.mark.server
 def test_llamacpp_server_selectit_ratings_are_close_to_the_local_ones(llama_server):
-    from reflectune_hf.selectit import SelectITScorer
+    from reflectune_hf.scoring.selectit import SelectITScorer
 
     served = SelectITScorer(k=2, base_url=llama_server.base_url, server_model=llama_server.model)(ROWS)
     local = SelectITScorer(k=2)(ROWS)

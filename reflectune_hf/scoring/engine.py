@@ -67,7 +67,7 @@ def mean_loss(token_logprobs: Sequence[float]) -> float:
     engine sums its cross-entropies): what a served student's answers give for a span.
 
     Example:
-        >>> from reflectune_hf.scoring_engine import mean_loss
+        >>> from reflectune_hf.scoring.engine import mean_loss
         >>> mean_loss([-1.0, -2.0])
         1.5
     """
