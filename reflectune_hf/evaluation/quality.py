@@ -25,6 +25,7 @@ from typing import ClassVar, Optional
 import numpy as np
 
 from ..data import require_columns
+from ..prompts import NEWLINE_SEPARATOR, join_input
 from ..publishing.report import _as_splits, _stats, summarize
 from ..selection.select import score_array
 from ..utils import LazyState
@@ -119,7 +120,7 @@ def _pair_texts(ds) -> tuple[list[str], list[str]]:
     cols = [c for c in ("instruction", "input", "output") if c in ds.column_names]
     table = ds.select_columns(cols).to_dict()
     inputs = table.get("input") or [""] * len(ds)
-    instructions = [f"{q or ''}\n{i}" if i else (q or "") for q, i in zip(table["instruction"], inputs)]
+    instructions = [join_input(q or "", i, NEWLINE_SEPARATOR) for q, i in zip(table["instruction"], inputs)]
     return instructions, [o or "" for o in table["output"]]
 
 

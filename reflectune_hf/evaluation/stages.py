@@ -38,7 +38,7 @@ from ..data import batch_size_of, require_columns, text_column
 from ..oracles.backends import structured_mode
 from ..oracles.base import ChatRequest, usage_add
 from ..oracles.stage_formats import stage_answer_format
-from ..prompts import judge_messages
+from ..prompts import join_input, judge_messages
 from ..utils import LazyState
 from .judge import VERDICTS, judge_summary, judge_verdict, parse_judge_scores, plot_judge
 from .quality import quality_report
@@ -49,11 +49,6 @@ __all__ = ["GenerateResponses", "PairwiseJudge", "VERDICTS", "judge_summary", "j
            "load_eval_set", "parse_judge_scores", "plot_judge", "quality_report"]
 
 NAN_PAIR = [math.nan, math.nan]
-
-
-def question_text(instruction: str, input: str = "") -> str:
-    """The user turn of a test question: the instruction, then its input after a blank line."""
-    return f"{instruction}\n\n{input}" if input else instruction
 
 
 def _inputs(batch, stage: str) -> list[str]:
@@ -123,7 +118,7 @@ class GenerateResponses(LazyState):
     def request(self, instruction: str, input: str = "") -> ChatRequest:
         """The chat request answering one question."""
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": question_text(instruction, input)})
+        messages.append({"role": "user", "content": join_input(instruction, input)})
         return ChatRequest(messages=messages, temperature=self.temperature, top_p=self.top_p,
                            max_tokens=self.max_tokens, seed=self.seed)
 
@@ -197,7 +192,7 @@ class PairwiseJudge(LazyState):
 
     def __call__(self, batch) -> dict:
         require_columns(batch, ["instruction", *self.columns], self.stage)
-        questions = [question_text(q, i) for q, i in zip(text_column(batch, "instruction", self.stage),
+        questions = [join_input(q, i) for q, i in zip(text_column(batch, "instruction", self.stage),
                                                           _inputs(batch, self.stage))]
         answers_a, answers_b = (text_column(batch, c, self.stage) for c in self.columns)
         n = len(questions)

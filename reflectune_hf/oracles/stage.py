@@ -1,11 +1,5 @@
 """`OracleStage`, the shared configuration and oracle loop of the stages in `reflectune_hf.reflection.stages`
-(their module docstring describes the re-asks and statuses), and `merge_input`, the lossless merge
-of an instruction and its input.
-
-Example:
-    >>> from reflectune_hf.oracles.stage import merge_input
-    >>> merge_input("Sort:", "3, 1, 2")
-    'Sort:\\n\\n3, 1, 2'
+(their module docstring describes the re-asks and statuses).
 """
 
 from __future__ import annotations
@@ -39,22 +33,6 @@ class NoOracle:
 
     def complete(self, requests):
         return [ChatResult.failure("NoOracle sends nothing") for _ in requests]
-
-
-def merge_input(instruction: str, input: str) -> str:
-    """The deterministic, lossless merge of an instruction and its input: the instruction, a blank
-    line, the input (the instruction alone when the input is blank).
-
-    Example:
-        >>> from reflectune_hf.reflection.stages import merge_input
-        >>> merge_input("Translate to French.", "Good morning")
-        'Translate to French.\\n\\nGood morning'
-    """
-    if not input.strip():
-        return instruction
-    if not instruction.strip():
-        return input.strip()
-    return f"{instruction.rstrip()}\n\n{input.strip()}"
 
 
 @dataclass

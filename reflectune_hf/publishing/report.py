@@ -39,6 +39,7 @@ from ..selection.select import (
 )
 
 from ..oracles.stage_formats import FORMAT_OUTCOMES
+from ..prompts import NEWLINE_SEPARATOR, join_input
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _lengths(ds, tokenizer) -> tuple[np.ndarray, np.ndarray]:
             lengths.extend(len(x) for x in ids)
         return np.asarray(lengths, dtype=np.int64)
 
-    ins = [f"{a}\n{b}" if b else a for a, b in zip(instr.to_pylist(), inp.to_pylist())]
+    ins = [join_input(a, b, NEWLINE_SEPARATOR) for a, b in zip(instr.to_pylist(), inp.to_pylist())]
     return count(ins), count(out.to_pylist())
 
 

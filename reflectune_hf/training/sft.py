@@ -39,6 +39,7 @@ from typing import Mapping, Optional
 
 from ..data import ColumnError, require_columns
 from ..models import resolve_model
+from ..prompts import VICUNA_INPUT_SEPARATOR, join_input
 from ..utils import versioned
 
 logger = logging.getLogger(__name__)
@@ -92,12 +93,6 @@ def resolve_chat_template_path(path: Optional[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def user_turn(instruction: str, input: str = "") -> str:
-    """The user message of an Alpaca pair: `instruction`, plus `"\\nInput:\\n" + input` when there is
-    an input, exactly as the Vicuna scoring template joins them (`prompts.SCORING_TEMPLATES`)."""
-    return f"{instruction}\nInput:\n{input}" if input else instruction
-
-
 def _one_row(instruction, input, output, system, where: str) -> list[dict]:
     for name, value in (("instruction", instruction), ("output", output), ("input", input)):
         if value is not None and not isinstance(value, str):
@@ -105,7 +100,7 @@ def _one_row(instruction, input, output, system, where: str) -> list[dict]:
         if name != "input" and not (value or "").strip():
             raise ValueError(f"{STAGE}: {where} has an empty {name} ({value!r}); SFT needs non-empty text")
     messages = [{"role": "system", "content": system}] if system is not None else []
-    messages.append({"role": "user", "content": user_turn(instruction, input or "")})
+    messages.append({"role": "user", "content": join_input(instruction, input, VICUNA_INPUT_SEPARATOR)})
     messages.append({"role": "assistant", "content": output})
     return messages
 

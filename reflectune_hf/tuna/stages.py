@@ -34,7 +34,7 @@ from ..data import ID_COLUMN, ColumnError, batch_size_of, require_columns, text_
 from ..oracles.backends import structured_mode
 from ..oracles.base import ChatRequest, usage_add
 from ..oracles.stage_formats import stage_answer_format
-from ..prompts import get_scoring_template, tuna_ranking_messages
+from ..prompts import get_scoring_template, join_input, tuna_ranking_messages
 from ..utils import LazyState, versioned
 from .parse import ParsedRanking, extract_reference_response, parse_ranking  # noqa: F401 (public here too)
 
@@ -55,7 +55,7 @@ def format_prompt(instruction: str, input: str = "", template: Optional[str] = "
         'Say hi.'
     """
     if template is None:
-        return f"{instruction}\n\n{input}" if input.strip() else instruction
+        return join_input(instruction, input, skip_blank=True)
     return get_scoring_template(template).format(instruction, input)
 
 
