@@ -380,3 +380,41 @@ def test_run_eval_two_models_on_named_test_sets(tmp_path, monkeypatch, capsys):
 
 def test_doctests():
     assert doctest.testmod(evaluate_mod, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_every_stage_that_calls_an_oracle_shares_one_loop():
+    """Reflection, Tuna and evaluation stages derive from `OracleCaller` (one request/complete loop:
+    length check, usage, ids); no other package code calls an oracle's `complete` (#19.2)."""
+    import re
+    from pathlib import Path
+
+    import reflectune_hf
+    from reflectune_hf.evaluation.stages import GenerateResponses, PairwiseJudge
+    from reflectune_hf.oracles.stage import OracleCaller
+    from reflectune_hf.reflection.stages import CompressInstruction, ReflectInstruction, ReflectResponse
+    from reflectune_hf.tuna.stages import ContextualRank, SampleResponses
+
+    for stage in (CompressInstruction, ReflectInstruction, ReflectResponse, SampleResponses, ContextualRank,
+                  GenerateResponses, PairwiseJudge):
+        assert issubclass(stage, OracleCaller), stage
+    root = Path(reflectune_hf.__file__).parent
+    calls = [str(p.relative_to(root)) for p in root.rglob("*.py")
+             if p.parts[-2] != "oracles" and re.search(r"oracle\.complete\(", p.read_text())]
+    assert calls == []
+
+
+def test_cached_answers_cost_no_usage_in_evaluation_stages():
+    """A cached answer sent nothing: like the reflection stages, the evaluation stages do not count it."""
+    class Cached:
+        def complete(self, requests):
+            return [ChatResult(texts=["7 8\nFine."], finish_reasons=["stop"], cached=True,
+                               usage={"prompt_tokens": 5, "completion_tokens": 2}) for _ in requests]
+
+    generate = GenerateResponses(Cached())
+    generate({"instruction": ["Q"]})
+    judge = PairwiseJudge(Cached())
+    judge({"instruction": ["Q"], "response_a": ["a"], "response_b": ["b"]})
+    assert generate.usage == {} and judge.usage == {}
+    with pytest.raises(RuntimeError, match="PairwiseJudge: Short.complete returned 0 results for 2 requests"):
+        PairwiseJudge(type("Short", (), {"complete": lambda self, r: []})())(
+            {"instruction": ["Q"], "response_a": ["a"], "response_b": ["b"]})

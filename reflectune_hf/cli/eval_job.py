@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..data import read_records
 from ..evaluation.judge import format_judge_table, judge_summary, plot_judge
 from ..evaluation.stages import GenerateResponses, PairwiseJudge, load_eval_set
 from ..oracles.cache import redact_url
@@ -100,9 +101,7 @@ def _answered(config: EvalConfig) -> dict:
 def _read_responses(path: str):
     from datasets import Dataset
 
-    from ..evaluation.stages import _read_json_rows
-
-    ds = Dataset.from_list(_read_json_rows(Path(path)))
+    ds = Dataset.from_list(read_records(path))
     column = "response" if "response" in ds.column_names else "output"
     missing = [c for c in ("instruction", column) if c not in ds.column_names]
     if missing:

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..data import require_columns
 from ..prompts import NEWLINE_SEPARATOR, join_input
-from ..publishing.report import _as_splits, _stats, summarize
+from ..publishing.report import as_splits, value_stats, summarize
 from ..selection.select import score_array
 from ..utils import LazyState
 
@@ -190,8 +190,8 @@ def response_perplexity(model, tokenizer, prompts: list[str], responses: list[st
 
 
 def _stats_missing(values: np.ndarray) -> dict:
-    """`_stats` of the finite values plus `missing`: how many are not (NaN or inf), so count + missing = rows."""
-    return {**_stats(values), "missing": int((~np.isfinite(values)).sum())}
+    """`value_stats` of the finite values plus `missing`: how many are not (NaN or inf), so count + missing = rows."""
+    return {**value_stats(values), "missing": int((~np.isfinite(values)).sum())}
 
 
 def _ppl_from_columns(ds) -> dict:
@@ -268,7 +268,7 @@ def quality_report(data, student=None, *, tokenizer=None, coherence: Optional[bo
     from ..models import load_tokenizer
     from ..prompts import get_scoring_template
 
-    splits = _as_splits(data)
+    splits = as_splits(data)
     model = student_tokenizer = student_name = None
     if student is not None:
         model, student_tokenizer, student_name = _student(student)
