@@ -334,12 +334,44 @@ def load_data(source: Union[str, Path], split: str = "train"):
 
 
 def read_records(path: Union[str, Path]) -> list[dict]:
-    """Read a JSON array or JSON lines file into a list of dicts (for tests and scripts)."""
-    text = Path(path).read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        return json.loads(stripped)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """The rows of a JSON array or JSON lines file, as dicts. A file that is not JSON, holds no
+    row, or holds a row that is not a JSON object raises `ValueError` naming the file.
+
+    Example:
+        >>> from reflectune_hf.data import read_records, sample_path
+        >>> len(read_records(sample_path()))
+        40
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON or JSON lines: {err}") from err
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: row {bad} is a {type(rows[bad]).__name__}, expected a JSON object")
+    return rows
+
+
+def arrow_columns(ds, columns: Sequence[str]):
+    """Some columns of `ds` as one Arrow table, honouring an indices mapping (`select`/`filter`/`shuffle`)."""
+    return ds.with_format("arrow", columns=list(columns))[:]
+
+
+def text_array(table, name: str):
+    """A column of an Arrow table as strings, with nulls (a null-typed or absent column too) as ""."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if name not in table.column_names:
+        return pa.array([""] * table.num_rows, pa.string())
+    return pc.fill_null(pc.cast(table[name], pa.string()), "")
 
 
 def records_to_dataset(records: Sequence[Mapping]):

@@ -5,7 +5,7 @@ Strings quoted from the published method are byte-identical to it, typos include
 results are only comparable with the papers' when they are unchanged. The `"clean"` prompt set
 fixes the typos for users who prefer that; `"paper"` is the default.
 
-Sections: reflection (instruction compression, instruction and response reflection), scoring
+Sections: the instruction+input join (`join_input`, one named separator per use), reflection (instruction compression, instruction and response reflection), scoring
 templates for IFD/r-IFD, SelectIT rating lines, the pairwise judge.
 
 Example:
@@ -17,6 +17,48 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional
+
+# ---------------------------------------------------------------------------------------------
+# The instruction+input join: one function, the separator each use needs named
+# ---------------------------------------------------------------------------------------------
+
+BLANK_LINE_SEPARATOR = "\n\n"  # a merged instruction (`merge_input`), Tuna's bare prompt, a test question
+NEWLINE_SEPARATOR = "\n"  # the WizardLM and plain scoring templates, the quality report's instruction text
+VICUNA_INPUT_SEPARATOR = "\nInput:\n"  # the Vicuna scoring template and the SFT user turn
+NO_SEPARATOR = ""  # the reference IFD script's instruction text (`instruction + input`, REFERENCE.md §6)
+
+
+def join_input(instruction: str, input: Optional[str], separator: str = BLANK_LINE_SEPARATOR,
+               skip_blank: bool = False) -> str:
+    """The instruction, `separator`, then the input; the instruction alone when the input is
+    empty or None (or, with `skip_blank=True`, only white space). Nothing is stripped.
+
+    Example:
+        >>> from reflectune_hf.prompts import VICUNA_INPUT_SEPARATOR, join_input
+        >>> join_input("Sort:", "3, 1, 2"), join_input("Add.", "2+2", VICUNA_INPUT_SEPARATOR), join_input("Hi.", "")
+        ('Sort:\\n\\n3, 1, 2', 'Add.\\nInput:\\n2+2', 'Hi.')
+    """
+    if not input or (skip_blank and not input.strip()):
+        return instruction
+    return f"{instruction}{separator}{input}"
+
+
+def merge_input(instruction: str, input: str) -> str:
+    """The deterministic, lossless merge of an instruction and its input: the instruction, a blank
+    line, the input, each stripped at the join (the instruction alone when the input is blank,
+    the input alone when the instruction is).
+
+    Example:
+        >>> from reflectune_hf.prompts import merge_input
+        >>> merge_input("Translate to French.", "Good morning")
+        'Translate to French.\\n\\nGood morning'
+    """
+    if not input.strip():
+        return instruction
+    if not instruction.strip():
+        return input.strip()
+    return join_input(instruction.rstrip(), input.strip())
 
 # ---------------------------------------------------------------------------------------------
 # Reflection (REFERENCE.md §2-§4)
@@ -141,23 +183,24 @@ VICUNA_SYSTEM = (
 
 @dataclass(frozen=True)
 class ScoringTemplate:
-    """A prompt template for scoring: `no_input` and `with_input` forms."""
+    """A prompt template for scoring. `no_input` holds `{instruction}`; with an input, either the
+    instruction and input joined by `input_separator` (`join_input`) fill `no_input`, or, for a
+    template with a form of its own (Alpaca), `with_input` holds `{instruction}` and `{input}`."""
 
     name: str
     no_input: str
-    with_input: str
+    input_separator: str = NEWLINE_SEPARATOR
+    with_input: Optional[str] = None
 
     def format(self, instruction: str, input: str = "") -> str:
-        if input:
+        if input and self.with_input is not None:
             return self.with_input.format(instruction=instruction, input=input)
-        return self.no_input.format(instruction=instruction)
+        return self.no_input.format(instruction=join_input(instruction, input, self.input_separator))
 
 
 SCORING_TEMPLATES: dict[str, ScoringTemplate] = {
     "vicuna": ScoringTemplate(
-        "vicuna",
-        no_input=VICUNA_SYSTEM + " USER: {instruction} ASSISTANT:",
-        with_input=VICUNA_SYSTEM + " USER: {instruction}\nInput:\n{input} ASSISTANT:",
+        "vicuna", no_input=VICUNA_SYSTEM + " USER: {instruction} ASSISTANT:", input_separator=VICUNA_INPUT_SEPARATOR
     ),
     "alpaca": ScoringTemplate(
         "alpaca",
@@ -171,14 +214,10 @@ SCORING_TEMPLATES: dict[str, ScoringTemplate] = {
             "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
         ),
     ),
-    "wizardlm": ScoringTemplate(
-        "wizardlm",
-        no_input="{instruction}\n\n### Response:",
-        with_input="{instruction}\n{input}\n\n### Response:",
-    ),
+    "wizardlm": ScoringTemplate("wizardlm", no_input="{instruction}\n\n### Response:"),
     # Superfiltering's plain form: for base models that know no chat template (an unfamiliar
     # template pushes IFD above 1 for most rows).
-    "plain": ScoringTemplate("plain", no_input="{instruction}\n", with_input="{instruction}\n{input}\n"),
+    "plain": ScoringTemplate("plain", no_input="{instruction}\n"),
 }
 
 

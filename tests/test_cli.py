@@ -336,17 +336,17 @@ def test_oracle_client_options_are_flags_and_yaml_keys_and_reach_the_oracle(comm
     (config,) = parser.parse_args_and_config(["--oracle_model", "m", "--base_url", "http://127.0.0.1:9/v1",
                                               "--timeout", "3.5", "--max-retries", "2", "--context_window", "4096",
                                               "--context_tokenizer", "smollm2-135m-instruct"])
-    oracle = pipeline.make_oracle(config)
+    oracle = pipeline.config_oracle(config)
     assert isinstance(oracle, OpenAIOracle) and (oracle.timeout, oracle.max_retries) == (3.5, 2)
     assert oracle.context_window == 4096 and oracle.prompt_counter.tokenizer == "smollm2-135m-instruct"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"oracle_model": "m", "timeout": 7.0, "max_retries": 0, "context_window": 2048}))
     (config,) = parser.parse_args_and_config(["--config", str(recipe)])
-    oracle = pipeline.make_oracle(config)
+    oracle = pipeline.config_oracle(config)
     assert (oracle.timeout, oracle.max_retries, oracle.context_window) == (7.0, 0, 2048)
     assert oracle.prompt_counter.tokenizer is None
     (config,) = parser.parse_args_and_config(["--config", str(recipe), "--max_retries", "4", "--batch_api"])
-    oracle = pipeline.make_oracle(config)
+    oracle = pipeline.config_oracle(config)
     assert isinstance(oracle, OpenAIBatchOracle) and (oracle.timeout, oracle.max_retries) == (7.0, 4)
     defaults = config_type(oracle_model="m")
     assert (defaults.timeout, defaults.max_retries, defaults.context_window) == (120.0, 6, None)
@@ -390,16 +390,31 @@ def test_eval_and_tuna_take_the_same_client_options():
         ["--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge_model", "j", "--timeout", "5",
          "--max_retries", "1"])
     assert (config.timeout, config.max_retries) == (5.0, 1)
-    judge = eval_run.make_oracle("j", "http://127.0.0.1:9/v1", 64, timeout=config.timeout,
-                                 max_retries=config.max_retries)
+    judge = eval_run.make_oracle("j", "http://127.0.0.1:9/v1", max_new_tokens=64, timeout=config.timeout,
+                                 max_retries=config.max_retries, local_without_base_url=True)
     assert isinstance(judge, OpenAIOracle) and (judge.timeout, judge.max_retries) == (5.0, 1)
 
     script_args = tuna.make_parser().parse_args_and_config(["--oracle_model", "m", "--oracle_base_url", "http://127.0.0.1:9/v1",
                                                 "--oracle_timeout", "4", "--oracle_max_retries", "0",
                                                 "--output_dir", "unused"])[0]
-    oracle = tuna.make_oracle("m", script_args.oracle_base_url, 64, script_args.oracle_max_concurrency,
-                              script_args.oracle_timeout, script_args.oracle_max_retries)
-    assert (oracle.timeout, oracle.max_retries) == (4.0, 0)
+    from reflectune_hf.oracles import factory
+
+    made, real = [], factory.make_oracle
+
+    class Made(Exception):
+        pass
+
+    def recording(*args, **kwargs):  # the real factory, then stop before any request
+        made.append(real(*args, **kwargs))
+        raise Made
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(factory, "make_oracle", recording)
+        with pytest.raises(Made):
+            tuna.rank_dataset(None, script_args, "student")
+    assert isinstance(made[0], OpenAIOracle) and (made[0].timeout, made[0].max_retries) == (4.0, 0)
+
+
 # -- an empty selection, a missing token, a configuration that reproduces the run ------------------
 
 

@@ -154,3 +154,19 @@ def test_a_missing_local_file_is_reported_as_missing_not_looked_up_on_the_hub(tm
         with pytest.raises(FileNotFoundError, match="no such file or directory") as err:
             load_data(name)
         assert "Hub" not in str(err.value).split("(")[0] and name in str(err.value)
+
+
+def test_read_records_is_the_one_json_reader_and_names_bad_files(tmp_path):
+    """`read_records` (also what `load_eval_set` and `reflectune eval --responses_a` read with)
+    refuses a file without rows, a non-object row and text that is not JSON, naming the file."""
+    from reflectune_hf.data import read_records
+
+    cases = {"empty.jsonl": ("\n", "holds no rows"), "list.json": ("[1, 2]", "row 0 is a int"),
+             "broken.jsonl": ('{"a": 1}\n{"a": \n', "is not JSON or JSON lines")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message) as err:
+            read_records(tmp_path / name)
+        assert name in str(err.value)
+    (tmp_path / "ok.json").write_text('  [{"instruction": "Hi"}]')
+    assert read_records(tmp_path / "ok.json") == [{"instruction": "Hi"}]

@@ -299,7 +299,7 @@ def test_run_eval_with_response_files(tmp_path, monkeypatch):
     _write_jsonl(tmp_path / "a.jsonl", [{**r, "response": w} for r, w in zip(rows, ["good", "good", "fair", "poor"])])
     _write_jsonl(tmp_path / "b.jsonl",
                  [{**r, "output": w} for r, w in zip(rows[::-1], ["fair", "fair", "poor", "good"])])
-    monkeypatch.setattr(eval_run, "make_oracle", lambda model, base_url, max_tokens, **server: ScriptedOracle())
+    monkeypatch.setattr(eval_run, "make_oracle", lambda model, base_url, max_new_tokens=None, **server: ScriptedOracle())
     config = eval_run.EvalConfig(responses_a=str(tmp_path / "a.jsonl"), responses_b=str(tmp_path / "b.jsonl"),
                                  judge_model="scripted", judge_base_url="http://user:s3cret@127.0.0.1:9/v1",
                                  output_dir=str(tmp_path / "out"))
@@ -323,13 +323,35 @@ def test_run_eval_with_response_files(tmp_path, monkeypatch):
 
 
 def test_make_oracle_picks_server_or_local():
-    from reflectune_hf.cli import eval_job as eval_run
     from reflectune_hf.oracles import OpenAIOracle, TransformersOracle
+    from reflectune_hf.oracles.factory import make_oracle
 
-    remote = eval_run.make_oracle("m", "http://127.0.0.1:9/v1", 64)
+    served = {"max_new_tokens": 64, "local_without_base_url": True}   # as `reflectune eval` builds them
+    remote = make_oracle("m", "http://127.0.0.1:9/v1", **served)
     assert isinstance(remote, OpenAIOracle) and remote.model == "m" and remote.base_url == "http://127.0.0.1:9/v1"
-    local = eval_run.make_oracle("smollm2-135m-instruct", None, 64)        # loads nothing until first use
+    local = make_oracle("smollm2-135m-instruct", None, **served)        # loads nothing until first use
     assert isinstance(local, TransformersOracle) and local.max_new_tokens == 64
+    assert isinstance(make_oracle("local:smollm2-135m-instruct", None, **served), TransformersOracle)
+    assert isinstance(make_oracle("m"), OpenAIOracle)                     # without the flag: OpenAI's API
+    with pytest.raises(ValueError, match="a model name is required"):
+        make_oracle(" ")
+
+
+def test_one_place_builds_oracles_from_names():
+    """Only `oracles/factory.py` turns a name into an oracle class, in the package and the job scripts
+    (benchmarks build the one oracle they measure)."""
+    import re
+    from pathlib import Path
+
+    import reflectune_hf
+
+    root = Path(reflectune_hf.__file__).parent
+    files = [*root.rglob("*.py"), *(p for p in (root.parent / "scripts").glob("*.py") if not p.name.startswith("bench"))]
+    built = re.compile(r"(?<![\w\"`])(OpenAIOracle|OpenAIBatchOracle|TransformersOracle)\(")
+    found = sorted(str(p.name) for p in files if p.name != "factory.py" and any(
+        built.search(line) and not line.lstrip().startswith((">>>", "...", "class ", "#"))
+        for line in p.read_text().splitlines()))
+    assert found == []
 
 
 def test_run_eval_two_models_on_named_test_sets(tmp_path, monkeypatch, capsys):
@@ -340,8 +362,8 @@ def test_run_eval_two_models_on_named_test_sets(tmp_path, monkeypatch, capsys):
 
     made = []
 
-    def fake(model, base_url, max_tokens, **server):
-        made.append((model, base_url, max_tokens))
+    def fake(model, base_url, max_new_tokens=None, **server):
+        made.append((model, base_url, max_new_tokens))
         return ScriptedOracle(word={"ma": "good", "mb": "poor"}.get(model, ""))
 
     monkeypatch.setattr(eval_run, "make_oracle", fake)
@@ -358,3 +380,41 @@ def test_run_eval_two_models_on_named_test_sets(tmp_path, monkeypatch, capsys):
 
 def test_doctests():
     assert doctest.testmod(evaluate_mod, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_every_stage_that_calls_an_oracle_shares_one_loop():
+    """Reflection, Tuna and evaluation stages derive from `OracleCaller` (one request/complete loop:
+    length check, usage, ids); no other package code calls an oracle's `complete` (#19.2)."""
+    import re
+    from pathlib import Path
+
+    import reflectune_hf
+    from reflectune_hf.evaluation.stages import GenerateResponses, PairwiseJudge
+    from reflectune_hf.oracles.stage import OracleCaller
+    from reflectune_hf.reflection.stages import CompressInstruction, ReflectInstruction, ReflectResponse
+    from reflectune_hf.tuna.stages import ContextualRank, SampleResponses
+
+    for stage in (CompressInstruction, ReflectInstruction, ReflectResponse, SampleResponses, ContextualRank,
+                  GenerateResponses, PairwiseJudge):
+        assert issubclass(stage, OracleCaller), stage
+    root = Path(reflectune_hf.__file__).parent
+    calls = [str(p.relative_to(root)) for p in root.rglob("*.py")
+             if p.parts[-2] != "oracles" and re.search(r"oracle\.complete\(", p.read_text())]
+    assert calls == []
+
+
+def test_cached_answers_cost_no_usage_in_evaluation_stages():
+    """A cached answer sent nothing: like the reflection stages, the evaluation stages do not count it."""
+    class Cached:
+        def complete(self, requests):
+            return [ChatResult(texts=["7 8\nFine."], finish_reasons=["stop"], cached=True,
+                               usage={"prompt_tokens": 5, "completion_tokens": 2}) for _ in requests]
+
+    generate = GenerateResponses(Cached())
+    generate({"instruction": ["Q"]})
+    judge = PairwiseJudge(Cached())
+    judge({"instruction": ["Q"], "response_a": ["a"], "response_b": ["b"]})
+    assert generate.usage == {} and judge.usage == {}
+    with pytest.raises(RuntimeError, match="PairwiseJudge: Short.complete returned 0 results for 2 requests"):
+        PairwiseJudge(type("Short", (), {"complete": lambda self, r: []})())(
+            {"instruction": ["Q"], "response_a": ["a"], "response_b": ["b"]})

@@ -139,6 +139,8 @@ def test_hub_model_identity_has_its_cached_revision(tmp_path, monkeypatch):
     snapshot("a" * 40)
     assert model_identity("me/oracle")["revision"] == "a" * 40
     first = Hasher.hash(TransformersOracle("me/oracle", cache=False))
-    assert TransformersOracle("me/oracle", cache=False)._identity()[0] == f"transformers:me/oracle@{'a' * 40}:float32"
+    key = TransformersOracle("me/oracle", cache=False)._identity()[0]
+    assert key.startswith("transformers:me/oracle@") and key.endswith(":float32")
     snapshot("b" * 40)
     assert Hasher.hash(TransformersOracle("me/oracle", cache=False)) != first
+    assert TransformersOracle("me/oracle", cache=False)._identity()[0] != key  # the cache key follows the commit

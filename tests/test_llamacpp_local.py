@@ -101,7 +101,7 @@ def test_engine_choice():
     with pytest.raises(ValueError, match="local_engine must be one of"):
         make_local_oracle(engine="onnx")
     from reflectune_hf.cli.configs import RecycleConfig
-    from reflectune_hf.cli.jobs import make_oracle
+    from reflectune_hf.cli.jobs import config_oracle as make_oracle
 
     assert isinstance(make_oracle(RecycleConfig(oracle_model="local:smollm2-135m-instruct")), LlamaCppOracle)
     chosen = make_oracle(RecycleConfig(oracle_model="local:smollm2-135m-instruct", local_engine="transformers",
@@ -113,7 +113,7 @@ def test_the_reask_of_a_truncated_answer_gets_twice_the_budget():
     """The stage re-asks a `length` answer with twice max_tokens; the local oracle from the CLI
     config must not cap it back to max_new_tokens (it did: the re-ask had the same budget)."""
     from reflectune_hf.cli.configs import RecycleConfig
-    from reflectune_hf.cli.jobs import make_oracle
+    from reflectune_hf.cli.jobs import config_oracle as make_oracle
     from reflectune_hf.reflection.stages import ReflectResponse
 
     for engine in ("llamacpp", "transformers"):

@@ -105,3 +105,25 @@ def test_progress_bar_advances_per_request(oracle, capsys):
     oracle.complete(ask(["Say yes.", "Say no."], max_tokens=2))
     err = capsys.readouterr().err
     assert "0/2" in err and "req" in err
+
+
+def test_cache_identity_and_fingerprint_follow_one_model_identity_rule(tmp_path):
+    """The cache key and the datasets fingerprint read a model directory by the same rule
+    (`models.model_identity`): a changed tokenizer file changes both (#19.2)."""
+    from reflectune_hf.oracles import TransformersOracle
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.model").write_bytes(b"v1")
+
+    def identities():
+        oracle = TransformersOracle(str(model), cache=False)
+        return oracle._identity()[0], oracle.fingerprint_identity()["weights"]
+
+    key, weights = identities()
+    (model / "tokenizer.model").write_bytes(b"version 2")
+    new_key, new_weights = identities()
+    assert new_weights != weights
+    assert new_key != key
+    assert str(model.resolve()) in new_key

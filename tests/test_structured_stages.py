@@ -97,7 +97,7 @@ def test_format_outcome_column_summarize_card_and_table(tmp_path):
 
 def test_cli_options_reach_the_oracle_and_the_stages():
     from reflectune_hf.cli.configs import RecycleConfig
-    from reflectune_hf.cli.jobs import make_oracle
+    from reflectune_hf.cli.jobs import config_oracle as make_oracle
 
     config = RecycleConfig(oracle_model="m", base_url="http://127.0.0.1:9/v1", structured="on", backend="llama.cpp")
     oracle = make_oracle(config)

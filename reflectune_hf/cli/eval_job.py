@@ -24,9 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..data import read_records
 from ..evaluation.judge import format_judge_table, judge_summary, plot_judge
 from ..evaluation.stages import GenerateResponses, PairwiseJudge, load_eval_set
 from ..oracles.cache import redact_url
+from ..oracles.factory import make_oracle
 
 logger = logging.getLogger(__name__)
 
@@ -104,20 +106,11 @@ def make_parser(subparsers=None, prog: str | None = None):
     return CommandParser((EvalConfig,), prog=prog, description=DESCRIPTION)
 
 
-def make_oracle(model: str, base_url: Optional[str], max_tokens: int, timeout: float = 120.0, max_retries: int = 6):
-    """`OpenAIOracle(model, base_url)` when a server is given, else a local `TransformersOracle`."""
-    from ..oracles import OpenAIOracle, TransformersOracle
-
-    if base_url:
-        return OpenAIOracle(model, base_url=base_url, timeout=timeout, max_retries=max_retries)
-    return TransformersOracle(model=model, max_new_tokens=max_tokens)
-
-
 def _answered(config: EvalConfig) -> dict:
     """{test set name: Dataset with instruction, input, response_a, response_b (+ statuses)}."""
-    server = {"timeout": config.timeout, "max_retries": config.max_retries}
-    oracle_a = make_oracle(config.model_a, config.base_url_a, config.max_new_tokens, **server)
-    oracle_b = make_oracle(config.model_b, config.base_url_b, config.max_new_tokens, **server)
+    server = {"timeout": config.timeout, "max_retries": config.max_retries, "local_without_base_url": True}
+    oracle_a = make_oracle(config.model_a, config.base_url_a, max_new_tokens=config.max_new_tokens, **server)
+    oracle_b = make_oracle(config.model_b, config.base_url_b, max_new_tokens=config.max_new_tokens, **server)
     out = {}
     for spec in config.test_sets:
         ds = load_eval_set(spec, eval_dir=config.eval_dir, max_rows=config.max_rows)
@@ -132,9 +125,7 @@ def _answered(config: EvalConfig) -> dict:
 def _read_responses(path: str):
     from datasets import Dataset
 
-    from ..evaluation.stages import _read_json_rows
-
-    ds = Dataset.from_list(_read_json_rows(Path(path)))
+    ds = Dataset.from_list(read_records(path))
     column = "response" if "response" in ds.column_names else "output"
     missing = [c for c in ("instruction", column) if c not in ds.column_names]
     if missing:
@@ -176,8 +167,9 @@ def run_eval(config: EvalConfig) -> dict:
         `{"summaries": {test set: judge_summary}, "files": {...}, "table": str}`.
     """
     answered = _paired(config) if config.responses_a else _answered(config)
-    judge = PairwiseJudge(make_oracle(config.judge_model, config.judge_base_url, config.judge_max_tokens,
-                                      timeout=config.timeout, max_retries=config.max_retries),
+    judge = PairwiseJudge(make_oracle(config.judge_model, config.judge_base_url, max_new_tokens=config.judge_max_tokens,
+                                      timeout=config.timeout, max_retries=config.max_retries,
+                                      local_without_base_url=True),
                           max_tokens=config.judge_max_tokens)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..data import load_data
-from ..oracles import ChatRequest, OpenAIBatchOracle, OpenAIOracle, make_local_oracle
-from ..sanitize import LOCAL_PREFIX, sanitize_config
+from ..oracles import ChatRequest
+from ..oracles.factory import make_oracle
+from ..sanitize import sanitize_config
 from .configs import (  # noqa: F401  (the job configs, re-exported for `pipeline.RecycleConfig`)
     DataConfig, EstimateConfig, OracleConfig, RecycleConfig, ReflectConfig, ScoreConfig, SelectConfig,
     SelectionConfig, StudentConfig)
@@ -65,28 +66,18 @@ def load_input(config: DataConfig):
     return data
 
 
-def make_oracle(config: OracleConfig):
-    """The oracle of `config.oracle_model`: `local:<model>` runs the model here (`config.local_engine`:
-    llama.cpp for an embedded GGUF by default, else transformers; `make_local_oracle`); any
-    other name goes to an OpenAI-compatible server (the Batch API with `batch_api`) with the
-    config's `timeout`, `max_retries`, `context_window` (and `context_tokenizer`)."""
-    name = config.oracle_model
-    if not name:
+def config_oracle(config: OracleConfig):
+    """The oracle of `config.oracle_model` (`oracles.factory.make_oracle`) with the config's
+    server, rate, context and local settings."""
+    if not config.oracle_model:
         raise ValueError(ORACLE_REQUIRED)
-    if name.startswith(LOCAL_PREFIX):
-        # The stages ask for max_new_tokens; the oracle allows twice that, so the re-ask of an
-        # answer cut by the limit (`truncated`, asked with twice the budget) really gets it.
-        return make_local_oracle(name[len(LOCAL_PREFIX):] or "smollm2-135m-instruct", engine=config.local_engine,
-                                 batch_size=config.local_batch_size, max_new_tokens=2 * config.max_new_tokens,
-                                 structured=config.structured)
-    served = {"backend": config.backend, "structured": config.structured}
-    if config.batch_api:
-        return OpenAIBatchOracle(name, base_url=config.base_url, timeout=config.timeout, max_retries=config.max_retries,
-                                 **served)
-    return OpenAIOracle(name, base_url=config.base_url, max_concurrency=config.max_concurrency,
-                        requests_per_minute=config.requests_per_minute, tokens_per_minute=config.tokens_per_minute,
-                        timeout=config.timeout, max_retries=config.max_retries, context_window=config.context_window,
-                        tokenizer=config.context_tokenizer, **served)
+    return make_oracle(config.oracle_model, config.base_url, max_new_tokens=config.max_new_tokens,
+                       batch_api=config.batch_api, local_batch_size=config.local_batch_size,
+                       local_engine=config.local_engine,
+                       structured=config.structured, backend=config.backend, timeout=config.timeout,
+                       max_retries=config.max_retries, max_concurrency=config.max_concurrency,
+                       requests_per_minute=config.requests_per_minute, tokens_per_minute=config.tokens_per_minute,
+                       context_window=config.context_window, context_tokenizer=config.context_tokenizer)
 
 
 def _stage_kwargs(config: OracleConfig) -> dict:
@@ -100,7 +91,7 @@ def reflect(config: ReflectConfig, data=None, oracle=None):
     from ..reflection.variants import build_variants
 
     data = load_pairs(config) if data is None else data
-    oracle = make_oracle(config) if oracle is None else oracle
+    oracle = config_oracle(config) if oracle is None else oracle
     return build_variants(data, oracle, compress=config.compress, batch_size=config.reflect_batch_size,
                           **_stage_kwargs(config))
 
@@ -275,7 +266,7 @@ def load_pairs(config: DataConfig):
 def run_reflect(config: ReflectConfig) -> JobResult:
     started = time.monotonic()
     data = load_pairs(config)
-    oracle = make_oracle(config)
+    oracle = config_oracle(config)
     variants = reflect(config, data=data, oracle=oracle)
     return _result(variants, publish(config, variants, card_context(config, oracle, data)), None, oracle, started)
 
@@ -309,7 +300,7 @@ def run_recycle(config: RecycleConfig) -> JobResult:
     """The whole method; see the module docstring."""
     started = time.monotonic()
     source = load_pairs(config)
-    oracle = make_oracle(config)
+    oracle = config_oracle(config)
     variants = reflect(config, data=source, oracle=oracle)
     variants = score(config, variants)
     chosen = select(config, variants)
@@ -348,7 +339,7 @@ def run_estimate(config: EstimateConfig) -> dict:
     data = load_input(config)
     if isinstance(data, DatasetDict):
         raise ValueError(f"{config.data} holds several splits {list(data)}; estimate takes one")
-    oracle = make_oracle(config)
+    oracle = config_oracle(config)
     prices = None
     if config.input_price is not None or config.output_price is not None:
         prices = {"input": config.input_price or 0.0, "output": config.output_price or 0.0}

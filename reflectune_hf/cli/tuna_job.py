@@ -80,16 +80,6 @@ class TunaScriptArguments:
         "help": "Also train on each original Alpaca pair as a one-candidate (CE only) row, for regularisation."})
 
 
-def make_oracle(model: str, base_url: Optional[str], max_tokens: int, max_concurrency: int = 32,
-                timeout: float = 120.0, max_retries: int = 6):
-    from ..oracles import OpenAIOracle, TransformersOracle
-
-    if base_url:
-        return OpenAIOracle(model, base_url=base_url, max_concurrency=max_concurrency, timeout=timeout,
-                            max_retries=max_retries)
-    return TransformersOracle(model, max_new_tokens=max_tokens)
-
-
 def rank_dataset(ds, script_args, student_model: str):
     """Add `ranked_responses` to Alpaca rows with the stage's oracle(s)."""
     from ..tuna.stages import ContextualRank, SampleResponses, rank_by_logprob
@@ -97,10 +87,12 @@ def rank_dataset(ds, script_args, student_model: str):
     if not script_args.oracle_model:
         raise ValueError(f"The data has no ranked_responses: set oracle_model (the {script_args.stage} ranking's "
                          f"{'teacher' if script_args.stage == 'probabilistic' else 'judge'}) to rank it.")
+    from ..oracles.factory import make_oracle
+
+    server = dict(max_concurrency=script_args.oracle_max_concurrency, timeout=script_args.oracle_timeout,
+                  max_retries=script_args.oracle_max_retries, local_without_base_url=True)
     oracle = make_oracle(script_args.oracle_model, script_args.oracle_base_url,
-                         max(script_args.sample_max_tokens, script_args.judge_max_tokens),
-                         script_args.oracle_max_concurrency, script_args.oracle_timeout,
-                         script_args.oracle_max_retries)
+                         max_new_tokens=max(script_args.sample_max_tokens, script_args.judge_max_tokens), **server)
     sample = dict(n=script_args.num_responses, temperature=script_args.sample_temperature,
                   max_tokens=script_args.sample_max_tokens)
     if script_args.stage == "probabilistic":
@@ -108,9 +100,8 @@ def rank_dataset(ds, script_args, student_model: str):
         ds = ds.map(rank_by_logprob, batched=True, desc="Tuna: ranking by log-probability")
     elif script_args.stage == "contextual":
         if "responses" not in ds.column_names:
-            student = make_oracle(student_model, script_args.student_base_url, script_args.sample_max_tokens,
-                                  script_args.oracle_max_concurrency, script_args.oracle_timeout,
-                                  script_args.oracle_max_retries)
+            student = make_oracle(student_model, script_args.student_base_url,
+                                  max_new_tokens=script_args.sample_max_tokens, **server)
             # The judge ranks the texts: no logprobs asked, so a server without them still answers.
             ds = ds.map(SampleResponses(student, logprobs=False, **sample), batched=True,
                         desc="Tuna: sampling the student")

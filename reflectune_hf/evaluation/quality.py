@@ -25,7 +25,8 @@ from typing import ClassVar, Optional
 import numpy as np
 
 from ..data import require_columns
-from ..publishing.report import _as_splits, _stats, summarize
+from ..prompts import NEWLINE_SEPARATOR, join_input
+from ..publishing.report import as_splits, value_stats, summarize
 from ..selection.select import score_array
 from ..utils import LazyState
 
@@ -119,7 +120,7 @@ def _pair_texts(ds) -> tuple[list[str], list[str]]:
     cols = [c for c in ("instruction", "input", "output") if c in ds.column_names]
     table = ds.select_columns(cols).to_dict()
     inputs = table.get("input") or [""] * len(ds)
-    instructions = [f"{q or ''}\n{i}" if i else (q or "") for q, i in zip(table["instruction"], inputs)]
+    instructions = [join_input(q or "", i, NEWLINE_SEPARATOR) for q, i in zip(table["instruction"], inputs)]
     return instructions, [o or "" for o in table["output"]]
 
 
@@ -189,8 +190,8 @@ def response_perplexity(model, tokenizer, prompts: list[str], responses: list[st
 
 
 def _stats_missing(values: np.ndarray) -> dict:
-    """`_stats` of the finite values plus `missing`: how many are not (NaN or inf), so count + missing = rows."""
-    return {**_stats(values), "missing": int((~np.isfinite(values)).sum())}
+    """`value_stats` of the finite values plus `missing`: how many are not (NaN or inf), so count + missing = rows."""
+    return {**value_stats(values), "missing": int((~np.isfinite(values)).sum())}
 
 
 def _ppl_from_columns(ds) -> dict:
@@ -267,7 +268,7 @@ def quality_report(data, student=None, *, tokenizer=None, coherence: Optional[bo
     from ..models import load_tokenizer
     from ..prompts import get_scoring_template
 
-    splits = _as_splits(data)
+    splits = as_splits(data)
     model = student_tokenizer = student_name = None
     if student is not None:
         model, student_tokenizer, student_name = _student(student)

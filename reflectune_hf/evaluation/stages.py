@@ -27,19 +27,18 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from pathlib import Path
 from typing import ClassVar, Optional
 
-from ..data import batch_size_of, require_columns, text_column
+from ..data import batch_size_of, read_records, require_columns, text_column
 from ..oracles.backends import structured_mode
-from ..oracles.base import ChatRequest, usage_add
+from ..oracles.base import ChatRequest
+from ..oracles.stage import OracleCaller
 from ..oracles.stage_formats import stage_answer_format
-from ..prompts import judge_messages
-from ..utils import LazyState
+from ..prompts import join_input, judge_messages
 from .judge import VERDICTS, judge_summary, judge_verdict, parse_judge_scores, plot_judge
 from .quality import quality_report
 
@@ -51,25 +50,11 @@ __all__ = ["GenerateResponses", "PairwiseJudge", "VERDICTS", "judge_summary", "j
 NAN_PAIR = [math.nan, math.nan]
 
 
-def question_text(instruction: str, input: str = "") -> str:
-    """The user turn of a test question: the instruction, then its input after a blank line."""
-    return f"{instruction}\n\n{input}" if input else instruction
-
-
 def _inputs(batch, stage: str) -> list[str]:
     return text_column(batch, "input", stage) if "input" in batch else [""] * batch_size_of(batch)
 
 
-def _complete(oracle, requests: list[ChatRequest], stage: str) -> list:
-    if not requests:
-        return []
-    results = oracle.complete(requests)
-    if len(results) != len(requests):
-        raise RuntimeError(f"{stage}: the oracle returned {len(results)} results for {len(requests)} requests")
-    return results
-
-
-class GenerateResponses(LazyState):
+class GenerateResponses(OracleCaller):
     """Map stage: answer each row's question with an oracle (`ds.map(stage, batched=True)`).
 
     The oracle applies the answering model's chat template: an OpenAI-compatible server applies
@@ -102,16 +87,14 @@ class GenerateResponses(LazyState):
         (['SAY HI', ''], ['ok', 'empty_instruction'])
     """
 
-    _transient: ClassVar[tuple[str, ...]] = ("usage",)
-    stage = "GenerateResponses"
+    stage_name: ClassVar[str] = "GenerateResponses"
 
     def __init__(self, oracle, column: str = "response", max_tokens: Optional[int] = 512, temperature: float = 0.0,
                  top_p: float = 1.0, seed: Optional[int] = None, system_prompt: Optional[str] = None):
-        if not callable(getattr(oracle, "complete", None)):
-            raise TypeError(f"{self.stage}: oracle must have a complete(requests) method, got {type(oracle).__name__}")
-        if not column:
-            raise ValueError(f"{self.stage}: column must be a non-empty name")
         self.oracle = oracle
+        self._check_oracle()
+        if not column:
+            raise ValueError(f"{self.stage_name}: column must be a non-empty name")
         self.column = column
         self.max_tokens = max_tokens
         self.temperature = float(temperature)
@@ -123,21 +106,18 @@ class GenerateResponses(LazyState):
     def request(self, instruction: str, input: str = "") -> ChatRequest:
         """The chat request answering one question."""
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": question_text(instruction, input)})
+        messages.append({"role": "user", "content": join_input(instruction, input)})
         return ChatRequest(messages=messages, temperature=self.temperature, top_p=self.top_p,
                            max_tokens=self.max_tokens, seed=self.seed)
 
     def __call__(self, batch) -> dict:
-        instructions = text_column(batch, "instruction", self.stage)
-        inputs = _inputs(batch, self.stage)
+        instructions = text_column(batch, "instruction", self.stage_name)
+        inputs = _inputs(batch, self.stage_name)
         n = len(instructions)
         texts, statuses, errors = [""] * n, ["empty_instruction"] * n, [""] * n
         todo = [i for i in range(n) if instructions[i].strip()]
-        results = _complete(self.oracle, [self.request(instructions[i], inputs[i]) for i in todo], self.stage)
-        if self.usage is None:  # unpickled in a worker
-            self.usage = {}
+        results = self._complete([self.request(instructions[i], inputs[i]) for i in todo])
         for i, result in zip(todo, results):
-            usage_add(self.usage, result.usage)
             if not result.ok:
                 statuses[i], errors[i] = "oracle_error", str(result.error)
             elif not result.text.strip():
@@ -149,7 +129,7 @@ class GenerateResponses(LazyState):
         return {self.column: texts, f"{self.column}_status": statuses, f"{self.column}_error": errors}
 
 
-class PairwiseJudge(LazyState):
+class PairwiseJudge(OracleCaller):
     """Map stage: the pairwise judge in both orders (`ds.map(stage, batched=True)`).
 
     For each row it sends the judge prompt of REFERENCE.md §11 twice: A's answer as Assistant 1
@@ -175,14 +155,12 @@ class PairwiseJudge(LazyState):
             scores, then the explanation) for the oracle to enforce where it can; `"off"` plain.
     """
 
-    _transient: ClassVar[tuple[str, ...]] = ("usage",)
-    stage = "PairwiseJudge"
+    stage_name: ClassVar[str] = "PairwiseJudge"
 
     def __init__(self, oracle, max_tokens: Optional[int] = 1024, temperature: float = 0.0,
                  columns: tuple[str, str] = ("response_a", "response_b"), structured="auto"):
-        if not callable(getattr(oracle, "complete", None)):
-            raise TypeError(f"{self.stage}: oracle must have a complete(requests) method, got {type(oracle).__name__}")
         self.oracle = oracle
+        self._check_oracle()
         self.structured = structured_mode(structured)
         self.max_tokens = max_tokens
         self.temperature = float(temperature)
@@ -196,10 +174,10 @@ class PairwiseJudge(LazyState):
                            max_tokens=self.max_tokens, answer_format=shape)
 
     def __call__(self, batch) -> dict:
-        require_columns(batch, ["instruction", *self.columns], self.stage)
-        questions = [question_text(q, i) for q, i in zip(text_column(batch, "instruction", self.stage),
-                                                          _inputs(batch, self.stage))]
-        answers_a, answers_b = (text_column(batch, c, self.stage) for c in self.columns)
+        require_columns(batch, ["instruction", *self.columns], self.stage_name)
+        questions = [join_input(q, i) for q, i in zip(text_column(batch, "instruction", self.stage_name),
+                                                          _inputs(batch, self.stage_name))]
+        answers_a, answers_b = (text_column(batch, c, self.stage_name) for c in self.columns)
         n = len(questions)
         out = {"scores_ab": [NAN_PAIR] * n, "scores_ba": [NAN_PAIR] * n, "verdict": ["error"] * n,
                "judge_status": ["missing_response"] * n, "judge_ab": [""] * n, "judge_ba": [""] * n,
@@ -212,13 +190,10 @@ class PairwiseJudge(LazyState):
         for i in todo:
             requests += [self.request(questions[i], answers_a[i], answers_b[i]),
                          self.request(questions[i], answers_b[i], answers_a[i])]
-        results = _complete(self.oracle, requests, self.stage)
-        if self.usage is None:
-            self.usage = {}
+        results = self._complete(requests)
         for k, i in enumerate(todo):
             problems, status, scores = [], "ok", {}
             for order, result in zip(("ab", "ba"), results[2 * k:2 * k + 2]):
-                usage_add(self.usage, result.usage)
                 out[f"judge_{order}"][i] = result.text
                 if not result.ok:
                     status = "oracle_error"
@@ -249,23 +224,6 @@ EVAL_FORMATS = {
     "alpaca": ("instruction", "instruction", "id"),
 }
 EVAL_DIR_ENV = "REFLECTUNE_HF_EVAL_DIR"
-
-
-def _read_json_rows(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        if text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not JSON or JSON lines: {err}") from err
-    if not rows:
-        raise ValueError(f"{path} holds no rows")
-    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
-    if bad is not None:
-        raise ValueError(f"{path}: row {bad} is a {type(rows[bad]).__name__}, expected a JSON object")
-    return rows
 
 
 def _detect_format(rows: list[dict], path: Path) -> str:
@@ -336,7 +294,7 @@ def load_eval_set(path_or_name, format: Optional[str] = None, eval_dir=None, max
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"load_eval_set: max_rows must be >= 1, or None for all rows; got {max_rows!r}")
     path = resolve_eval_path(path_or_name, eval_dir)
-    rows = _read_json_rows(path)
+    rows = read_records(path)
     if format is not None and format not in EVAL_FORMATS:
         raise ValueError(f"Unknown test-set format {format!r}; choose one of {sorted(EVAL_FORMATS)}")
     fmt = format or _detect_format(rows, path)

@@ -47,71 +47,23 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from types import SimpleNamespace
 from typing import Optional
 
 from . import backends
 from .base import ChatRequest, ChatResult, OracleConfigurationError, usage_add
+from .batch_files import (ENDPOINT, MAX_BYTES_PER_BATCH, MAX_REQUESTS_PER_BATCH,  # noqa: F401 (split_lines: here too)
+                          batch_failure_reasons, ensure_batch_tables, read_result_line, split_lines)
 from .cache import OracleCache, redact_url
 from .http import http_library
-from .openai_oracle import OpenAIOracle, _parse_choices
+from .openai_oracle import OpenAIOracle, parse_choices
 from .structured import shape_from_dict
 
 logger = logging.getLogger(__name__)
 
-MAX_REQUESTS_PER_BATCH = 50_000
-MAX_BYTES_PER_BATCH = 200 * 1024 * 1024
 TERMINAL = ("completed", "failed", "expired", "cancelled", "unknown")  # unknown: the server forgot it
-ENDPOINT = "/v1/chat/completions"
 AGAIN = "call complete() again to collect it (it will not be resubmitted)"
-_CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"([^"\\]+)"')  # read from a line that is not valid JSON
-
-
-def _ensure_tables(cache: OracleCache) -> None:
-    cache.execute("CREATE TABLE IF NOT EXISTS batch_jobs (batch_id TEXT PRIMARY KEY, model TEXT, base_url TEXT, "
-                  "input_file_id TEXT, status TEXT, created REAL, done INTEGER NOT NULL DEFAULT 0)")
-    cache.execute("CREATE TABLE IF NOT EXISTS batch_requests (key TEXT NOT NULL, batch_id TEXT NOT NULL, "
-                  "PRIMARY KEY (key, batch_id))")
-    # The answer shape of each structured request, so a JSON answer collected by a later run that
-    # no longer asks for it is still cached as the marker text its key stands for.
-    cache.execute("CREATE TABLE IF NOT EXISTS batch_formats (key TEXT PRIMARY KEY, answer_format TEXT NOT NULL)")
-
-
-def _read_line(line: str) -> tuple[Optional[str], Optional[dict], Optional[str]]:
-    """`(custom_id, item, None)` for a good output/error line, `(custom_id or None, None, why)` else."""
-    try:
-        item = json.loads(line)
-    except ValueError as err:
-        match = _CUSTOM_ID.search(line)
-        return (match.group(1) if match else None), None, f"{type(err).__name__}: {err}"
-    if not isinstance(item, dict):
-        return None, None, f"a JSON {type(item).__name__}, not an object"
-    key = item.get("custom_id")
-    if not isinstance(key, str) or not key:
-        return None, None, "no custom_id"
-    return key, item, None
-
-
-def _reasons(batch) -> str:
-    """The service's reasons for a batch that did not complete ("" when it gave none)."""
-    data = getattr(getattr(batch, "errors", None), "data", None) or []
-    return "; ".join(str(e.message or e.code or "") for e in data)
-
-
-def split_lines(lines: list[bytes], max_requests: int, max_bytes: int) -> list[list[bytes]]:
-    """Consecutive parts of at most `max_requests` lines and `max_bytes` bytes each."""
-    parts, current, size = [], [], 0
-    for line in lines:
-        if len(line) > max_bytes:
-            raise ValueError(f"one request is {len(line)} bytes, over the batch limit of {max_bytes}")
-        if current and (len(current) >= max_requests or size + len(line) > max_bytes):
-            parts.append(current)
-            current, size = [], 0
-        current.append(line)
-        size += len(line)
-    return parts + ([current] if current else [])
 
 
 class OpenAIBatchOracle(OpenAIOracle):
@@ -185,7 +137,7 @@ class OpenAIBatchOracle(OpenAIOracle):
     # -- submission ---------------------------------------------------------------------------
     def _send(self, requests: list[ChatRequest], on_result) -> list[ChatResult]:
         cache = self.cache_store
-        _ensure_tables(cache)
+        ensure_batch_tables(cache)
         model, base_url = self._identity()
         keys = [r.key(model, base_url) for r in requests]
         index = {k: i for i, k in enumerate(keys)}
@@ -246,7 +198,7 @@ class OpenAIBatchOracle(OpenAIOracle):
             return f"batch {batch_id} could not be checked: {AGAIN}"
         if batch.status not in TERMINAL:
             return f"batch {batch_id} is still {batch.status}: {AGAIN}"
-        reasons = _reasons(batch)
+        reasons = batch_failure_reasons(batch)
         return (f"batch {batch_id} ended ({batch.status}{': ' + reasons if reasons else ''}) without an answer "
                 "for this request; a rerun submits it again")
 
@@ -358,7 +310,7 @@ class OpenAIBatchOracle(OpenAIOracle):
         import openai
 
         if batch.status != "completed":
-            reasons = _reasons(batch)
+            reasons = batch_failure_reasons(batch)
             logger.warning("Batch %s ended with status %s%s", batch.id, batch.status, f": {reasons}" if reasons else "")
         unreadable = []
         for file_id in (batch.output_file_id, batch.error_file_id):
@@ -376,7 +328,7 @@ class OpenAIBatchOracle(OpenAIOracle):
             for number, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
-                key, item, why = _read_line(line)
+                key, item, why = read_result_line(line)
                 if why is None:
                     deliver(key, item)
                 elif key is not None:
@@ -417,7 +369,7 @@ class OpenAIBatchOracle(OpenAIOracle):
             else:
                 with_logprobs = any((c.get("logprobs") or {}).get("content") is not None for c in body["choices"])
                 want = len(body["choices"])
-            got = _parse_choices(body, want, with_logprobs)
+            got = parse_choices(body, want, with_logprobs)
         except (AttributeError, TypeError, KeyError, ValueError) as err:
             return ChatResult.failure(f"malformed batch answer: {err}")
         if len(got) < want:

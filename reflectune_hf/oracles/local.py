@@ -92,21 +92,15 @@ class TransformersOracle(CachingOracle):
         return f"TransformersOracle(model={self.model!r}, dtype={self.dtype!r}, batch_size={self.batch_size})"
 
     def _identity(self) -> tuple[str, str]:
-        """The cache key's model: what the weights are (alias version, or files' sizes and times)."""
+        """The cache key's model: its name and what the weights are (`models.model_identity`, the
+        rule the datasets fingerprints use too)."""
         if getattr(self, "_identity_cache", None) is None:
             try:
                 resolved = Path(resolve_model(self.model))
             except Exception as err:  # noqa: BLE001 - any failure to find the model is a configuration error
                 raise OracleConfigurationError(f"Cannot find the model {self.model!r}: {err}") from err
-            if self.model in EMBEDDED_MODELS:
-                ident = resolved.name
-            elif resolved.is_dir():
-                files = sorted(p for p in resolved.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-                ident = f"{resolved.resolve()}@" + stable_hash([(p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                                                 for p in files])
-            else:  # a Hub id: with the commit of its local snapshot when known
-                revision = model_identity(self.model).get("revision")
-                ident = f"{self.model}@{revision}" if revision else self.model
+            name = str(resolved.resolve()) if resolved.is_dir() and self.model not in EMBEDDED_MODELS else self.model
+            ident = f"{name}@{stable_hash(model_identity(self.model))}"  # the weights, by the one rule
             self._identity_cache = f"transformers:{ident}:{self.dtype}"
         return self._identity_cache, "local"
 

@@ -76,7 +76,7 @@ def parse_logprobs(choice: dict) -> Optional[list]:
     ]
 
 
-def _parse_choices(data: dict, want: int, with_logprobs: bool) -> list[tuple]:
+def parse_choices(data: dict, want: int, with_logprobs: bool) -> list[tuple]:
     """`(text, finish_reason, logprobs)` of up to `want` choices; ValueError when unusable."""
     choices = data.get("choices")
     if not choices:
@@ -347,7 +347,7 @@ class OpenAIOracle(backends.StructuredOutput, CachingOracle):
             if isinstance(data, ChatResult):
                 return data
             try:
-                got = _parse_choices(data, want, request.logprobs)
+                got = parse_choices(data, want, request.logprobs)
             except (AttributeError, TypeError, KeyError, ValueError) as err:
                 return ChatResult.failure(f"malformed response: {err}")
             for (text, reason, parsed) in got:

@@ -1,11 +1,7 @@
-"""`OracleStage`, the shared configuration and oracle loop of the stages in `reflectune_hf.reflection.stages`
-(their module docstring describes the re-asks and statuses), and `merge_input`, the lossless merge
-of an instruction and its input.
-
-Example:
-    >>> from reflectune_hf.oracles.stage import merge_input
-    >>> merge_input("Sort:", "3, 1, 2")
-    'Sort:\\n\\n3, 1, 2'
+"""`OracleCaller`, the base of every stage that calls an oracle (reflection, Tuna, evaluation):
+the oracle check, the request/complete loop with its length check and token usage, the re-ask
+loop (`ask`) and the `id` handling; and `OracleStage`, the shared configuration of the stages in
+`reflectune_hf.reflection.stages` (their module docstring describes the re-asks and statuses).
 """
 
 from __future__ import annotations
@@ -14,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
 
-from ..data import ID_COLUMN, batch_size_of, require_columns, text_column
+from ..data import ID_COLUMN, ColumnError, batch_size_of, require_columns, text_column
 from ..prompts import PromptSet, get_prompt_set
 from ..utils import LazyState
 from .backends import structured_mode
@@ -41,22 +37,6 @@ class NoOracle:
         return [ChatResult.failure("NoOracle sends nothing") for _ in requests]
 
 
-def merge_input(instruction: str, input: str) -> str:
-    """The deterministic, lossless merge of an instruction and its input: the instruction, a blank
-    line, the input (the instruction alone when the input is blank).
-
-    Example:
-        >>> from reflectune_hf.reflection.stages import merge_input
-        >>> merge_input("Translate to French.", "Good morning")
-        'Translate to French.\\n\\nGood morning'
-    """
-    if not input.strip():
-        return instruction
-    if not instruction.strip():
-        return input.strip()
-    return f"{instruction.rstrip()}\n\n{input.strip()}"
-
-
 @dataclass
 class _Answer:
     text: str = ""
@@ -66,8 +46,101 @@ class _Answer:
     rank: int = 1 << 30
 
 
+class OracleCaller(LazyState):
+    """The base of every stage that calls an oracle (`oracle` with `complete(list[ChatRequest]) ->
+    list[ChatResult]`): one request/complete loop with a length check, token usage (`usage`, not
+    pickled; cached answers cost nothing), the re-ask loop `ask`, and the `id` column.
+
+    Subclasses set `stage_name` (named in errors and logs) and, to re-ask, `temperature`, `seed`,
+    `retry_temperature` and `format_retries`.
+    """
+
+    _transient: ClassVar[tuple[str, ...]] = ("usage",)
+    stage_name: ClassVar[str] = "OracleCaller"
+    worst_rank: ClassVar[int] = 1  # the rank of an answer cut by the token limit (0: never re-asked for it)
+
+    def _check_oracle(self) -> None:
+        if not callable(getattr(self.oracle, "complete", None)):
+            raise TypeError(
+                f"{self.stage_name} needs an oracle with complete(list[ChatRequest]) -> list[ChatResult], "
+                f"got {type(self.oracle).__name__}"
+            )
+
+    def _complete(self, requests: list[ChatRequest]) -> list:
+        results = list(self.oracle.complete(requests)) if requests else []
+        if len(results) != len(requests):
+            raise RuntimeError(f"{self.stage_name}: {type(self.oracle).__name__}.complete returned {len(results)} "
+                               f"results for {len(requests)} requests")
+        if getattr(self, "usage", None) is None:  # unpickled in a worker
+            self.usage = {}
+        for result in results:
+            if not result.cached:
+                usage_add(self.usage, result.usage)
+        return results
+
+    def _ids(self, batch: Mapping, indices: Optional[Sequence[int]], required: bool = False) -> dict:
+        """`{"id": indices}` when the batch has no ids and `map(..., with_indices=True)`, else `{}`;
+        `required` stages (their rows are joined by id later) refuse a batch without either."""
+        if ID_COLUMN in batch:
+            return {}
+        if indices is not None:
+            return {ID_COLUMN: list(indices)}
+        if required:
+            raise ColumnError(f"{self.stage_name} needs an {ID_COLUMN!r} column; the data has {list(batch)}. Add "
+                              "one with reflectune_hf.add_ids(ds) (or map with with_indices=True).")
+        return {}
+
+    def sampling(self, attempt: int) -> tuple:
+        """`(temperature, seed)` of an attempt: as configured first, then distinct re-asks (the
+        cache cannot return the same answer): seed + attempt, at least `retry_temperature`."""
+        if not attempt:
+            return self.temperature, self.seed
+        return max(self.temperature, self.retry_temperature), (self.seed or 0) + attempt
+
+    def ask(self, conversations: Sequence[list[dict]], rank: Union[Callable[[str], int], Sequence[Callable]],
+            request: Optional[Callable[[int, int, bool], ChatRequest]] = None) -> list[_Answer]:
+        """Ask the oracle once per conversation, re-asking those whose answer ranks above 0.
+
+        `rank(text)` scores an answer (0: usable), one function for all or one per conversation;
+        an answer cut by the token limit (`finish_reason == "length"`) scores `worst_rank` at
+        best, so it is re-asked and any better-parsing answer replaces it. `request(i, attempt,
+        longer)` builds the request of conversation `i` (default: `self.request(messages,
+        attempt, longer)`). A failed first request is recorded in `error` and not re-asked (the
+        oracle already retried transport errors)."""
+        rankers = list(rank) if isinstance(rank, (list, tuple)) else [rank] * len(conversations)
+        if request is None:
+            request = lambda i, attempt, longer: self.request(conversations[i], attempt, longer)  # noqa: E731
+        answers = [_Answer() for _ in conversations]
+        pending = list(range(len(conversations)))
+        for attempt in range(1 + self.format_retries):
+            if not pending:
+                break
+            results = self._complete([request(i, attempt, answers[i].finish_reason == "length") for i in pending])
+            retry = []
+            for i, result in zip(pending, results):
+                answer = answers[i]
+                answer.attempts = attempt + 1
+                if not result.ok:
+                    if attempt == 0:
+                        answer.error = result.error or "the oracle failed without a message"
+                    continue
+                reasons = result.finish_reasons
+                reason = str(reasons[0]) if reasons and reasons[0] else ""
+                score = rankers[i](result.text)
+                if reason == "length":
+                    score = max(score, self.worst_rank)
+                if score < answer.rank:
+                    answer.text, answer.rank, answer.finish_reason = result.text, score, reason
+                if answer.rank > 0:
+                    retry.append(i)
+            if retry and attempt < self.format_retries:
+                logger.info("%s: re-asking %d of %d answers that do not parse", self.stage_name, len(retry), len(pending))
+            pending = retry
+        return answers
+
+
 @dataclass
-class OracleStage(LazyState):
+class OracleStage(OracleCaller):
     """Shared configuration and oracle loop of the reflection stages.
 
     Args:
@@ -94,7 +167,6 @@ class OracleStage(LazyState):
     structured: Union[str, bool] = "auto"
     usage: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
 
-    _transient: ClassVar[tuple[str, ...]] = ("usage",)
     stage_name: ClassVar[str] = "OracleStage"
     answer_shape: ClassVar[str] = ""  # the stage's shape in `stage_answer_format`
     # The column that is non-empty exactly for the rows whose request failed (what `map_stage` heals).
@@ -108,11 +180,7 @@ class OracleStage(LazyState):
             self.prompt_set = get_prompt_set(self.prompt_set)
         elif not isinstance(self.prompt_set, PromptSet):
             raise TypeError(f"prompt_set must be a name or a PromptSet, got {type(self.prompt_set).__name__}")
-        if not callable(getattr(self.oracle, "complete", None)):
-            raise TypeError(
-                f"{self.stage_name} needs an oracle with complete(list[ChatRequest]) -> list[ChatResult], "
-                f"got {type(self.oracle).__name__}"
-            )
+        self._check_oracle()
         if self.format_retries < 0:
             raise ValueError(f"format_retries must be >= 0, got {self.format_retries}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -127,73 +195,14 @@ class OracleStage(LazyState):
         """The request of one attempt: attempt 0 as configured, re-asks distinct (module docstring);
         `longer` (the re-ask of an answer cut by the token limit) doubles `max_tokens` (the oracle
         still caps it to what the context window leaves)."""
-        temperature, seed = self.temperature, self.seed
-        if attempt:
-            temperature, seed = max(self.temperature, self.retry_temperature), (self.seed or 0) + attempt
+        temperature, seed = self.sampling(attempt)
         max_tokens = self.max_tokens * 2 if longer and self.max_tokens else self.max_tokens
         on = self.structured != "off" and self.answer_shape
         shape = stage_answer_format(self.answer_shape, max_tokens) if on else None
         return ChatRequest(messages=messages, temperature=temperature, top_p=self.top_p, max_tokens=max_tokens,
                            seed=seed, answer_format=shape)
 
-    def _complete(self, requests: list[ChatRequest]) -> list:
-        results = list(self.oracle.complete(requests))
-        if len(results) != len(requests):
-            raise RuntimeError(
-                f"{type(self.oracle).__name__}.complete returned {len(results)} results for {len(requests)} requests"
-            )
-        if self.usage is None:
-            self.usage = {}
-        for result in results:
-            if not result.cached:
-                usage_add(self.usage, result.usage)
-        return results
-
-    def ask(self, conversations: Sequence[list[dict]], rank: Union[Callable[[str], int], Sequence[Callable]]
-            ) -> list[_Answer]:
-        """Ask the oracle once per conversation, re-asking those whose answer ranks above 0.
-
-        `rank(text)` scores an answer (0: usable), one function for all or one per conversation;
-        an answer cut by the token limit (`finish_reason == "length"`) scores `worst_rank` at
-        best, so it is re-asked and any better-parsing answer replaces it."""
-        rankers = list(rank) if isinstance(rank, (list, tuple)) else [rank] * len(conversations)
-        answers = [_Answer() for _ in conversations]
-        pending = list(range(len(conversations)))
-        for attempt in range(1 + self.format_retries):
-            if not pending:
-                break
-            results = self._complete([self.request(conversations[i], attempt, longer=answers[i].finish_reason == "length")
-                                      for i in pending])
-            retry = []
-            for i, result in zip(pending, results):
-                answer = answers[i]
-                answer.attempts = attempt + 1
-                if not result.ok:
-                    if attempt == 0:  # the oracle already retried transport errors: record it
-                        answer.error = result.error or "the oracle failed without a message"
-                    continue
-                reasons = result.finish_reasons
-                reason = str(reasons[0]) if reasons and reasons[0] else ""
-                score = rankers[i](result.text)
-                if reason == "length":
-                    score = max(score, self.worst_rank)
-                if score < answer.rank:
-                    answer.text, answer.rank, answer.finish_reason = result.text, score, reason
-                if answer.rank > 0:
-                    retry.append(i)
-            if retry and attempt < self.format_retries:
-                logger.info("%s: re-asking %d of %d answers that do not parse", self.stage_name, len(retry), len(pending))
-            pending = retry
-        return answers
-
     # -- rows and requests -----------------------------------------------------------------------
-
-    def _ids(self, batch: Mapping, indices: Optional[Sequence[int]]) -> dict:
-        """`{"id": indices}` when the batch has no ids and `map(..., with_indices=True)`, else `{}`:
-        ids only align variants (`build_variants` adds them), a stage alone needs none."""
-        if ID_COLUMN not in batch and indices is not None:
-            return {ID_COLUMN: list(indices)}
-        return {}
 
     def _pair_columns(self, batch: Mapping, indices: Optional[Sequence[int]]) -> tuple:
         """(output dict with ids if needed, n, instructions, outputs, inputs) of a pair batch."""

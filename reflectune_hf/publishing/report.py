@@ -30,15 +30,15 @@ from ..selection.select import (
     V2_REJECTIONS,
     V2_SOURCES,
     VARIANT_SPLITS,
-    _arrow,
-    _text,
     explain_v2,
     ratio_columns,
     score_array,
     valid_scores,
 )
 
+from ..data import arrow_columns, text_array
 from ..oracles.stage_formats import FORMAT_OUTCOMES
+from ..prompts import NEWLINE_SEPARATOR, join_input
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _float(x) -> Optional[float]:
     return x if np.isfinite(x) else None
 
 
-def _stats(values: np.ndarray) -> dict:
+def value_stats(values: np.ndarray) -> dict:
     """count, mean, std, min, quantiles, max of finite values (None when there are none)."""
     values = values[np.isfinite(values)]
     out = {"count": int(values.size)}
@@ -70,15 +70,15 @@ def _stats(values: np.ndarray) -> dict:
 
 def _counts(ds, column: str) -> dict:
     """Value counts of a column, most frequent first; nulls counted as "null"."""
-    counts = Counter(_arrow(ds, [column])[column].to_pylist())
+    counts = Counter(arrow_columns(ds, [column])[column].to_pylist())
     return {("null" if v is None else str(v)): n for v, n in counts.most_common()}
 
 
 def _lengths(ds, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(instruction, response) lengths; the instruction includes a non-empty `input` after "\n".
     A missing column, a null value and a null-typed (all-None) column count as ""."""
-    table = _arrow(ds, [c for c in ("instruction", "input", "output") if c in ds.column_names])
-    instr, inp, out = (_text(table, c) for c in ("instruction", "input", "output"))
+    table = arrow_columns(ds, [c for c in ("instruction", "input", "output") if c in ds.column_names])
+    instr, inp, out = (text_array(table, c) for c in ("instruction", "input", "output"))
     if tokenizer is None:
         def measure(texts):
             return pc.utf8_length(texts).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -92,7 +92,7 @@ def _lengths(ds, tokenizer) -> tuple[np.ndarray, np.ndarray]:
             lengths.extend(len(x) for x in ids)
         return np.asarray(lengths, dtype=np.int64)
 
-    ins = [f"{a}\n{b}" if b else a for a, b in zip(instr.to_pylist(), inp.to_pylist())]
+    ins = [join_input(a, b, NEWLINE_SEPARATOR) for a, b in zip(instr.to_pylist(), inp.to_pylist())]
     return count(ins), count(out.to_pylist())
 
 
@@ -110,7 +110,7 @@ def _histogram(per_split: Mapping[str, np.ndarray], bins: int, floor_hi: float =
     return {"edges": [float(e) for e in edges], "counts": counts, "clipped": clipped}
 
 
-def _as_splits(data) -> dict:
+def as_splits(data) -> dict:
     """A DatasetDict (or a dict of Datasets) as a dict; a single Dataset as the split "data"."""
     from datasets import Dataset
 
@@ -146,7 +146,7 @@ def summarize(variants_or_dataset, tokenizer=None, *, ratio: str = "ppl", requir
     Returns:
         A JSON-serialisable dict (`json.dumps(summary, allow_nan=False)` works).
     """
-    splits = _as_splits(variants_or_dataset)
+    splits = as_splits(variants_or_dataset)
     ifd_col, rifd_col = ratio_columns(ratio)
     summary = {"ratio": ratio, "score_columns": {"ifd": ifd_col, "rifd": rifd_col},
                "length_unit": "characters" if tokenizer is None else "tokens", "splits": {}, "histograms": {}}
@@ -159,14 +159,14 @@ def summarize(variants_or_dataset, tokenizer=None, *, ratio: str = "ppl", requir
                 entry[column] = _counts(ds, column)
         ins_len, res_len = _lengths(ds, tokenizer)
         lengths["instruction_length"][name], lengths["response_length"][name] = ins_len, res_len
-        entry["lengths"] = {"instruction": _stats(ins_len.astype(float)), "response": _stats(res_len.astype(float))}
+        entry["lengths"] = {"instruction": value_stats(ins_len.astype(float)), "response": value_stats(res_len.astype(float))}
         for key, column in (("ifd", ifd_col), ("rifd", rifd_col)):
             if column not in ds.column_names:
                 continue
             values = score_array(ds, column, "summarize")
             ok = valid_scores(values)
             values = np.where(ok, values, np.nan)
-            entry[key] = {**_stats(values), "missing": int((~ok).sum()), "above_one": int((values > 1).sum())}
+            entry[key] = {**value_stats(values), "missing": int((~ok).sum()), "above_one": int((values > 1).sum())}
             scores[key][name] = values
         summary["splits"][name] = entry
     for key, per_split in {**scores, **lengths}.items():
@@ -192,7 +192,7 @@ def format_rates(data, oracle: Optional[str] = None) -> dict:
         >>> rates["rows"], rates["parsed"], rates["first_try"], rates["share"]["fallback"]
         (4, 0.75, 2, 0.25)
     """
-    splits = _as_splits(data) if not isinstance(data, Mapping) else dict(data)
+    splits = as_splits(data) if not isinstance(data, Mapping) else dict(data)
     out = {}
     for name, ds in splits.items():
         if FORMAT_COLUMN not in ds.column_names:

@@ -59,7 +59,8 @@ from typing import ClassVar, Mapping, Optional, Sequence
 
 from ..data import ID_COLUMN, ColumnError, batch_size_of, require_columns, text_column
 from ..oracles.rerun import map_stage  # noqa: F401  (the one obvious call, documented here)
-from ..oracles.stage import NoOracle, OracleStage, merge_input  # noqa: F401  (public here too)
+from ..oracles.stage import NoOracle, OracleStage  # noqa: F401  (public here too)
+from ..prompts import merge_input  # noqa: F401  (public here too)
 from .extract import instruction_status, parse_compressed_instruction, parse_instruction_reflection
 from .extract import parse_response_reflection
 from .row_checks import input_survives, is_valid_text, skip_reason

@@ -38,7 +38,7 @@ from typing import Optional
 
 from ..data import batch_size_of, require_columns, text_column
 from ..models import default_device, load_causal_lm, load_tokenizer, model_identity, torch_dtype  # noqa: F401
-from ..prompts import get_scoring_template, reverse_prompt
+from ..prompts import NO_SEPARATOR, get_scoring_template, join_input, reverse_prompt
 from ..utils import LazyState, package_version, stable_hash, torch_threads
 from .engine import Span, check_model, mean_loss, mean_token_losses
 from .served import StudentServer
@@ -60,10 +60,11 @@ def _row_texts(instruction: str, input: str, output: str, template) -> dict:
     """The reference script's texts for one row; `*_prefix` is the text before the target."""
     prompt = template.format(instruction, input)
     reverse = template.no_input.format(instruction=reverse_prompt(output))
-    whole_reverse = reverse + instruction + input
+    ins = join_input(instruction, input, NO_SEPARATOR)
+    whole_reverse = reverse + ins
     whole = prompt + output
     return {
-        "prompt": prompt, "reverse": reverse, "ins": instruction + input, "out": output,
+        "prompt": prompt, "reverse": reverse, "ins": ins, "out": output,
         "whole_reverse": whole_reverse, "reverse_prefix": whole_reverse[: whole_reverse.rfind(instruction)],
         "whole": whole, "prefix": whole[: whole.rfind(output)],
     }

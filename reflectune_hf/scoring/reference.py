@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-from ..prompts import get_scoring_template, reverse_prompt
+from ..prompts import NO_SEPARATOR, get_scoring_template, join_input, reverse_prompt
 
 LOSS_ORDER = ("ins_alone", "out_alone", "ins_condition", "out_condition")  # the reference's order
 
@@ -83,9 +83,9 @@ def reference_losses(
     reverse = tmpl.no_input.format(instruction=reverse_prompt(output))
     reverse_len = len(tokenizer.encode(reverse, truncation=True, max_length=max_length))
     return [
-        _whole_text_loss(model, tokenizer, instruction + input, max_length - reverse_len + 1),
+        _whole_text_loss(model, tokenizer, join_input(instruction, input, NO_SEPARATOR), max_length - reverse_len + 1),
         _whole_text_loss(model, tokenizer, output, max_length - prompt_len + 1),
-        _part_text_loss(model, tokenizer, reverse + instruction + input, instruction, max_length),
+        _part_text_loss(model, tokenizer, reverse + join_input(instruction, input, NO_SEPARATOR), instruction, max_length),
         _part_text_loss(model, tokenizer, prompt + output, output, max_length),
     ]
 

@@ -45,7 +45,7 @@ import numpy as np
 
 from ..data import batch_size_of, require_columns, text_column
 from ..models import default_device, load_causal_lm, load_tokenizer, model_identity, torch_dtype
-from ..prompts import SELECTIT_RATING_LINES, selectit_prompt
+from ..prompts import NEWLINE_SEPARATOR, SELECTIT_RATING_LINES, join_input, selectit_prompt
 from ..utils import LazyState, package_version
 from .selectit_math import (FORMULAS, RATINGS, model_scores, model_weights, normalize_ratings,  # noqa: F401
                             rating_distribution, sentence_scores, token_scores)
@@ -76,7 +76,7 @@ def rating_prompts_for(instruction: str, input: str, output: str, rating_lines: 
         >>> rating_prompts_for("Add", "2+2", "4", ["Rate it."])
         ['Rate it.\\nInstruction:Add\\n2+2\\nResponse:4\\nThe answer is: \\n']
     """
-    query = f"{instruction}\n{input}" if input else instruction
+    query = join_input(instruction, input, NEWLINE_SEPARATOR)
     return [selectit_prompt(line, query, output) for line in rating_lines]
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..data import ID_COLUMN, ColumnError, empty_dataset, require_columns
+from ..data import ID_COLUMN, ColumnError, arrow_columns, empty_dataset, require_columns, text_array
 from ..reflection.extract import NOT_REFLECTED as EXTRACT_NOT_REFLECTED
 from ..reflection.variants import VARIANT_SPLITS, align_by_id, check_variants, unify_schema
 from ..utils import LazyState
@@ -80,11 +80,6 @@ def valid_scores(values) -> np.ndarray:
         return np.isfinite(values) & (values > 0)
 
 
-def _arrow(ds, columns: Sequence[str]) -> pa.Table:
-    """Some columns as one Arrow table, honouring an indices mapping (`select`/`filter`/`shuffle`)."""
-    return ds.with_format("arrow", columns=list(columns))[:]
-
-
 def _scores(table: pa.Table, column: str, stage: str) -> np.ndarray:
     arr = table[column]
     if not (pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_null(arr.type)):
@@ -103,7 +98,7 @@ def score_array(ds, column: str, stage: str = "score_array") -> np.ndarray:
     """
     require_columns(ds, [column], stage)
     status = [SCORE_STATUS_COLUMN] if SCORE_STATUS_COLUMN in ds.column_names else []
-    return _scores(_arrow(ds, [column, *status]), column, stage)
+    return _scores(arrow_columns(ds, [column, *status]), column, stage)
 
 
 # --------------------------------------------------------------------------- predicates
@@ -185,13 +180,6 @@ def is_scored(columns: Sequence[str] = ("ifd", "rifd")) -> ScoreFilter:
 # --------------------------------------------------------------------------- variants
 
 
-def _text(table: pa.Table, name: str) -> pa.Array:
-    """A column as strings, with nulls (a null-typed or absent column too) as ""."""
-    if name not in table.column_names:
-        return pa.array([""] * table.num_rows, pa.string())
-    return pc.fill_null(pc.cast(table[name], pa.string()), "")
-
-
 def _same(a: pa.Array, b: pa.Array) -> np.ndarray:
     return pc.equal(a, b).to_numpy(zero_copy_only=False).astype(bool)
 
@@ -201,12 +189,12 @@ def _v2_decide(variants, require_below_one: bool, ratio: str, stage: str):
     ifd_col, rifd_col = ratio_columns(ratio)
     check_variants(variants, [ID_COLUMN, "instruction", "output", ifd_col, rifd_col], stage)
     optional = ["input", SCORE_STATUS_COLUMN, STATUS_COLUMN]
-    tables = {s: _arrow(variants[s], [ID_COLUMN, "instruction", "output", ifd_col, rifd_col]
+    tables = {s: arrow_columns(variants[s], [ID_COLUMN, "instruction", "output", ifd_col, rifd_col]
                         + [c for c in optional if c in variants[s].column_names]) for s in VARIANT_SPLITS}
     pos = align_by_id({s: t[ID_COLUMN].to_numpy() for s, t in tables.items()}, stage)
     ifd = {s: _scores(t, ifd_col, f"{stage} (split {s!r})")[pos[s]] for s, t in tables.items()}
     rifd = {s: _scores(t, rifd_col, f"{stage} (split {s!r})")[pos[s]] for s, t in tables.items()}
-    text = {s: {c: _text(t, c).take(pa.array(pos[s])) for c in ("instruction", "input", "output")}
+    text = {s: {c: text_array(t, c).take(pa.array(pos[s])) for c in ("instruction", "input", "output")}
             for s, t in tables.items()}
     ori, q, a, qa = VARIANT_SPLITS
 
@@ -259,7 +247,7 @@ def explain_v2(variants, require_below_one: bool = True, ratio: str = "ppl"):
     from datasets import Dataset
 
     pos, keep_q, outcome = _v2_decide(variants, require_below_one, ratio, "explain_v2")
-    ids = _arrow(variants["origin"], [ID_COLUMN])[ID_COLUMN].to_numpy()
+    ids = arrow_columns(variants["origin"], [ID_COLUMN])[ID_COLUMN].to_numpy()
     kept = np.where(keep_q, "reflect_instruction", "origin")
     return Dataset.from_dict({ID_COLUMN: ids, "v2_kept": kept.tolist(), "v2_outcome": outcome.tolist()})
 

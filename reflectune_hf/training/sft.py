@@ -11,7 +11,7 @@ schedule (REFERENCE.md §8). Here that is plain TRL:
   Llama-family tokenizer gets exactly one BOS, as in FastChat's training; a tokenizer without a
   BOS token gets none; SmolLM2 declares `<|im_start|>` as BOS (never added to plain text) and gets
   that one token as a prefix, the same in training and at inference.
-- `to_messages` maps Alpaca rows to a `messages` column (the input joined into the user turn as in
+- `to_messages` (in `sft_data`, with the checks that run before training) maps Alpaca rows to a `messages` column (the input joined into the user turn as in
   the Vicuna scoring template), which TRL reads as a conversational dataset: a dataset saved with
   that column trains unchanged with `trl sft --config` and `chat_template_path` set to the template.
 - `vicuna_sft_config` gives an `SFTConfig` with the paper's hyperparameters; `vicuna_sft_trainer`
@@ -37,13 +37,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping, Optional
 
-from ..data import ColumnError, require_columns
 from ..models import resolve_model
-from ..utils import versioned
+from .sft_data import STAGE, check_sft_dataset, prepare_sft_dataset, to_messages  # noqa: F401  (public here too)
 
 logger = logging.getLogger(__name__)
 
-STAGE = "vicuna_sft"
 TEMPLATE_NAME = "vicuna_v1.1"
 PAPER_GLOBAL_BATCH_SIZE = 128
 DEFAULT_PER_DEVICE_BATCH_SIZE = 4
@@ -85,138 +83,6 @@ def resolve_chat_template_path(path: Optional[str]) -> str:
     text = str(path)
     packaged = _packaged(Path(text).name.removesuffix(".jinja"))
     return str(packaged) if not os.path.exists(text) and packaged.is_file() else text
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: Alpaca rows -> messages, and the checks that run before training
-# ---------------------------------------------------------------------------------------------
-
-
-def user_turn(instruction: str, input: str = "") -> str:
-    """The user message of an Alpaca pair: `instruction`, plus `"\\nInput:\\n" + input` when there is
-    an input, exactly as the Vicuna scoring template joins them (`prompts.SCORING_TEMPLATES`)."""
-    return f"{instruction}\nInput:\n{input}" if input else instruction
-
-
-def _one_row(instruction, input, output, system, where: str) -> list[dict]:
-    for name, value in (("instruction", instruction), ("output", output), ("input", input)):
-        if value is not None and not isinstance(value, str):
-            raise ColumnError(f"{STAGE}: {where} has a non-string {name} ({type(value).__name__})")
-        if name != "input" and not (value or "").strip():
-            raise ValueError(f"{STAGE}: {where} has an empty {name} ({value!r}); SFT needs non-empty text")
-    messages = [{"role": "system", "content": system}] if system is not None else []
-    messages.append({"role": "user", "content": user_turn(instruction, input or "")})
-    messages.append({"role": "assistant", "content": output})
-    return messages
-
-
-@versioned
-def to_messages(example: Mapping, system: Optional[str] = None) -> dict:
-    """Map function: Alpaca row(s) to a `messages` column (one user turn, one assistant turn).
-
-    Input columns: `instruction`, `output` (non-empty strings), `input` (optional, may be empty).
-    Output column: `messages`, `[{"role": "user", ...}, {"role": "assistant", "content": output}]`,
-    with a leading system message when `system` is given (the Vicuna template supplies the
-    Vicuna system prompt otherwise). Works with `map` and `map(batched=True)`; other columns are
-    kept. An empty instruction or output raises `ValueError` naming the row.
-
-    Example:
-        >>> from reflectune_hf.training.sft import to_messages
-        >>> to_messages({"instruction": "Add.", "input": "2+2", "output": "4"})["messages"]
-        [{'role': 'user', 'content': 'Add.\\nInput:\\n2+2'}, {'role': 'assistant', 'content': '4'}]
-    """
-    require_columns(example, ["instruction", "output"], STAGE)
-    ids = example.get("id")
-    if isinstance(example["instruction"], list):  # a batch
-        n = len(example["instruction"])
-        inputs = example.get("input") or [""] * n
-        rows = [
-            _one_row(i, x, o, system, f"row id={ids[k]}" if ids is not None else f"row {k} of the batch")
-            for k, (i, x, o) in enumerate(zip(example["instruction"], inputs, example["output"]))
-        ]
-        return {"messages": rows}
-    where = f"row id={ids}" if ids is not None else "a row"
-    return {"messages": _one_row(example["instruction"], example.get("input"), example["output"], system, where)}
-
-
-def _messages_problem(messages) -> Optional[str]:
-    if not isinstance(messages, list) or not messages:
-        return "no messages"
-    turns = messages[1:] if isinstance(messages[0], Mapping) and messages[0].get("role") == "system" else messages
-    for k, message in enumerate(turns):
-        if not isinstance(message, Mapping):
-            return f"message {k} is not a dict"
-        expected = "user" if k % 2 == 0 else "assistant"
-        if message.get("role") != expected:
-            return f"message {k} has role {message.get('role')!r} where {expected!r} was expected (roles must alternate)"
-        content = message.get("content")
-        if not isinstance(content, str) or not content.strip():
-            return f"an empty {'instruction' if expected == 'user' else 'output'} (message {k})"
-    if len(turns) < 2:
-        return "no assistant turn"
-    return None
-
-
-def check_sft_dataset(ds, stage: str = STAGE, purpose: str = "trained on", allow_empty: bool = False) -> None:
-    """Raise before training when a dataset cannot train: `ColumnError` for missing columns,
-    `ValueError` for a dataset without rows (unless `allow_empty`) or listing the rows (by `id`
-    when present) with an empty instruction or output, or `messages` that are empty, do not
-    alternate user/assistant, or have no assistant turn.
-
-    Accepts a `messages` dataset or an Alpaca one (`instruction`, `output`, optional `input`).
-    `stage` and `purpose` word the error (`reflect: 1 of 2 rows cannot be recycled: ...`).
-    """
-    if isinstance(ds, Mapping):  # a DatasetDict
-        raise TypeError(f"{stage}: pass one split (e.g. ds['train']), not a {type(ds).__name__}")
-    if len(ds) == 0 and not allow_empty:
-        raise ValueError(f"{stage}: the data has no rows, nothing can be {purpose}")
-    has_messages = "messages" in ds.column_names
-    if not has_messages:
-        require_columns(ds, ["instruction", "output"], stage)
-    columns = ["messages"] if has_messages else [c for c in ("instruction", "input", "output") if c in ds.column_names]
-    if "id" in ds.column_names:
-        columns.append("id")
-    problems, offset = [], 0
-    for batch in ds.select_columns(columns).iter(batch_size=4096):
-        n = len(batch[columns[0]])
-        for k in range(n):
-            label = f"id={batch['id'][k]}" if "id" in batch else f"row {offset + k}"
-            if has_messages:
-                problem = _messages_problem(batch["messages"][k])
-            else:
-                values = {c: batch[c][k] for c in ("instruction", "output")}
-                bad_type = [c for c, v in values.items() if v is not None and not isinstance(v, str)]
-                empty = [c for c, v in values.items() if not bad_type and not (v or "").strip()]
-                problem = (f"non-string {' and '.join(bad_type)}" if bad_type
-                           else f"empty {' and '.join(empty)}" if empty else None)
-            if problem:
-                problems.append((label, problem))
-        offset += n
-    if problems:
-        shown = "; ".join(f"{label}: {problem}" for label, problem in problems[:10])
-        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-        raise ValueError(f"{stage}: {len(problems)} of {len(ds)} rows cannot be {purpose}: {shown}{more}. "
-                         "Fix or drop these rows first (e.g. with `ds.filter`).")
-
-
-def prepare_sft_dataset(ds, system: Optional[str] = None):
-    """Check `ds` (see `check_sft_dataset`) and return it as a `messages`-only dataset for TRL.
-
-    Alpaca data is mapped with `to_messages`; other columns are dropped, so none of them (a
-    `prompt`, `text` or `images` column) can change how TRL reads the data. A streaming
-    `IterableDataset` cannot be checked without reading it all: its rows are checked as they
-    are read (`to_messages` names a bad row).
-    """
-    from datasets import IterableDataset
-
-    if isinstance(ds, IterableDataset):
-        if "messages" in (ds.column_names or []):
-            return ds.select_columns(["messages"])
-        return ds.map(to_messages, batched=True, fn_kwargs={"system": system}).select_columns(["messages"])
-    check_sft_dataset(ds)
-    if "messages" not in ds.column_names:
-        ds = ds.map(to_messages, batched=True, fn_kwargs={"system": system}, desc="Alpaca -> messages")
-    return ds.select_columns(["messages"])
 
 
 # ---------------------------------------------------------------------------------------------

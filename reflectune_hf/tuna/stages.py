@@ -30,12 +30,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
-from ..data import ID_COLUMN, ColumnError, batch_size_of, require_columns, text_column
+from ..data import ColumnError, batch_size_of, require_columns, text_column
 from ..oracles.backends import structured_mode
-from ..oracles.base import ChatRequest, usage_add
+from ..oracles.base import ChatRequest
+from ..oracles.stage import OracleCaller
 from ..oracles.stage_formats import stage_answer_format
-from ..prompts import get_scoring_template, tuna_ranking_messages
-from ..utils import LazyState, versioned
+from ..prompts import get_scoring_template, join_input, tuna_ranking_messages
+from ..utils import versioned
 from .parse import ParsedRanking, extract_reference_response, parse_ranking  # noqa: F401 (public here too)
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def format_prompt(instruction: str, input: str = "", template: Optional[str] = "
         'Say hi.'
     """
     if template is None:
-        return f"{instruction}\n\n{input}" if input.strip() else instruction
+        return join_input(instruction, input, skip_blank=True)
     return get_scoring_template(template).format(instruction, input)
 
 
@@ -69,38 +70,16 @@ def _mean_logprob(tokens) -> float:
     return math.fsum(values) / len(values)
 
 
-class _OracleCaller(LazyState):
-    """Calls `oracle.complete` with a length check and keeps token usage (not pickled)."""
+class _TunaStage(OracleCaller):
+    """The oracle loop of the Tuna stages (`OracleCaller`) plus their template and prompts."""
 
-    _transient: ClassVar[tuple[str, ...]] = ("usage",)
     stage_name: ClassVar[str] = "Tuna"
 
     def _validate(self) -> None:
         """Fail at construction on an object that is no oracle or an unknown template name."""
-        if not callable(getattr(self.oracle, "complete", None)):
-            raise TypeError(f"{self.stage_name} needs an oracle with complete(list[ChatRequest]) -> "
-                            f"list[ChatResult], got {type(self.oracle).__name__}")
+        self._check_oracle()
         if self.template is not None:
             get_scoring_template(self.template)
-
-    def _complete(self, requests: list) -> list:
-        results = list(self.oracle.complete(requests)) if requests else []
-        if len(results) != len(requests):
-            raise RuntimeError(f"{type(self.oracle).__name__}.complete returned {len(results)} results for "
-                               f"{len(requests)} requests")
-        self.usage = self.usage if getattr(self, "usage", None) is not None else {}
-        for result in results:
-            if not result.cached:
-                usage_add(self.usage, result.usage)
-        return results
-
-    def _ids(self, batch: Mapping, indices: Optional[Sequence[int]]) -> dict:
-        if ID_COLUMN in batch:
-            return {}
-        if indices is not None:
-            return {ID_COLUMN: list(indices)}
-        raise ColumnError(f"{self.stage_name} needs an {ID_COLUMN!r} column; the data has {list(batch)}. Add one "
-                          "with reflectune_hf.add_ids(ds) (or map with with_indices=True).")
 
     def _prompts(self, batch: Mapping) -> list[str]:
         n = batch_size_of(batch)
@@ -134,7 +113,7 @@ def _list_column(batch: Mapping, name: str, stage: str) -> list[list]:
 
 
 @dataclass
-class SampleResponses(_OracleCaller):
+class SampleResponses(_TunaStage):
     """Sample `n` responses per instruction with token logprobs (Tuna's probabilistic ranking data).
 
     Args:
@@ -191,7 +170,7 @@ class SampleResponses(_OracleCaller):
                            seed=self.seed)
 
     def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
-        out = self._ids(batch, indices)
+        out = self._ids(batch, indices, required=True)
         requests = [self.request(p) for p in self._prompts(batch)]
         columns = {"responses": [], "avg_logprobs": [], "sample_status": [], "sample_error": []}
         for result in self._complete(requests):
@@ -253,7 +232,7 @@ def rank_by_logprob(batch: Mapping) -> dict:
 
 
 @dataclass
-class ContextualRank(_OracleCaller):
+class ContextualRank(_TunaStage):
     """Tuna's contextual ranking: a judge LLM ranks each row's `responses` plus its own reference.
 
     The judge gets Tuna's prompt (`reflectune_hf.prompts.tuna_ranking_messages`, byte-identical to
@@ -300,6 +279,7 @@ class ContextualRank(_OracleCaller):
     usage: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
 
     stage_name: ClassVar[str] = "ContextualRank"
+    worst_rank: ClassVar[int] = 0  # a ranking cut by the token limit that parses is kept, not re-asked
 
     def __post_init__(self):
         self._validate()
@@ -308,41 +288,29 @@ class ContextualRank(_OracleCaller):
         self.structured = structured_mode(self.structured)
 
     def _request(self, messages: list, attempt: int, num_responses: int = 4) -> ChatRequest:
-        temperature, seed = self.temperature, self.seed
-        if attempt:
-            temperature, seed = max(self.temperature, self.retry_temperature), (self.seed or 0) + attempt
+        temperature, seed = self.sampling(attempt)
         on = self.structured != "off" and num_responses <= 9  # one-digit indices in the shape
         shape = stage_answer_format("ranking", self.max_tokens, num_responses) if on else None
         return ChatRequest(messages=messages, temperature=temperature, top_p=self.top_p,
                            max_tokens=self.max_tokens, seed=seed, answer_format=shape)
 
     def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
-        out = self._ids(batch, indices)
+        out = self._ids(batch, indices, required=True)
         prompts = self._prompts(batch)
         responses = [["" if r is None else r for r in row] for row in _list_column(batch, "responses", self.stage_name)]
         for row, texts in enumerate(responses):
             if any(not isinstance(r, str) for r in texts):
                 raise ColumnError(f"{self.stage_name}: column 'responses' must hold lists of strings (row {row})")
         n = len(prompts)
+        todo = [i for i in range(n) if responses[i]]
+        conversations = [tuna_ranking_messages(prompts[i], responses[i]) for i in todo]
+        answers = self.ask(conversations,
+                           [lambda text, k=len(responses[i]) + 1: 0 if parse_ranking(text, k).found else 1 for i in todo],
+                           request=lambda j, attempt, longer: self._request(conversations[j], attempt,
+                                                                            len(responses[todo[j]])))
         texts, errors, answered = [""] * n, [""] * n, [False] * n
-        pending = [i for i in range(n) if responses[i]]
-        for attempt in range(1 + self.format_retries):
-            if not pending:
-                break
-            results = self._complete([self._request(tuna_ranking_messages(prompts[i], responses[i]), attempt,
-                                                    len(responses[i])) for i in pending])
-            retry = []
-            for i, result in zip(pending, results):
-                if not result.ok:  # the oracle already retried transport errors: keep the first answer
-                    errors[i] = errors[i] or (result.error or "the oracle failed without a message")
-                    continue
-                if not answered[i] or parse_ranking(result.text, len(responses[i]) + 1).found:
-                    texts[i], errors[i], answered[i] = result.text, "", True
-                if not parse_ranking(texts[i], len(responses[i]) + 1).found:
-                    retry.append(i)
-            if retry and attempt < self.format_retries:
-                logger.info("%s: re-asking %d answers without a ranking", self.stage_name, len(retry))
-            pending = retry
+        for i, answer in zip(todo, answers):
+            texts[i], errors[i], answered[i] = answer.text, answer.error, answer.attempts > 0 and not answer.error
         columns = {name: [] for name in ("ranking_raw", "rank", "reference_response", "ranked_responses",
                                          "ranking_status", "ranking_error")}
         for i in range(n):
