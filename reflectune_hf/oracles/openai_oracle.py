@@ -53,7 +53,7 @@ from .base import ChatRequest, ChatResult, OracleConfigurationError, usage_add
 from .budget import PromptCounter, completion_budget
 from .cache import CachingOracle, redact_url
 from .http import MALFORMED_HEADER, PARSED_JSON, http_response_class, in_flight_client, split_userinfo
-from .runtime import RateLimiter, Secret, run_sync, token_guess
+from .runtime import RateLimiter, Secret, run_sync, run_workers, token_guess
 
 logger = logging.getLogger(__name__)
 
@@ -266,16 +266,7 @@ class OpenAIOracle(backends.StructuredOutput, CachingOracle):
             async with self._client(stop) as client:
                 await self._check_reachable(client)
                 workers = min(2 * self.max_concurrency, len(requests))  # half may be in retry backoff
-                tasks = [asyncio.ensure_future(worker(client)) for _ in range(workers)]
-                try:
-                    await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-                    for task in tasks:
-                        if task.done() and not task.cancelled() and task.exception() is not None:
-                            raise task.exception()
-                finally:
-                    for task in tasks:
-                        task.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
+                await run_workers(lambda: worker(client), workers)
         finally:
             bar.close()
         return results

@@ -31,6 +31,21 @@ def run_sync(factory):
         return pool.submit(lambda: asyncio.run(factory())).result()
 
 
+async def run_workers(worker, count: int) -> None:
+    """Run `count` copies of the coroutine function `worker` and wait for all of them; the first
+    exception cancels the others and is raised (nothing is left running)."""
+    tasks = [asyncio.ensure_future(worker()) for _ in range(count)]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class Secret:
     """A value that never shows itself in `repr`/`str` (API keys, URL credentials)."""
 

@@ -47,7 +47,7 @@ from ..oracles.backends import check_choice, detect_backend
 from ..oracles.base import OracleConfigurationError
 from ..oracles.cache import resolve_cache
 from ..oracles.http import http_response_class, in_flight_client, split_userinfo
-from ..oracles.runtime import Secret, run_sync
+from ..oracles.runtime import Secret, run_sync, run_workers
 from ..sanitize import strip_url_secrets
 from ..utils import LazyState, stable_hash
 from .served_parse import (TOKEN_ID_PREFIX, NoPromptLogprobs, ServedProblem, echo_body, echo_logprobs,
@@ -276,16 +276,7 @@ class StudentServer(LazyState):
                 raise
 
         async with client:
-            tasks = [asyncio.ensure_future(worker()) for _ in range(min(2 * limit, len(bodies)))]
-            try:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-                for task in tasks:
-                    if task.done() and not task.cancelled() and task.exception() is not None:
-                        raise task.exception()
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            await run_workers(worker, min(2 * limit, len(bodies)))
         return results
 
     async def _post(self, client, body: dict):
