@@ -16,20 +16,10 @@ ranked first, and `ranked_dataset_path` keeps the ranked data (`save_to_disk`):
   come in a `responses` column.
 
 The oracle is an OpenAI-compatible server when `oracle_base_url` is set (key in `OPENAI_API_KEY`),
-else a local transformers model. Oracle answers are cached, so a rerun does not pay twice.
+else a local model (`oracles.factory.make_oracle`: llama.cpp for an embedded GGUF). Oracle answers are cached, so a rerun does not pay twice.
 
-# CPU smoke run (4 sample rows, SmolLM2 as teacher and student, 3 steps), from the repository root
-```bash
-python scripts/tuna.py --config scripts/configs/tuna_smoke_cpu.yaml
-```
-
-# The paper's two stages on GPUs, from an Alpaca SFT model (scripts/sft.py)
-```bash
-accelerate launch scripts/tuna.py --config scripts/configs/tuna_probabilistic.yaml \
-    --model_name_or_path <alpaca-sft-model> --output_dir tuna-p
-accelerate launch scripts/tuna.py --config scripts/configs/tuna_contextual.yaml \
-    --model_name_or_path tuna-p --output_dir tuna
-```
+Run it as `reflectune tuna --config scripts/configs/tuna_smoke_cpu.yaml` (the CPU smoke run) or
+through `scripts/tuna.py` (its docstring has the paper's two GPU stages).
 """
 
 from __future__ import annotations

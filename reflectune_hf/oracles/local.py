@@ -140,21 +140,9 @@ class TransformersOracle(CachingOracle):
     # -- sending ------------------------------------------------------------------------------
     def _constraint(self, request: ChatRequest, tokenizer):
         """The `LocalConstraint` enforcing `request.answer_format`, or None (plain text)."""
-        shape = request.answer_format
-        if shape is None or self.structured == "off":
-            return None
-        constraints = self.__dict__.setdefault("_constraints", {})
-        if shape not in constraints:
-            from .local_decode import LocalConstraint
+        from .local_decode import request_constraint
 
-            try:
-                constraints[shape] = LocalConstraint(tokenizer, shape.regex())
-            except ImportError as err:
-                if self.structured == "on":
-                    raise OracleConfigurationError(f"structured='on': {err}") from err
-                logger.warning("%s; answers are free text (structured='auto')", err)
-                constraints[shape] = None
-        return constraints[shape]
+        return request_constraint(self.__dict__.setdefault("_constraints", {}), request, tokenizer, self.structured)
 
     def _send(self, requests: list[ChatRequest], on_result) -> list[ChatResult]:
         from tqdm.auto import tqdm

@@ -45,6 +45,8 @@ import inspect
 import logging
 from typing import Callable, Optional, Sequence
 
+from .base import OracleConfigurationError
+
 logger = logging.getLogger(__name__)
 
 
@@ -92,6 +94,24 @@ class LocalConstraint:
         n = min(vocab, bits.shape[0])
         allowed[:n] = bits[:n].astype(bool)
         return torch.from_numpy(allowed)
+
+
+def request_constraint(constraints: dict, request, tokenizer, structured: str):
+    """The `LocalConstraint` enforcing `request.answer_format` (one per shape, kept in `constraints`),
+    or None: no format, `structured="off"`, or llguidance missing with `structured="auto"` (logged;
+    `"on"` raises `OracleConfigurationError`)."""
+    shape = request.answer_format
+    if shape is None or structured == "off":
+        return None
+    if shape not in constraints:
+        try:
+            constraints[shape] = LocalConstraint(tokenizer, shape.regex())
+        except ImportError as err:
+            if structured == "on":
+                raise OracleConfigurationError(f"structured='on': {err}") from err
+            logger.warning("%s; answers are free text (structured='auto')", err)
+            constraints[shape] = None
+    return constraints[shape]
 
 
 def _cache_kwarg(model) -> str:
