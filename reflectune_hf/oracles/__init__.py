@@ -6,6 +6,7 @@ See `base` for the contract (`ChatRequest`, `ChatResult`, `Oracle`).
 from .base import ChatRequest, ChatResult, Oracle, OracleConfigurationError
 from .batch import OpenAIBatchOracle
 from .cache import CachingOracle, OracleCache
+from .factory import make_oracle
 from .llamacpp_local import LlamaCppOracle, make_local_oracle
 from .local import TransformersOracle
 from .openai_oracle import OpenAIOracle, RateLimiter
@@ -14,4 +15,4 @@ from .usage import UsageEstimate, estimate
 __all__ = ["ChatRequest", "ChatResult", "Oracle", "OracleConfigurationError"]
 __all__ += ["CachingOracle", "OpenAIBatchOracle", "OpenAIOracle", "OracleCache", "RateLimiter",
             "TransformersOracle", "UsageEstimate", "estimate"]
-__all__ += ["LlamaCppOracle", "make_local_oracle"]
+__all__ += ["LlamaCppOracle", "make_local_oracle", "make_oracle"]
