@@ -323,15 +323,17 @@ def test_run_eval_with_response_files(tmp_path, monkeypatch):
 
 
 def test_make_oracle_picks_server_or_local():
-    from reflectune_hf.oracles import OpenAIOracle, TransformersOracle
+    from reflectune_hf.oracles import LlamaCppOracle, OpenAIOracle, TransformersOracle
     from reflectune_hf.oracles.factory import make_oracle
 
     served = {"max_new_tokens": 64, "local_without_base_url": True}   # as `reflectune eval` builds them
     remote = make_oracle("m", "http://127.0.0.1:9/v1", **served)
     assert isinstance(remote, OpenAIOracle) and remote.model == "m" and remote.base_url == "http://127.0.0.1:9/v1"
     local = make_oracle("smollm2-135m-instruct", None, **served)        # loads nothing until first use
-    assert isinstance(local, TransformersOracle) and local.max_new_tokens == 64
-    assert isinstance(make_oracle("local:smollm2-135m-instruct", None, **served), TransformersOracle)
+    # the embedded GGUF runs on llama.cpp; a local oracle allows twice the budget (the truncated re-ask's)
+    assert isinstance(local, LlamaCppOracle) and local.max_new_tokens == 128
+    assert isinstance(make_oracle("local:smollm2-135m-instruct", None, local_engine="transformers", **served),
+                      TransformersOracle)
     assert isinstance(make_oracle("m"), OpenAIOracle)                     # without the flag: OpenAI's API
     with pytest.raises(ValueError, match="a model name is required"):
         make_oracle(" ")

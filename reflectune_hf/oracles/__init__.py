@@ -6,8 +6,8 @@ See `base` for the contract (`ChatRequest`, `ChatResult`, `Oracle`).
 from .base import ChatRequest, ChatResult, Oracle, OracleConfigurationError
 from .batch import OpenAIBatchOracle
 from .cache import CachingOracle, OracleCache
-from .factory import make_oracle
-from .llamacpp_local import LlamaCppOracle, make_local_oracle
+from .factory import make_local_oracle, make_oracle
+from .llamacpp_local import LlamaCppOracle
 from .local import TransformersOracle
 from .openai_oracle import OpenAIOracle, RateLimiter
 from .usage import UsageEstimate, estimate

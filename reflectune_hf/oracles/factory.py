@@ -12,9 +12,13 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from ..sanitize import LOCAL_PREFIX
+from .base import OracleConfigurationError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
 
@@ -27,7 +31,7 @@ def make_oracle(name: str, base_url: Optional[str] = None, *, max_new_tokens: in
     """The oracle called `name`.
 
     `local:<model>` (`local:` alone: `DEFAULT_LOCAL_MODEL`) runs the model here
-    (`llamacpp_local.make_local_oracle`: llama.cpp for an embedded GGUF, transformers otherwise, or
+    (`make_local_oracle`: llama.cpp for an embedded GGUF, transformers otherwise, or
     as `local_engine` says; with `local_batch_size`, `structured`, and twice `max_new_tokens` so a
     truncated answer's re-ask gets its doubled budget); any other
     name is a model on an OpenAI-compatible server at `base_url` (OpenAI's API when None):
@@ -36,7 +40,6 @@ def make_oracle(name: str, base_url: Optional[str] = None, *, max_new_tokens: in
     `base_url` runs here too (`reflectune eval`, the Tuna job). A blank name raises `ValueError`.
     """
     from .batch import OpenAIBatchOracle
-    from .llamacpp_local import make_local_oracle
     from .openai_oracle import OpenAIOracle
 
     if not name or not name.strip():
@@ -57,3 +60,48 @@ def make_oracle(name: str, base_url: Optional[str] = None, *, max_new_tokens: in
     return OpenAIOracle(name, max_concurrency=max_concurrency, requests_per_minute=requests_per_minute,
                         tokens_per_minute=tokens_per_minute, context_window=context_window,
                         tokenizer=context_tokenizer, **served)
+
+
+LOCAL_ENGINES = ("auto", "llamacpp", "transformers")
+
+
+def make_local_oracle(model: str = "smollm2-135m-instruct", engine: str = "auto", batch_size: int = 16,
+                      max_new_tokens: int = 512, structured: str = "auto", **kwargs):
+    """The embedded oracle of a `local:<model>` name: `LlamaCppOracle` or `TransformersOracle`.
+
+    Args:
+        engine: "auto" (default: llama.cpp for an embedded alias or a `.gguf` file when
+            llama-cpp-python imports, with one logged line when it does not; transformers for
+            anything else), "llamacpp" or "transformers".
+        kwargs: more arguments of the chosen oracle (e.g. `cache`).
+
+    Example:
+        >>> from reflectune_hf.oracles.factory import make_local_oracle
+        >>> type(make_local_oracle("smollm2-135m-instruct", engine="transformers")).__name__
+        'TransformersOracle'
+    """
+    from .llamacpp_local import LlamaCppOracle, is_gguf_model, llamacpp_available
+    from .local import TransformersOracle
+
+    engine = str(engine).strip().lower().replace("llama.cpp", "llamacpp")
+    if engine not in LOCAL_ENGINES:
+        raise ValueError(f"local_engine must be one of {list(LOCAL_ENGINES)}, got {engine!r}")
+    if engine == "auto":
+        if not is_gguf_model(model):
+            engine = "transformers"
+        elif llamacpp_available():
+            engine = "llamacpp"
+        else:
+            logger.info("llama-cpp-python is not installed: the local oracle %s runs on transformers "
+                        "(pip install 'reflectune_hf[server]' for the faster llama.cpp engine)", model)
+            engine = "transformers"
+    common = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "structured": structured, **kwargs}
+    if engine == "transformers":
+        return TransformersOracle(model=model, **common)
+    if not is_gguf_model(model):
+        raise ValueError(f"local_engine 'llamacpp' needs a GGUF model (an embedded alias or a .gguf file), got "
+                         f"{model!r}: use local_engine 'transformers' for a transformers checkpoint")
+    if not llamacpp_available():
+        raise OracleConfigurationError("local_engine 'llamacpp' needs llama-cpp-python: "
+                                       "pip install 'reflectune_hf[server]'")
+    return LlamaCppOracle(model=model, **common)
