@@ -121,7 +121,13 @@ def test_a_killed_run_resumes_from_the_cache(tmp_path):
         child.wait()
         assert 4 <= done < 24, "killed in the middle of the run"
         cached = sqlite3.connect(cache).execute("SELECT COUNT(*) FROM served_student").fetchone()[0]
-        before = len(server.bodies)
+        # a request of the killed child may still be in the server's hands: let it land before counting
+        before, settle = len(server.bodies), time.monotonic() + 5
+        while time.monotonic() < settle:
+            time.sleep(1.0)
+            if len(server.bodies) == before:
+                break
+            before = len(server.bodies)
         server.delay = 0.0
         resumed = IFDScorer(MODEL, base_url=server.base_url, server_model="student")
         out = resumed(rows)
