@@ -24,8 +24,8 @@ DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
 
 
 def make_oracle(name: str, base_url: Optional[str] = None, *, max_new_tokens: int = 512, batch_api: bool = False,
-                local_batch_size: int = 8, local_engine: str = "auto", structured="auto", backend: str = "auto", timeout: float = 120.0,
-                max_retries: int = 6, max_concurrency: int = 32, requests_per_minute: Optional[float] = None,
+                local_batch_size: int = 8, local_engine: str = "auto", structured="auto", backend: str = "auto",
+                timeout: float = 120.0, max_retries: int = 6, max_concurrency: int = 32, requests_per_minute: Optional[float] = None,
                 tokens_per_minute: Optional[float] = None, context_window: Optional[int] = None,
                 context_tokenizer: Optional[str] = None, local_without_base_url: bool = False):
     """The oracle called `name`.
