@@ -25,7 +25,7 @@ from ..data import load_data
 from ..oracles import ChatRequest
 from ..oracles.factory import make_oracle
 from ..sanitize import sanitize_config
-from .configs import (  # noqa: F401  (the job configs, re-exported for `pipeline.RecycleConfig`)
+from .configs import (  # noqa: F401  (the job configs, also importable from here)
     DataConfig, EstimateConfig, OracleConfig, RecycleConfig, ReflectConfig, ScoreConfig, SelectConfig,
     SelectionConfig, StudentConfig)
 
