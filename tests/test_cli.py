@@ -325,7 +325,7 @@ def test_credentials_in_base_url_reach_the_server_and_nothing_else(tmp_path, ver
     assert "HTTP Request:" not in out.stderr or verbose  # the per-request log is off by default
 
 
-@pytest.mark.parametrize("command", ["reflect", "recycle", "estimate"])
+@pytest.mark.parametrize("command", ["reflect", "recycle"])  # estimate sends nothing: test_cli_help checks it refuses them
 def test_oracle_client_options_are_flags_and_yaml_keys_and_reach_the_oracle(command, tmp_path):
     from trl import TrlParser
 

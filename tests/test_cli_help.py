@@ -141,3 +141,79 @@ def test_doctests_of_the_parsing_modules():
 
     for module in (arguments, configs, sft_job, cli):
         assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module.__name__
+
+
+# Flags that only say how oracle requests are sent (rate, concurrency, retries, batching): the
+# commands that send requests take them, `estimate` (which sends nothing) does not.
+SENDING_FLAGS = ("--max_concurrency", "--timeout", "--max_retries", "--requests_per_minute", "--tokens_per_minute",
+                 "--format_retries", "--batch_api", "--backend", "--local_batch_size", "--reflect_batch_size")
+ESTIMATE_FIELDS = {"data", "split", "limit", "oracle_model", "base_url", "context_window", "context_tokenizer",
+                   "local_engine", "max_new_tokens", "temperature", "prompt_set", "compress", "structured",
+                   "input_price", "output_price", "tokenizer"}
+
+
+def test_estimate_lists_only_what_shapes_the_requests_it_counts(capsys):
+    parser = cli.command_parser("estimate")
+    assert {a.dest for a in parser._actions} - {"help", "config"} == ESTIMATE_FIELDS
+    text = help_text("estimate", capsys)
+    for flag in SENDING_FLAGS:
+        assert f"  {flag}" not in text, flag
+    for name in ("recycle", "reflect"):
+        assert set(SENDING_FLAGS) <= flags(name), name
+
+
+@pytest.mark.parametrize("flag, value", [("--max_concurrency", "4"), ("--tokens_per_minute", "1000"),
+                                         ("--max-retries", "2"), ("--timeout", "5"), ("--batch_api", None)])
+def test_estimate_refuses_a_sending_flag_in_one_line(flag, value, capsys):
+    argv = ["estimate", "--oracle_model", "m", flag] + ([value] if value else [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    name = flag[2:].replace("-", "_")
+    assert len(errors) == 1 and errors[0].startswith("reflectune estimate: error: "), err
+    assert f"--{name} is not a flag of reflectune estimate" in errors[0]
+    assert "recycle, reflect" in errors[0] and "sends none" in errors[0]
+
+
+def test_a_config_key_of_another_command_is_refused_by_every_command(tmp_path, capsys):
+    """A `--config` key that is not the command's own flag is an error naming the key and the
+    file, for estimate's sending keys as for select's oracle keys; recycle takes them."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data: sample\noracle_model: m\nmax_concurrency: 4\ntimeout: 9\n")
+    assert cli.main(["estimate", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"--max_concurrency, --timeout (in {recipe}) are not flags of reflectune estimate" in err
+    assert "flags of recycle, reflect: they say how oracle requests are sent, and estimate sends none" in err
+    assert cli.main(["select", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"--oracle_model, --max_concurrency, --timeout (in {recipe}) are not flags of reflectune select" in err
+    config = cli.parse_config("recycle", ["--config", str(recipe)])
+    assert (config.max_concurrency, config.timeout, config.oracle_model) == (4, 9, "m")
+    kept = tmp_path / "estimate.yaml"
+    kept.write_text("data: sample\noracle_model: m\nmax_new_tokens: 100\ncompress: false\n")
+    config = cli.parse_config("estimate", ["--config", str(kept), "--temperature", "0.5"])
+    assert (config.max_new_tokens, config.compress, config.temperature) == (100, False, 0.5)
+
+
+def test_the_command_line_without_training_imports_neither_trl_nor_torch():
+    """`reflectune --help`, and the parsers of the commands that train nothing, load no TRL,
+    transformers or torch (seconds of imports); `sft --help` still shows TRL's flags."""
+    import json
+    import subprocess
+    import sys
+
+    probe = (
+        "import contextlib, io, json, sys\n"
+        "from reflectune_hf.cli.main import main\n"
+        "heavy = lambda: sorted(m for m in ('trl', 'torch', 'transformers') if m in sys.modules)\n"
+        "seen = {'import': heavy()}\n"
+        "for argv in (['--help'], ['estimate', '--help'], ['push', '--help'], ['select', '--help'],\n"
+        "             ['recycle', '--help'], ['score', '--help'], ['eval', '--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        assert main(argv) == 0\n"
+        "    seen[' '.join(argv)] = heavy()\n"
+        "print(json.dumps(seen))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.splitlines()[-1])
+    assert seen == {name: [] for name in seen}, seen

@@ -1,6 +1,11 @@
-"""How the job configs become command lines: TRL's `TrlParser` (flags and `--config file.yaml`)
-with help that reads well.
+"""How the job configs become command lines: dataclass fields as flags (`--oracle_model` or
+`--oracle-model`) and `--config file.yaml`, in the manner of TRL's `TrlParser`, with help that
+reads well.
 
+- `CommandParser` reads the package's own config dataclasses with the standard library only:
+  building it (`reflectune estimate --help`, `reflectune --help`) imports neither TRL nor
+  transformers nor torch. `trl_command_parser` is the same help layout over TRL's `TrlParser`,
+  for the training commands whose arguments are TRL's and transformers' dataclasses.
 - Flags are grouped by what they configure: a config mixin names its group in a `help_group`
   class attribute (`data`, `oracle`, `student`, `selection`, `output` ...); a class attribute
   `help_groups = {field: group}` places single fields.
@@ -9,6 +14,8 @@ with help that reads well.
   These are class attributes, not field metadata, so plain `TrlParser` / `HfArgumentParser`
   still parse the same dataclasses.
 - A default is printed once: not when the help text already speaks of it, not for `None`.
+- A flag or `--config` key the command does not take is refused (`UnknownArguments`, a
+  `ValueError` naming them) rather than ignored.
 - `first_group(parser, title, helps)` moves chosen flags of a large parser (TRL's hundreds of
   training arguments) into a group shown first.
 
@@ -20,21 +27,39 @@ Example:
     ...     help_group = "output"
     ...     negated_help = {"private": "make the pushed repo public"}
     ...     private: bool = field(default=True, metadata={"help": "make the pushed repo private"})
-    >>> text = CommandParser((Push,), prog="demo").format_help()
+    >>> parser = CommandParser((Push,), prog="demo")
+    >>> text = parser.format_help()
     >>> "output:" in text and "make the pushed repo public" in text
     True
+    >>> parser.parse_args_and_config(["--no_private"])
+    (Push(private=False),)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import os
+import sys
+import types
+import typing
 from copy import copy
-from typing import get_type_hints
-
-from trl import TrlParser
+from typing import Any, Literal, Optional, Union, get_type_hints
 
 CONFIG_HELP = "a YAML file with the same keys as the flags; flags given on the command line override it"
+
+
+class UnknownArguments(ValueError):
+    """Flags (or `--config` keys) a command does not take: `names` (field names), `source` (where
+    they came from: "the command line" or the YAML file)."""
+
+    def __init__(self, prog: str, names: list[str], source: str):
+        self.names, self.source = names, source
+        what = ", ".join(f"--{n}" for n in names)
+        where = "" if source == "the command line" else f" (in {source})"
+        verb = "is not a flag" if len(names) == 1 else "are not flags"
+        super().__init__(f"{what}{where} {verb} of {prog}")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -62,20 +87,30 @@ def _owner(dtype, name: str):
     return next((c for c in dtype.__mro__ if name in c.__dict__.get("__annotations__", {})), dtype)
 
 
-class CommandParser(TrlParser):
-    """`TrlParser` with grouped flags, worded negated flags, one default per flag and `--config`
-    in the help. Parsing is TrlParser's: `parse_args_and_config(argv)`."""
+def string_to_bool(value) -> bool:
+    """`--flag yes|no|true|false|1|0|...` (the spellings `HfArgumentParser` accepts)."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"true or false expected, got {value!r}")
 
-    def __init__(self, dataclass_types, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        kwargs.setdefault("usage", "%(prog)s [-h] [--config FILE] [--flag value ...]")
-        self._groups = {}
-        super().__init__(dataclass_types, **kwargs)
-        # Only shown in the help: TrlParser takes `--config FILE` out of argv before argparse parses it.
-        self.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
-        for action in self._actions:  # negated flags of classes we do not own (TRL's) say what they do too
-            if isinstance(action, argparse._StoreFalseAction) and action.help and not getattr(action, "_worded", 0):
-                action.help = f"set --{action.dest} to false"
+
+def _none_or(inner):
+    """`inner`, with 'none' / 'null' read as None (for `Optional[int]` and the like)."""
+
+    def parse(value: str):
+        return None if value.lower() in ("none", "null") else inner(value)
+
+    parse.__name__ = getattr(inner, "__name__", "value")  # argparse names the type in its errors
+    return parse
+
+
+class _GroupedHelp:
+    """The help layout shared by `CommandParser` and `trl_command_parser`'s class: flags in the
+    groups their config classes name, worded negated flags, `--config` listed."""
 
     def _group(self, title):
         if title not in self._groups:
@@ -83,7 +118,7 @@ class CommandParser(TrlParser):
         return self._groups[title]
 
     def _add_dataclass_arguments(self, dtype):
-        if hasattr(dtype, "_argument_group_name"):
+        if hasattr(dtype, "_argument_group_name"):  # TRL's / transformers' own grouping
             return super()._add_dataclass_arguments(dtype)
         hints = get_type_hints(dtype)
         groups, negated = _class_dict(dtype, "help_groups"), _class_dict(dtype, "negated_help")
@@ -100,6 +135,148 @@ class CommandParser(TrlParser):
                 if isinstance(action, argparse._StoreFalseAction):
                     action.help = negated.get(field.name) or f"set --{field.name} to false"
                     action._worded = 1
+
+    def _finish_help(self):
+        # Only shown in the help: `parse_args_and_config` takes `--config FILE` out of argv first.
+        self.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
+        for action in self._actions:  # negated flags of classes we do not own (TRL's) say what they do too
+            if isinstance(action, argparse._StoreFalseAction) and action.help and not getattr(action, "_worded", 0):
+                action.help = f"set --{action.dest} to false"
+
+
+class CommandParser(_GroupedHelp, argparse.ArgumentParser):
+    """The command line of a config dataclass of this package: grouped flags, worded negated
+    flags, one default per flag, `--config` in the help; standard library only.
+
+    Fields may be `str`, `int`, `float`, `bool`, `Literal[...]`, `Optional` of those, or a
+    `list` of one of them; TRL's and transformers' dataclasses go to `trl_command_parser`.
+    Parsing is `parse_args_and_config(argv)`, as `TrlParser`'s: a `--config` YAML file sets the
+    defaults (its `env:` mapping the environment), flags override it; a flag or key the config
+    does not have raises `UnknownArguments`.
+    """
+
+    def __init__(self, dataclass_types, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("usage", "%(prog)s [-h] [--config FILE] [--flag value ...]")
+        self._groups = {}
+        super().__init__(**kwargs)
+        self.dataclass_types = [dataclass_types] if dataclasses.is_dataclass(dataclass_types) else list(dataclass_types)
+        for dtype in self.dataclass_types:
+            if "config" in {f.name for f in dataclasses.fields(dtype)}:
+                raise ValueError(f"{dtype.__name__} has a field named 'config', the flag of the YAML file")
+            self._add_dataclass_arguments(dtype)
+        self._finish_help()
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field: dataclasses.Field):
+        """One field as a flag (and `--no_<field>` for a bool that defaults to True), the way
+        `HfArgumentParser` spells them."""
+        options = [f"--{field.name}"] + ([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])
+        kwargs = {"help": field.metadata.get("help")}
+        kind, optional = field.type, False
+        if typing.get_origin(kind) in (Union, types.UnionType):
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            if len(args) != 1 or len(typing.get_args(kind)) != 2:
+                raise TypeError(f"field {field.name!r}: only Optional[X] unions can be flags, got {kind}")
+            kind, optional = args[0], True
+        if field.default is not dataclasses.MISSING:
+            kwargs["default"] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            kwargs["default"] = field.default_factory()
+        else:
+            kwargs["required"] = True
+        if typing.get_origin(kind) is Literal:
+            choices = typing.get_args(kind)
+            by_text = {str(c): c for c in choices}
+            kwargs.update(choices=choices, type=lambda text: by_text.get(text, text))
+        elif kind is bool:
+            kwargs.update(type=string_to_bool, nargs="?", const=True, metavar="{true,false}")
+            kwargs.setdefault("default", False)
+            kwargs.pop("required", None)
+        elif typing.get_origin(kind) is list and len(typing.get_args(kind)) == 1:
+            kwargs.update(type=typing.get_args(kind)[0], nargs="+")
+        elif kind in (str, int, float):
+            kwargs["type"] = _none_or(kind) if optional and kind is not str else kind
+        else:
+            raise TypeError(f"field {field.name!r} of type {kind} is not a flag CommandParser reads "
+                            "(TRL's and transformers' dataclasses: use trl_command_parser)")
+        parser.add_argument(*options, **kwargs)
+        if kind is bool and field.default is True:  # after the flag itself: the same destination
+            parser.add_argument(f"--no_{field.name}", f"--no-{field.name.replace('_', '-')}", action="store_false",
+                                dest=field.name, default=False, help=field.metadata.get("help"))
+
+    def set_defaults_with_config(self, **values) -> list[str]:
+        """Make `values` (field name -> value) the defaults; returns the names no flag takes."""
+        known = set()
+        for action in self._actions:
+            if action.dest in values:
+                action.default, action.required = values[action.dest], False
+                known.add(action.dest)
+        return [name for name in values if name not in known]
+
+    def parse_args_into_dataclasses(self, args: list[str]) -> tuple:
+        """The dataclasses of `args` (flags only; see `parse_args_and_config` for `--config`)."""
+        namespace, rest = self.parse_known_args(args)
+        if rest:
+            names = [a[2:].split("=")[0].replace("-", "_") for a in rest if a.startswith("--")]
+            raise UnknownArguments(self.prog, names or rest, "the command line")
+        values = vars(namespace)
+        return tuple(dtype(**{f.name: values[f.name] for f in dataclasses.fields(dtype) if f.init and f.name in values})
+                     for dtype in self.dataclass_types)
+
+    def parse_args_and_config(self, args: Optional[list[str]] = None) -> tuple:
+        """The config dataclasses from `args` (default `sys.argv[1:]`) and their `--config` file.
+
+        Raises:
+            ValueError: a bad value, a `--config` file that is not a YAML mapping, or a flag or
+                key the config does not have (`UnknownArguments`).
+            FileNotFoundError: the `--config` file does not exist.
+        """
+        import yaml
+
+        args = list(sys.argv[1:] if args is None else args)
+        if "--config" in args:
+            at = args.index("--config")
+            if at + 1 >= len(args):
+                raise ValueError("--config needs a YAML file")
+            path = args[at + 1]
+            del args[at:at + 2]
+            with open(path) as handle:
+                values = yaml.safe_load(handle)
+            if not isinstance(values, dict):
+                raise ValueError(f"{path} must contain a YAML mapping of flag names to values")
+            env = values.pop("env", {})
+            if not isinstance(env, dict):
+                raise ValueError(f"{path}: `env` must be a mapping of variable names to values")
+            os.environ.update({str(k): str(v) for k, v in env.items()})
+            unknown = self.set_defaults_with_config(**values)
+            if unknown:
+                raise UnknownArguments(self.prog, unknown, path)
+        return self.parse_args_into_dataclasses(args)
+
+
+@functools.lru_cache(maxsize=None)
+def _trl_parser_class():
+    from trl import TrlParser  # imported here: TRL costs a third of a second and only training needs it
+
+    class TrlCommandParser(_GroupedHelp, TrlParser):
+        """`TrlParser` (TRL's and transformers' dataclasses) with `CommandParser`'s help layout."""
+
+        def __init__(self, dataclass_types, **kwargs):
+            kwargs.setdefault("formatter_class", HelpFormatter)
+            kwargs.setdefault("usage", "%(prog)s [-h] [--config FILE] [--flag value ...]")
+            self._groups = {}
+            super().__init__(dataclass_types, **kwargs)
+            self._finish_help()
+
+    return TrlCommandParser
+
+
+def trl_command_parser(dataclass_types, **kwargs) -> argparse.ArgumentParser:
+    """A `TrlParser` over `dataclass_types` (TRL's `SFTConfig`, `ModelConfig` ... and ours) with
+    the help layout of `CommandParser`; parsing is TRL's (`parse_args_and_config(argv)`).
+    Imports TRL: the training commands use it, the others `CommandParser`."""
+    return _trl_parser_class()(dataclass_types, **kwargs)
 
 
 def first_group(parser: argparse.ArgumentParser, title: str, helps: dict[str, str | None],

@@ -128,8 +128,10 @@ class PushConfig(HubConfig, PushSource):
 
 
 @dataclass
-class OracleConfig(_Checked):
-    """The oracle LLM that compresses and reflects."""
+class OracleRequestConfig(_Checked):
+    """The oracle LLM that compresses and reflects, and what is asked of it: everything that
+    shapes a request and its cache key (what `reflectune estimate` counts), nothing of how
+    requests are sent."""
 
     help_group = "oracle"
     negated_help = {"compress": "keep the inputs as they are: no compression"}
@@ -138,22 +140,12 @@ class OracleConfig(_Checked):
         "transformers model run here (e.g. local:smollm2-135m-instruct)"))
     base_url: Optional[str] = field(default=None, metadata=_help(
         "OpenAI-compatible server (vLLM, TGI, Ollama, llama.cpp); default OPENAI_BASE_URL or api.openai.com"))
-    batch_api: bool = field(default=False, metadata=_help("use the OpenAI Batch API (half price, hours of latency)"))
-    max_concurrency: int = field(default=32, metadata=_help("requests in flight"))
-    timeout: float = field(default=120.0, metadata=_help(
-        "seconds an HTTP attempt to the oracle server may take before it is retried"))
-    max_retries: int = field(default=6, metadata=_help(
-        "retries per oracle request (429, 5xx, timeouts, dropped connections, malformed answers; exponential "
-        "backoff, Retry-After honoured); a request still failing after them fails its row, and a rerun retries it"))
     context_window: Optional[int] = field(default=None, metadata=_help(
         "context length of the server's model: each request's completion budget becomes min(max_new_tokens, "
         "context_window - prompt tokens) and a prompt that does not fit fails its row without being sent"))
     context_tokenizer: Optional[str] = field(default=None, metadata=_help(
         "tokenizer (Hub id, path or embedded alias) that counts prompt tokens for --context_window; default: an "
         "over-estimate from the text's size"))
-    requests_per_minute: Optional[float] = field(default=None, metadata=_help("rate limit"))
-    tokens_per_minute: Optional[float] = field(default=None, metadata=_help("rate limit"))
-    local_batch_size: int = field(default=8, metadata=_help("generation batch of a local: oracle"))
     local_engine: str = field(default="auto", metadata=_help(
         "engine of a local: oracle: auto (llama.cpp in-process for an embedded GGUF model when llama-cpp-python is "
         "installed, else transformers), llamacpp or transformers"))
@@ -161,25 +153,52 @@ class OracleConfig(_Checked):
     temperature: float = field(default=0.0, metadata=_help("sampling temperature of the first request"))
     prompt_set: str = field(default="paper", metadata=_help("'paper' (byte-identical to the method) or 'clean'"))
     compress: bool = field(default=True, metadata=_help("fold inputs into instructions first (stage 0)"))
-    format_retries: int = field(default=1, metadata=_help("re-asks when an answer does not parse"))
-    reflect_batch_size: int = field(default=64, metadata=_help("rows per map batch (one oracle call each)"))
     structured: str = field(default="auto", metadata=_help(
         "answer format enforced by the oracle: auto (where the backend can: llama.cpp grammar, vLLM regex, "
         "OpenAI JSON schema; free text elsewhere), on (fail where it cannot) or off"))
+
+    def _check(self):
+        self.structured = structured_mode(self.structured)
+        self.local_engine = check_choice("local_engine", self.local_engine, ("auto", "llamacpp", "transformers"))
+        _at_least(self, 1, "max_new_tokens")
+        _at_least(self, 0, "temperature")
+        _integer(self, "context_window", minimum=1, optional=True)
+        _one_of("prompt_set", self.prompt_set, PROMPT_SETS)
+
+
+@dataclass
+class OracleClientConfig(_Checked):
+    """How oracle requests are sent: rate, concurrency, retries, batching. Only the commands that
+    send requests take these (`reflectune estimate` sends nothing and refuses them)."""
+
+    help_group = "oracle"
+    batch_api: bool = field(default=False, metadata=_help("use the OpenAI Batch API (half price, hours of latency)"))
+    max_concurrency: int = field(default=32, metadata=_help("requests in flight"))
+    timeout: float = field(default=120.0, metadata=_help(
+        "seconds an HTTP attempt to the oracle server may take before it is retried"))
+    max_retries: int = field(default=6, metadata=_help(
+        "retries per oracle request (429, 5xx, timeouts, dropped connections, malformed answers; exponential "
+        "backoff, Retry-After honoured); a request still failing after them fails its row, and a rerun retries it"))
+    requests_per_minute: Optional[float] = field(default=None, metadata=_help("rate limit"))
+    tokens_per_minute: Optional[float] = field(default=None, metadata=_help("rate limit"))
+    local_batch_size: int = field(default=8, metadata=_help("generation batch of a local: oracle"))
+    format_retries: int = field(default=1, metadata=_help("re-asks when an answer does not parse"))
+    reflect_batch_size: int = field(default=64, metadata=_help("rows per map batch (one oracle call each)"))
     backend: str = field(default="auto", metadata=_help(
         "the oracle server: auto (recognised from /v1/models), llamacpp, vllm, openai or plain"))
 
     def _check(self):
-        self.structured = structured_mode(self.structured)
         self.backend = check_choice("backend", self.backend, BACKENDS)
-        self.local_engine = check_choice("local_engine", self.local_engine, ("auto", "llamacpp", "transformers"))
-        _at_least(self, 1, "max_concurrency", "local_batch_size", "max_new_tokens", "reflect_batch_size")
-        _at_least(self, 0, "temperature", "format_retries")
+        _at_least(self, 1, "max_concurrency", "local_batch_size", "reflect_batch_size")
+        _at_least(self, 0, "format_retries")
         _at_least(self, 0, "timeout", strict=True)
         _integer(self, "max_retries", minimum=0)
-        _integer(self, "context_window", minimum=1, optional=True)
         _at_least(self, 0, "requests_per_minute", "tokens_per_minute", optional=True, strict=True)
-        _one_of("prompt_set", self.prompt_set, PROMPT_SETS)
+
+
+@dataclass
+class OracleConfig(OracleClientConfig, OracleRequestConfig):
+    """The oracle LLM that compresses and reflects: what is asked and how it is sent."""
 
 
 @dataclass
@@ -256,7 +275,7 @@ class RecycleConfig(SelectionConfig, StudentConfig, OracleConfig, DataConfig):
 
 
 @dataclass
-class EstimateConfig(OracleConfig, InputConfig):
+class EstimateConfig(OracleRequestConfig, InputConfig):
     """`reflectune estimate`: tokens and money of a reflect run, before anything is sent."""
 
     help_group = "prices"

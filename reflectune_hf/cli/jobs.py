@@ -26,8 +26,8 @@ from ..oracles import ChatRequest
 from ..oracles.factory import make_oracle
 from ..sanitize import sanitize_config
 from .configs import (  # noqa: F401  (the job configs, also importable from here)
-    DataConfig, EstimateConfig, OracleConfig, RecycleConfig, ReflectConfig, ScoreConfig, SelectConfig,
-    SelectionConfig, StudentConfig)
+    DataConfig, EstimateConfig, OracleClientConfig, OracleConfig, OracleRequestConfig, RecycleConfig, ReflectConfig,
+    ScoreConfig, SelectConfig, SelectionConfig, StudentConfig)
 
 logger = logging.getLogger(__name__)
 SELECTED_SPLIT = "selected"
@@ -66,24 +66,26 @@ def load_input(config: DataConfig):
     return data
 
 
-def config_oracle(config: OracleConfig):
+def config_oracle(config: OracleRequestConfig):
     """The oracle of `config.oracle_model` (`oracles.factory.make_oracle`) with the config's
-    server, rate, context and local settings."""
+    server, context and local settings, and its rate, retry and batch settings when it has them
+    (an `OracleConfig`; `EstimateConfig` sends nothing and has none)."""
     if not config.oracle_model:
         raise ValueError(ORACLE_REQUIRED)
+    sending = ("batch_api", "local_batch_size", "backend", "timeout", "max_retries", "max_concurrency",
+               "requests_per_minute", "tokens_per_minute")
     return make_oracle(config.oracle_model, config.base_url, max_new_tokens=config.max_new_tokens,
-                       batch_api=config.batch_api, local_batch_size=config.local_batch_size,
-                       local_engine=config.local_engine,
-                       structured=config.structured, backend=config.backend, timeout=config.timeout,
-                       max_retries=config.max_retries, max_concurrency=config.max_concurrency,
-                       requests_per_minute=config.requests_per_minute, tokens_per_minute=config.tokens_per_minute,
-                       context_window=config.context_window, context_tokenizer=config.context_tokenizer)
+                       local_engine=config.local_engine, structured=config.structured,
+                       context_window=config.context_window, context_tokenizer=config.context_tokenizer,
+                       **{name: getattr(config, name) for name in sending if hasattr(config, name)})
 
 
-def _stage_kwargs(config: OracleConfig) -> dict:
-    return {"prompt_set": config.prompt_set, "max_tokens": config.max_new_tokens,
-            "temperature": config.temperature, "format_retries": config.format_retries,
-            "structured": config.structured}
+def _stage_kwargs(config: OracleRequestConfig) -> dict:
+    kwargs = {"prompt_set": config.prompt_set, "max_tokens": config.max_new_tokens,
+              "temperature": config.temperature, "structured": config.structured}
+    if isinstance(config, OracleClientConfig):  # re-asks: only a run that sends has them
+        kwargs["format_retries"] = config.format_retries
+    return kwargs
 
 
 def reflect(config: ReflectConfig, data=None, oracle=None):
@@ -308,7 +310,7 @@ def run_recycle(config: RecycleConfig) -> JobResult:
     return _result(data, publish(config, data, card_context(config, oracle, source)), chosen, oracle, started)
 
 
-def estimate_requests(config: OracleConfig, data) -> tuple[list[ChatRequest], list[ChatRequest]]:
+def estimate_requests(config: OracleRequestConfig, data) -> tuple[list[ChatRequest], list[ChatRequest]]:
     """First-attempt requests of a reflect run over `data` (re-asks not counted), as
     `(requests, stand_ins)`, built by the stages themselves (`stage.requests(batch)`, the requests
     `__call__` sends: stripped texts, inputs merged, rows without a request left out):

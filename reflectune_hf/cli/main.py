@@ -24,9 +24,11 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from dataclasses import fields
+
 from . import jobs
-from .arguments import CommandParser
-from .configs import PushConfig
+from .arguments import CommandParser, UnknownArguments
+from .configs import OracleClientConfig, PushConfig
 
 logger = logging.getLogger("reflectune_hf")
 HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai")  # kept at WARNING unless -v
@@ -111,6 +113,19 @@ def _print_result(name: str, result) -> None:
         print(result)
 
 
+def _whose(name: str, names: list[str]) -> str:
+    """Which other commands take the flags `names` (" (flags of recycle, reflect: ...)"), or ""."""
+    owners = [other for other, (config_type, _, _) in JOBS.items()
+              if other != name and set(names) <= {f.name for f in fields(config_type)}]
+    if not owners:
+        return ""
+    one = len(names) == 1
+    why = ""
+    if set(names) <= {f.name for f in fields(OracleClientConfig)}:
+        why = f": {'it says' if one else 'they say'} how oracle requests are sent, and {name} sends none"
+    return f" ({'a flag' if one else 'flags'} of {', '.join(owners)}{why})"
+
+
 def parse_config(name: str, argv: list[str]):
     """The config of job `name` from its flags and `--config` file, as `reflectune <name>` reads
     it; bad arguments exit 2 (argparse's `SystemExit`) with one line naming the problem.
@@ -123,9 +138,11 @@ def parse_config(name: str, argv: list[str]):
     parser = command_parser(name)
     try:
         (config,) = parser.parse_args_and_config(argv)
+    except UnknownArguments as err:  # a flag or --config key of another command: say whose, in one line
+        parser.error(f"{err}{_whose(name, err.names)}; `reflectune {name} --help` lists its flags")
     except (ValueError, FileNotFoundError) as err:  # a bad value, or a bad or missing --config file
         parser.error(str(err))
-    if isinstance(config, jobs.OracleConfig) and not config.oracle_model:
+    if isinstance(config, jobs.OracleRequestConfig) and not config.oracle_model:
         parser.error(jobs.ORACLE_REQUIRED)
     return config
 

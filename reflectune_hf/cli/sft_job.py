@@ -181,13 +181,13 @@ def make_parser(subparsers: argparse._SubParsersAction = None, prog: str = None)
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
 
     from ..training.sft import batch_size_fields, paper_hyperparameters
-    from .arguments import CommandParser, first_group
+    from .arguments import first_group, trl_command_parser
 
     dataclass_types = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig)
     if subparsers is not None:
         parser = subparsers.add_parser("sft", help="Vicuna v1.1 SFT", dataclass_types=dataclass_types)
     else:
-        parser = CommandParser(dataclass_types, prog=prog, description=DESCRIPTION)
+        parser = trl_command_parser(dataclass_types, prog=prog, description=DESCRIPTION)
     # The paper's recipe as defaults; a --config file and the command line override them.
     paper = {**paper_hyperparameters(), **batch_size_fields()}
     parser.set_defaults_with_config(**paper)

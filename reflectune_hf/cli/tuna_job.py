@@ -161,12 +161,12 @@ def make_parser(subparsers: argparse._SubParsersAction = None, prog: str = None)
     from trl import ModelConfig
 
     from ..tuna.trainer import TunaConfig
-    from .arguments import CommandParser, first_group
+    from .arguments import first_group, trl_command_parser
 
     dataclass_types = (TunaScriptArguments, TunaConfig, ModelConfig)
     if subparsers is not None:
         return subparsers.add_parser("tuna", help="Tuna ranking fine-tuning", dataclass_types=dataclass_types)
-    parser = CommandParser(dataclass_types, prog=prog, description=DESCRIPTION)
+    parser = trl_command_parser(dataclass_types, prog=prog, description=DESCRIPTION)
     parser._optionals.title = "training (transformers' TrainingArguments, Tuna's loss) and model options"
     first_group(parser, "data and ranking", {"help": None, "config": None,
                                              **{f.name: None for f in fields(TunaScriptArguments)}})
