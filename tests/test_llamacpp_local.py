@@ -122,3 +122,40 @@ def test_the_reask_of_a_truncated_answer_gets_twice_the_budget():
         stage = ReflectResponse(oracle, max_tokens=config.max_new_tokens)
         first, longer = (stage.request([{"role": "user", "content": "x"}], attempt=a, longer=a == 1) for a in (0, 1))
         assert oracle._prepare(first).max_tokens == 8 and oracle._prepare(longer).max_tokens == 16  # noqa: SLF001
+
+
+def test_the_f16_re_encode_prints_one_log_line_on_a_fresh_machine(tmp_path):
+    """The first use re-encodes the GGUF as F16: one INFO line, none of llama.cpp's ~280 lines
+    (`[ 12/ 272] blk... converting to f16`, `llama_model_quantize_impl: ...`) on stdout or
+    stderr. A fresh process, as on a fresh machine: llama.cpp's log routing is not set yet."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import logging; logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s'); "
+            "from reflectune_hf.oracles.llamacpp_local import f16_gguf, source_gguf; "
+            "print(f16_gguf(source_gguf('smollm2-135m-instruct')))")
+    env = dict(os.environ, REFLECTUNE_HF_CACHE=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Path(done.stdout.strip()).is_file() and len(done.stdout.splitlines()) == 1, done.stdout[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("INFO reflectune_hf.oracles.llamacpp_local: Re-encoding SmolLM2"), lines
+
+
+def test_a_failed_re_encode_is_one_line_with_what_llama_cpp_said(tmp_path, monkeypatch, capfd):
+    from reflectune_hf.oracles import OracleConfigurationError
+    from reflectune_hf.oracles.llamacpp_local import f16_gguf
+
+    monkeypatch.setenv("REFLECTUNE_HF_CACHE", str(tmp_path))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF but not a model")
+    with pytest.raises(OracleConfigurationError) as caught:
+        f16_gguf(bad)
+    message = str(caught.value)
+    assert "\n" not in message and "could not re-encode" in message and "weights='gguf'" in message
+    assert "failed to" in message, message  # llama.cpp's own words, captured
+    assert capfd.readouterr() == ("", "")
+    assert not list((tmp_path / "gguf").iterdir())  # no partial file left

@@ -26,9 +26,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -36,21 +41,92 @@ logger = logging.getLogger(__name__)
 
 
 _LOG_CALLBACK = None
+_QUIET_LOCK = threading.Lock()
+_quiet_lines: Optional[list] = None  # llama.cpp log lines of the `quiet_c_output` block running now
 
 
-def _route_llama_logs(llama_cpp) -> None:
+def route_llama_logs(llama_cpp) -> None:
     """Send llama.cpp's log lines (model loading, buffer sizes) to this module's logger at DEBUG
-    instead of stderr (llama.cpp's log callback is process-wide; set once)."""
+    instead of stderr, or instead of llama-cpp-python's callback, which prints them to
+    `sys.stderr` (llama.cpp's log callback is process-wide; set once); inside
+    `quiet_c_output` they are kept for its `CapturedOutput` instead."""
     global _LOG_CALLBACK
     if _LOG_CALLBACK is None:
         def forward(level, text, user_data):
             try:
-                logger.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+                line = text.decode("utf-8", "replace")
+                if _quiet_lines is not None:
+                    _quiet_lines.append(line)
+                else:
+                    logger.debug("llama.cpp: %s", line.rstrip())
             except Exception:  # noqa: BLE001 - never raise into C
                 pass
 
         _LOG_CALLBACK = llama_cpp.llama_log_callback(forward)
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
+@dataclass
+class CapturedOutput:
+    """What C code wrote during a `quiet_c_output` block (its stdout, stderr and llama.cpp log
+    lines), readable once the block has ended."""
+
+    text: str = ""
+
+    def tail(self, lines: int = 3) -> str:
+        """The last `lines` non-empty lines, joined on one line (for a one-line error)."""
+        kept = [line.strip() for line in self.text.splitlines() if line.strip()]
+        return " | ".join(kept[-lines:])
+
+
+def _flush_c_streams() -> None:
+    try:
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers (printf) out before the descriptors move back
+    except Exception:  # noqa: BLE001 - no libc symbol table (not Linux/macOS): nothing to flush
+        pass
+
+
+@contextmanager
+def quiet_c_output() -> Iterator[CapturedOutput]:
+    """Run a block with file descriptors 1 and 2 sent to a temporary file (llama.cpp prints
+    straight to them, bypassing Python), restored in `finally`; llama.cpp's log lines (once
+    `LlamaEngine` has routed them) are kept too. Yields a `CapturedOutput`, filled when the block
+    ends: show it when the call failed, drop it when it worked.
+
+    Blocks run one at a time (a lock). The descriptors are the process's: whatever another
+    thread writes to them meanwhile lands in the file too, so keep the block to the C call.
+
+    Example:
+        >>> import os
+        >>> from reflectune_hf.oracles.llamacpp_engine import quiet_c_output
+        >>> with quiet_c_output() as output:
+        ...     _ = os.write(2, b"llama_model_loader: noise\\n")
+        >>> output.tail()
+        'llama_model_loader: noise'
+    """
+    global _quiet_lines
+    output = CapturedOutput()
+    with _QUIET_LOCK, tempfile.TemporaryFile() as sink:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed or replaced stream
+                pass
+        saved = (os.dup(1), os.dup(2))
+        _quiet_lines = []
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield output
+        finally:
+            _flush_c_streams()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            lines, _quiet_lines = _quiet_lines, None
+            sink.seek(0)
+            output.text = sink.read().decode("utf-8", "replace") + "".join(lines)
 
 
 class LlamaEngine:
@@ -67,12 +143,14 @@ class LlamaEngine:
     def __init__(self, path, n_ctx: int = 2048, n_seq: int = 16, n_threads: int = 1, n_batch: int = 512):
         import llama_cpp
 
-        _route_llama_logs(llama_cpp)
+        route_llama_logs(llama_cpp)
         self._lib = llama_cpp
-        llama_cpp.llama_backend_init()
-        model = llama_cpp.llama_model_load_from_file(str(Path(path)).encode(), llama_cpp.llama_model_default_params())
+        with quiet_c_output() as output:  # what llama.cpp prints while loading: shown only if it fails
+            llama_cpp.llama_backend_init()
+            model = llama_cpp.llama_model_load_from_file(str(Path(path)).encode(),
+                                                         llama_cpp.llama_model_default_params())
         if not model:
-            raise ValueError(f"llama.cpp cannot load {path}")
+            raise ValueError(f"llama.cpp cannot load {path}: {output.tail()}")
         self._model = model
         n_ctx = min(int(n_ctx), int(llama_cpp.llama_model_n_ctx_train(model)))
         params = llama_cpp.llama_context_default_params()
@@ -80,10 +158,12 @@ class LlamaEngine:
         n_batch = max(int(n_batch), n_seq + 1)
         params.n_batch = params.n_ubatch = n_batch
         params.n_threads = params.n_threads_batch = n_threads
-        ctx = llama_cpp.llama_init_from_model(model, params)
+        with quiet_c_output() as output:
+            ctx = llama_cpp.llama_init_from_model(model, params)
         if not ctx:
             self.close()
-            raise ValueError(f"llama.cpp cannot create a context of {n_seq} x {n_ctx} tokens for {path}")
+            raise ValueError(f"llama.cpp cannot create a context of {n_seq} x {n_ctx} tokens for {path}: "
+                             f"{output.tail()}")
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)

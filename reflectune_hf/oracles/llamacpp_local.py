@@ -52,7 +52,7 @@ from ..models import EMBEDDED_MODELS, gguf_path, load_tokenizer, model_identity,
 from ..utils import cache_root
 from .base import ChatRequest, ChatResult, OracleConfigurationError
 from .cache import CachingOracle
-from .llamacpp_engine import LlamaEngine, Sequence, run_sequences
+from .llamacpp_engine import LlamaEngine, Sequence, quiet_c_output, route_llama_logs, run_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +99,13 @@ def f16_gguf(source: Path) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_F16, True, 1
     logger.info("Re-encoding %s as F16 for llama.cpp (once): %s", source.name, target)
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+    route_llama_logs(llama_cpp)  # llama-cpp-python's own callback prints to sys.stderr, past the descriptors
+    with quiet_c_output() as output:  # llama.cpp prints a line per tensor: shown only if it fails
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))
+    if failed:
         partial.unlink(missing_ok=True)
-        raise OracleConfigurationError(f"llama.cpp could not re-encode {source} as F16: use weights='gguf'")
+        raise OracleConfigurationError(f"llama.cpp could not re-encode {source} as F16 ({output.tail() or 'no output'})"
+                                       ": use weights='gguf'")
     os.replace(partial, target)
     return target
 
