@@ -15,7 +15,8 @@ Example:
     >>> from reflectune_hf.oracles.llamacpp_engine import LlamaEngine, Sequence, run_sequences
     >>> engine = LlamaEngine(gguf_path("smollm2-135m-instruct"), n_ctx=512, n_seq=2, n_threads=1)
     >>> tok = load_tokenizer(resolve_model("smollm2-135m-instruct"))
-    >>> ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    >>> text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    >>> ids = tok(text, add_special_tokens=False)["input_ids"]
     >>> done = []
     >>> run_sequences(engine, [Sequence(0, 0, list(ids), budget=4)], eos={tok.eos_token_id}, on_done=done.append)
     >>> len(done[0].tokens) <= 4 and done[0].reason in ("stop", "length")
