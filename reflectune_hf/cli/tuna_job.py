@@ -78,6 +78,7 @@ def rank_dataset(ds, script_args, student_model: str):
         raise ValueError(f"The data has no ranked_responses: set oracle_model (the {script_args.stage} ranking's "
                          f"{'teacher' if script_args.stage == 'probabilistic' else 'judge'}) to rank it.")
     from ..oracles.factory import make_oracle
+    from ..oracles.rerun import map_stage, status_failures
 
     server = dict(max_concurrency=script_args.oracle_max_concurrency, timeout=script_args.oracle_timeout,
                   max_retries=script_args.oracle_max_retries, local_without_base_url=True)
@@ -86,17 +87,19 @@ def rank_dataset(ds, script_args, student_model: str):
     sample = dict(n=script_args.num_responses, temperature=script_args.sample_temperature,
                   max_tokens=script_args.sample_max_tokens)
     if script_args.stage == "probabilistic":
-        ds = ds.map(SampleResponses(oracle, **sample), batched=True, desc="Tuna: sampling the teacher")
+        # map_stage: a rerun re-sends the rows whose request failed, where `map` would replay them from the cache
+        ds = map_stage(ds, SampleResponses(oracle, **sample), failed=status_failures("sample_status"),
+                       desc="Tuna: sampling the teacher")
         ds = ds.map(rank_by_logprob, batched=True, desc="Tuna: ranking by log-probability")
     elif script_args.stage == "contextual":
         if "responses" not in ds.column_names:
             student = make_oracle(student_model, script_args.student_base_url,
                                   max_new_tokens=script_args.sample_max_tokens, **server)
             # The judge ranks the texts: no logprobs asked, so a server without them still answers.
-            ds = ds.map(SampleResponses(student, logprobs=False, **sample), batched=True,
-                        desc="Tuna: sampling the student")
+            ds = map_stage(ds, SampleResponses(student, logprobs=False, **sample),
+                           failed=status_failures("sample_status"), desc="Tuna: sampling the student")
         judge = ContextualRank(oracle, max_tokens=script_args.judge_max_tokens)
-        ds = ds.map(judge, batched=True, desc="Tuna: contextual ranking")
+        ds = map_stage(ds, judge, failed=status_failures("ranking_status"), desc="Tuna: contextual ranking")
     else:
         raise ValueError(f"stage must be 'probabilistic' or 'contextual', got {script_args.stage!r}")
     logger.info("Ranking statuses: %s", dict(Counter(ds["ranking_status"])))

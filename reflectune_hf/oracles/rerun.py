@@ -17,7 +17,9 @@ get a plain `map`. A 0-row dataset (which `map` returns without calling the stag
 stage's output columns (`stage.output_features`) with 0 rows.
 
 A stage takes part when it has an `error_column` (non-empty exactly for the rows whose request
-failed) or a `failed_rows(dataset)` method; any other function gets a plain `map`.
+failed) or a `failed_rows(dataset)` method, or when the caller says which rows failed
+(`failed=status_failures("sample_status")`: the rows whose status is `oracle_error`, for the Tuna
+and evaluation stages); any other function gets a plain `map`.
 
 Example:
     >>> from datasets import Dataset
@@ -39,16 +41,37 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, Optional
 
 from ..utils import stable_hash
 
 logger = logging.getLogger(__name__)
 
 
-def failed_rows(dataset, stage: Any) -> list[int]:
-    """Positions of the rows of `dataset` (a stage's result) whose request failed: `stage.failed_rows`
-    when the stage has it, else the rows where `stage.error_column` is non-empty, else none."""
+def status_failures(column: str, status: str = "oracle_error") -> Callable[[Any], list[int]]:
+    """`failed` for `map_stage`: the positions of the rows whose `column` is `status`.
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from reflectune_hf.oracles.rerun import status_failures
+        >>> status_failures("sample_status")(Dataset.from_dict({"sample_status": ["ok", "oracle_error"]}))
+        [1]
+    """
+
+    def failed(dataset) -> list[int]:
+        if column not in dataset.column_names:
+            return []
+        return [i for i, value in enumerate(dataset[column]) if value == status]
+
+    return failed
+
+
+def failed_rows(dataset, stage: Any, failed: Optional[Callable[[Any], list[int]]] = None) -> list[int]:
+    """Positions of the rows of `dataset` (a stage's result) whose request failed: `failed(dataset)`
+    when given, else `stage.failed_rows` when the stage has it, else the rows where
+    `stage.error_column` is non-empty, else none."""
+    if failed is not None:
+        return list(failed(dataset))
     method = getattr(stage, "failed_rows", None)
     if callable(method):
         return list(method(dataset))
@@ -94,7 +117,7 @@ def _empty_result(dataset, stage: Any):
     return empty_dataset(Features(features))
 
 
-def map_stage(dataset, stage: Any, **map_kwargs):
+def map_stage(dataset, stage: Any, *, failed: Optional[Callable[[Any], list[int]]] = None, **map_kwargs):
     """`dataset.map(stage, batched=True, **map_kwargs)`, healing rows the datasets cache replays as
     failed (see the module docstring): the one call to run an oracle stage.
 
@@ -103,6 +126,8 @@ def map_stage(dataset, stage: Any, **map_kwargs):
             it does not take, such as `desc` or `num_proc`).
         stage: an oracle stage (`CompressInstruction`, `ReflectInstruction`, `ReflectResponse`, or
             any callable with an `error_column` or a `failed_rows(dataset)` method).
+        failed: the positions of the failed rows of a result (e.g. `status_failures(column)`),
+            for a stage that has neither `error_column` nor `failed_rows`.
         **map_kwargs: passed to `Dataset.map` (`batched=True` unless given; `batch_size`,
             `num_proc`, `desc`, `load_from_cache_file`, ...).
 
@@ -124,12 +149,12 @@ def map_stage(dataset, stage: Any, **map_kwargs):
     before = _cache_snapshot(dataset)
     result = dataset.map(stage, **map_kwargs)
     while _replayed(result, before):
-        failed = failed_rows(result, stage)
-        if not failed:
+        rows = failed_rows(result, stage, failed)
+        if not rows:
             break
-        fingerprint = stable_hash({"heal": result._fingerprint, "failed": failed}, length=32)
+        fingerprint = stable_hash({"heal": result._fingerprint, "failed": rows}, length=32)
         logger.info("%s: %d row(s) of the cached result failed; mapping again to retry them (fingerprint %s)",
-                    getattr(stage, "stage_name", type(stage).__name__), len(failed), fingerprint)
+                    getattr(stage, "stage_name", type(stage).__name__), len(rows), fingerprint)
         before = _cache_snapshot(dataset)
         result = dataset.map(stage, new_fingerprint=fingerprint, **map_kwargs)
     return result
