@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 _LOG_CALLBACK = None
-_QUIET_LOCK = threading.Lock()
+_QUIET_LOCK = threading.RLock()
 _quiet_lines: Optional[list] = None  # llama.cpp log lines of the `quiet_c_output` block running now
 
 
@@ -94,7 +94,7 @@ def quiet_c_output() -> Iterator[CapturedOutput]:
     `LlamaEngine` has routed them) are kept too. Yields a `CapturedOutput`, filled when the block
     ends: show it when the call failed, drop it when it worked.
 
-    Blocks run one at a time (a lock). The descriptors are the process's: whatever another
+    Blocks run one at a time (a lock; a nested block captures its own part). The descriptors are the process's: whatever another
     thread writes to them meanwhile lands in the file too, so keep the block to the C call.
 
     Example:
@@ -114,7 +114,7 @@ def quiet_c_output() -> Iterator[CapturedOutput]:
             except Exception:  # noqa: BLE001 - a closed or replaced stream
                 pass
         saved = (os.dup(1), os.dup(2))
-        _quiet_lines = []
+        outer, _quiet_lines = _quiet_lines, []
         try:
             os.dup2(sink.fileno(), 1)
             os.dup2(sink.fileno(), 2)
@@ -125,7 +125,7 @@ def quiet_c_output() -> Iterator[CapturedOutput]:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
-            lines, _quiet_lines = _quiet_lines, None
+            lines, _quiet_lines = _quiet_lines, outer
             sink.seek(0)
             output.text = sink.read().decode("utf-8", "replace") + "".join(lines)
 
