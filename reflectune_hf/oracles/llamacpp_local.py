@@ -26,8 +26,9 @@ constrained sequences of a step filled in one parallel call (`LLExecutor`).
 
 Budget per request: `min(max_tokens, max_new_tokens, n_ctx - prompt_tokens)`; a prompt that
 fills `n_ctx` fails its row ("raise n_ctx or shorten the row"). Threads: `n_threads` per
-instance (default: half the usable cores, at least 1 - llama.cpp's threads spin while they wait,
-so on a shared 2-core machine one thread is several times faster than two).
+instance (default `default_threads()`: the usable cores that the load average leaves free when
+the model loads, at least 1 - llama.cpp's threads spin while they wait, so on a busy 2-core
+machine one thread is several times faster than two, while an idle one wants both).
 
 Greedy answers do not depend on the batch: a sequence's logits are the same whether it decodes
 alone or with others (each sequence attends to its own KV stream; tested).
@@ -84,6 +85,25 @@ def source_gguf(model: str) -> Path:
     return path
 
 
+def default_threads(usable: Optional[int] = None, load: Optional[float] = None) -> int:
+    """llama.cpp threads for a new engine: the usable cores (`os.sched_getaffinity`) minus the
+    whole runnable processes of the last minute's load average, at least 1. llama.cpp's workers
+    spin while they wait, so a thread on a core that another process holds slows every step.
+
+    Example:
+        >>> from reflectune_hf.oracles.llamacpp_local import default_threads
+        >>> default_threads(usable=2, load=0.4), default_threads(usable=2, load=1.2), default_threads(usable=16, load=3.5)
+        (2, 1, 13)
+    """
+    usable = len(os.sched_getaffinity(0)) if usable is None else int(usable)
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # no load average on this platform
+            load = 0.0
+    return max(1, min(usable, usable - int(load)))
+
+
 def f16_gguf(source: Path) -> Path:
     """`source` re-encoded as F16 (once, under `cache_root()/gguf`; a crash never leaves a partial file)."""
     import ctypes
@@ -119,8 +139,8 @@ class LlamaCppOracle(CachingOracle):
         batch_size: sequences decoded together (llama.cpp `n_seq_max`).
         max_new_tokens: caps every answer (with the request's `max_tokens`, the smaller wins).
         n_ctx: context of each sequence (prompt + answer), at most the model's training context.
-        n_threads: llama.cpp threads; default half the usable cores (at least 1). Not part of
-            the cache key or the fingerprint (it changes speed, not answers).
+        n_threads: llama.cpp threads; default `default_threads()` (the free usable cores, at
+            least 1). Not part of the cache key or the fingerprint (it changes speed, not answers).
         weights: "f16" (default; the GGUF re-encoded once as F16) or "gguf" (the file as is).
         cache: True (default cache file), False, a path or an `OracleCache`.
         progress: a tqdm bar advancing per request; None shows it for more than one request.
@@ -209,7 +229,7 @@ class LlamaCppOracle(CachingOracle):
                 raise OracleConfigurationError(f"Cannot load the model {self.model!r}: {err}") from err
             if getattr(tokenizer, "chat_template", None) is None:
                 raise OracleConfigurationError(f"The tokenizer of {self.model!r} has no chat template")
-            threads = self.n_threads or max(1, len(os.sched_getaffinity(0)) // 2)
+            threads = self.n_threads or default_threads()
             engine = LlamaEngine(path, n_ctx=self.n_ctx, n_seq=self.batch_size, n_threads=threads)
             if engine.n_vocab < len(tokenizer):
                 raise OracleConfigurationError(f"{self.model!r}: the GGUF has {engine.n_vocab} tokens, its "
