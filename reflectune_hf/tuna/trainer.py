@@ -184,6 +184,9 @@ class TunaTokenize(LazyState):  # LazyState: hashed with the package version
     max_length: int = 512
     max_candidates: Optional[int] = None
 
+    def fingerprint_identity(self) -> dict:  # rows cached under the common-prefix rule are not reused
+        return {**super().fingerprint_identity(), "labels": "response_span"}
+
     def __call__(self, batch: Mapping) -> dict:
         from ..scoring.spans import response_spans
         from .stages import format_prompt
