@@ -203,3 +203,55 @@ def test_quality_report_student_perplexity(sample, student):
 
 def test_doctests():
     assert doctest.testmod(quality_mod, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+# Rows whose response starts with characters SmolLM2's byte-level BPE merges with the prompt's
+# last ":" ("### Response:" + "-)" is "ĠResponse", ":-", ")"): the merged token is context, as in IFD.
+MERGE_ROWS = [{"instruction": "Smile.", "input": "", "output": "-) ok"},
+              {"instruction": "Smile.", "input": "", "output": ":-) sure"},
+              {"instruction": "Whose?", "input": "Tom", "output": "'s fine"},
+              {"instruction": "Smile.", "input": "", "output": "-"}]  # all merged: nothing scored
+
+
+def test_response_perplexity_is_ifds_out_condition(sample, student):
+    """The quality report's perplexity is `exp(loss_out_condition)` of IFDScorer (same template,
+    same rows): one boundary rule, one loss engine."""
+    from reflectune_hf.scoring.ifd import IFDScorer
+
+    model, tokenizer = student
+    shortest = np.argsort([len(q) + len(i) + len(o) for q, i, o in zip(sample["instruction"], sample["input"],
+                                                                         sample["output"])])[:4]
+    rows = sample.select(shortest).to_list() + MERGE_ROWS
+    scorer = IFDScorer(template="alpaca")
+    ifd = scorer({k: [r[k] for r in rows] for k in ("instruction", "input", "output")})
+    tmpl = get_scoring_template("alpaca")
+    prompts = [tmpl.format(r["instruction"], r["input"]) for r in rows]
+    ours = response_perplexity(model, tokenizer, prompts, [r["output"] for r in rows], batch_size=2)
+    assert "no_scored_token:out_condition" in ifd["score_status"][-1] and math.isnan(ours[-1])
+    losses = np.array(ifd["loss_out_condition"][:-1])
+    assert np.isfinite(losses).all()
+    # Same spans, same engine; the micro-batches differ (fp32 rounding: 1e-6 of the loss; its exp
+    # amplifies that by the loss itself).
+    assert np.allclose(np.log(ours[:-1]), losses, rtol=1e-6, atol=0)
+    assert np.allclose(ours[:-1], np.exp(losses), rtol=1e-5, atol=0)
+
+
+def test_response_perplexity_scores_from_the_prompts_token_count(student):
+    """Where the joint text splits the prompt's last token (SmolLM2: "::" alone, ":" + ":**"
+    after it), the response starts at `len(tok(prompt))`, the reference's boundary, not at the
+    first token after the prompt's characters."""
+    import torch
+
+    model, tokenizer = student
+    prompt, response = "Reply with stars. ASSISTANT::", "** ok then"
+    joint = tokenizer(prompt + response, return_offsets_mapping=True)
+    start = len(tokenizer(prompt)["input_ids"])
+    first_after = next(k for k, (s, e) in enumerate(joint["offset_mapping"]) if s >= len(prompt))
+    assert first_after == start + 1  # the two rules disagree here
+    ids = torch.tensor([joint["input_ids"]])
+    labels = ids.clone()
+    labels[:, :start] = -100
+    with torch.inference_mode():
+        expected = math.exp(model(input_ids=ids, labels=labels).loss.item())
+    ours = response_perplexity(model, tokenizer, [prompt, prompt], [response, "   "])
+    assert ours[0] == pytest.approx(expected, rel=1e-5) and math.isnan(ours[1])  # blank: NaN

@@ -228,19 +228,18 @@ def _sentencepiece_like_tokenizer(text: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def _label_boundary_is_the_response_start(tokenizer, prompt: str, response: str, row: dict, k: int):
+def _labels_start_at_the_prompts_token_count(tokenizer, prompt: str, response: str, row: dict, k: int):
     """Candidate k of a tokenized row, collated, is the joint string's tokens plus EOS, and its labels
-    start at the first token holding a character of the response."""
+    start at `len(tok(prompt))`: the one response rule (`scoring.spans.response_span`), as IFD scores."""
     batch = DataCollatorForTuna(tokenizer.pad_token_id or 0)([row])
     ids, labels = batch["input_ids"][k].tolist(), batch["labels"][k].tolist()
-    joint = tokenizer(prompt + response, return_offsets_mapping=True)
-    n = len(joint["input_ids"])
-    assert ids[:n + 1] == joint["input_ids"] + [tokenizer.eos_token_id]  # as the model reads it in training
+    joint = tokenizer(prompt + response)["input_ids"]
+    n = len(joint)
+    assert ids[:n + 1] == joint + [tokenizer.eos_token_id]  # as the model reads it in training
     start = next(i for i, label in enumerate(labels) if label != -100)
-    ends = [end for _, end in joint["offset_mapping"]]
-    assert all(end <= len(prompt) for end in ends[:start]) and ends[start] > len(prompt)
-    assert labels[start:n + 1] == ids[start:n + 1]
-    return joint["input_ids"][start]
+    assert start == len(tokenizer(prompt)["input_ids"])
+    assert labels[start:n + 1] == ids[start:n + 1] and set(labels[n + 1:]) <= {-100}
+    return joint[start]
 
 
 def test_candidates_are_tokenized_with_their_prompt_as_one_string():
@@ -256,22 +255,74 @@ def test_candidates_are_tokenized_with_their_prompt_as_one_string():
     row = Dataset.from_dict({"instruction": ["Say hi."], "ranked_responses": [["The end.", " The end."]]}).map(
         TunaTokenize(spm), batched=True)[0]
     assert row["candidate_prompt_lengths"] == [len(row["prompt_ids"])] * 2
+    assert row["candidate_label_offsets"] == [0, 0]
     assert spm.convert_ids_to_tokens(row["candidate_ids"][0][:1]) == ["The"]  # not "▁The"
     assert spm.convert_ids_to_tokens(row["candidate_ids"][1][:2]) == ["▁The", "▁end"]
     for k, response in enumerate(["The end.", " The end."]):
-        _label_boundary_is_the_response_start(spm, prompt, response, row, k)
+        _labels_start_at_the_prompts_token_count(spm, prompt, response, row, k)
     # SmolLM2's byte-level BPE merges across the boundary: "Response:" + "-) ok" is "Response", ":-", ")", " ok"
-    # ("-)" alone): the merged token is the first label, after the prompt's tokens before it.
+    # ("-)" alone). The candidate starts at the merged token, after the prompt's tokens before it; the merged
+    # token is context (it stands where the prompt's ":" stood) and the labels start at the next one.
     smol = load_tokenizer("smollm2-135m-instruct")
     responses = ["Hi there!", "-) ok", "'s fine"]
     row = Dataset.from_dict({"instruction": ["Say hi."], "ranked_responses": [responses]}).map(
         TunaTokenize(smol, max_length=64), batched=True)[0]
     assert row["candidate_prompt_lengths"] == [len(row["prompt_ids"]), len(row["prompt_ids"]) - 1,
                                                len(row["prompt_ids"]) - 1]
-    first = [_label_boundary_is_the_response_start(smol, prompt, r, row, k) for k, r in enumerate(responses)]
-    assert smol.convert_ids_to_tokens(first) == ["Hi", ":-", ":'"]
+    assert row["candidate_label_offsets"] == [0, 1, 1]
+    assert smol.convert_ids_to_tokens([row["candidate_ids"][1][0], row["candidate_ids"][2][0]]) == [":-", ":'"]
+    first = [_labels_start_at_the_prompts_token_count(smol, prompt, r, row, k) for k, r in enumerate(responses)]
+    assert smol.convert_ids_to_tokens(first) == ["Hi", ")", "s"]
     # A model trained on these rows is scored as it generates: the truncation keeps max_length.
     short = Dataset.from_dict({"instruction": ["Say hi."], "ranked_responses": [responses]}).map(
         TunaTokenize(smol, max_length=len(row["prompt_ids"]) + 2), batched=True)[0]
     assert [cut + len(c) for cut, c in zip(short["candidate_prompt_lengths"], short["candidate_ids"])] == [
         len(row["prompt_ids"]) + 2] * 3
+
+
+def test_collator_without_label_offsets_labels_every_candidate_token():
+    """Pre-tokenised rows without `candidate_label_offsets` (older datasets) label every candidate
+    token; an offset keeps that many leading candidate tokens as context."""
+    rows = [{"prompt_ids": [5, 6, 7], "candidate_ids": [[8, 9, 2]], "candidate_prompt_lengths": [2]}]
+    assert DataCollatorForTuna(0)(rows)["labels"].tolist() == [[-100, -100, 8, 9, 2]]
+    rows[0]["candidate_label_offsets"] = [1]
+    batch = DataCollatorForTuna(0)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 8, 9, 2]] and batch["labels"].tolist() == [[-100, -100, -100, 9, 2]]
+
+
+def test_tuna_scores_the_tokens_and_loss_of_the_one_response_rule(smollm2_dir):
+    """On a boundary merge, the collated candidate's labelled tokens are `response_span`'s scored
+    tokens (with EOS), and Tuna's mean log-prob of it is minus the scoring engine's mean loss of
+    that span, on the real SmolLM2."""
+    from datasets import Dataset
+
+    from reflectune_hf.models import load_causal_lm
+    from reflectune_hf.scoring.engine import check_model, mean_token_losses
+    from reflectune_hf.scoring.spans import response_span
+    from reflectune_hf.tuna.stages import format_prompt
+    from reflectune_hf.tuna.trainer import TunaTokenize, candidate_scores
+
+    model, tok = load_causal_lm(smollm2_dir, device="cpu")
+    prompt, responses = format_prompt("Smile."), ["-) ok", ":-) sure", "Hello!"]
+    row = Dataset.from_dict({"instruction": ["Smile."], "ranked_responses": [responses]}).map(
+        TunaTokenize(tok, max_length=64), batched=True)[0]
+    batch = DataCollatorForTuna(tok.pad_token_id)([row])
+    spans = [response_span(tok, prompt, r, max_length=64, eos=True) for r in responses]
+    for k, span in enumerate(spans):
+        ids, labels = batch["input_ids"][k].tolist(), batch["labels"][k].tolist()
+        assert ids[:len(span.ids)] == span.ids
+        assert labels[:span.start] == [-100] * span.start and labels[span.start:len(span.ids)] == span.ids[span.start:]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mean, _, counts = candidate_scores(logits, batch["labels"])
+    assert counts.tolist() == [s.n_scored for s in spans]
+    engine = mean_token_losses(model, spans, tok.pad_token_id, **check_model(model).kwargs())
+    assert mean.tolist() == pytest.approx([-x for x in engine], rel=1e-5)
+
+
+def test_doctests():
+    import doctest
+
+    import reflectune_hf.tuna.trainer as trainer_mod
+
+    assert doctest.testmod(trainer_mod).failed == 0

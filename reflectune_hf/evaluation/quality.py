@@ -146,46 +146,33 @@ def coherence_scores(instructions: list[str], responses: list[str], embedder=Non
 
 def response_perplexity(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 4,
                         max_length: int = 2048) -> np.ndarray:
-    """exp(mean cross-entropy of the response tokens given the prompt), per row; NaN for a blank
-    response or one truncated away. The text is `prompt + response` tokenized once; response
-    tokens are those starting at or after the prompt's end (offset mapping), as IFD's
-    `out_condition` (REFERENCE.md §6)."""
-    import torch
+    """exp(mean cross-entropy of the response tokens given the prompt), per row: IFD's
+    `ppl_out_condition` for the same prompt (REFERENCE.md §6). The spans come from the one
+    response rule (`scoring.spans.response_spans`: `prompt + response` tokenised once, right
+    truncation at `max_length`, scored from `len(tok(prompt))`) and the losses from the scoring
+    engine (`scoring.engine.mean_token_losses`, on the path `check_model` picks for `model`).
+    NaN for a blank response, one truncated away, or one whose loss failed or is not finite.
+    `batch_size`: rows of the longest response per forward pass (the engine's token budget is
+    `batch_size` times the longest sequence; shorter rows pack more densely)."""
+    from ..scoring.engine import check_model, mean_token_losses
+    from ..scoring.spans import response_spans
 
-    texts = [p + r for p, r in zip(prompts, responses)]
-    if not texts:  # a split without rows (tokenizers fail on an empty batch)
-        return np.zeros(0)
-    enc = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length,
-                    return_offsets_mapping=True)
-    result = np.full(len(texts), np.nan)
-    rows = []
-    for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
-        scored = [k for k, (s, e) in enumerate(offsets) if s >= len(prompts[i]) and e > s and k > 0]
-        if responses[i].strip() and scored:
-            rows.append((i, ids, scored[0]))
-    rows.sort(key=lambda r: len(r[1]))
-    device = model.device
-    with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            width = max(len(ids) for _, ids, _ in chunk)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for b, (_, ids, first) in enumerate(chunk):
-                input_ids[b, :len(ids)] = torch.tensor(ids)
-                attention[b, :len(ids)] = 1
-                labels[b, first:len(ids)] = torch.tensor(ids[first:])
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
-            targets = labels[:, 1:].to(device)
-            losses = torch.nn.functional.cross_entropy(  # flattened, as transformers' loss (same kernel, same bits)
-                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                reduction="none").view(targets.shape)
-            counts = (labels[:, 1:] != -100).sum(1).to(device)
-            mean = (losses.sum(1) / counts).cpu().numpy()
-            for (i, _, _), loss in zip(chunk, mean):
-                result[i] = math.exp(loss)
+    result = np.full(len(prompts), np.nan)
+    spans = response_spans(tokenizer, prompts, responses, max_length, group=0)
+    keep = [i for i, (span, response) in enumerate(zip(spans, responses)) if response.strip() and span.n_scored >= 1]
+    if not keep:
+        return result
+    budget = max(1, batch_size) * max(len(spans[i].ids) for i in keep)
+    losses = mean_token_losses(model, [spans[i] for i in keep], tokenizer.pad_token_id, budget,
+                               **check_model(model).kwargs())
+    failed = 0
+    for i, loss in zip(keep, losses):
+        if isinstance(loss, float) and math.isfinite(loss):
+            result[i] = math.exp(loss) if loss < 700 else math.inf
+        else:
+            failed += 1
+    if failed:
+        logger.warning("response_perplexity: %d of %d rows have no finite loss (counted as missing)", failed, len(keep))
     return result
 
 

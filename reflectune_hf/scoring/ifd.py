@@ -42,6 +42,7 @@ from ..prompts import NO_SEPARATOR, get_scoring_template, join_input, reverse_pr
 from ..utils import LazyState, package_version, stable_hash, torch_threads
 from .engine import Span, check_model, mean_loss, mean_token_losses
 from .served import StudentServer
+from .spans import response_span, truncate_ids
 from .served_parse import ServedProblem
 
 logger = logging.getLogger(__name__)
@@ -230,21 +231,19 @@ class IFDScorer(LazyState):
         encoded = self._tokenizer(unique, add_special_tokens=True)["input_ids"] if unique else []
         return dict(zip(unique, encoded))
 
-    def _truncated(self, text: str, ids: list, max_length: int) -> list:
-        if len(ids) <= max_length:
-            return ids
-        if max_length <= 0:
-            return []
-        return self._tokenizer.encode(text, truncation=True, max_length=max_length)
-
     def _row_spans(self, texts: dict, enc: dict) -> list[Span]:
-        prompt_len = min(len(enc[texts["prompt"]]), self.max_length)
-        reverse_len = min(len(enc[texts["reverse"]]), self.max_length)
-        limits = (self.max_length - reverse_len + 1, self.max_length - prompt_len + 1, self.max_length, self.max_length)
-        sources = (texts["ins"], texts["out"], texts["whole_reverse"], texts["whole"])
-        starts = (1, 1, len(enc[texts["reverse_prefix"]]), len(enc[texts["prefix"]]))
-        return [Span(self._truncated(text, enc[text], limit), max(start, 1), group=kind, text=text)
-                for kind, (text, limit, start) in enumerate(zip(sources, limits, starts))]
+        """The row's four spans: the two whole texts (every token but the first scored), then the
+        two conditional ones by the one response rule (`spans.response_span`: target after prefix)."""
+        tok, max_length = self._tokenizer, self.max_length
+        prompt_len = min(len(enc[texts["prompt"]]), max_length)
+        reverse_len = min(len(enc[texts["reverse"]]), max_length)
+        limits = (max_length - reverse_len + 1, max_length - prompt_len + 1)
+        spans = [Span(truncate_ids(tok, texts[name], enc[texts[name]], limit), 1, group=kind, text=texts[name])
+                 for kind, (name, limit) in enumerate(zip(("ins", "out"), limits))]
+        for kind, (whole, prefix) in enumerate((("whole_reverse", "reverse_prefix"), ("whole", "prefix")), start=2):
+            target = texts[whole][len(texts[prefix]):]
+            spans.append(response_span(tok, texts[prefix], target, max_length, group=kind, encoded=enc))
+        return spans
 
     def score(self, instructions: list[str], inputs: list[str], outputs: list[str], rank: Optional[int] = None) -> dict:
         """The score columns (see the class docstring) for parallel lists of strings."""

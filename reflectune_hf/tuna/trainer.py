@@ -8,9 +8,13 @@ that grows with the gap:
     L_rank = sum over g = 1..N-1 of  mean over j of  max(0, s_{j+g} - s_j + margin * g)
     loss   = mle_weight * CE + L_rank
 
-A candidate without any response token (empty slot, or truncated away because the prompt fills
-`max_length`) has no score: its pairs are left out of the means (the reference divides by zero
-and the loss becomes NaN), and a gap with no pair adds nothing.
+The response tokens are those of the method's one rule, `scoring.spans.response_span` (the one
+IFD and the quality report score): `prompt + response` tokenised as one string, the labels from
+`len(tok(prompt))` on, plus EOS. `candidate_scores` computes the same mean loss as the scoring
+engine (`scoring.engine.mean_token_losses`) does for that span, but on the training forward, with
+gradients. A candidate without any response token (empty slot, or truncated away because the
+prompt fills `max_length`) has no score: its pairs are left out of the means (the reference
+divides by zero and the loss becomes NaN), and a gap with no pair adds nothing.
 
 Where CE applies (`ce_candidates`): `"all"` (default, as the reference) is the token-level mean
 negative log-likelihood over the response tokens of every candidate of the batch, so low-ranked
@@ -150,17 +154,29 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 @dataclass
 class TunaTokenize(LazyState):  # LazyState: hashed with the package version
     """`Dataset.map` function: `instruction`, optional `input`, `ranked_responses` -> `prompt_ids`,
-    `candidate_ids` and `candidate_prompt_lengths`.
+    `candidate_ids`, `candidate_prompt_lengths` and `candidate_label_offsets`.
 
-    Each candidate is tokenised as the reference does, prompt and response in ONE string, so its
-    first token is the one that follows the prompt in training (SentencePiece spells "Response:The"
-    as "Response", ":", "The", while "The" alone is "▁The"). The prompt's tokens are `prompt_ids`
-    (the prompt alone); a candidate's tokens are those of the joint string after the prompt's, plus
-    EOS. Where the tokenizer merges across the boundary (byte-level BPE: "Response:" + "-)" is
-    "Response", ":-", ")"), the candidate keeps only the prompt tokens the joint string shares
-    with the prompt alone (`candidate_prompt_lengths[k]` of them) and starts at the merged token,
-    so its labels start at the first token holding a character of the response. Cut so that
-    prompt plus response fit `max_length`; an empty list when the prompt alone fills it.
+    Each candidate is `scoring.spans.response_span(tokenizer, prompt, response, max_length,
+    eos=True)`: prompt and response tokenised as ONE string, as the reference does, so its tokens
+    are those the model reads in training (SentencePiece spells "Response:The" as "Response", ":",
+    "The", while "The" alone is "▁The"), plus EOS, cut on the right at `max_length`; its labels
+    start at `len(tok(prompt))`, the rule IFD scores by. Stored compactly: the prompt's tokens once
+    (`prompt_ids`, the prompt alone), and per candidate the joint tokens after the first
+    `candidate_prompt_lengths[k]` of them that it shares with the prompt alone (`candidate_ids`).
+    Where the tokenizer merges across the boundary (byte-level BPE: "Response:" + "-) ok" is
+    "Response", ":-", ")", " ok"), the candidate starts at the merged token and its first
+    `candidate_label_offsets[k]` tokens (":-", where the prompt's ":" stood) are context: labels
+    start at ")". A candidate is empty when the prompt alone fills `max_length`.
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from reflectune_hf.models import load_tokenizer
+        >>> from reflectune_hf.tuna.trainer import TunaTokenize
+        >>> tok = load_tokenizer("smollm2-135m-instruct")
+        >>> rows = Dataset.from_dict({"instruction": ["Smile."], "ranked_responses": [["Hi.", "-) ok"]]})
+        >>> row = rows.map(TunaTokenize(tok), batched=True)[0]
+        >>> [len(row["prompt_ids"]) - n for n in row["candidate_prompt_lengths"]], row["candidate_label_offsets"]
+        ([0, 1], [0, 1])
     """
 
     tokenizer: Any
@@ -168,7 +184,11 @@ class TunaTokenize(LazyState):  # LazyState: hashed with the package version
     max_length: int = 512
     max_candidates: Optional[int] = None
 
+    def fingerprint_identity(self) -> dict:  # rows cached under the common-prefix rule are not reused
+        return {**super().fingerprint_identity(), "labels": "response_span"}
+
     def __call__(self, batch: Mapping) -> dict:
+        from ..scoring.spans import response_spans
         from .stages import format_prompt
 
         require_columns(batch, ["instruction", "ranked_responses"], "TunaTrainer")
@@ -176,21 +196,23 @@ class TunaTokenize(LazyState):  # LazyState: hashed with the package version
         inputs = batch["input"] if "input" in batch else [""] * n
         prompts = [format_prompt(i or "", x or "", self.template) for i, x in zip(batch["instruction"], inputs)]
         full_prompts = self.tokenizer(prompts)["input_ids"]
-        prompt_ids, candidate_ids, prompt_lengths = [], [], []
+        out: dict = {"prompt_ids": [], "candidate_ids": [], "candidate_prompt_lengths": [], "candidate_label_offsets": []}
         for row, (prompt, ids, ranked) in enumerate(zip(prompts, full_prompts, batch["ranked_responses"])):
             ranked = list(ranked or [])[:self.max_candidates]
             if any(not isinstance(r, str) for r in ranked):
                 raise ColumnError(f"TunaTrainer: ranked_responses of row {row} must be a list of strings")
-            joint = self.tokenizer([prompt + r for r in ranked])["input_ids"] if ranked else []
-            candidates, lengths = [], []
-            for whole in joint:
-                cut = min(_common_prefix(ids, whole), self.max_length)
-                candidates.append((whole[cut:] + [self.tokenizer.eos_token_id])[:self.max_length - cut])
+            spans = response_spans(self.tokenizer, [prompt] * len(ranked), ranked, self.max_length, eos=True)
+            candidates, lengths, offsets = [], [], []
+            for span in spans:
+                cut = min(_common_prefix(ids, span.ids), self.max_length)
+                candidates.append(span.ids[cut:])
                 lengths.append(cut)
-            prompt_ids.append(ids[:self.max_length])
-            candidate_ids.append(candidates)
-            prompt_lengths.append(lengths)
-        return {"prompt_ids": prompt_ids, "candidate_ids": candidate_ids, "candidate_prompt_lengths": prompt_lengths}
+                offsets.append(min(max(span.start - cut, 0), len(span.ids) - cut))  # labels from span.start
+            out["prompt_ids"].append(ids[:self.max_length])
+            out["candidate_ids"].append(candidates)
+            out["candidate_prompt_lengths"].append(lengths)
+            out["candidate_label_offsets"].append(offsets)
+        return out
 
 
 @dataclass
@@ -198,11 +220,13 @@ class DataCollatorForTuna:
     """Pads a batch of rows with N ranked candidates each into one flat batch of sequences.
 
     Every candidate becomes a sequence `prompt_ids + candidate_ids` (right-padded), its labels the
-    response tokens (prompt and padding are -100); with `candidate_prompt_lengths` (from
-    `TunaTokenize`), candidate k follows the first `candidate_prompt_lengths[k]` prompt tokens
-    only. Rows may have different numbers of candidates:
-    `candidate_index` (`[batch, N_max]`) gives each (row, rank) its sequence, or -1 for none, so
-    no compute is spent on absent candidates.
+    response tokens (prompt and padding are -100). With the columns of `TunaTokenize`, candidate k
+    follows the first `candidate_prompt_lengths[k]` prompt tokens only, and its first
+    `candidate_label_offsets[k]` tokens are context too, so the labels start at `len(tok(prompt))`
+    of the joint tokens (`scoring.spans.response_span`); without them (older pre-tokenised data)
+    the whole prompt comes first and every candidate token is a label. Rows may have different
+    numbers of candidates: `candidate_index` (`[batch, N_max]`) gives each (row, rank) its sequence,
+    or -1 for none, so no compute is spent on absent candidates.
 
     Returns `input_ids`, `attention_mask`, `labels` (`[M, L]`, M candidates in the batch) and
     `candidate_index`.
@@ -213,6 +237,10 @@ class DataCollatorForTuna:
         ...                                              {"prompt_ids": [5], "candidate_ids": [[9, 2]]}])
         >>> batch["labels"].tolist(), batch["candidate_index"].tolist()
         ([[-100, -100, 7, 2], [-100, -100, 8, -100], [-100, 9, 2, -100]], [[0, 1], [2, -1]])
+        >>> merged = {"prompt_ids": [5, 6], "candidate_ids": [[67, 8, 2]], "candidate_prompt_lengths": [1],
+        ...           "candidate_label_offsets": [1]}  # token 67 merged the prompt's 6 with the response
+        >>> DataCollatorForTuna(pad_token_id=0)([merged])["labels"].tolist()
+        [[-100, -100, 8, 2]]
     """
 
     pad_token_id: int
@@ -222,12 +250,14 @@ class DataCollatorForTuna:
         sequences, label_rows, index = [], [], []
         for feature in features:
             prompt = list(feature["prompt_ids"])
-            cuts = feature.get("candidate_prompt_lengths") or [len(prompt)] * len(feature["candidate_ids"])
+            count = len(feature["candidate_ids"])
+            cuts = feature.get("candidate_prompt_lengths") or [len(prompt)] * count
+            offsets = feature.get("candidate_label_offsets") or [0] * count
             slots = []
-            for candidate, cut in zip(feature["candidate_ids"], cuts):
+            for candidate, cut, context in zip(map(list, feature["candidate_ids"]), cuts, offsets):
                 slots.append(len(sequences))
-                sequences.append(prompt[:cut] + list(candidate))
-                label_rows.append([IGNORE_INDEX] * len(prompt[:cut]) + list(candidate))
+                sequences.append(prompt[:cut] + candidate)
+                label_rows.append([IGNORE_INDEX] * (len(prompt[:cut]) + context) + candidate[context:])
             index.append(slots)
         if not sequences:
             raise ValueError("DataCollatorForTuna: no row of the batch has a candidate response")
