@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
-import sys
-import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,8 +66,7 @@ def route_llama_logs(llama_cpp) -> None:
 
 @dataclass
 class CapturedOutput:
-    """What C code wrote during a `quiet_c_output` block (its stdout, stderr and llama.cpp log
-    lines), readable once the block has ended."""
+    """llama.cpp's log lines of a `quiet_c_output` block, readable once the block has ended."""
 
     text: str = ""
 
@@ -80,54 +76,35 @@ class CapturedOutput:
         return " | ".join(kept[-lines:])
 
 
-def _flush_c_streams() -> None:
-    try:
-        ctypes.CDLL(None).fflush(None)  # C stdio buffers (printf) out before the descriptors move back
-    except Exception:  # noqa: BLE001 - no libc symbol table (not Linux/macOS): nothing to flush
-        pass
-
-
 @contextmanager
 def quiet_c_output() -> Iterator[CapturedOutput]:
-    """Run a block with file descriptors 1 and 2 sent to a temporary file (llama.cpp prints
-    straight to them, bypassing Python), restored in `finally`; llama.cpp's log lines (once
-    `LlamaEngine` has routed them) are kept too. Yields a `CapturedOutput`, filled when the block
-    ends: show it when the call failed, drop it when it worked.
+    """Run a llama.cpp call with its log lines (model loading, a line per tensor of a re-encode)
+    kept instead of logged: yields a `CapturedOutput`, filled when the block ends, to show when
+    the call failed and drop when it worked. llama.cpp writes these lines through its log
+    callback (`route_llama_logs`, set before the call), not to the process's descriptors, so
+    nothing process-wide is redirected: measured, a re-encode and a model load with the callback
+    routed write nothing to file descriptors 1 or 2.
 
-    Blocks run one at a time (a lock; a nested block captures its own part). The descriptors are the process's: whatever another
-    thread writes to them meanwhile lands in the file too, so keep the block to the C call.
+    Blocks run one at a time (a lock; a nested block captures its own part).
 
     Example:
-        >>> import os
-        >>> from reflectune_hf.oracles.llamacpp_engine import quiet_c_output
+        >>> import llama_cpp
+        >>> from reflectune_hf.oracles.llamacpp_engine import quiet_c_output, route_llama_logs
+        >>> route_llama_logs(llama_cpp)
         >>> with quiet_c_output() as output:
-        ...     _ = os.write(2, b"llama_model_loader: noise\\n")
+        ...     pass
         >>> output.tail()
-        'llama_model_loader: noise'
+        ''
     """
     global _quiet_lines
     output = CapturedOutput()
-    with _QUIET_LOCK, tempfile.TemporaryFile() as sink:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001 - a closed or replaced stream
-                pass
-        saved = (os.dup(1), os.dup(2))
+    with _QUIET_LOCK:
         outer, _quiet_lines = _quiet_lines, []
         try:
-            os.dup2(sink.fileno(), 1)
-            os.dup2(sink.fileno(), 2)
             yield output
         finally:
-            _flush_c_streams()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
             lines, _quiet_lines = _quiet_lines, outer
-            sink.seek(0)
-            output.text = sink.read().decode("utf-8", "replace") + "".join(lines)
+            output.text = "".join(lines)
 
 
 class LlamaEngine:
