@@ -12,12 +12,19 @@ use several batches, e.g. `--rows 256 --batch-size 16`).
 With `--base_url` it compares instead the local engine with the same student served by vLLM or
 llama.cpp (`IFDScorer(base_url=...)`, answer cache off so every request is sent) on the same
 rows: one JSON line with `local_rows_per_s`, `server_rows_per_s`, their ratio, the largest
-absolute difference of each loss and the Spearman correlation of the two IFD rankings.
+absolute difference of each loss and the Spearman correlation of the two IFD rankings
+(`max_abs_loss_diff`, `spearman_ifd`, rows both score `ok`). llama-cpp-python is sent each text
+after the BOS token when the tokenizer adds none (SmolLM2: see `scoring.served`), so for llama.cpp
+the same figures are also given against the local engine fed those same ids
+(`max_abs_loss_diff_same_ids`, `spearman_ifd_same_ids`), and `status_mismatches` counts rows
+whose statuses differ. `--parity` takes the rows of issue #20's parity check (real Alpaca rows of
+60-140 characters, as tests/test_served_student.py picks them; `--rows 16` for the issue's figure).
 
 Usage:
     python scripts/bench_ifd.py --dtype float32
     python scripts/bench_ifd.py --dtype bfloat16 --rows 64 --device cpu
     python scripts/bench_ifd.py --base_url http://127.0.0.1:8000/v1 --server_model my-student --rows 256
+    python scripts/bench_ifd.py --base_url http://127.0.0.1:8080/v1 --parity --rows 16 --max_concurrency 2
 """
 
 from __future__ import annotations
@@ -52,16 +59,16 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--student_backend", default="auto", help="auto, vllm, llamacpp or echo")
     parser.add_argument("--max_concurrency", type=int, default=16, help="served requests in flight")
     parser.add_argument("--skip_local", action="store_true", help="time the server only (no local engine run)")
+    parser.add_argument("--parity", action="store_true",
+                        help="issue #20's parity rows: those of 60-140 characters (instruction + input + output)")
     return parser
 
 
 def main_served(args: argparse.Namespace) -> dict:
     """Local engine vs served student on the same rows: rows/s of each, loss differences."""
-    from scipy.stats import spearmanr
-
     from reflectune_hf.scoring.ifd import LOSS_NAMES, IFDScorer
 
-    rows, source = load_rows(args.data, args.rows)
+    rows, source = load_rows(args.data, args.rows, (60, 140) if args.parity else None)
     cols = [[r[k] for r in rows] for k in ("instruction", "input", "output")]
     served = IFDScorer(args.model, args.template, args.max_length, base_url=args.base_url,
                        server_model=args.server_model, student_backend=args.student_backend,
@@ -83,21 +90,76 @@ def main_served(args: argparse.Namespace) -> dict:
             "local_rows_per_s": round(len(rows) / local_s, 3), "server_vs_local": round(local_s / server_s, 3),
             "max_abs_loss_diff": {n: max((abs(remote[f"loss_{n}"][i] - mine[f"loss_{n}"][i]) for i in both),
                                          default=None) for n in LOSS_NAMES},
-            "spearman_ifd": (float(spearmanr([remote["ifd"][i] for i in both], [mine["ifd"][i] for i in both])
-                                   .correlation) if len(both) > 2 else None),
+            "spearman_ifd": spearman([remote["ifd"][i] for i in both], [mine["ifd"][i] for i in both]),
+            "status_mismatches": sum(a != b for a, b in zip(remote["score_status"], mine["score_status"])),
         })
+        if result["backend"] == "llamacpp":
+            same = same_ids_losses(args, rows, both)
+            result["max_abs_loss_diff_same_ids"] = {
+                n: max((abs(remote[f"loss_{n}"][i] - v) for i, v in zip(both, same[n])), default=None)
+                for n in LOSS_NAMES}
+            result["spearman_ifd_same_ids"] = spearman(
+                [remote["ifd"][i] for i in both],
+                [math.exp(c - a) for c, a in zip(same["out_condition"], same["out_alone"])])
     result["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result))
     return result
 
 
-def load_rows(path, n: int) -> tuple[list[dict], str]:
+def spearman(a: list, b: list):
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).correlation) if len(a) > 2 else None
+
+
+def row_spans(tokenizer, template: str, instruction: str, input: str, output: str) -> list:
+    """The four (ids, start) of a row (instruction alone, output alone, instruction after the
+    reverse prompt, output after the prompt), built from the public prompt API the way the
+    scorer builds them (as tests/test_served_student.py does)."""
+    from reflectune_hf.prompts import get_scoring_template, reverse_prompt
+
+    tpl = get_scoring_template(template)
+    prompt = tpl.format(instruction, input)
+    reverse = tpl.no_input.format(instruction=reverse_prompt(output))
+    whole_reverse, whole = reverse + instruction + input, prompt + output
+    ids = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
+    return [(ids(instruction + input), 1), (ids(output), 1),
+            (ids(whole_reverse), len(ids(whole_reverse[: whole_reverse.rfind(instruction)]))),
+            (ids(whole), len(ids(whole[: whole.rfind(output)])))]
+
+
+def same_ids_losses(args: argparse.Namespace, rows: list[dict], picked: list[int]) -> dict:
+    """The four losses of rows `picked` from the local engine fed the ids llama-cpp-python
+    scores: the BOS token first when the tokenizer adds none of its own."""
+    from reflectune_hf.models import load_causal_lm
+    from reflectune_hf.scoring.engine import Span, mean_token_losses
+    from reflectune_hf.scoring.ifd import LOSS_NAMES
+
+    model, tok = load_causal_lm(args.model, dtype=args.dtype, device=args.device)
+    bos = tok.bos_token_id
+    adds_bos = bos is not None and tok("a")["input_ids"][:1] == [bos]
+    lead = [] if bos is None or adds_bos else [bos]
+    same = {name: [] for name in LOSS_NAMES}
+    for i in picked:
+        r = rows[i]
+        spans = [Span(lead + ids, start + len(lead))
+                 for ids, start in row_spans(tok, args.template, r["instruction"], r["input"], r["output"])]
+        for name, value in zip(LOSS_NAMES, mean_token_losses(model, spans, tok.pad_token_id, plain=True)):
+            same[name].append(value)
+    return same
+
+
+def load_rows(path, n: int, chars: tuple = None) -> tuple[list[dict], str]:
+    """`n` rows of `path` (default: the shared Alpaca rows, else the bundled sample); with
+    `chars=(lo, hi)` only rows whose instruction + input + output hold lo..hi characters."""
     from reflectune_hf.data import read_records, sample_path
 
     if path is None:
         path = SHARED_ROWS if SHARED_ROWS.is_file() else sample_path()
-    rows = read_records(path)[:n]
-    return [{k: row.get(k) or "" for k in ("instruction", "input", "output")} for row in rows], str(path)
+    rows = [{k: row.get(k) or "" for k in ("instruction", "input", "output")} for row in read_records(path)]
+    if chars:
+        rows = [r for r in rows if chars[0] <= len(r["instruction"]) + len(r["input"]) + len(r["output"]) <= chars[1]]
+    return rows[:n], str(path)
 
 
 def resident_mb() -> float:

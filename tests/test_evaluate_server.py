@@ -1,7 +1,7 @@
 """Evaluation against the real llama.cpp server fixture (REFERENCE.md §11 acceptance): answers
 in two settings, the judge in both orders, the summary and the chart. The 135M judge often
 writes no score line: such rows must come out as `error`, and the run must complete. Slow on
-2 cores (16 judge prompts of ~300 tokens each).
+2 cores (8 judge prompts of ~300 tokens each).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from test_evaluate import run_script
 
 ANSWER_TOKENS = 24
 JUDGE_TOKENS = 16  # the score line comes first; the explanation is not needed for the verdict
+ROWS = 4  # vicuna questions: 2 answers and 2 judge orders each, every request ~300 prompt tokens
 
 
 def _check_judged(judged, rows: int) -> dict:
@@ -40,7 +41,7 @@ def _check_judged(judged, rows: int) -> dict:
 @pytest.mark.slow
 @pytest.mark.server
 def test_generate_and_judge_vicuna_with_real_oracles(llama_server, shared_data, tmp_path):
-    ds = load_eval_set(shared_data / "eval" / "vicuna_test_set.jsonl", max_rows=8)
+    ds = load_eval_set(shared_data / "eval" / "vicuna_test_set.jsonl", max_rows=ROWS)
     server = OpenAIOracle(llama_server.model, base_url=llama_server.base_url)
     # Two settings of the local model: greedy, and sampled at temperature 0.9 with a brevity instruction.
     ds = ds.map(GenerateResponses(server, column="response_a", max_tokens=ANSWER_TOKENS), batched=True)
@@ -52,12 +53,12 @@ def test_generate_and_judge_vicuna_with_real_oracles(llama_server, shared_data, 
     assert list(ds["response_a"]) != list(ds["response_b"])
 
     judge = PairwiseJudge(server, max_tokens=JUDGE_TOKENS)
-    judged = ds.map(judge, batched=True, batch_size=8)
+    judged = ds.map(judge, batched=True, batch_size=ROWS)
     assert all(judged["judge_ab"]) and all(judged["judge_ba"])       # both orders were asked for every row
     assert judge.usage["completion_tokens"] > 0
-    summary = _check_judged(judged, 8)
-    print("vicuna x8, SmolLM2 judge:", json.dumps(summary))
-    path = plot_judge({"vicuna (8)": summary}, tmp_path / "judge.png", title="greedy vs sampled",
+    summary = _check_judged(judged, ROWS)
+    print(f"vicuna x{ROWS}, SmolLM2 judge:", json.dumps(summary))
+    path = plot_judge({f"vicuna ({ROWS})": summary}, tmp_path / "judge.png", title="greedy vs sampled",
                       labels=("greedy", "sampled"))
     assert imread(path).shape[-1] in (3, 4)
 

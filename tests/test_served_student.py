@@ -271,19 +271,34 @@ def parity_rows(n: int = 16) -> list[dict]:
 # local engine fed the same ids (BOS first): 0.081, 0.226, 0.060, 0.208, IFD Spearman 1.0; against
 # the plain local engine the conditional losses agree within 0.19 and 0.25, while the short
 # "alone" texts differ by up to 1.75 and 5.1 (their first tokens follow the BOS), IFD Spearman 0.59.
+# The 16-row figures are a measurement: `scripts/bench_ifd.py --base_url <server> --parity --rows 16`
+# prints them. The test checks the same bounds on the five shortest texts of those rows (four ok,
+# one with a one-token output): ~730 prompt tokens instead of ~2800, each costing llama-cpp-python
+# a sort of the 49k vocabulary in Python. Maxima and a perfect ranking hold on any subset.
 SAME_IDS_TOLERANCE = {"ins_alone": 0.2, "out_alone": 0.4, "ins_condition": 0.15, "out_condition": 0.4}
 LOCAL_TOLERANCE = {"ins_condition": 0.4, "out_condition": 0.5}
 
 
+def short_parity_rows(tokenizer, scored: int = 4) -> list[dict]:
+    """Of `parity_rows()`, the `scored` rows with the fewest tokens whose outputs hold several
+    tokens, then the one with the fewest whose output is a single token (if any)."""
+    size = lambda r: sum(len(ids) for ids, _ in expected_spans(  # noqa: E731
+        tokenizer, r["instruction"], r.get("input") or "", r["output"]))
+    single = lambda r: len(tokenizer(r["output"])["input_ids"]) == 1  # noqa: E731
+    rows = parity_rows()
+    return (sorted((r for r in rows if not single(r)), key=size)[:scored]
+            + sorted((r for r in rows if single(r)), key=size)[:1])
+
+
 @pytest.mark.server
-@pytest.mark.slow  # llama-cpp-python's echo path sorts the vocabulary per prompt token: ~10 min on 2 cores
-def test_llamacpp_server_agrees_with_the_local_engine(llama_server):
+@pytest.mark.slow  # llama-cpp-python's echo path sorts the vocabulary per prompt token
+def test_llamacpp_server_agrees_with_the_local_engine(llama_server, tokenizer):
     from scipy.stats import spearmanr
 
     from reflectune_hf.models import load_causal_lm
     from reflectune_hf.scoring.engine import Span, mean_token_losses
 
-    rows = parity_rows()
+    rows = short_parity_rows(tokenizer)
     batch = {k: [r.get(k) or "" for r in rows] for k in ("instruction", "input", "output")}
     served = IFDScorer(MODEL, base_url=llama_server.base_url, server_model=llama_server.model, max_concurrency=2)
     assert served.server.mode() == "llamacpp"
@@ -291,7 +306,8 @@ def test_llamacpp_server_agrees_with_the_local_engine(llama_server):
     local = IFDScorer(MODEL)(batch)
     assert remote["score_status"] == local["score_status"]
     ok = [i for i, s in enumerate(remote["score_status"]) if s == "ok"]
-    assert len(ok) >= 12
+    assert len(ok) == 4
+    assert remote["score_status"][4:] == ["no_scored_token:out_alone"] * (len(rows) - 4)
     for name, tolerance in LOCAL_TOLERANCE.items():
         assert max(abs(remote[f"loss_{name}"][i] - local[f"loss_{name}"][i]) for i in ok) <= tolerance, name
     model, tok = load_causal_lm(MODEL, device="cpu")  # the same computation as the server: BOS first

@@ -16,11 +16,11 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 def test_sample_rank_and_train_on_smollm2(llama_server, sample, tmp_path):
     from reflectune_hf.tuna.trainer import TunaConfig, TunaTrainer
 
-    rows = sample.select(range(4))
+    rows = sample.select(range(2))  # each sampled token costs llama-cpp-python a sort of the 49k vocabulary
     oracle = OpenAIOracle(llama_server.model, base_url=llama_server.base_url, max_concurrency=4)
     stage = SampleResponses(oracle, n=4, max_tokens=24, seed=3, template=None)  # short prompts and answers
     sampled = rows.map(stage, batched=True)
-    assert sampled["id"] == rows["id"] and sampled["sample_status"] == ["ok"] * 4
+    assert sampled["id"] == rows["id"] and sampled["sample_status"] == ["ok"] * len(rows)
     for texts, scores in zip(sampled["responses"], sampled["avg_logprobs"]):
         assert len(texts) == 4 and all(t.strip() for t in texts)
         assert len(scores) == 4 and all(math.isfinite(s) and s <= 0 for s in scores)
@@ -30,7 +30,7 @@ def test_sample_rank_and_train_on_smollm2(llama_server, sample, tmp_path):
         sampled["avg_logprobs"][0])
 
     ranked = sampled.map(rank_by_logprob, batched=True)
-    assert ranked["ranking_status"] == ["ok"] * 4
+    assert ranked["ranking_status"] == ["ok"] * len(rows)
     for texts, scores, best_first in zip(ranked["responses"], ranked["avg_logprobs"], ranked["ranked_responses"]):
         assert best_first == [texts[k] for k in sorted(range(4), key=lambda k: -scores[k])]
 
