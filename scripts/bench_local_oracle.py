@@ -39,7 +39,9 @@ prefill of the 200-300-token prompts, which llama.cpp does at about the speed of
 512 tokens in 2.4 s on one core against 3.1 s for torch fp32; Q4_1 as shipped: 6 s); a decode
 step is ~2.5x faster (8 sequences: 0.11-0.14 s against 0.34 s for torch fp32), so longer
 answers raise the ratio. Two llama.cpp threads on 2 busy cores were 3-5x slower than one
-(threads spin while they wait): the default is half the usable cores.
+(threads spin while they wait): the default is the usable cores the load average leaves free.
+Idle, `--rows 4` on 2 threads: `ratio_vs_generate` 2.75, `ratio_vs_llamacpp` 1.88,
+`constrained_overhead` 1.63 (README).
 
 Before, `TransformersOracle` (fp32 torch, its own decode loop) measured `ratio_vs_generate`
 0.89-1.07: this CPU has AVX2 but no AVX-512/AVX-512-BF16, bf16 runs 5-8x slower than fp32, and
