@@ -1,5 +1,5 @@
 """`python -m reflectune_hf ...` is the `reflectune` command."""
 
-from .cli.main import main
+from .cli.main import run
 
-raise SystemExit(main())
+run()

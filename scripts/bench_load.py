@@ -9,7 +9,11 @@ did before it paused the garbage collector during imports (it no longer freezes 
 objects: `gc.freeze` acts on the whole process, which a library must not do).
 The two alternate, so both see the same machine. The conversion happens once, before timing.
 
-Prints ONE JSON line: runs, both medians and minima in seconds, `ratio` (ours / baseline
+A third kind, `command`, is the same load ended the way the `reflectune` command ends its process
+(`cli.main.end_process`: the objects are frozen just before exit, so the interpreter's final
+collection skips them); `ratio_command` is its median over the baseline's.
+
+Prints ONE JSON line: runs, the medians and minima in seconds, `ratio` (ours / baseline
 median: below 1 is faster), `ours_under_5s` (the foundation issue's bound on the median), and
 the load average, because other processes on the machine skew the timings.
 
@@ -29,6 +33,8 @@ import sys
 import time
 
 OURS = "from reflectune_hf.models import load_causal_lm\nload_causal_lm({model!r}, device='cpu')\n"
+# The same load ended the way the `reflectune` command ends (`cli.main.end_process`).
+COMMAND = OURS + "from reflectune_hf.cli.main import end_process\nend_process(0)\n"
 BASELINE = (
     "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
     "AutoTokenizer.from_pretrained({path!r})\n"
@@ -61,11 +67,13 @@ def main(args: argparse.Namespace) -> dict:
     path = resolve_model(args.model)  # converts once, outside the timings
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     ours_code, baseline_code = OURS.format(model=args.model), BASELINE.format(path=path)
+    command_code = COMMAND.format(model=args.model)
     timed_process(ours_code, env)  # warm the file cache for both
-    ours, baseline = [], []
+    ours, baseline, command = [], [], []
     for _ in range(args.runs):
         ours.append(timed_process(ours_code, env))
         baseline.append(timed_process(baseline_code, env))
+        command.append(timed_process(command_code, env))
     result = {
         "runs": args.runs,
         "model": args.model,
@@ -73,7 +81,9 @@ def main(args: argparse.Namespace) -> dict:
         "ours_s_min": round(min(ours), 3),
         "baseline_s_median": round(statistics.median(baseline), 3),
         "baseline_s_min": round(min(baseline), 3),
+        "command_s_median": round(statistics.median(command), 3),
         "ratio": round(statistics.median(ours) / statistics.median(baseline), 3),
+        "ratio_command": round(statistics.median(command) / statistics.median(baseline), 3),
         "ours_under_5s": statistics.median(ours) < 5.0,
         "loadavg_1min": round(os.getloadavg()[0], 2),
     }

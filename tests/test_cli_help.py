@@ -217,3 +217,31 @@ def test_the_command_line_without_training_imports_neither_trl_nor_torch():
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.splitlines()[-1])
     assert seen == {name: [] for name in seen}, seen
+
+
+def test_the_console_script_freezes_only_as_the_process_ends():
+    """The `reflectune` script (`run`) moves every object into the permanent generation just before
+    it exits, so the interpreter's final collection does not walk torch's and transformers'
+    objects; `main` called from Python freezes nothing. The script's entry point is `run`."""
+    import configparser
+    import gc
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    entry = configparser.ConfigParser()
+    entry.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    assert "reflectune = reflectune_hf.cli.main:run" in entry["options.entry_points"]["console_scripts"]
+    before = gc.get_freeze_count()
+    assert cli.main(["--help"]) == 0
+    assert gc.get_freeze_count() == before
+    probe = ("import atexit, gc, sys\n"
+             "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
+             "sys.argv = ['reflectune', 'no-such-command']\n"
+             "from reflectune_hf.cli.main import run\n"
+             "run()\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "unknown command" in out.stderr, out.stderr
+    assert out.stdout.splitlines()[-1] == "frozen True", out.stdout
+    out = subprocess.run([sys.executable, "-m", "reflectune_hf", "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "usage: reflectune" in out.stdout, out.stderr

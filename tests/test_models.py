@@ -237,4 +237,5 @@ def test_bench_load_prints_one_json_line(smollm2_dir):
     report = json.loads(line)
     assert report["runs"] == 1 and report["ours_s_median"] > 0 and report["baseline_s_median"] > 0
     assert report["ratio"] == pytest.approx(report["ours_s_median"] / report["baseline_s_median"], abs=2e-3)
+    assert report["ratio_command"] == pytest.approx(report["command_s_median"] / report["baseline_s_median"], abs=2e-3)
     assert isinstance(report["ours_under_5s"], bool)

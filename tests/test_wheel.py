@@ -52,8 +52,8 @@ def test_commands_run_from_an_installed_wheel(installed):
                             ("tuna", "--oracle_model")):
         out = python(installed, "-m", "reflectune_hf", command, "--help")
         assert out.returncode == 0 and needle in out.stdout, (command, out.stderr[-2000:])
-    # the console script's entry point (setup.cfg: reflectune = reflectune_hf.cli.main:main)
-    out = python(installed, "-c", "import sys; from reflectune_hf.cli.main import main; sys.exit(main(['--help']))")
+    # the console script's entry point (setup.cfg: reflectune = reflectune_hf.cli.main:run)
+    out = python(installed, "-c", "import sys; sys.argv = ['reflectune', '--help']; from reflectune_hf.cli.main import run; run()")
     assert out.returncode == 0 and "sft" in out.stdout and "eval" in out.stdout
     # sft parses its arguments and applies the packaged Vicuna template from the installed copy
     code = ("from reflectune_hf.cli.main import command_parser; "
