@@ -176,8 +176,8 @@ class StudentServer(LazyState):
         out = list(plans)
         for i, answer in zip(todo, self.fetch([echo_body(self.server_model, plans[i][0]) for i in todo])):
             text, ends = plans[i]
-            out[i] = guard(lambda a=answer, t=text, e=ends, s=spans[i]: echo_logprobs(first_choice(a), e, s.start, len(t)),
-                           answer)
+            out[i] = guard(lambda a=answer, t=text, e=ends, s=spans[i]:
+                           echo_logprobs(first_choice(a), e, s.start, len(t)), answer)
         return out
 
     def echo_shifted(self, tokenizer) -> bool:

@@ -15,7 +15,9 @@ Two shapes (the request bodies are built here too, so tests can assert them exac
   tokens must be exactly the server's tokens over the same characters, else the span is
   `misaligned` (a tokenizer that differs from the server's: another vocabulary or
   normalisation, a GGUF tokenizer that merges differently, a character split across byte
-  tokens). The context before the scored tokens may be tokenised differently.
+  tokens). The context before the scored tokens may be tokenised differently. (llama-cpp-python
+  pairs these values one position off without a leading BOS: `scoring.served_llamacpp` reads
+  its answers shifted, with `align_echo`.)
 
 SelectIT reads the next-token distribution after a prompt (`top_body`, `logprobs=k`): the
 top-k of the generated token, keyed `"token_id:<id>"` on vLLM (`return_tokens_as_token_ids`)
@@ -67,8 +69,9 @@ def guard(parse, answer):
     try:
         return parse()
     except NoPromptLogprobs as err:
-        raise StudentServerError(f"The student server gives no prompt log-probabilities: {err}. Serve the student "
-                                 "with vLLM or llama-cpp-python's server, or set student_backend to match it.") from None
+        raise StudentServerError(f"The student server gives no prompt log-probabilities: {err}. Serve the "
+                                 "student with vLLM or llama-cpp-python's server, or set student_backend to "
+                                 "match it.") from None
     except ServedProblem as err:
         return err
     except (AttributeError, KeyError, TypeError, ValueError) as err:
