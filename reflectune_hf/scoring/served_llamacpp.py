@@ -18,7 +18,10 @@ is needed for:
 - the second token of a text (the server nulls `top_logprobs[0]`);
 - a token outside the top `ECHO_TOP_K` (measured on issue #20's 16 parity rows with SmolLM2:
   21% of scored tokens at k=100, 36% at k=20, 11% at k=1000; a text's first words are often
-  improbable out of context);
+  improbable out of context. A forced request costs the server about one echoed position (the
+  Python sort of the vocabulary dominates both); k=1000 halves the forced requests but its
+  answers grow to ~26 KB per token, so k=100 (~2.6 KB): README, "A student served by vLLM or
+  llama.cpp");
 - a token whose text another vocabulary entry shares (the server keys `top_logprobs` by text:
   byte fragments of a UTF-8 character render as "", several entries as " "), or whose text is
   that of the token before it (the server overwrites that key with a value of its own).
