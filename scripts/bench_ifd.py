@@ -13,11 +13,10 @@ With `--base_url` it compares instead the local engine with the same student ser
 llama.cpp (`IFDScorer(base_url=...)`, answer cache off so every request is sent) on the same
 rows: one JSON line with `local_rows_per_s`, `server_rows_per_s`, their ratio, the largest
 absolute difference of each loss and the Spearman correlation of the two IFD rankings
-(`max_abs_loss_diff`, `spearman_ifd`, rows both score `ok`). llama-cpp-python is sent each text
-after the BOS token when the tokenizer adds none (SmolLM2: see `scoring.served`), so for llama.cpp
-the same figures are also given against the local engine fed those same ids
-(`max_abs_loss_diff_same_ids`, `spearman_ifd_same_ids`), and `status_mismatches` counts rows
-whose statuses differ. `--parity` takes the rows of issue #20's parity check (real Alpaca rows of
+(`max_abs_loss_diff`, `spearman_ifd`, rows both score `ok`), `status_mismatches` (rows whose
+statuses differ), the server's statuses and `requests_sent` (llama-cpp-python: the echoes, the
+probe and the forced-token requests, see `scoring.served_llamacpp`, with `echo_top_k`).
+`--parity` takes the rows of issue #20's parity check (real Alpaca rows of
 60-140 characters, as tests/test_served_student.py picks them; `--rows 16` for the issue's figure).
 
 Usage:
@@ -35,6 +34,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,12 @@ def main_served(args: argparse.Namespace) -> dict:
     server_s = time.perf_counter() - start
     result = {"rows": len(rows), "data": source, "backend": served.server.mode(),
               "max_concurrency": served.server.concurrency(), "server_rows_per_s": round(len(rows) / server_s, 3),
-              "server_ok": sum(s == "ok" for s in remote["score_status"])}
+              "server_ok": sum(s == "ok" for s in remote["score_status"]),
+              "server_statuses": dict(Counter(remote["score_status"])), "requests_sent": served.server.usage["sent"]}
+    if result["backend"] == "llamacpp":
+        from reflectune_hf.scoring.served_llamacpp import ECHO_TOP_K
+
+        result["echo_top_k"] = ECHO_TOP_K
     if not args.skip_local:
         local = IFDScorer(args.model, args.template, args.max_length, args.dtype, args.device, args.max_tokens_per_batch)
         local.load()
@@ -93,14 +98,6 @@ def main_served(args: argparse.Namespace) -> dict:
             "spearman_ifd": spearman([remote["ifd"][i] for i in both], [mine["ifd"][i] for i in both]),
             "status_mismatches": sum(a != b for a, b in zip(remote["score_status"], mine["score_status"])),
         })
-        if result["backend"] == "llamacpp":
-            same = same_ids_losses(args, rows, both)
-            result["max_abs_loss_diff_same_ids"] = {
-                n: max((abs(remote[f"loss_{n}"][i] - v) for i, v in zip(both, same[n])), default=None)
-                for n in LOSS_NAMES}
-            result["spearman_ifd_same_ids"] = spearman(
-                [remote["ifd"][i] for i in both],
-                [math.exp(c - a) for c, a in zip(same["out_condition"], same["out_alone"])])
     result["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result))
     return result
@@ -126,27 +123,6 @@ def row_spans(tokenizer, template: str, instruction: str, input: str, output: st
     return [(ids(instruction + input), 1), (ids(output), 1),
             (ids(whole_reverse), len(ids(whole_reverse[: whole_reverse.rfind(instruction)]))),
             (ids(whole), len(ids(whole[: whole.rfind(output)])))]
-
-
-def same_ids_losses(args: argparse.Namespace, rows: list[dict], picked: list[int]) -> dict:
-    """The four losses of rows `picked` from the local engine fed the ids llama-cpp-python
-    scores: the BOS token first when the tokenizer adds none of its own."""
-    from reflectune_hf.models import load_causal_lm
-    from reflectune_hf.scoring.engine import Span, mean_token_losses
-    from reflectune_hf.scoring.ifd import LOSS_NAMES
-
-    model, tok = load_causal_lm(args.model, dtype=args.dtype, device=args.device)
-    bos = tok.bos_token_id
-    adds_bos = bos is not None and tok("a")["input_ids"][:1] == [bos]
-    lead = [] if bos is None or adds_bos else [bos]
-    same = {name: [] for name in LOSS_NAMES}
-    for i in picked:
-        r = rows[i]
-        spans = [Span(lead + ids, start + len(lead))
-                 for ids, start in row_spans(tok, args.template, r["instruction"], r["input"], r["output"])]
-        for name, value in zip(LOSS_NAMES, mean_token_losses(model, spans, tok.pad_token_id, plain=True)):
-            same[name].append(value)
-    return same
 
 
 def load_rows(path, n: int, chars: tuple = None) -> tuple[list[dict], str]:

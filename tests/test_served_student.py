@@ -266,17 +266,15 @@ def parity_rows(n: int = 16) -> list[dict]:
 
 
 # Measured on these 16 rows (12 ok; 4 have one-token outputs: `no_scored_token:out_alone` on both
-# sides), largest absolute loss differences. The server computes with Q4_1 weights and, for
-# SmolLM2 (no BOS of its own), after one leading BOS token (see `scoring.served`): against the
-# local engine fed the same ids (BOS first): 0.081, 0.226, 0.060, 0.208, IFD Spearman 1.0; against
-# the plain local engine the conditional losses agree within 0.19 and 0.25, while the short
-# "alone" texts differ by up to 1.75 and 5.1 (their first tokens follow the BOS), IFD Spearman 0.59.
-# The 16-row figures are a measurement: `scripts/bench_ifd.py --base_url <server> --parity --rows 16`
-# prints them. The test checks the same bounds on the five shortest texts of those rows (four ok,
-# one with a one-token output): ~730 prompt tokens instead of ~2800, each costing llama-cpp-python
-# a sort of the 49k vocabulary in Python. Maxima and a perfect ranking hold on any subset.
-SAME_IDS_TOLERANCE = {"ins_alone": 0.2, "out_alone": 0.4, "ins_condition": 0.15, "out_condition": 0.4}
-LOCAL_TOLERANCE = {"ins_condition": 0.4, "out_condition": 0.5}
+# sides) against the plain local engine (fp32; the server computes with Q4_1 weights), with the
+# shifted reading of llama-cpp-python's echo (`scoring.served_llamacpp`): largest absolute loss
+# differences 0.122, 0.219, 0.083, 0.129, IFD Spearman 1.0, statuses identical (249 requests: 64
+# echoes, the 2 probe requests, 183 forced tokens). `scripts/bench_ifd.py --base_url <server>
+# --parity --rows 16` prints these figures. The test checks bounds of about twice those maxima on
+# the five shortest texts of those rows (four ok, one with a one-token output): ~730 prompt tokens
+# instead of ~2800, each costing llama-cpp-python a sort of the 49k vocabulary in Python. Maxima
+# and a perfect ranking hold on any subset.
+LOCAL_TOLERANCE = {"ins_alone": 0.25, "out_alone": 0.4, "ins_condition": 0.15, "out_condition": 0.25}
 
 
 def short_parity_rows(tokenizer, scored: int = 4) -> list[dict]:
@@ -301,27 +299,17 @@ def test_llamacpp_server_agrees_with_the_local_engine(llama_server, tokenizer):
     rows = short_parity_rows(tokenizer)
     batch = {k: [r.get(k) or "" for r in rows] for k in ("instruction", "input", "output")}
     served = IFDScorer(MODEL, base_url=llama_server.base_url, server_model=llama_server.model, max_concurrency=2)
-    assert served.server.mode() == "llamacpp"
+    assert served.server.mode() == "llamacpp" and served.server.echo_shifted(tokenizer) is True
     remote = served(batch)
-    local = IFDScorer(MODEL)(batch)
+    local = IFDScorer(MODEL)(batch)  # the plain local engine: the same ids, no BOS
     assert remote["score_status"] == local["score_status"]
     ok = [i for i, s in enumerate(remote["score_status"]) if s == "ok"]
     assert len(ok) == 4
     assert remote["score_status"][4:] == ["no_scored_token:out_alone"] * (len(rows) - 4)
     for name, tolerance in LOCAL_TOLERANCE.items():
-        assert max(abs(remote[f"loss_{name}"][i] - local[f"loss_{name}"][i]) for i in ok) <= tolerance, name
-    model, tok = load_causal_lm(MODEL, device="cpu")  # the same computation as the server: BOS first
-    same = {name: [] for name in LOSS_NAMES}
-    for i in ok:
-        spans = [Span([tok.bos_token_id] + ids, start + 1)
-                 for ids, start in expected_spans(tok, batch["instruction"][i], batch["input"][i], batch["output"][i])]
-        for name, value in zip(LOSS_NAMES, mean_token_losses(model, spans, tok.pad_token_id, plain=True)):
-            same[name].append(value)
-    for name, tolerance in SAME_IDS_TOLERANCE.items():
-        worst = max(abs(remote[f"loss_{name}"][i] - v) for i, v in zip(ok, same[name]))
+        worst = max(abs(remote[f"loss_{name}"][i] - local[f"loss_{name}"][i]) for i in ok)
         assert worst <= tolerance, (name, worst)
-    ifd_same = [math.exp(c - a) for c, a in zip(same["out_condition"], same["out_alone"])]
-    assert spearmanr([remote["ifd"][i] for i in ok], ifd_same).correlation >= 0.95
+    assert spearmanr([remote["ifd"][i] for i in ok], [local["ifd"][i] for i in ok]).correlation >= 0.95
     rerun = IFDScorer(MODEL, base_url=llama_server.base_url, server_model=llama_server.model)
     assert rerun(batch) == remote and rerun.server.usage["sent"] == 0
 
@@ -329,7 +317,8 @@ def test_llamacpp_server_agrees_with_the_local_engine(llama_server, tokenizer):
 @pytest.mark.server
 def test_llamacpp_server_answers_are_aligned_not_shifted(llama_server, tokenizer):
     """llama-cpp-python pairs echoed log-probabilities one position off without a leading BOS;
-    the client sends one, so "on" after "The cat sat" is likely and " mat" after "on the" not shifted."""
+    the client reads them shifted, so "on" after "The cat sat" is likely (read as they are, its
+    value is that of " on" after "The cat sat on", below -8)."""
     from reflectune_hf.scoring.engine import Span
 
     server = StudentServer(llama_server.base_url, llama_server.model, max_concurrency=1)

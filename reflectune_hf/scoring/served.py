@@ -13,12 +13,15 @@ Backends (`backend`, `"auto"` recognises the server as the oracles do, `oracles.
   log-probabilities, which is reported as an error) and `echo` (any other OpenAI-legacy server):
   text prompts with `echo=True` and `logprobs`, mapped to the local tokens by their character
   offsets (`scoring.served_parse.echo_logprobs`: a span whose scored tokens the server splits
-  differently gets the status `misaligned:<loss>`). llama-cpp-python reports echoed
-  log-probabilities one position off unless the prompt starts with the BOS token (it drops a
-  leading BOS and pairs the rest correctly; abetlen/llama-cpp-python#1983), so for a tokenizer
-  that adds no BOS of its own (SmolLM2, Qwen) each text is sent after the tokenizer's BOS token
-  text: the server's log-probabilities are then right, conditioned on one more leading token
-  than the local engine's (measured in the README's parity figures).
+  differently gets the status `misaligned:<loss>`; the context before them may be split
+  differently, so the scores can then differ from the local engine's).
+  llama-cpp-python (0.3.x) pairs echoed log-probabilities one position off unless the prompt
+  starts with the BOS token (abetlen/llama-cpp-python#1983; SmolLM2 and Qwen add none). A
+  probe tells, once per client (`echo_shifted`); such a server's answers are read shifted
+  (`scoring.served_llamacpp`): each value is the server's probability of the local token after
+  the same context as the local engine's, from the echo's top-100 log-probabilities or one
+  more request that forces the token; where the server's tokens cannot be matched to ours the
+  span is `misaligned:<loss>` (`missing_logprob:<loss>` when the server gives no value).
 
 Requests run concurrently with the oracle layer's HTTP machinery (`oracles.http`): at most
 `max_concurrency` on the wire, the openai SDK's retries and backoff (429 with `Retry-After`,
@@ -44,15 +47,14 @@ import time
 from typing import Any, ClassVar, Optional, Sequence
 
 from ..oracles.backends import check_choice, detect_backend
-from ..oracles.base import OracleConfigurationError
 from ..oracles.cache import resolve_cache
 from ..oracles.http import http_response_class, in_flight_client, split_userinfo
 from ..oracles.runtime import Secret, run_sync, run_workers
 from ..sanitize import strip_url_secrets
 from ..utils import LazyState, stable_hash
-from .served_parse import (TOKEN_ID_PREFIX, NoPromptLogprobs, ServedProblem, echo_body, echo_logprobs,
-                                   first_choice, rating_probabilities, top_body, vllm_prompt_body,
-                                   vllm_prompt_logprobs)
+from .served_llamacpp import probe_bodies, probe_is_shifted, shared_texts, shifted_span_logprobs
+from .served_parse import (TOKEN_ID_PREFIX, RequestFailed, ServedProblem, StudentServerError, echo_body, echo_logprobs,
+                           first_choice, guard, rating_probabilities, top_body, vllm_prompt_body, vllm_prompt_logprobs)
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +77,6 @@ def student_backend(value) -> str:
     return check_choice("student_backend", text, STUDENT_BACKENDS)
 
 
-class StudentServerError(OracleConfigurationError):
-    """The served student cannot score at all (unreachable, refused, no prompt log-probabilities)."""
-
-
-class RequestFailed(RuntimeError):
-    """One request failed after the retries (not cached: a rerun sends it again)."""
-
-
 class StudentServer(LazyState):
     """The client of a served student (see the module docstring).
 
@@ -98,7 +92,8 @@ class StudentServer(LazyState):
     """
 
     # Speed knobs are transient (not in the datasets fingerprint; `num_proc` workers use the defaults).
-    _transient: ClassVar[tuple[str, ...]] = ("_cache_obj", "_usage", "_mode", "_api_key", "_connect_failures",
+    _transient: ClassVar[tuple[str, ...]] = ("_cache_obj", "_usage", "_mode", "_shifted", "_shared", "_api_key",
+                                             "_connect_failures",
                                              "max_concurrency", "timeout", "max_retries")
     _transient_defaults: ClassVar[dict] = {"max_concurrency": 16, "timeout": 300.0, "max_retries": 6}
 
@@ -115,7 +110,7 @@ class StudentServer(LazyState):
         self.max_concurrency, self.timeout, self.max_retries = int(max_concurrency), float(timeout), int(max_retries)
         self.cache = cache
         self._api_key = Secret(api_key) if api_key else None
-        self._cache_obj = self._usage = self._mode = None
+        self._cache_obj = self._usage = self._mode = self._shifted = self._shared = None
 
     def __repr__(self) -> str:
         return f"StudentServer({self.base_url!r}, server_model={self.server_model!r}, backend={self.backend!r})"
@@ -170,24 +165,30 @@ class StudentServer(LazyState):
         if mode == "vllm":
             bodies = [vllm_prompt_body(self.server_model, s.ids) for s in spans]
             answers = self.fetch(bodies)
-            return [_guard(lambda a=a, s=s: vllm_prompt_logprobs(first_choice(a), s.ids, s.start), a)
+            return [guard(lambda a=a, s=s: vllm_prompt_logprobs(first_choice(a), s.ids, s.start), a)
                     for a, s in zip(answers, spans)]
-        prefix = _bos_prefix(tokenizer) if mode == "llamacpp" else ""
         plans = _text_plans(tokenizer, spans)
-        bodies = [echo_body(self.server_model, prefix + p[0]) if not isinstance(p, Exception) else None
-                  for p in plans]
-        answers = self.fetch([b for b in bodies if b is not None])
-        it = iter(answers)
-        out = []
-        for plan, body, span in zip(plans, bodies, spans):
-            if body is None:
-                out.append(plan)
-                continue
-            answer = next(it)
-            text, ends = plan
-            out.append(_guard(lambda a=answer, t=text, e=ends, s=span:
-                              echo_logprobs(first_choice(a), e, s.start, len(t), prefix), answer))
+        if mode == "llamacpp" and self.echo_shifted(tokenizer):
+            if self._shared is None:
+                self._shared = shared_texts(tokenizer)
+            return shifted_span_logprobs(self.fetch, self.server_model, spans, plans, self._shared)
+        todo = [i for i, p in enumerate(plans) if not isinstance(p, Exception)]
+        out = list(plans)
+        for i, answer in zip(todo, self.fetch([echo_body(self.server_model, plans[i][0]) for i in todo])):
+            text, ends = plans[i]
+            out[i] = guard(lambda a=answer, t=text, e=ends, s=spans[i]:
+                           echo_logprobs(first_choice(a), e, s.start, len(t)), answer)
         return out
+
+    def echo_shifted(self, tokenizer) -> bool:
+        """Whether this llama-cpp-python server pairs echoed log-probabilities one position off
+        (`scoring.served_llamacpp`): probed once per client, with two cached requests."""
+        if self._shifted is None:
+            bodies = probe_bodies(self.server_model, tokenizer)
+            self._shifted = probe_is_shifted(bodies, self.fetch(bodies))
+            logger.info("Student server %s: echoed log-probabilities are %s", self.base_url,
+                        "one position off (read shifted)" if self._shifted else "aligned")
+        return self._shifted
 
     def rating_probabilities(self, tokenizer, prompts: Sequence[Sequence[int]], rating_ids, k: int) -> list:
         """For each prompt (token ids): the probabilities of the ratings (`rating_ids[r]`: the
@@ -202,7 +203,7 @@ class StudentServer(LazyState):
             texts = [tokenizer.decode(p, skip_special_tokens=True, clean_up_tokenization_spaces=False) for p in prompts]
             bodies = [top_body(self.server_model, t, k, token_ids=False) for t in texts]
         answers = self.fetch(bodies)
-        return [_guard(lambda a=a: rating_probabilities(first_choice(a), keys), a) for a in answers]
+        return [guard(lambda a=a: rating_probabilities(first_choice(a), keys), a) for a in answers]
 
     # -- requests, cache, concurrency ----------------------------------------------------------
     @property
@@ -218,9 +219,10 @@ class StudentServer(LazyState):
         return stable_hash({"base_url": strip_url_secrets(self.base_url), "model": self.server_model, "body": body},
                            length=32)
 
-    def fetch(self, bodies: Sequence[dict]) -> list:
+    def fetch(self, bodies: Sequence[dict], compact=None) -> list:
         """The answers (parsed JSON) to `bodies`, in order: cache first, then one request per
-        unique miss, each stored as it arrives; a failed request is a `RequestFailed`."""
+        unique miss, each stored as it arrives (as `compact(answer)` when given: what is stored
+        is what is returned); a failed request is a `RequestFailed`."""
         keys = [self.request_key(b) for b in bodies]
         store = self.cache_store
         found: dict[str, Any] = {}
@@ -236,14 +238,18 @@ class StudentServer(LazyState):
         if pending:
             todo_keys, todo = list(pending), list(pending.values())
 
-            def on_answer(i: int, answer) -> None:
+            def on_answer(i: int, answer):
                 self.usage["sent"] += 1
                 if isinstance(answer, Exception):
                     self.usage["failed"] += 1
-                elif store is not None:
+                    return answer
+                if compact is not None:
+                    answer = compact(answer)
+                if store is not None:
                     store.execute(f"INSERT OR REPLACE INTO {TABLE} (key, base_url, model, answer, created) "
                                   "VALUES (?,?,?,?,?)", (todo_keys[i], strip_url_secrets(self.base_url),
                                                          self.server_model, json.dumps(answer), time.time()))
+                return answer
 
             answers = run_sync(lambda: self._run(todo, on_answer))
             found.update(zip(todo_keys, answers))
@@ -269,8 +275,7 @@ class StudentServer(LazyState):
         async def worker() -> None:
             try:
                 for i in order:  # shared iterator: each worker takes the next body when free
-                    results[i] = await self._post(client, bodies[i])
-                    on_answer(i, results[i])
+                    results[i] = on_answer(i, await self._post(client, bodies[i]))
             except StudentServerError:
                 stop.set()
                 raise
@@ -306,31 +311,6 @@ class StudentServer(LazyState):
         except ValueError as err:
             return RequestFailed(f"malformed response: {err}")
         return data
-
-
-def _guard(parse, answer):
-    """`parse()`, or the exception standing for the answer (a failed request, a problem)."""
-    if isinstance(answer, Exception):
-        return answer
-    try:
-        return parse()
-    except NoPromptLogprobs as err:
-        raise StudentServerError(f"The student server gives no prompt log-probabilities: {err}. Serve the student "
-                                 "with vLLM or llama-cpp-python's server, or set student_backend to match it.") from None
-    except ServedProblem as err:
-        return err
-    except (AttributeError, KeyError, TypeError, ValueError) as err:
-        return RequestFailed(f"malformed response: {type(err).__name__}: {err}")
-
-
-def _bos_prefix(tokenizer) -> str:
-    """The BOS token text to put before each text for llama-cpp-python (see the module
-    docstring), or "" when the tokenizer adds a BOS of its own or has none."""
-    bos = getattr(tokenizer, "bos_token", None)
-    if not bos:
-        return ""
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return "" if probe and probe[0] == tokenizer.bos_token_id else bos
 
 
 def _text_plans(tokenizer, spans: Sequence) -> list:

@@ -15,7 +15,9 @@ Two shapes (the request bodies are built here too, so tests can assert them exac
   tokens must be exactly the server's tokens over the same characters, else the span is
   `misaligned` (a tokenizer that differs from the server's: another vocabulary or
   normalisation, a GGUF tokenizer that merges differently, a character split across byte
-  tokens). The context before the scored tokens may be tokenised differently.
+  tokens). The context before the scored tokens may be tokenised differently. (llama-cpp-python
+  pairs these values one position off without a leading BOS: `scoring.served_llamacpp` reads
+  its answers shifted, with `align_echo`.)
 
 SelectIT reads the next-token distribution after a prompt (`top_body`, `logprobs=k`): the
 top-k of the generated token, keyed `"token_id:<id>"` on vLLM (`return_tokens_as_token_ids`)
@@ -34,6 +36,8 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
+from ..oracles.base import OracleConfigurationError
+
 TOKEN_ID_PREFIX = "token_id:"  # vLLM's rendering of a token with return_tokens_as_token_ids
 
 
@@ -50,15 +54,41 @@ class NoPromptLogprobs(RuntimeError):
     """The server answered without prompt log-probabilities: it cannot score at all."""
 
 
+class StudentServerError(OracleConfigurationError):
+    """The served student cannot score at all (unreachable, refused, no prompt log-probabilities)."""
+
+
+class RequestFailed(RuntimeError):
+    """One request failed after the retries (not cached: a rerun sends it again)."""
+
+
+def guard(parse, answer):
+    """`parse()`, or the exception standing for the answer (a failed request, a problem)."""
+    if isinstance(answer, Exception):
+        return answer
+    try:
+        return parse()
+    except NoPromptLogprobs as err:
+        raise StudentServerError(f"The student server gives no prompt log-probabilities: {err}. Serve the "
+                                 "student with vLLM or llama-cpp-python's server, or set student_backend to "
+                                 "match it.") from None
+    except ServedProblem as err:
+        return err
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        return RequestFailed(f"malformed response: {type(err).__name__}: {err}")
+
+
 def vllm_prompt_body(model: str, ids: Sequence[int]) -> dict:
     """The vLLM request for the prompt log-probabilities of `ids`."""
     return {"model": model, "prompt": [int(i) for i in ids], "max_tokens": 1, "temperature": 0.0,
             "prompt_logprobs": 1}
 
 
-def echo_body(model: str, text: str) -> dict:
-    """The OpenAI-legacy request for the echoed log-probabilities of `text`."""
-    return {"model": model, "prompt": text, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 1}
+def echo_body(model: str, text: str, logprobs: int = 1) -> dict:
+    """The OpenAI-legacy request for the echoed log-probabilities of `text` (and the top
+    `logprobs` candidates at each position)."""
+    return {"model": model, "prompt": text, "max_tokens": 1, "temperature": 0.0, "echo": True,
+            "logprobs": int(logprobs)}
 
 
 def top_body(model: str, prompt, k: int, token_ids: bool) -> dict:
@@ -100,44 +130,54 @@ def vllm_prompt_logprobs(choice: dict, ids: Sequence[int], start: int) -> list[f
     return out
 
 
-def echo_logprobs(choice: dict, ends: Sequence[int], start: int, text_length: int, prefix: str = "") -> list[float]:
-    """Log-probabilities of the local tokens `start..` from an echoed legacy answer.
+def align_echo(choice: dict, ends: Sequence[int], start: int, text_length: int, prefix: str = "") -> tuple:
+    """`(logprobs, index)`: the answer's `logprobs` and, for each local token `start..`, the
+    index of the server's token over the same characters (ServedProblem `misaligned` when the
+    server split them differently).
 
     `ends[j]` is the character end of local token j in the text sent (after `prefix`), which
     was `text_length` characters long. Server token i covers `[text_offset[i], text_offset[i+1])`
-    (offsets after a leading `prefix` token are taken relative to the text).
+    (offsets after a leading `prefix` token are taken relative to the text); tokens from
+    `text_length` on are generated, not the prompt's.
     """
     lp = choice.get("logprobs")
     if not isinstance(lp, dict) or not isinstance(lp.get("token_logprobs"), list):
         raise NoPromptLogprobs("the answer has no logprobs (does the server support echo with logprobs?)")
-    tokens, offsets, values = lp.get("tokens") or [], lp.get("text_offset") or [], lp["token_logprobs"]
-    if not (len(tokens) == len(offsets) == len(values)):
+    tokens, offsets = lp.get("tokens") or [], lp.get("text_offset") or []
+    if not (len(tokens) == len(offsets) == len(lp["token_logprobs"])):
         raise ServedProblem("misaligned", "tokens, text_offset and token_logprobs differ in length")
-    shift = 0
+    first, shift = 0, 0
     if prefix and tokens and tokens[0] == prefix:  # a server that echoes the prefix token itself
-        tokens, values = tokens[1:], values[1:]
-        shift = offsets[1] if len(offsets) > 1 else len(prefix)
-        offsets = offsets[1:]
-    starts = [int(o) - shift for o in offsets]
-    server = []  # (start, end, logprob) of the prompt's tokens
-    for i, (s, token) in enumerate(zip(starts, tokens)):
+        first, shift = 1, (offsets[1] if len(offsets) > 1 else len(prefix))
+    server = []  # (start, end, index) of the prompt's tokens
+    for i in range(first, len(tokens)):
+        s = int(offsets[i]) - shift
         if s >= text_length:
             break  # the generated token
-        e = starts[i + 1] if i + 1 < len(starts) else s + len(token or "")
-        server.append((s, min(e, text_length), values[i]))
+        e = int(offsets[i + 1]) - shift if i + 1 < len(offsets) else s + len(tokens[i] or "")
+        server.append((s, min(e, text_length), i))
     if start >= len(ends):
-        return []
+        return lp, []
     begin, end = (ends[start - 1] if start > 0 else 0), ends[-1]
     if not server and text_length > 0:  # e.g. llama.cpp's llama-server: the generated token only
         raise NoPromptLogprobs("the answer has no log-probabilities for the prompt's tokens")
-    inside = [(s, e, v) for s, e, v in server if s >= begin and e <= end and s < end]
+    inside = [(s, e, i) for s, e, i in server if s >= begin and e <= end and s < end]
     if [e for _, e, _ in inside] != list(ends[start:]):
         raise ServedProblem("misaligned", f"the server's tokens over characters {begin}..{end} differ from the "
                                           "local tokenizer's")
+    return lp, [i for _, _, i in inside]
+
+
+def echo_logprobs(choice: dict, ends: Sequence[int], start: int, text_length: int, prefix: str = "") -> list[float]:
+    """Log-probabilities of the local tokens `start..` from an echoed legacy answer, each the
+    server's `token_logprobs` of its token (see `align_echo` for the arguments)."""
+    lp, index = align_echo(choice, ends, start, text_length, prefix)
     out = []
-    for (s, e, v) in inside:
+    for i in index:
+        v = lp["token_logprobs"][i]
         if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise ServedProblem("missing_logprob", f"no log-probability for the token at characters {s}..{e}")
+            raise ServedProblem("missing_logprob", f"no log-probability for the server's token {i} "
+                                                   f"({lp['tokens'][i]!r})")
         out.append(float(v))
     return out
 
