@@ -218,10 +218,12 @@ def test_rows_that_cannot_be_recycled_fail_before_any_oracle_call(tmp_path):
 
 
 @pytest.mark.slow
-def test_reflect_score_select_sft_one_step_at_a_time(tmp_path):
+def test_reflect_score_select_sft_one_step_at_a_time(tmp_path, capsys):
     """Each command reads the previous output folder: reflect (a loopback oracle), score (the
     embedded student), select (V2 and V1, the license the user gave in the card), sft (a few
-    steps on a split of the result)."""
+    steps on a split of the result). The first and last run as the console script does, in new
+    processes; score and select run in this one (`cli.main`, the same code): three fewer
+    interpreter start-ups, and nothing here is about the process boundary."""
     from reflectune_hf.selection.select import VARIANT_SPLITS
 
     with LoopbackServer() as server:
@@ -229,18 +231,20 @@ def test_reflect_score_select_sft_one_step_at_a_time(tmp_path):
                          server.base_url, "--output_dir", tmp_path / "reflected", "--license", "cc-by-nc-4.0")
         assert out.returncode == 0, out.stderr
         assert len(server.chat_requests) >= 4 * 2
-    out = reflectune("score", "--data", tmp_path / "reflected", "--output_dir", tmp_path / "scored",
-                     "--max_length", 256, "--template", "plain")
-    assert out.returncode == 0, out.stderr
+    code = cli.main(["score", "--data", str(tmp_path / "reflected"), "--output_dir", str(tmp_path / "scored"),
+                     "--max_length", "256", "--template", "plain"])
+    assert code == 0, capsys.readouterr().err[-3000:]
     scored = load_from_disk(str(tmp_path / "scored" / "arrow"))
     assert set(scored) == set(VARIANT_SPLITS) and all(len(ds) == 4 for ds in scored.values())
     assert all(s in ("ok",) or s.startswith("no_scored_token") for ds in scored.values() for s in ds["score_status"])
     for selection in ("v2", "v1"):
-        out = reflectune("select", "--data", tmp_path / "scored", "--selection", selection, "--license", "mit",
-                         "--output_dir", tmp_path / f"selected-{selection}")
-        assert out.returncode == 0, out.stderr
+        capsys.readouterr()
+        code = cli.main(["select", "--data", str(tmp_path / "scored"), "--selection", selection, "--license", "mit",
+                         "--output_dir", str(tmp_path / f"selected-{selection}")])
+        out = capsys.readouterr()
+        assert code == 0, out.err[-3000:]
         selected = load_from_disk(str(tmp_path / f"selected-{selection}" / "arrow"))["selected"]
-        assert "selected" in out.stdout
+        assert "selected" in out.out
         if selection == "v1":
             assert selected["id"] == scored["reflect_both"]["id"]
         card = (tmp_path / f"selected-{selection}" / "README.md").read_text()
