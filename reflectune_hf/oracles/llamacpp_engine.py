@@ -314,7 +314,7 @@ def run_sequences(engine: LlamaEngine, sequences: list[Sequence], *, eos: set,
             fill_next_token_bitmask_par(executor, constrained, bitmask[:len(rows)])
         t3 = clock() if clock else 0.0
         if constrained:
-            allowed = np.unpackbits(bitmask[:len(rows)].view(np.uint8), axis=1, bitorder="little")
+            allowed = np.unpackbits(bitmask[:len(rows)].view(np.uint8), axis=1, bitorder="little").view(bool)
         t_apply = (clock() - t3) if clock else 0.0
         for slot, (seq_id, logits) in enumerate(rows):
             state = running[seq_id]
@@ -322,7 +322,7 @@ def run_sequences(engine: LlamaEngine, sequences: list[Sequence], *, eos: set,
             raw = logits
             if seq.matcher is not None:
                 ta = clock() if clock else 0.0
-                logits = np.where(allowed[slot, :engine.n_vocab].astype(bool), logits, -np.inf)
+                logits = np.where(allowed[slot, :engine.n_vocab], logits, -np.inf)
                 t_apply += (clock() - ta) if clock else 0.0
             token = _choose(logits, seq, state["rng"])
             if token in eos:
