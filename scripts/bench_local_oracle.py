@@ -40,6 +40,12 @@ load changes between runs). `constrained_ms_per_step` / `oracle_ms_per_step`: mi
 generation step (no prompt tokens in it) by section (`llama_decode`, logits copies, llguidance's
 mask fill, mask application, choosing and bookkeeping), with their steps and mean running rows;
 `*_tokens_per_step`: tokens per `llama_decode` call (batch occupancy).
+Measured, `--rows 4 --threads 2 --skip generate llamacpp`, load 2.1-2.3 (constrained 6.29 tokens
+a step, plain 7.61): before/after `ANSWER_SLICES`, mask 4.48-4.88 -> 1.92 ms a step (decode
+38-44 ms), `constrained_overhead_sections` 1.13 -> 1.054, `constrained_overhead_same_lengths`
+1.04-1.11 -> 1.18 (runs of 9 s: +-10% noise), while `constrained_overhead` stayed 1.35-1.39 and
+`_with_prefill` 1.54-1.56: those two measure the emptier batch and the larger prefill share of
+shorter answers, not the constraint.
 
 Measured with `LlamaCppOracle` (2 cores shared with other busy sessions, load average ~10,
 `--rows 3 --max_new_tokens 64 --threads 1`: 6 prompts):
