@@ -27,6 +27,26 @@ answers are often shorter and would otherwise carry more prefill per token),
 `constrained_overhead_with_prefill` (wall time per token, prefill included) and the format match
 rate of the constrained answers.
 
+Both of those compare runs whose batches empty differently: constrained answers are shorter, so
+their last steps run fewer rows, and a step of few rows costs more per token (measured, one
+thread: 37 ms for one row, 21 ms a row for eight). `constrained_overhead_same_lengths` is the
+constraint's cost alone: the same prompts unconstrained, each with its constrained answer's
+length as budget (`matched_tokens`, equal to `constrained_tokens` unless a plain answer ends
+sooner), so the same rows run for the same steps; wall time per token constrained / matched,
+prefill included in both, each run twice (interleaved, the faster kept).
+`constrained_overhead_sections`: in the constrained run's own generation steps, all their time
+over their time outside the mask fill and application (the constraint's direct cost, immune to
+load changes between runs). `constrained_ms_per_step` / `oracle_ms_per_step`: milliseconds per
+generation step (no prompt tokens in it) by section (`llama_decode`, logits copies, llguidance's
+mask fill, mask application, choosing and bookkeeping), with their steps and mean running rows;
+`*_tokens_per_step`: tokens per `llama_decode` call (batch occupancy).
+Measured, `--rows 4 --threads 2 --skip generate llamacpp`, load 2.1-2.3 (constrained 6.29 tokens
+a step, plain 7.61): before/after `ANSWER_SLICES`, mask 4.48-4.88 -> 1.92 ms a step (decode
+38-44 ms), `constrained_overhead_sections` 1.13 -> 1.054, `constrained_overhead_same_lengths`
+1.04-1.11 -> 1.18 (runs of 9 s: +-10% noise), while `constrained_overhead` stayed 1.35-1.39 and
+`_with_prefill` 1.54-1.56: those two measure the emptier batch and the larger prefill share of
+shorter answers, not the constraint.
+
 Measured with `LlamaCppOracle` (2 cores shared with other busy sessions, load average ~10,
 `--rows 3 --max_new_tokens 64 --threads 1`: 6 prompts):
 `{"oracle_tps": 3.36, "constrained_tps": 2.49, "prefill_s": 45.2,
@@ -62,6 +82,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package
@@ -107,6 +128,26 @@ def run_oracle(oracle, requests):
     seconds = time.perf_counter() - start
     tokens = sum(r.usage.get("completion_tokens", 0) for r in results)
     return results, tokens, seconds
+
+
+def timed_steps(oracle):
+    """A fresh `StepTimes` on the llama.cpp oracle's engine (None for another engine)."""
+    from reflectune_hf.oracles.llamacpp_engine import StepTimes
+
+    engine = getattr(oracle, "_engine", None)
+    if engine is None or not hasattr(engine, "step_times"):
+        return None
+    engine.step_times = StepTimes()
+    return engine.step_times
+
+
+def section_ms(steps) -> dict:
+    """Milliseconds per generation step (no prompt tokens in the batch) by section, and the rows per step."""
+    gen = steps.generation_steps()
+    out = {name: round(1000 * sum(s[3 + i] for s in gen) / max(len(gen), 1), 2)
+           for i, name in enumerate(steps.SECTIONS)}
+    out.update(steps=len(gen), rows=round(sum(s[1] for s in gen) / max(len(gen), 1), 2))
+    return out
 
 
 def run_generate(model, tokenizer, texts, max_new_tokens, batch_size):
@@ -162,11 +203,36 @@ def main(argv=None) -> dict:
     report: dict = {"oracle": type(oracle).__name__, "prompts": len(requests), "max_new_tokens": args.max_new_tokens,
                     "batch_size": args.batch_size, "threads": threads}
 
+    steps = timed_steps(oracle)
     results, tokens, seconds = run_oracle(oracle, requests)
+    oracle_occupancy = round(tokens / max(len(steps.steps), 1), 2) if steps is not None else None
+    plain_ms = section_ms(steps) if steps is not None else None
+    if steps is not None:
+        oracle._engine.step_times = None  # noqa: SLF001
     report.update(oracle_tokens=tokens, oracle_s=round(seconds, 1), oracle_tps=round(tokens / seconds, 2))
     if "constrained" not in args.skip:
         shaped = quickstart_requests(args.rows, args.max_new_tokens, shaped=True)
+        steps = timed_steps(oracle)
         c_results, c_tokens, c_seconds = run_oracle(oracle, shaped)
+        if steps is not None:
+            report.update(constrained_ms_per_step=section_ms(steps),
+                          constrained_tokens_per_step=round(c_tokens / max(len(steps.steps), 1), 2),
+                          oracle_ms_per_step=plain_ms, oracle_tokens_per_step=oracle_occupancy)
+            gen = steps.generation_steps()  # the same steps: their constraint sections against the rest
+            rest = sum(s[3] + s[4] + s[7] for s in gen)
+            report["constrained_overhead_sections"] = round(sum(sum(s[3:]) for s in gen) / max(rest, 1e-9), 3)
+            oracle._engine.step_times = None  # noqa: SLF001 - the runs below are not timed by step
+        # The same prompts unconstrained, each with the constrained answer's length as its budget:
+        # the same rows run for the same steps, so the ratio is the constraint's cost alone.
+        matched = [replace(q, max_tokens=max(r.usage.get("completion_tokens", 0), 1))
+                   for q, r in zip(requests, c_results)]
+        # twice each, interleaved, the faster of each kept: the load of a shared machine moves
+        _, m_tokens, m_seconds = run_oracle(oracle, matched)
+        c_again = run_oracle(oracle, shaped)[2]
+        m_seconds = min(m_seconds, run_oracle(oracle, matched)[2])
+        report.update(matched_tokens=m_tokens, matched_s=round(m_seconds, 1),
+                      constrained_overhead_same_lengths=round((min(c_seconds, c_again) / max(c_tokens, 1))
+                                                              / (m_seconds / max(m_tokens, 1)), 2))
         # The prompts' prefill (answers of one token) is the same in both runs; constrained answers
         # are often shorter, so the decode time per token is compared without it as well.
         _, p_tokens, p_seconds = run_oracle(oracle, quickstart_requests(args.rows, 1, shaped=False))

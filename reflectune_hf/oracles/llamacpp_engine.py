@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,7 @@ class LlamaEngine:
         vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab, self.eos = int(llama_cpp.llama_vocab_n_tokens(vocab)), int(llama_cpp.llama_vocab_eos(vocab))
         self.n_ctx, self.n_seq, self.n_batch, self.n_threads = n_ctx, n_seq, n_batch, n_threads
+        self.step_times: Optional[StepTimes] = None  # set one to time `run_sequences`' steps (benchmarks)
 
     def close(self) -> None:
         lib = getattr(self, "_lib", None)
@@ -188,6 +190,24 @@ class LlamaEngine:
         """The logits of batch entry `k` of the last `decode` (a float32 copy)."""
         pointer = self._lib.llama_get_logits_ith(self._ctx, k)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
+
+
+@dataclass
+class StepTimes:
+    """Seconds per section of each `run_sequences` step, recorded while `engine.step_times` holds
+    one: `steps` rows of `(entries, rows, constrained, decode, logits, mask, apply, choose)` -
+    tokens in the `llama_decode` call, rows with logits, rows under a format mask, then the
+    seconds of `llama_decode`, the logits copies, the llguidance mask fill, applying the masks,
+    and choosing/consuming the tokens (bookkeeping included)."""
+
+    steps: list = field(default_factory=list)
+
+    SECTIONS = ("decode", "logits", "mask", "apply", "choose")
+
+    def generation_steps(self) -> list:
+        """The steps that carried only next tokens (no prompt tokens): their cost depends on the
+        number of running rows alone."""
+        return [s for s in self.steps if s[0] == s[1]]
 
 
 @dataclass
@@ -276,25 +296,34 @@ def run_sequences(engine: LlamaEngine, sequences: list[Sequence], *, eos: set,
             state["pos"] = state["fed"]
             if state["fed"] == len(prompt):
                 outputs.append((seq_id, len(entries) - 1))
+        clock = time.perf_counter if engine.step_times is not None else None
+        t0 = clock() if clock else 0.0
         code = engine.decode(entries)
+        t1 = clock() if clock else 0.0
         if code != 0:
             for seq_id in list(running):
                 end(seq_id, error=f"llama_decode failed (code {code}) with {len(running)} sequences running")
             continue
         rows = [(seq_id, engine.logits(k)) for seq_id, k in outputs]
+        t2 = clock() if clock else 0.0
         constrained = [(running[s]["seq"].matcher, slot) for slot, (s, _) in enumerate(rows)
                        if running[s]["seq"].matcher is not None]
         if constrained:
             from llguidance.numpy import fill_next_token_bitmask_par
 
             fill_next_token_bitmask_par(executor, constrained, bitmask[:len(rows)])
-            allowed = np.unpackbits(bitmask[:len(rows)].view(np.uint8), axis=1, bitorder="little")
+        t3 = clock() if clock else 0.0
+        if constrained:
+            allowed = np.unpackbits(bitmask[:len(rows)].view(np.uint8), axis=1, bitorder="little").view(bool)
+        t_apply = (clock() - t3) if clock else 0.0
         for slot, (seq_id, logits) in enumerate(rows):
             state = running[seq_id]
             seq = state["seq"]
             raw = logits
             if seq.matcher is not None:
-                logits = np.where(allowed[slot, :engine.n_vocab].astype(bool), logits, -np.inf)
+                ta = clock() if clock else 0.0
+                logits = np.where(allowed[slot, :engine.n_vocab], logits, -np.inf)
+                t_apply += (clock() - ta) if clock else 0.0
             token = _choose(logits, seq, state["rng"])
             if token in eos:
                 end(seq_id, "stop")
@@ -310,3 +339,7 @@ def run_sequences(engine: LlamaEngine, sequences: list[Sequence], *, eos: set,
                 end(seq_id, "length")
             else:
                 state["next"] = token
+        if clock:
+            t4 = clock()
+            engine.step_times.steps.append((len(entries), len(rows), len(constrained), t1 - t0, t2 - t1, t3 - t2,
+                                            t_apply, t4 - t3 - t_apply))
