@@ -158,13 +158,24 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             parts = urllib.parse.urlsplit(owner.upstream)
             url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, self.path, "", ""))
+        key = (self.path, raw) if owner.replay and raw is not None else None
+        with owner._lock:
+            replayed = owner._replies.get(key) if key else None
+        if replayed is not None:
+            self._send(200, replayed)
+            return
         request = urllib.request.Request(url, data=raw, method="POST" if raw is not None else "GET",
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=600) as response:
-                self._send(response.status, response.read())
+                status, body = response.status, response.read()
         except urllib.error.HTTPError as err:
             self._send(err.code, err.read())
+            return
+        if key and status == 200:
+            with owner._lock:
+                owner._replies.setdefault(key, body)
+        self._send(status, body)
 
 
 class _Server(ThreadingHTTPServer):
@@ -193,6 +204,10 @@ class LoopbackServer:
             (a server behind a proxy that takes `http://user:password@host/v1`).
         honor_n: return `n` choices (False mimics llama.cpp, which returns one).
         upstream: forward every request to this base URL instead (a counting proxy).
+        replay: with `upstream`, answer a POST body relayed before with the upstream's first answer
+            to it, byte for byte, without asking again (a deterministic upstream: llama.cpp reuses a
+            cached prompt prefix, and the rest, evaluated in other batch sizes, can round a greedy
+            near-tie the other way, so two runs could otherwise see two answers to one request).
         retry_after: the `Retry-After` header of 429s. slow_seconds: how long "slow" waits.
 
     Attributes:
@@ -206,10 +221,11 @@ class LoopbackServer:
     def __init__(self, latency: float = 0.0, jitter: float = 0.0, faults: Faults = None, error_rate: float = 0.0,
                  api_key: Optional[str] = None, honor_n: bool = True, upstream: Optional[str] = None,
                  retry_after: str = "1", slow_seconds: float = 5.0, model: str = "echo", seed: int = 0,
-                 basic_auth: Optional[tuple[str, str]] = None):
+                 basic_auth: Optional[tuple[str, str]] = None, replay: bool = False):
         self.latency, self.jitter, self.faults, self.error_rate = latency, jitter, faults, error_rate
         self.api_key, self.honor_n, self.upstream, self.model = api_key, honor_n, upstream, model
         self.retry_after, self.slow_seconds = retry_after, slow_seconds
+        self.replay, self._replies = replay, {}
         self.basic_auth = tuple(basic_auth) if basic_auth is not None else None
         self.log: list[dict] = []
         self.delivered: Counter = Counter()

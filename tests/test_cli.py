@@ -128,7 +128,9 @@ def test_recycle_killed_then_rerun_completes_from_the_caches_with_the_same_outpu
 
     from huggingface_hub import DatasetCard
 
-    with LoopbackServer(upstream=llama_server.base_url) as proxy:  # one server URL: the cache keys on it
+    # One server URL (the cache keys on it); a request asked again gets the server's first answer,
+    # so the clean and the resumed run see the same answers (see LoopbackServer's `replay`).
+    with LoopbackServer(upstream=llama_server.base_url, replay=True) as proxy:
         args = ["recycle", "--data", "sample", "--limit", 4, "--oracle_model", llama_server.model,
                 "--base_url", proxy.base_url, "--max_new_tokens", 32, "--format_retries", 0,
                 "--max_concurrency", 1, "--max_length", 512, "--score_batch_size", 4]
