@@ -124,6 +124,8 @@ def test_a_field_ended_by_its_length_bound_is_cut_not_ok():
     clipped = "[New Instruction] " + ("Name a bird that " * 9)[:bound] + " [End]\n[New Answer] A robin. [End]"
     fitting = "[New Instruction] Name a bird. [End]\n[New Answer] A robin. [End]"
     assert fields_at_bound(first, clipped) == ["New Instruction"] and fields_at_bound(first, fitting) == []
+    unenforced = clipped.replace(("Name a bird that " * 9)[:bound], "Name a bird that sings at dawn in spring.")
+    assert fields_at_bound(first, unenforced) == []  # longer than the bound: a backend that did not enforce it
     clipped_again = clipped.replace(("Name a bird that " * 9)[:bound], ("Name a bird that " * 9)[:longer.fields[0].max_chars])
     oracle = ScriptedOracle(rules=(("CUT-THEN-FITS", (clipped, fitting)), ("CUT-TWICE", (clipped, clipped_again))))
     rows = {"id": [0, 1], "instruction": ["CUT-THEN-FITS", "CUT-TWICE"], "input": ["", ""], "output": ["Cat.", "Cat."]}

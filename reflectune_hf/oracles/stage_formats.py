@@ -66,7 +66,9 @@ def fields_at_bound(shape: Optional[AnswerFormat], text: str) -> list[str]:
     the model did not end it: the answer was cut, like one cut by the token limit, even though
     the backend reports `finish_reason="stop"`. The stages treat such an answer as `"length"`
     (re-asked with twice the budget, `truncated` when kept). Only `MarkedFields` carry text
-    fields that rows keep; other shapes (the judge's explanation, Tuna's analysis) give [].
+    fields that rows keep; other shapes (the judge's explanation, Tuna's analysis) give []. A
+    field longer than its bound was not enforced (a plain backend, or JSON without length
+    keywords): the model ended it, so it is not listed.
 
     Example:
         >>> from reflectune_hf.oracles.stage_formats import fields_at_bound
@@ -76,6 +78,8 @@ def fields_at_bound(shape: Optional[AnswerFormat], text: str) -> list[str]:
         ['New Instruction']
         >>> fields_at_bound(shape, "[New Instruction] Name two. [End]\\n[New Answer] Red, blue. [End]")
         []
+        >>> fields_at_bound(shape, "[New Instruction] Name three birds. [End]\\n[New Answer] Red, blue. [End]")
+        []
     """
     if not isinstance(shape, MarkedFields) or not text:
         return []
@@ -84,7 +88,8 @@ def fields_at_bound(shape: Optional[AnswerFormat], text: str) -> list[str]:
         found = re.compile(rf"\[{re.escape(f.marker)}\] (.*?) \[End\]", re.DOTALL).search(text, start)
         if found is None:
             break
-        if len(found.group(1)) >= f.max_chars:
+        body = found.group(1)  # an enforced field holds max_chars units, a "[x" pair being one unit
+        if f.max_chars <= len(body) <= f.max_chars + body.count("["):
             cut.append(f.marker)
         start = found.end()
     return cut
