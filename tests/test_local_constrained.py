@@ -9,7 +9,7 @@ import pytest
 from reflectune_hf import load_sample
 from reflectune_hf.reflection.extract import extract_instruction_reflection, extract_response_reflection
 from reflectune_hf.oracles import ChatRequest, TransformersOracle
-from reflectune_hf.oracles.stage_formats import stage_answer_format
+from reflectune_hf.oracles.stage_formats import fields_at_bound, stage_answer_format
 from reflectune_hf.reflection.stages import ReflectInstruction, ReflectResponse
 
 MAX_TOKENS = 96
@@ -31,8 +31,11 @@ def check(ds, stage_kind):
     assert all(reason in ("stop", "length") for reason in reasons)
     # every complete answer matches the shape's regex (a cut one is a prefix of one)
     assert all(re.fullmatch(shape.regex(), raw) for raw, reason in zip(raws, reasons) if reason == "stop")
-    ok = sum(status == "ok" for status in ds["reflection_status"])
-    assert ok / len(ds) >= 0.95, list(zip(ds["reflection_status"], raws))
+    # every answer parses; a row is `ok` exactly when no field was ended by its length bound (the
+    # 135M model often loops until the bound: then the format, not the model, ended the field)
+    at_bound = ["truncated" if reason == "length" or fields_at_bound(shape, raw) else "ok"
+                for raw, reason in zip(raws, reasons)]
+    assert ds["reflection_status"] == at_bound, list(zip(ds["reflection_status"], raws))
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Structured output for real: the reflection stages through `OpenAIOracle` against the real
 llama.cpp server (the embedded SmolLM2 GGUF), recognised as llama.cpp with no other argument, so
-every request carries the stage's GBNF grammar; the statuses must be `ok` in >= 95% of rows."""
+every request carries the stage's GBNF grammar; every answer parses, and a row is `ok` exactly
+when no field was ended by its length bound (else `truncated`: the grammar, not the model, ended it)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from reflectune_hf.reflection.extract import extract_instruction_reflection, extract_response_reflection
 from reflectune_hf.oracles import OpenAIOracle, backends
-from reflectune_hf.oracles.stage_formats import format_outcome
+from reflectune_hf.oracles.stage_formats import fields_at_bound, format_outcome, stage_answer_format
 from reflectune_hf.reflection.stages import ReflectInstruction, ReflectResponse
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -36,7 +37,15 @@ def test_reflection_through_the_real_llama_server_with_the_grammar_parses(llama_
         ok = parsed["reflection_status"].count("ok") / ROWS
         print(json.dumps({"stage": stage.stage_name, "ok_rate": ok, "statuses": parsed["reflection_status"],
                           "outcomes": outcomes[stage.stage_name]}))
-        assert ok >= 0.95, (stage.stage_name, parsed["reflection_status"], out["reflection_raw"])
+        # The 135M model often loops until a field's bound: then the row is `truncated`, never `ok`.
+        cut = ["truncated" if reason == "length" else "ok" for reason in out["reflection_finish_reason"]]
+        assert parsed["reflection_status"] == cut, (stage.stage_name, parsed["reflection_status"], out["reflection_raw"])
+        shapes = [stage_answer_format(stage.answer_shape, MAX_TOKENS * k) for k in (1, 2)]
+        for status, raw, attempts in zip(cut, out["reflection_raw"], out["reflection_attempts"]):
+            if status == "ok":  # the kept answer is the last attempt's, sent with 1x or 2x the budget
+                assert not fields_at_bound(shapes[attempts - 1], raw), raw
+            else:
+                assert any(fields_at_bound(shape, raw) for shape in shapes), raw
     assert oracle.served_backend() == "llamacpp"  # recognised from /v1/models with no other argument
 
 

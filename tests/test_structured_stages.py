@@ -109,3 +109,38 @@ def test_cli_options_reach_the_oracle_and_the_stages():
         RecycleConfig(oracle_model="m", structured="always")
     with pytest.raises(ValueError, match="backend must be one of"):
         RecycleConfig(oracle_model="m", backend="tgi")
+
+
+def test_a_field_ended_by_its_length_bound_is_cut_not_ok():
+    """Under a shape the backend ends a field when it reaches `max_chars` and reports "stop"; the
+    model did not end it, so the answer counts as cut by the length limit: re-asked with twice the
+    budget, `truncated` when kept (found on the quickstart: instructions clipped at 100 characters
+    mid-sentence were `ok`). A field that ends before its bound stays `ok`."""
+    from reflectune_hf.oracles.stage_formats import fields_at_bound
+    from reflectune_hf.reflection.extract import extract_instruction_reflection, extract_response_reflection
+
+    first, longer = stage_answer_format("instruction", 60), stage_answer_format("instruction", 120)
+    bound = first.fields[0].max_chars
+    clipped = "[New Instruction] " + ("Name a bird that " * 9)[:bound] + " [End]\n[New Answer] A robin. [End]"
+    fitting = "[New Instruction] Name a bird. [End]\n[New Answer] A robin. [End]"
+    assert fields_at_bound(first, clipped) == ["New Instruction"] and fields_at_bound(first, fitting) == []
+    unenforced = clipped.replace(("Name a bird that " * 9)[:bound], "Name a bird that sings at dawn in spring.")
+    assert fields_at_bound(first, unenforced) == []  # longer than the bound: a backend that did not enforce it
+    clipped_again = clipped.replace(("Name a bird that " * 9)[:bound], ("Name a bird that " * 9)[:longer.fields[0].max_chars])
+    oracle = ScriptedOracle(rules=(("CUT-THEN-FITS", (clipped, fitting)), ("CUT-TWICE", (clipped, clipped_again))))
+    rows = {"id": [0, 1], "instruction": ["CUT-THEN-FITS", "CUT-TWICE"], "input": ["", ""], "output": ["Cat.", "Cat."]}
+    out = ReflectInstruction(oracle, max_tokens=60)(rows)
+    assert out["reflection_attempts"] == [2, 2] and out["reflection_finish_reason"] == ["stop", "length"]
+    assert [r.answer_format for r in oracle.requests] == [first, first, longer, longer]
+    extracted = extract_instruction_reflection({**rows, **out})
+    assert extracted["reflection_status"] == ["ok", "truncated"]
+    assert extracted["instruction"] == ["Name a bird.", "CUT-TWICE"]
+
+    cut_answers = tuple("[Better Answer] " + ("A robin sings. " * 40)[:stage_answer_format("response", m).fields[0].max_chars]
+                        + " [End]" for m in (60, 120))
+    oracle = ScriptedOracle(default=cut_answers)
+    out = ReflectResponse(oracle, max_tokens=60)(PAIR)
+    assert out["reflection_finish_reason"] == ["length"]
+    assert extract_response_reflection({**PAIR, **out})["reflection_status"] == ["truncated"]
+    plain = ReflectResponse(ScriptedOracle(default=cut_answers), max_tokens=60, structured="off")(PAIR)
+    assert plain["reflection_finish_reason"] == ["stop"]  # no shape sent: no bound to reach

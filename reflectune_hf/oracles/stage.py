@@ -15,7 +15,7 @@ from ..prompts import PromptSet, get_prompt_set
 from ..utils import LazyState
 from .backends import structured_mode
 from .base import ChatRequest, ChatResult, usage_add
-from .stage_formats import stage_answer_format
+from .stage_formats import fields_at_bound, stage_answer_format
 
 logger = logging.getLogger("reflectune_hf.reflection.stages")
 
@@ -115,9 +115,10 @@ class OracleCaller(LazyState):
         for attempt in range(1 + self.format_retries):
             if not pending:
                 break
-            results = self._complete([request(i, attempt, answers[i].finish_reason == "length") for i in pending])
+            requests = [request(i, attempt, answers[i].finish_reason == "length") for i in pending]
+            results = self._complete(requests)
             retry = []
-            for i, result in zip(pending, results):
+            for i, sent, result in zip(pending, requests, results):
                 answer = answers[i]
                 answer.attempts = attempt + 1
                 if not result.ok:
@@ -126,6 +127,8 @@ class OracleCaller(LazyState):
                     continue
                 reasons = result.finish_reasons
                 reason = str(reasons[0]) if reasons and reasons[0] else ""
+                if reason != "length" and fields_at_bound(getattr(sent, "answer_format", None), result.text):
+                    reason = "length"  # the format's length bound ended a field, not the model
                 score = rankers[i](result.text)
                 if reason == "length":
                     score = max(score, self.worst_rank)

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from .structured import AnswerFormat, Field, MarkedFields, RankingAnswer, ScoreLine
@@ -56,6 +57,42 @@ def stage_answer_format(stage: str, max_tokens: Optional[int] = None, num_respon
     if stage == "ranking":
         return RankingAnswer(num_responses, min(fifth, 600), min(max(chars // 2, 20), 3000))
     raise ValueError(f"unknown stage {stage!r}: one of compress, instruction, response, judge, ranking")
+
+
+def fields_at_bound(shape: Optional[AnswerFormat], text: str) -> list[str]:
+    """The markers of `shape`'s fields whose text in `text` reached the field's length bound.
+
+    Under a grammar, regex or schema the backend ends a field when it reaches `max_chars`, so
+    the model did not end it: the answer was cut, like one cut by the token limit, even though
+    the backend reports `finish_reason="stop"`. The stages treat such an answer as `"length"`
+    (re-asked with twice the budget, `truncated` when kept). Only `MarkedFields` carry text
+    fields that rows keep; other shapes (the judge's explanation, Tuna's analysis) give []. A
+    field longer than its bound was not enforced (a plain backend, or JSON without length
+    keywords): the model ended it, so it is not listed.
+
+    Example:
+        >>> from reflectune_hf.oracles.stage_formats import fields_at_bound
+        >>> from reflectune_hf.oracles.structured import Field, MarkedFields
+        >>> shape = MarkedFields((Field("New Instruction", 10), Field("New Answer", 50)))
+        >>> fields_at_bound(shape, "[New Instruction] Name three [End]\\n[New Answer] Red, blue. [End]")
+        ['New Instruction']
+        >>> fields_at_bound(shape, "[New Instruction] Name two. [End]\\n[New Answer] Red, blue. [End]")
+        []
+        >>> fields_at_bound(shape, "[New Instruction] Name three birds. [End]\\n[New Answer] Red, blue. [End]")
+        []
+    """
+    if not isinstance(shape, MarkedFields) or not text:
+        return []
+    cut, start = [], 0
+    for f in shape.fields:
+        found = re.compile(rf"\[{re.escape(f.marker)}\] (.*?) \[End\]", re.DOTALL).search(text, start)
+        if found is None:
+            break
+        body = found.group(1)  # an enforced field holds max_chars units, a "[x" pair being one unit
+        if f.max_chars <= len(body) <= f.max_chars + body.count("["):
+            cut.append(f.marker)
+        start = found.end()
+    return cut
 
 
 # --------------------------------------------------------------------------- the measured format rate
