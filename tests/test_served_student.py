@@ -182,10 +182,6 @@ def test_echo_answers_map_to_local_tokens_by_character_offsets():
     assert problem.value.status == "misaligned"
     # the context may be split differently: only the scored tokens must match
     assert echo_logprobs(split, [2, 8, 9], start=2, text_length=9) == [-2.0]
-    # a prefix token echoed by the server is dropped, offsets taken relative to the text
-    prefixed = {"logprobs": {"tokens": ["<s>", "Hi", " there"], "text_offset": [0, 3, 5],
-                             "token_logprobs": [None, -0.5, -1.0]}}
-    assert echo_logprobs(prefixed, [2, 8], start=1, text_length=8, prefix="<s>") == [-1.0]
 
 
 def test_selectit_reads_the_rating_tokens_from_the_top_logprobs():

@@ -130,14 +130,13 @@ def vllm_prompt_logprobs(choice: dict, ids: Sequence[int], start: int) -> list[f
     return out
 
 
-def align_echo(choice: dict, ends: Sequence[int], start: int, text_length: int, prefix: str = "") -> tuple:
+def align_echo(choice: dict, ends: Sequence[int], start: int, text_length: int) -> tuple:
     """`(logprobs, index)`: the answer's `logprobs` and, for each local token `start..`, the
     index of the server's token over the same characters (ServedProblem `misaligned` when the
     server split them differently).
 
-    `ends[j]` is the character end of local token j in the text sent (after `prefix`), which
-    was `text_length` characters long. Server token i covers `[text_offset[i], text_offset[i+1])`
-    (offsets after a leading `prefix` token are taken relative to the text); tokens from
+    `ends[j]` is the character end of local token j in the text sent, which was `text_length`
+    characters long. Server token i covers `[text_offset[i], text_offset[i+1])`; tokens from
     `text_length` on are generated, not the prompt's.
     """
     lp = choice.get("logprobs")
@@ -146,15 +145,12 @@ def align_echo(choice: dict, ends: Sequence[int], start: int, text_length: int, 
     tokens, offsets = lp.get("tokens") or [], lp.get("text_offset") or []
     if not (len(tokens) == len(offsets) == len(lp["token_logprobs"])):
         raise ServedProblem("misaligned", "tokens, text_offset and token_logprobs differ in length")
-    first, shift = 0, 0
-    if prefix and tokens and tokens[0] == prefix:  # a server that echoes the prefix token itself
-        first, shift = 1, (offsets[1] if len(offsets) > 1 else len(prefix))
     server = []  # (start, end, index) of the prompt's tokens
-    for i in range(first, len(tokens)):
-        s = int(offsets[i]) - shift
+    for i in range(len(tokens)):
+        s = int(offsets[i])
         if s >= text_length:
             break  # the generated token
-        e = int(offsets[i + 1]) - shift if i + 1 < len(offsets) else s + len(tokens[i] or "")
+        e = int(offsets[i + 1]) if i + 1 < len(offsets) else s + len(tokens[i] or "")
         server.append((s, min(e, text_length), i))
     if start >= len(ends):
         return lp, []
@@ -168,10 +164,10 @@ def align_echo(choice: dict, ends: Sequence[int], start: int, text_length: int, 
     return lp, [i for _, _, i in inside]
 
 
-def echo_logprobs(choice: dict, ends: Sequence[int], start: int, text_length: int, prefix: str = "") -> list[float]:
+def echo_logprobs(choice: dict, ends: Sequence[int], start: int, text_length: int) -> list[float]:
     """Log-probabilities of the local tokens `start..` from an echoed legacy answer, each the
     server's `token_logprobs` of its token (see `align_echo` for the arguments)."""
-    lp, index = align_echo(choice, ends, start, text_length, prefix)
+    lp, index = align_echo(choice, ends, start, text_length)
     out = []
     for i in index:
         v = lp["token_logprobs"][i]
