@@ -186,9 +186,9 @@ def test_batch_composition_does_not_change_scores(scorer, sample):
     """Rows scored alone (map batch size 1), all together, and together with a token budget that
     forces one sequence per forward pass: every loss within 1e-5 relative (fp32; the ppl ratios
     exponentiate loss differences, so 5e-5)."""
-    ds = sample.select(range(6))
-    alone = ds.map(scorer, batched=True, batch_size=1, load_from_cache_file=False)
-    together = ds.map(scorer, batched=True, batch_size=6, load_from_cache_file=False)
+    ds = sample.select(range(6))  # fresh siblings: a scorer does not score a span twice
+    alone = ds.map(sibling(scorer), batched=True, batch_size=1, load_from_cache_file=False)
+    together = ds.map(sibling(scorer), batched=True, batch_size=6, load_from_cache_file=False)
     one_per_pass = ds.map(sibling(scorer, max_tokens_per_batch=1), batched=True, batch_size=6,
                           load_from_cache_file=False)
     all_in_one_pass = ds.map(sibling(scorer, max_tokens_per_batch=16384), batched=True, batch_size=6,
@@ -224,7 +224,7 @@ def test_head_runs_only_on_scored_positions(scorer):
     try:
         rows = [{"instruction": "List three fruits.", "input": "", "output": "Apple, pear, plum."},
                 {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]
-        scorer(batch_of(rows))
+        sibling(scorer)(batch_of(rows))
     finally:
         handle.remove()
     assert seen and all(len(shape) == 2 for shape in seen)
@@ -233,6 +233,44 @@ def test_head_runs_only_on_scored_positions(scorer):
     n_ins = sum(len(tok(r["instruction"] + r["input"])["input_ids"]) for r in rows)
     # alone: all tokens but the first; conditional: the target's tokens (boundary-dependent, about the same)
     assert 2 * (n_out + n_ins) - 8 <= sum(s[0] for s in seen) <= 2 * (n_out + n_ins) + 4
+
+
+def test_spans_scored_before_are_reused_not_scored_again(scorer, monkeypatch):
+    """The recycle job scores four splits that share most texts: a span the scorer already scored
+    (same tokens, same first scored token) is not sent to the model again, inside a call or
+    across calls, and its loss is the one computed then; the memory is not pickled, so it
+    changes neither the fingerprint nor what a `num_proc` worker computes."""
+    from datasets.fingerprint import Hasher
+
+    import reflectune_hf.scoring.ifd as scoring
+
+    sent = []
+    real = scoring.mean_token_losses
+
+    def recording(model, spans, *args, **kwargs):
+        sent.append(len(spans))
+        return real(model, spans, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "mean_token_losses", recording)
+    rows = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "Their sum is 5."},
+            {"instruction": "Say hi in French.", "input": "", "output": "Bonjour !"}]
+    fresh = sibling(scorer)
+    first = fresh(batch_of(rows))
+    assert sent == [12] and fresh.reused_spans == 0
+    changed = rows[:2] + [{**rows[2], "output": "Salut !"}, rows[0]]
+    again = fresh(batch_of(changed))
+    # rows 0, 1 and 3 (a copy of row 0): all four spans known; row 2: its instruction alone
+    assert sent == [12, 3] and fresh.reused_spans == 13
+    for column in LOSS_COLUMNS:
+        assert again[column][:2] == first[column][:2] and again[column][3] == first[column][0]
+    want = sibling(scorer)(batch_of(changed))
+    for column in LOSS_COLUMNS + ["ifd", "rifd"]:
+        for a, b in zip(again[column], want[column]):
+            assert_close(a, b, 5e-5)
+    copy = pickle.loads(pickle.dumps(fresh))
+    assert copy._memo is None and copy.reused_spans == 0
+    assert Hasher.hash(fresh) == Hasher.hash(IFDScorer())
 
 
 # -- caching, pickling, devices ------------------------------------------------------------------

@@ -13,7 +13,10 @@ Unlike the reference (batch size 1, four full forward passes per row), all 4×N 
 map batch are sorted by length and packed into micro-batches of at most `max_tokens_per_batch`
 padded tokens; the language-model head runs only at the scored positions, in chunks, so no
 `[batch, seq, vocab]` logits tensor is ever built. Right padding with an attention mask keeps
-every row's scores independent of the batch it lands in.
+every row's scores independent of the batch it lands in. A span (token ids and first scored
+token) already scored by this scorer in this process is not scored again: the recycle job's four
+splits share most texts (the original instruction of `reflect_response`, every row a reflection
+left unchanged), so the later splits reuse the earlier ones' losses (`reused_spans` counts them).
 
 Undefined values are NaN, never 0, and `score_status` says why: `ok`, or `;`-joined reasons
 among `empty_output`, `no_scored_token:<loss>` (nothing left to score after truncation),
@@ -30,9 +33,11 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
+from array import array
 from pathlib import Path
 from typing import Optional
 
@@ -51,6 +56,7 @@ logger = logging.getLogger(__name__)
 SCORING_VERSION = 1
 GPU_TOKENS_PER_BATCH = 16384  # default padded tokens per forward pass on a GPU
 CPU_TOKENS_PER_BATCH = 1024  # and on CPU: bigger micro-batches are slower there (cache misses, attention)
+MEMO_SPANS = 500_000  # losses kept for reuse (a 16-byte key and a float each); cleared when full
 LOSS_NAMES = ("ins_alone", "out_alone", "ins_condition", "out_condition")  # the reference's order
 SCORE_COLUMNS = (
     *(f"loss_{n}" for n in LOSS_NAMES),
@@ -166,7 +172,8 @@ class IFDScorer(LazyState):
 
     # Runtime knobs are transient too: they change the speed, never the scores (see above).
     _transient = ("_model", "_tokenizer", "_device", "_engine", "device", "num_threads",
-                  "max_tokens_per_batch")
+                  "max_tokens_per_batch", "_memo", "reused_spans")
+    _transient_defaults = {"reused_spans": 0}
 
     def __init__(self, model: str = "smollm2-135m-instruct", template: str = "vicuna", max_length: int = 2048,
                  dtype: str = "float32", device: Optional[str] = None, max_tokens_per_batch: Optional[int] = None,
@@ -189,7 +196,8 @@ class IFDScorer(LazyState):
             **identity, "template": template, "max_length": self.max_length,
             "version": package_version(), "scoring": SCORING_VERSION,
         })
-        self._model = self._tokenizer = self._device = self._engine = None
+        self._model = self._tokenizer = self._device = self._engine = self._memo = None
+        self.reused_spans = 0  # spans not scored again: their loss was known (class docstring)
 
     def __repr__(self) -> str:
         served = f", server={self.server!r}" if self.server is not None else ""
@@ -283,8 +291,26 @@ class IFDScorer(LazyState):
         return _columns(losses, reasons)
 
     def _span_losses(self, spans: list[Span], rank: Optional[int]) -> list:
-        """The mean loss of each span (or the exception standing for it): from the local engine,
-        or from the served student's log-probabilities through the same `mean_loss` math."""
+        """The mean loss of each span (or the exception standing for it): reused when this scorer
+        already scored the same span, else from the local engine or from the served student's
+        log-probabilities through the same `mean_loss` math. Only finite losses are kept."""
+        if self._memo is None:
+            self._memo = {}
+        keys = [_span_key(span) for span in spans]
+        first = {}  # key -> index of its first span not in the memo (duplicates in a call: once)
+        for i, key in enumerate(keys):
+            if key not in self._memo:
+                first.setdefault(key, i)
+        self.reused_spans += len(spans) - len(first)
+        fresh = dict(zip(first, self._new_losses([spans[i] for i in first.values()], rank))) if first else {}
+        if len(self._memo) + len(fresh) > MEMO_SPANS:
+            self._memo.clear()
+        for key, value in fresh.items():
+            if isinstance(value, float) and math.isfinite(value):
+                self._memo[key] = value
+        return [fresh[key] if key in fresh else self._memo[key] for key in keys]
+
+    def _new_losses(self, spans: list[Span], rank: Optional[int]) -> list:
         if self.server is not None:
             return [v if isinstance(v, Exception) else mean_loss(v)
                     for v in self.server.span_logprobs(self._tokenizer, spans)]
@@ -302,6 +328,14 @@ class IFDScorer(LazyState):
         result = self.score(text_column(batch, "instruction", "IFDScorer"), inputs,
                             text_column(batch, "output", "IFDScorer"), rank=rank)
         return {k: v[0] for k, v in result.items()} if single else result
+
+
+def _span_key(span: Span) -> bytes:
+    """What a span's loss depends on (its tokens and first scored token), hashed to 16 bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(span.start.to_bytes(4, "little"))
+    digest.update(array("q", span.ids).tobytes())
+    return digest.digest()
 
 
 def _columns(losses: list[list[float]], reasons: list[list[str]]) -> dict:
