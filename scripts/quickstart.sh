@@ -6,8 +6,10 @@
 # e.g. `bash scripts/quickstart.sh --limit 8`.
 #
 # A 135M oracle left free rarely follows the reflection format; structured output (on by
-# default: constrained decoding) keeps it, so most rows come back `ok` (statuses per row, every
-# row kept). Point at a real oracle for real data, e.g.
+# default: constrained decoding) keeps the format, but this model seldom ends a field by itself,
+# so most rows come back `truncated` (a length bound ended the field; the row keeps its original
+# pair) and few `ok`: the README gives the measured rates. Every row is kept with its status.
+# Point at a real oracle for real data, e.g.
 #   reflectune recycle --oracle_model gpt-4o-mini --data tatsu-lab/alpaca
 #   reflectune recycle --oracle_model Qwen/Qwen2.5-7B-Instruct --base_url http://127.0.0.1:8000/v1 --data my.jsonl
 set -euo pipefail
