@@ -26,9 +26,10 @@ constrained sequences of a step filled in one parallel call (`LLExecutor`).
 
 Budget per request: `min(max_tokens, max_new_tokens, n_ctx - prompt_tokens)`; a prompt that
 fills `n_ctx` fails its row ("raise n_ctx or shorten the row"). Threads: `n_threads` per
-instance (default `default_threads()`: the usable cores that the load average leaves free when
-the model loads, at least 1 - llama.cpp's threads spin while they wait, so on a busy 2-core
-machine one thread is several times faster than two, while an idle one wants both).
+instance (default `default_threads()`: the usable cores that other processes leave free when the
+model loads, measured over a quarter second, at least 1 - llama.cpp's threads spin while they
+wait, so on a busy 2-core machine one thread is several times faster than two, while an idle one
+wants both).
 
 Greedy answers do not depend on the batch: a sequence's logits are the same whether it decodes
 alone or with others (each sequence attends to its own KV stream; tested).
@@ -45,7 +46,9 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from pathlib import Path
 from typing import ClassVar, Optional
 
@@ -85,23 +88,71 @@ def source_gguf(model: str) -> Path:
     return path
 
 
-def default_threads(usable: Optional[int] = None, load: Optional[float] = None) -> int:
-    """llama.cpp threads for a new engine: the usable cores (`os.sched_getaffinity`) minus the
-    whole runnable processes of the last minute's load average, at least 1. llama.cpp's workers
-    spin while they wait, so a thread on a core that another process holds slows every step.
+PROC_STAT = "/proc/stat"  # per-CPU time counters (Linux)
+
+
+def _cpu_ticks(cpus: set) -> Optional[dict]:
+    """`{cpu: (busy, idle)}` clock ticks of `cpus` from /proc/stat (steal counts as neither), or
+    None where it cannot be read."""
+    try:
+        with open(PROC_STAT, encoding="ascii") as stat:
+            lines = stat.read().splitlines()
+    except OSError:
+        return None
+    ticks = {}
+    for line in lines:
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            user, nice, system, idle, iowait, irq, softirq = (int(v) for v in (values + ["0"] * 7)[:7])
+            ticks[int(name[3:])] = (user + nice + system + irq + softirq, idle + iowait)
+    return ticks or None
+
+
+def busy_cores(cpus=None, seconds: float = 0.25) -> Optional[float]:
+    """How many of `cpus` (default: the usable ones) other work keeps busy: the busy share of each
+    CPU over the next `seconds` (from /proc/stat, while this thread sleeps), summed. Unlike the
+    load average, it does not count this process's earlier work (right after a model conversion
+    in the same process the 1-minute load reads as a busy core). None without /proc/stat.
+
+    Example:
+        >>> from reflectune_hf.oracles.llamacpp_local import busy_cores
+        >>> 0 <= busy_cores(seconds=0.05) <= len(os.sched_getaffinity(0))
+        True
+    """
+    cpus = set(os.sched_getaffinity(0)) if cpus is None else set(cpus)
+    before = _cpu_ticks(cpus)
+    if before is None:
+        return None
+    time.sleep(seconds)
+    after = _cpu_ticks(cpus) or {}
+    total = 0.0
+    for cpu, (busy, idle) in before.items():
+        busy_after, idle_after = after.get(cpu, (busy, idle))
+        counted = (busy_after - busy) + (idle_after - idle)
+        total += (busy_after - busy) / counted if counted > 0 else 0.0
+    return total
+
+
+def default_threads(usable: Optional[int] = None, busy: Optional[float] = None) -> int:
+    """llama.cpp threads for a new engine: the usable cores (`os.sched_getaffinity`) minus those
+    other work keeps busy (`busy`, default `busy_cores()`, or the 1-minute load average where
+    /proc/stat cannot be read), rounded, at least 1. llama.cpp's workers spin while they wait, so
+    a thread on a core that another process holds slows every step.
 
     Example:
         >>> from reflectune_hf.oracles.llamacpp_local import default_threads
-        >>> default_threads(usable=2, load=0.4), default_threads(usable=2, load=1.2), default_threads(usable=16, load=3.5)
+        >>> default_threads(usable=2, busy=0.4), default_threads(usable=2, busy=0.8), default_threads(usable=16, busy=3.4)
         (2, 1, 13)
     """
     usable = len(os.sched_getaffinity(0)) if usable is None else int(usable)
-    if load is None:
+    if busy is None:
+        busy = busy_cores()
+    if busy is None:
         try:
-            load = os.getloadavg()[0]
+            busy = os.getloadavg()[0]
         except OSError:  # no load average on this platform
-            load = 0.0
-    return max(1, min(usable, usable - int(load)))
+            busy = 0.0
+    return max(1, min(usable, usable - math.floor(busy + 0.5)))
 
 
 def f16_gguf(source: Path) -> Path:
