@@ -273,6 +273,23 @@ def test_spans_scored_before_are_reused_not_scored_again(scorer, monkeypatch):
     assert Hasher.hash(fresh) == Hasher.hash(IFDScorer())
 
 
+def test_a_full_span_memory_keeps_the_known_losses_of_the_call_that_fills_it(scorer, monkeypatch):
+    """When a call's new spans overflow the memory it is cleared; the spans of that call already
+    known must still get their losses (a KeyError here once failed the whole batch)."""
+    import reflectune_hf.scoring.ifd as scoring
+
+    rows = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+            {"instruction": "Say hi in French.", "input": "", "output": "Bonjour !"}]
+    fresh = sibling(scorer)
+    first = fresh(batch_of(rows[:1]))
+    monkeypatch.setattr(scoring, "MEMO_SPANS", len(fresh._memo) + 1)  # the next new spans overflow it
+    both = fresh(batch_of(rows))
+    assert fresh.reused_spans == 4
+    for column in LOSS_COLUMNS:
+        assert both[column][0] == first[column][0]
+    assert len(fresh._memo) <= scoring.MEMO_SPANS
+
+
 # -- caching, pickling, devices ------------------------------------------------------------------
 
 

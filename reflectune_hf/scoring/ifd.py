@@ -302,13 +302,15 @@ class IFDScorer(LazyState):
             if key not in self._memo:
                 first.setdefault(key, i)
         self.reused_spans += len(spans) - len(first)
+        losses = {key: self._memo[key] for key in keys if key not in first}  # before a clear below
         fresh = dict(zip(first, self._new_losses([spans[i] for i in first.values()], rank))) if first else {}
         if len(self._memo) + len(fresh) > MEMO_SPANS:
             self._memo.clear()
         for key, value in fresh.items():
             if isinstance(value, float) and math.isfinite(value):
                 self._memo[key] = value
-        return [fresh[key] if key in fresh else self._memo[key] for key in keys]
+        losses.update(fresh)
+        return [losses[key] for key in keys]
 
     def _new_losses(self, spans: list[Span], rank: Optional[int]) -> list:
         if self.server is not None:
