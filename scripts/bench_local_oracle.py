@@ -14,7 +14,8 @@ of the bundled 40-row sample, through the SmolLM2 chat template, greedy, `--max_
 - `constrained`: the default local oracle with each stage's answer shape (`stage_answer_format`)
   enforced by llguidance.
 
-Every engine gets `--threads` threads (default torch's). Tokens/s is generated tokens (EOS
+Every engine gets `--threads` threads (default: what the default oracle takes, `default_threads()`:
+the usable cores other work leaves free when the benchmark starts). Tokens/s is generated tokens (EOS
 excluded) over wall time, prefill included. The runs follow each other in one process, so they
 see the same machine; the load average is printed because other processes skew every figure
 (compare the ratios, not the absolute numbers).
@@ -100,7 +101,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", default="auto", choices=["auto", "llamacpp", "transformers"],
                         help="the local oracle measured (default: what `local:` picks, llama.cpp batched)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="threads of every engine (default: torch's; 1 on a busy machine)")
+                        help="threads of every engine (default: the usable cores other work leaves free, as the oracle takes)")
     return parser
 
 
@@ -131,14 +132,11 @@ def run_oracle(oracle, requests):
 
 
 def timed_steps(oracle):
-    """A fresh `StepTimes` on the llama.cpp oracle's engine (None for another engine)."""
-    from reflectune_hf.oracles.llamacpp_engine import StepTimes
+    """The llama.cpp oracle's step timer (`LlamaCppOracle.timed_steps()`), a no-op context giving
+    None for another engine."""
+    from contextlib import nullcontext
 
-    engine = getattr(oracle, "_engine", None)
-    if engine is None or not hasattr(engine, "step_times"):
-        return None
-    engine.step_times = StepTimes()
-    return engine.step_times
+    return oracle.timed_steps() if hasattr(oracle, "timed_steps") else nullcontext()
 
 
 def section_ms(steps) -> dict:
@@ -193,27 +191,28 @@ def main(argv=None) -> dict:
     from reflectune_hf.models import load_causal_lm
     from reflectune_hf.oracles import make_local_oracle
 
-    threads = args.threads or torch.get_num_threads()
+    from reflectune_hf.oracles.llamacpp_local import default_threads
+
+    # every engine on the threads the default oracle takes (the cores other work leaves free now)
+    threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     oracle = make_local_oracle(MODEL, engine=args.engine, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, cache=False, progress=False,
                                **({"n_threads": threads} if args.engine != "transformers" else {}))
-    oracle._load()  # noqa: SLF001 - the benchmark times generation, not loading
+    oracle.load()  # the benchmark times generation, not loading
     requests = quickstart_requests(args.rows, args.max_new_tokens, shaped=False)
     report: dict = {"oracle": type(oracle).__name__, "prompts": len(requests), "max_new_tokens": args.max_new_tokens,
-                    "batch_size": args.batch_size, "threads": threads}
+                    "batch_size": args.batch_size, "threads": getattr(oracle, "threads", None) or threads}
 
-    steps = timed_steps(oracle)
-    results, tokens, seconds = run_oracle(oracle, requests)
+    with timed_steps(oracle) as steps:
+        results, tokens, seconds = run_oracle(oracle, requests)
     oracle_occupancy = round(tokens / max(len(steps.steps), 1), 2) if steps is not None else None
     plain_ms = section_ms(steps) if steps is not None else None
-    if steps is not None:
-        oracle._engine.step_times = None  # noqa: SLF001
     report.update(oracle_tokens=tokens, oracle_s=round(seconds, 1), oracle_tps=round(tokens / seconds, 2))
     if "constrained" not in args.skip:
         shaped = quickstart_requests(args.rows, args.max_new_tokens, shaped=True)
-        steps = timed_steps(oracle)
-        c_results, c_tokens, c_seconds = run_oracle(oracle, shaped)
+        with timed_steps(oracle) as steps:  # the runs after this block are not timed by step
+            c_results, c_tokens, c_seconds = run_oracle(oracle, shaped)
         if steps is not None:
             report.update(constrained_ms_per_step=section_ms(steps),
                           constrained_tokens_per_step=round(c_tokens / max(len(steps.steps), 1), 2),
@@ -221,7 +220,6 @@ def main(argv=None) -> dict:
             gen = steps.generation_steps()  # the same steps: their constraint sections against the rest
             rest = sum(s[3] + s[4] + s[7] for s in gen)
             report["constrained_overhead_sections"] = round(sum(sum(s[3:]) for s in gen) / max(rest, 1e-9), 3)
-            oracle._engine.step_times = None  # noqa: SLF001 - the runs below are not timed by step
         # The same prompts unconstrained, each with the constrained answer's length as its budget:
         # the same rows run for the same steps, so the ratio is the constraint's cost alone.
         matched = [replace(q, max_tokens=max(r.usage.get("completion_tokens", 0), 1))

@@ -211,3 +211,32 @@ MAX_MODULE_LINES = 420  # "modules under ~400 lines": split by concern before on
 def test_modules_stay_small():
     sizes = {name: len(path.read_text().splitlines()) for name, path in module_files().items()}
     assert not {n: k for n, k in sizes.items() if k > MAX_MODULE_LINES}, "split these by concern"
+
+
+def private_uses(path: Path) -> list[str]:
+    """`file:line: name` for each `_private` name `path` reaches on another object or imports
+    (`self._x` and dunders are fine)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names = []
+        if isinstance(node, ast.Attribute) and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+            names = [node.attr]
+        elif isinstance(node, ast.ImportFrom):
+            names = [alias.name for alias in node.names]
+        found += [f"{path.name}:{node.lineno}: {n}" for n in names if n.startswith("_") and not n.startswith("__")]
+    return found
+
+
+def test_scripts_use_only_the_public_api(tmp_path):
+    """`scripts/` are thin wrappers over the package (as in TRL): no private name of it, no private
+    attribute of its objects (a benchmark timed the oracle through `oracle._engine`)."""
+    import pytest
+
+    scripts = ROOT.parent / "scripts"
+    if not scripts.is_dir():
+        pytest.skip("an installed package without the checkout's scripts/")
+    probe = tmp_path / "probe.py"
+    probe.write_text("from m import _y, z\noracle._load()\nself._x = obj.__dict__\n")
+    assert private_uses(probe) == ["probe.py:1: _y", "probe.py:2: _load"]
+    found = [use for path in sorted(scripts.glob("*.py")) for use in private_uses(path)]
+    assert not found, "scripts reach private names (give the package a public way): " + "; ".join(found)

@@ -49,14 +49,15 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar, Iterator, Optional
 
 from ..models import EMBEDDED_MODELS, gguf_path, load_tokenizer, model_identity, resolve_model
 from ..utils import cache_root
 from .base import ChatRequest, ChatResult, OracleConfigurationError
 from .cache import CachingOracle
-from .llamacpp_engine import LlamaEngine, Sequence, quiet_c_output, route_llama_logs, run_sequences
+from .llamacpp_engine import LlamaEngine, Sequence, StepTimes, quiet_c_output, route_llama_logs, run_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +288,40 @@ class LlamaCppOracle(CachingOracle):
                                                f"tokenizer {len(tokenizer)}: they do not belong together")
             self._engine, self._tokenizer = engine, tokenizer
         return self._engine, self._tokenizer
+
+    def load(self) -> "LlamaCppOracle":
+        """Load the model now (it loads on the first request otherwise): to time generation alone,
+        or to fail early on a missing model. Returns the oracle."""
+        self._load()
+        return self
+
+    @property
+    def threads(self) -> Optional[int]:
+        """The llama.cpp threads the loaded model runs on (None before it loads)."""
+        engine = getattr(self, "_engine", None)
+        return None if engine is None else engine.n_threads
+
+    @contextmanager
+    def timed_steps(self) -> Iterator[StepTimes]:
+        """Time every generation step inside the block by section (`StepTimes`: `llama_decode`,
+        logits copies, llguidance's mask fill, mask application, choosing), for benchmarks. Loads
+        the model; timing stops when the block ends.
+
+        Example:
+            >>> from reflectune_hf.oracles import ChatRequest
+            >>> from reflectune_hf.oracles.llamacpp_local import LlamaCppOracle
+            >>> oracle = LlamaCppOracle(max_new_tokens=4, cache=False, progress=False)
+            >>> with oracle.timed_steps() as steps:
+            ...     _ = oracle.complete([ChatRequest([{"role": "user", "content": "Hi"}])])
+            >>> len(steps.steps) > 0
+            True
+        """
+        engine, _ = self._load()
+        engine.step_times = StepTimes()
+        try:
+            yield engine.step_times
+        finally:
+            engine.step_times = None
 
     def close(self) -> None:
         """Free the llama.cpp model and context now (they reload on next use)."""

@@ -137,6 +137,12 @@ class TransformersOracle(CachingOracle):
             self._tokenizer = tokenizer
         return self._model, self._tokenizer
 
+    def load(self) -> "TransformersOracle":
+        """Load the model now (it loads on the first request otherwise): to time generation alone,
+        or to fail early on a missing model. Returns the oracle."""
+        self._load()
+        return self
+
     # -- sending ------------------------------------------------------------------------------
     def _constraint(self, request: ChatRequest, tokenizer):
         """The `LocalConstraint` enforcing `request.answer_format`, or None (plain text)."""
