@@ -144,3 +144,19 @@ def test_a_field_ended_by_its_length_bound_is_cut_not_ok():
     assert extract_response_reflection({**PAIR, **out})["reflection_status"] == ["truncated"]
     plain = ReflectResponse(ScriptedOracle(default=cut_answers), max_tokens=60, structured="off")(PAIR)
     assert plain["reflection_finish_reason"] == ["stop"]  # no shape sent: no bound to reach
+
+
+def test_the_reask_log_line_says_how_many_answers_were_cut_and_how_many_did_not_parse(caplog):
+    """The stages re-ask answers cut by a limit or a field's bound as well as unparsed ones; the
+    log said "N answers that do not parse" for both (the quickstart's cut instructions read as
+    format failures under a grammar that guarantees the format)."""
+    first = stage_answer_format("instruction", 60)
+    clipped = "[New Instruction] " + ("Name a bird that " * 9)[:first.fields[0].max_chars] + " [End]\n[New Answer] A. [End]"
+    rules = (("CUT", (clipped,)), ("JUNK", ("no markers at all",)), ("LONG", ("!length [New Instruction] Name",)))
+    oracle = ScriptedOracle(rules=rules, default=("[New Instruction] Name a bird. [End]\n[New Answer] A robin. [End]",))
+    rows = {"id": [0, 1, 2, 3], "instruction": ["CUT", "JUNK", "LONG", "FINE"], "input": [""] * 4, "output": ["C."] * 4}
+    with caplog.at_level("INFO", logger="reflectune_hf"):
+        ReflectInstruction(oracle, max_tokens=60)(rows)
+    [line] = [r.getMessage() for r in caplog.records if "re-asking" in r.getMessage()]
+    assert "re-asking 3 of 4 answers (2 cut by a length limit or a field's bound" in line
+    assert "1 that do not parse" in line

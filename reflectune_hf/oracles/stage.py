@@ -117,7 +117,7 @@ class OracleCaller(LazyState):
                 break
             requests = [request(i, attempt, answers[i].finish_reason == "length") for i in pending]
             results = self._complete(requests)
-            retry = []
+            retry, cut = [], 0
             for i, sent, result in zip(pending, requests, results):
                 answer = answers[i]
                 answer.attempts = attempt + 1
@@ -136,8 +136,11 @@ class OracleCaller(LazyState):
                     answer.text, answer.rank, answer.finish_reason = result.text, score, reason
                 if answer.rank > 0:
                     retry.append(i)
+                    cut += answer.finish_reason == "length"
             if retry and attempt < self.format_retries:
-                logger.info("%s: re-asking %d of %d answers that do not parse", self.stage_name, len(retry), len(pending))
+                logger.info("%s: re-asking %d of %d answers (%d cut by a length limit or a field's bound, "
+                            "with twice the budget; %d that do not parse)", self.stage_name, len(retry),
+                            len(pending), cut, len(retry) - cut)
             pending = retry
         return answers
 
