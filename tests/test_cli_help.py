@@ -245,3 +245,12 @@ def test_the_console_script_freezes_only_as_the_process_ends():
     assert out.stdout.splitlines()[-1] == "frozen True", out.stdout
     out = subprocess.run([sys.executable, "-m", "reflectune_hf", "--help"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "usage: reflectune" in out.stdout, out.stderr
+
+
+def test_the_local_oracle_help_names_no_single_engine(capsys):
+    """`local:<model>` runs on llama.cpp for the embedded GGUF (transformers elsewhere, or as
+    `--local_engine` says); the help said "a transformers model run here"."""
+    [entry] = [e for e in entries(help_text("reflect", capsys)) if e.lstrip().startswith("--oracle_model")]
+    assert "local:<model>" in entry and "--local_engine" in entry and "transformers model" not in entry
+    tuna = " ".join(e for e in entries(help_text("tuna", capsys)) if e.lstrip().startswith("--oracle_base_url"))
+    assert "llama.cpp" in tuna and "transformers model" not in tuna

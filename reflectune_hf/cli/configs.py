@@ -137,7 +137,7 @@ class OracleRequestConfig(_Checked):
     negated_help = {"compress": "keep the inputs as they are: no compression"}
     oracle_model: Optional[str] = field(default=None, metadata=_help(
         "model name on an OpenAI-compatible server (OPENAI_API_KEY, --base_url), or local:<model> for a "
-        "transformers model run here (e.g. local:smollm2-135m-instruct)"))
+        "model run in this process (e.g. local:smollm2-135m-instruct; engine: --local_engine)"))
     base_url: Optional[str] = field(default=None, metadata=_help(
         "OpenAI-compatible server (vLLM, TGI, Ollama, llama.cpp); default OPENAI_BASE_URL or api.openai.com"))
     context_window: Optional[int] = field(default=None, metadata=_help(
