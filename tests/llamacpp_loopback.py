@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Optional
 
 import numpy as np
+from loopback import JSONHandler
 
 
 class Fake:
@@ -101,29 +102,17 @@ def completion(fake: Fake, body: dict, reading: str = "shifted", prompt_tokens_o
             "usage": {"prompt_tokens": usage_prompt, "completion_tokens": 1, "total_tokens": usage_prompt + 1}}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(JSONHandler):
     server: "_Server"
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _send(self, status: int, payload) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self) -> None:  # noqa: N802
         path = self.path.rstrip("/")
         if path.endswith("/models"):
-            self._send(200, {"object": "list", "data": [{"id": self.server.owner.model, "owned_by": "me"}]})
+            self.send_json(200, {"object": "list", "data": [{"id": self.server.owner.model, "owned_by": "me"}]})
         elif path.endswith("/openapi.json"):
-            self._send(200, {"info": {"title": "🦙 llama.cpp Python API"}})
+            self.send_json(200, {"info": {"title": "🦙 llama.cpp Python API"}})
         else:
-            self._send(404, {"error": {"message": "not found"}})
+            self.send_json(404, {"error": {"message": "not found"}})
 
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
@@ -131,7 +120,7 @@ class _Handler(BaseHTTPRequestHandler):
         with owner.lock:
             owner.bodies.append(body)
             answer = completion(owner.fake, body, owner.reading, owner.prompt_tokens_off)
-        self._send(200, answer)
+        self.send_json(200, answer)
 
 
 class _Server(ThreadingHTTPServer):

@@ -45,15 +45,17 @@ def _prompt_of(body: dict) -> str:
     return str(messages[-1].get("content", ""))
 
 
-class _Handler(BaseHTTPRequestHandler):
+class JSONHandler(BaseHTTPRequestHandler):
+    """A quiet keep-alive handler that answers JSON: the base of the tests' loopback servers."""
+
     protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
-    server: "_Server"
 
     def log_message(self, *args) -> None:  # quiet
         pass
 
-    def _send(self, status: int, payload, headers: Optional[dict] = None) -> bool:
-        """Write one response; False when the client is gone (it gave up: a timeout)."""
+    def send_json(self, status: int, payload, headers: Optional[dict] = None) -> bool:
+        """Write one response (a JSON-able payload, or bytes as they are); False when the client
+        is gone (it gave up: a timeout)."""
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         try:
             self.send_response(status)
@@ -68,6 +70,10 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # the client gave up (timeout): nothing to do
             self.close_connection = True
             return False
+
+
+class _Handler(JSONHandler):
+    server: "_Server"
 
     def _client_gone(self) -> bool:
         """Whether the client closed the connection while its request was being answered."""
@@ -84,14 +90,14 @@ class _Handler(BaseHTTPRequestHandler):
             token = base64.b64encode(":".join(owner.basic_auth).encode()).decode()
             if sent == f"Basic {token}":
                 return True
-            self._send(401, {"error": {"message": "Basic authentication required", "type": "invalid_request_error"}},
-                       {"WWW-Authenticate": 'Basic realm="loopback"'})
+            error = {"error": {"message": "Basic authentication required", "type": "invalid_request_error"}}
+            self.send_json(401, error, {"WWW-Authenticate": 'Basic realm="loopback"'})
             return False
         if key is None or sent == f"Bearer {key}":
             return True
         # Like real services, the message quotes what was sent: clients must redact it.
-        self._send(401, {"error": {"message": f"Incorrect API key provided: {sent[7:]}",
-                                   "type": "invalid_request_error", "code": "invalid_api_key"}})
+        self.send_json(401, {"error": {"message": f"Incorrect API key provided: {sent[7:]}",
+                                       "type": "invalid_request_error", "code": "invalid_api_key"}})
         return False
 
     def do_GET(self) -> None:
@@ -102,7 +108,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         if self.path.rstrip("/").endswith("/models"):
-            return self._send(200, {"object": "list", "data": [{"id": owner.model, "object": "model"}]})
+            return self.send_json(200, {"object": "list", "data": [{"id": owner.model, "object": "model"}]})
         owner.extra_get(self)
 
     def do_POST(self) -> None:
@@ -127,21 +133,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(2)
         elif action == "429":
-            self._send(429, {"error": {"message": "Rate limit reached", "type": "rate_limit"}},
-                       {"Retry-After": owner.retry_after})
+            self.send_json(429, {"error": {"message": "Rate limit reached", "type": "rate_limit"}},
+                           {"Retry-After": owner.retry_after})
         elif action in ("500", "503", "401", "404"):
-            self._send(int(action), {"error": {"message": f"scripted {action}", "type": "server_error"}})
+            self.send_json(int(action), {"error": {"message": f"scripted {action}", "type": "server_error"}})
         elif action == "malformed":
-            self._send(200, b'{"id": "chatcmpl-x", "choices": [{"index": 0, "message": {"content": "trunc')
+            self.send_json(200, b'{"id": "chatcmpl-x", "choices": [{"index": 0, "message": {"content": "trunc')
         elif action == "no_choices":
-            self._send(200, {"id": "chatcmpl-x", "object": "chat.completion", "model": owner.model})
+            self.send_json(200, {"id": "chatcmpl-x", "object": "chat.completion", "model": owner.model})
         else:
             if action == "slow":
                 time.sleep(owner.slow_seconds)
                 if self._client_gone():  # it timed out: an answer written now would reach no one
                     self.close_connection = True
                     return
-            if self._send(200, owner.completion(body, prompt)):
+            if self.send_json(200, owner.completion(body, prompt)):
                 owner.record_delivery(prompt)
 
     def _forward(self, raw: Optional[bytes]) -> None:
@@ -162,7 +168,7 @@ class _Handler(BaseHTTPRequestHandler):
         with owner._lock:
             replayed = owner._replies.get(key) if key else None
         if replayed is not None:
-            self._send(200, replayed)
+            self.send_json(200, replayed)
             return
         request = urllib.request.Request(url, data=raw, method="POST" if raw is not None else "GET",
                                          headers={"Content-Type": "application/json"})
@@ -170,12 +176,12 @@ class _Handler(BaseHTTPRequestHandler):
             with urllib.request.urlopen(request, timeout=600) as response:
                 status, body = response.status, response.read()
         except urllib.error.HTTPError as err:
-            self._send(err.code, err.read())
+            self.send_json(err.code, err.read())
             return
         if key and status == 200:
             with owner._lock:
                 owner._replies.setdefault(key, body)
-        self._send(status, body)
+        self.send_json(status, body)
 
 
 class _Server(ThreadingHTTPServer):
@@ -331,11 +337,11 @@ class LoopbackServer:
 
     def extra_post(self, handler: _Handler, raw: bytes) -> None:
         """Other POST routes (subclasses add endpoints); 404 here."""
-        handler._send(404, {"error": {"message": f"no route {handler.path}"}})
+        handler.send_json(404, {"error": {"message": f"no route {handler.path}"}})
 
     def extra_get(self, handler: _Handler) -> None:
         """Other GET routes (subclasses add endpoints); 404 here."""
-        handler._send(404, {"error": {"message": f"no route {handler.path}"}})
+        handler.send_json(404, {"error": {"message": f"no route {handler.path}"}})
 
 
 def main(argv=None) -> None:

@@ -13,7 +13,7 @@ class _RootRoutes(LoopbackServer):
 
     def extra_get(self, handler) -> None:
         if handler.path == "/openapi.json":
-            return handler._send(200, {"info": {"title": "🦙 llama.cpp Python API"}})
+            return handler.send_json(200, {"info": {"title": "🦙 llama.cpp Python API"}})
         super().extra_get(handler)
 
 

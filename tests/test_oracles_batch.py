@@ -49,7 +49,7 @@ class BatchServer(LoopbackServer):
             script = self.route_faults.get(route) or []
             status = script[self.route_attempts[route] - 1] if self.route_attempts[route] <= len(script) else None
         if status is not None:
-            handler._send(status, {"error": {"message": f"scripted {status} on {route}", "type": "server_error"}})
+            handler.send_json(status, {"error": {"message": f"scripted {status} on {route}", "type": "server_error"}})
         return status is not None
 
     def extra_post(self, handler, raw):
@@ -64,9 +64,9 @@ class BatchServer(LoopbackServer):
                 b"Content-Type: " + handler.headers["Content-Type"].encode() + b"\r\n\r\n" + raw)
             part = next(p for p in message.iter_parts() if p.get_param("name", header="content-disposition") == "file")
             file_id = self._store(part.get_payload(decode=True))
-            return handler._send(200, {"id": file_id, "object": "file", "bytes": len(self.files[file_id]),
-                                       "created_at": int(time.time()), "filename": "input.jsonl", "purpose": "batch",
-                                       "status": "processed"})
+            return handler.send_json(200, {"id": file_id, "object": "file", "bytes": len(self.files[file_id]),
+                                           "created_at": int(time.time()), "filename": "input.jsonl",
+                                           "purpose": "batch", "status": "processed"})
         if path.endswith("/batches"):
             body = json.loads(raw)
             lines = self.files[body["input_file_id"]].decode().splitlines()
@@ -75,27 +75,27 @@ class BatchServer(LoopbackServer):
                 "id": batch_id, "object": "batch", "endpoint": body["endpoint"], "input_file_id": body["input_file_id"],
                 "completion_window": body["completion_window"], "status": "validating", "created_at": int(time.time()),
                 "request_counts": {"total": len(lines), "completed": 0, "failed": 0}, "metadata": body.get("metadata")}
-            return handler._send(200, self.batches[batch_id])
-        handler._send(404, {"error": {"message": "no route"}})
+            return handler.send_json(200, self.batches[batch_id])
+        handler.send_json(404, {"error": {"message": "no route"}})
 
     def extra_get(self, handler):
         path = handler.path.rstrip("/")
         if "/files/" in path and path.endswith("/content"):
             if not self._fault(handler, "download"):
-                handler._send(200, self.files[path.split("/")[-2]])
+                handler.send_json(200, self.files[path.split("/")[-2]])
             return
         if "/batches/" in path:
             if self._fault(handler, "poll"):
                 return
             batch = self.batches.get(path.split("/")[-1])
             if batch is None:
-                return handler._send(404, {"error": {"message": "No batch found"}})
+                return handler.send_json(404, {"error": {"message": "No batch found"}})
             if batch["status"] in ("validating", "in_progress") and not self.hold.is_set():
                 self._run(batch)
             elif batch["status"] == "validating":
                 batch["status"] = "in_progress"
-            return handler._send(200, batch)
-        handler._send(404, {"error": {"message": "no route"}})
+            return handler.send_json(200, batch)
+        handler.send_json(404, {"error": {"message": "no route"}})
 
     def _store(self, data: bytes) -> str:
         file_id = f"file-{len(self.files)}"

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from datasets import Dataset
+from loopback import JSONHandler
 
 from reflectune_hf.oracles import OpenAIOracle
 from reflectune_hf.tuna.stages import ContextualRank, SampleResponses
@@ -22,36 +23,23 @@ REPO = Path(__file__).resolve().parents[1]
 JUDGE_ANSWER = "###Response 2:\nA reference answer.\n\nResponse 0: [9]\nResponse 1: [7]\n\nrank: [2, 0, 1]"
 
 
-class _NoLogprobsHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:  # quiet
-        pass
-
-    def _send(self, status: int, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
+class _NoLogprobsHandler(JSONHandler):
     def do_GET(self) -> None:  # /v1/models
-        self._send(200, {"object": "list", "data": [{"id": "student", "object": "model"}]})
+        self.send_json(200, {"object": "list", "data": [{"id": "student", "object": "model"}]})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         self.server.requests.append(body)
         if body.get("logprobs") or body.get("top_logprobs"):
-            self._send(400, {"error": {"message": "logprobs are not supported by this server",
-                                       "type": "invalid_request_error"}})
+            self.send_json(400, {"error": {"message": "logprobs are not supported by this server",
+                                           "type": "invalid_request_error"}})
             return
         prompt = body["messages"][-1]["content"]
         texts = [JUDGE_ANSWER] if "###Response 0:" in prompt else [f"answer {k}" for k in range(body.get("n") or 1)]
         choices = [{"index": k, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
                     "logprobs": None} for k, text in enumerate(texts)]
-        self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model"),
-                         "choices": choices, "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        self.send_json(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model"),
+                             "choices": choices, "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
 
 @pytest.fixture

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Optional
+
+from loopback import JSONHandler
 
 RATING_TOP = {33: -2.0, 34: -1.5, 35: -1.0, 36: -2.5, 37: -3.0, 198: -0.5}  # SmolLM2's "1".."5" and "\n"
 
@@ -26,30 +28,16 @@ def fake_logprob(previous: int, token: int) -> float:
     return -(((previous * 31 + token) % 97) + 1) / 20.0
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(JSONHandler):
     server: "_Server"
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _send(self, status: int, payload, headers: Optional[dict] = None) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path.rstrip("/").endswith("/models"):
-            self._send(200, {"object": "list", "data": [{"id": self.server.model, "owned_by": "vllm"}]})
+            self.send_json(200, {"object": "list", "data": [{"id": self.server.model, "owned_by": "vllm"}]})
         elif self.path.rstrip("/") == "/version":
-            self._send(200, {"version": "0.11.0"})
+            self.send_json(200, {"version": "0.11.0"})
         else:
-            self._send(404, {"error": {"message": "not found"}})
+            self.send_json(404, {"error": {"message": "not found"}})
 
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
@@ -64,11 +52,11 @@ class _Handler(BaseHTTPRequestHandler):
             if action == "ok":
                 owner.answered += 1
         if action == "429":
-            self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": "1"})
+            self.send_json(429, {"error": {"message": "rate limited"}}, {"Retry-After": "1"})
         elif action == "500":
-            self._send(500, {"error": {"message": "internal error"}})
+            self.send_json(500, {"error": {"message": "internal error"}})
         else:
-            self._send(200, answer(body))
+            self.send_json(200, answer(body))
 
 
 def answer(body: dict) -> dict:
