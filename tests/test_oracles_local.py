@@ -127,3 +127,21 @@ def test_cache_identity_and_fingerprint_follow_one_model_identity_rule(tmp_path)
     assert new_weights != weights
     assert new_key != key
     assert str(model.resolve()) in new_key
+
+
+def test_seeded_requests_share_a_batch_and_sample_as_they_do_alone(oracle, monkeypatch):
+    """The stages' re-asks are sampled with a seed; each seeded request was decoded alone (a
+    batch of one per request: the quickstart's re-asks at 384 tokens ran one after another).
+    Now they share a batch, each drawing from its own generator: the same samples as alone."""
+    from reflectune_hf.oracles import local_decode
+
+    requests = [*ask(PROMPTS, max_tokens=6, temperature=1.0, seed=3),
+                *ask(PROMPTS[:1], max_tokens=6, temperature=1.0, seed=4)]
+    calls = []
+    real = local_decode.decode
+    monkeypatch.setattr(local_decode, "decode", lambda model, prompts, *a, **k: calls.append(len(prompts)) or
+                        real(model, prompts, *a, **k))
+    together = oracle.complete(requests)
+    assert calls == [3, 1]  # batch_size 3: three seeded requests in one batch
+    alone = [oracle.complete([r])[0] for r in requests]
+    assert [r.texts for r in together] == [r.texts for r in alone]

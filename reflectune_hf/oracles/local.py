@@ -10,9 +10,10 @@ by `local_decode.decode`: one prefill, then one token per step for the rows stil
 progress bar - the moment it ends. Temperature 0 is greedy decoding (the same text as
 `model.generate` in fp32); otherwise multinomial sampling with the request's temperature and
 top_p (and no top-k, as OpenAI-style APIs). `n` sampled choices share one prefill (greedy
-decoding yields one choice repeated `n` times). A request with a `seed` is generated alone from
-its own random generator, so its answer does not depend on its batch neighbours and the global
-random state is untouched. Logprobs are the model's own log-probabilities (before temperature
+decoding yields one choice repeated `n` times). A request with a `seed` draws from its own random
+generator, so its answer does not depend on its batch neighbours' draws and the global random
+state is untouched; requests with seeds share batches (the stages' re-asks, all seeded, were
+decoded one at a time). Logprobs are the model's own log-probabilities (before temperature
 and before any format mask) of the generated tokens, with the `top_logprobs` best alternatives.
 
 Token budget: a request's `max_tokens` and the oracle's `max_new_tokens` both cap the answer
@@ -195,17 +196,19 @@ class TransformersOracle(CachingOracle):
         return results
 
     def _batches(self, requests: list[ChatRequest], todo: list[int], lengths: list[int]) -> list[list[int]]:
-        """Rows with the same sampling settings, longest first, in chunks of `batch_size`."""
+        """Rows with the same sampling settings, longest first, in chunks of `batch_size` rows (a
+        sampled request's `n` choices are rows). Seeds may differ within a chunk: each seeded
+        request draws from its own generator."""
         def setting(i: int):
             r = requests[i]
             greedy = r.temperature == 0
             return (greedy, 0.0 if greedy else r.temperature, 1.0 if greedy else r.top_p, r.n,
-                    r.logprobs, r.top_logprobs or 0, -1 if (greedy or r.seed is None) else r.seed)
+                    r.logprobs, r.top_logprobs or 0)
 
         batches = []
         for key, group in groupby(sorted(todo, key=lambda i: (setting(i), -lengths[i])), key=setting):
             rows = list(group)
-            size = 1 if key[-1] != -1 else max(1, self.batch_size // (1 if key[0] else key[3]))
+            size = max(1, self.batch_size // (1 if key[0] else key[3]))
             batches += [rows[k:k + size] for k in range(0, len(rows), size)]
         return batches
 
@@ -242,7 +245,7 @@ class TransformersOracle(CachingOracle):
         decode(model, [ids[i] for i in batch], [budgets[i] for i in batch], eos=eos,
                pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                greedy=greedy, temperature=request.temperature, top_p=request.top_p,
-               seed=None if greedy else request.seed, copies=copies,
+               seed=None if greedy else [requests[i].seed for i in batch], copies=copies,
                top_logprobs=(request.top_logprobs or 0) if request.logprobs else None,
                constraints=[self._constraint(requests[i], tokenizer) for i in batch], on_row=on_row)
 

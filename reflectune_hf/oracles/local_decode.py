@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 from .base import OracleConfigurationError
 
@@ -132,8 +132,10 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _choose(logits, greedy: bool, temperature: float, top_p: float, generator):
-    """One token per row: argmax, or a draw after temperature and nucleus filtering."""
+def _choose(logits, greedy: bool, temperature: float, top_p: float, generators: Sequence):
+    """One token per row: argmax, or a draw after temperature and nucleus filtering. A sampled
+    row draws from its prompt's generator (`generators[a]`, shared by the copies of one prompt,
+    which draw together), or from the global random state where it is None."""
     import torch
 
     if greedy:
@@ -146,11 +148,19 @@ def _choose(logits, greedy: bool, temperature: float, top_p: float, generator):
         drop[..., -1] = False  # keep at least the most likely token
         scaled = scaled.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
     probs = scaled.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    chosen = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    groups: dict = {}
+    for a, generator in enumerate(generators):
+        groups.setdefault(id(generator), (generator, []))[1].append(a)
+    for generator, rows in groups.values():
+        index = torch.tensor(rows, dtype=torch.long, device=probs.device)
+        chosen[index] = torch.multinomial(probs[index], 1, generator=generator).squeeze(-1)
+    return chosen
 
 
 def decode(model, prompts: Sequence[Sequence[int]], budgets: Sequence[int], *, eos: set, pad_id: int,
-           greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, seed: Optional[int] = None,
+           greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0,
+           seed: Union[None, int, Sequence[Optional[int]]] = None,
            copies: int = 1, top_logprobs: Optional[int] = None,
            constraints: Optional[Sequence[Optional[LocalConstraint]]] = None,
            on_row: Callable = lambda p, c, ids, reason, logprobs: None) -> None:
@@ -160,7 +170,11 @@ def decode(model, prompts: Sequence[Sequence[int]], budgets: Sequence[int], *, e
         prompts: token ids per prompt (any lengths; left-padded here).
         budgets: new tokens allowed per prompt (>= 1).
         eos: token ids that end an answer (not part of it).
-        greedy, temperature, top_p, seed: the sampling setting (see the module docstring).
+        greedy, temperature, top_p: the sampling setting (see the module docstring).
+        seed: None (the global random state), or a seed for all prompts or one per prompt (None
+            entries allowed): each seeded prompt draws from its own generator, so its sample
+            does not depend on the other prompts of the batch (prompts with different seeds
+            share a batch).
         copies: choices per prompt (sampled; the prompt is prefilled once).
         top_logprobs: None for no log-probabilities, else the number of alternatives per token.
         constraints: per prompt, a `LocalConstraint` or None.
@@ -181,7 +195,11 @@ def decode(model, prompts: Sequence[Sequence[int]], budgets: Sequence[int], *, e
     cache = DynamicCache(config=model.config)
     cache_kw = _cache_kwarg(model)
     device = model.device
-    generator = torch.Generator(device=device).manual_seed(seed) if (seed is not None and not greedy) else None
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * batch
+    if len(seeds) != batch:
+        raise ValueError(f"decode: {len(seeds)} seeds for {batch} prompts")
+    generators = [torch.Generator(device=device).manual_seed(s) if (s is not None and not greedy) else None
+                  for s in seeds]
 
     with torch.inference_mode():
         out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
@@ -209,7 +227,7 @@ def decode(model, prompts: Sequence[Sequence[int]], budgets: Sequence[int], *, e
                     if matchers[r] is not None:
                         allowed[a] = LocalConstraint.mask(matchers[r], vocab)
                 logits = raw.masked_fill(~allowed.to(raw.device), float("-inf"))
-            chosen = _choose(logits, greedy, temperature, top_p, generator)
+            chosen = _choose(logits, greedy, temperature, top_p, [generators[rows[r][0]] for r in active])
             if top_logprobs is not None:
                 model_lp = raw.log_softmax(-1)
                 picked = model_lp.gather(-1, chosen[:, None]).squeeze(-1).tolist()
