@@ -14,9 +14,9 @@ of the bundled 40-row sample, through the SmolLM2 chat template, greedy, `--max_
 - `constrained`: the default local oracle with each stage's answer shape (`stage_answer_format`)
   enforced by llguidance.
 
-Every engine gets `--threads` threads (default: what the default oracle takes, `default_threads()`:
-the usable cores other work leaves free when the benchmark starts). Tokens/s is generated tokens (EOS
-excluded) over wall time, prefill included. The runs follow each other in one process, so they
+Every engine gets `--threads` threads (default: what the default oracle takes, `default_threads()`,
+the usable cores other work leaves free when the benchmark starts). Tokens/s is generated tokens
+(EOS excluded) over wall time, prefill included. The runs follow each other in one process, so they
 see the same machine; the load average is printed because other processes skew every figure
 (compare the ratios, not the absolute numbers).
 
@@ -101,7 +101,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", default="auto", choices=["auto", "llamacpp", "transformers"],
                         help="the local oracle measured (default: what `local:` picks, llama.cpp batched)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="threads of every engine (default: the usable cores other work leaves free, as the oracle takes)")
+                        help="threads of every engine (default: as the oracle takes them, the usable cores "
+                             "other work leaves free)")
     return parser
 
 

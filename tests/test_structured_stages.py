@@ -151,7 +151,8 @@ def test_the_reask_log_line_says_how_many_answers_were_cut_and_how_many_did_not_
     log said "N answers that do not parse" for both (the quickstart's cut instructions read as
     format failures under a grammar that guarantees the format)."""
     first = stage_answer_format("instruction", 60)
-    clipped = "[New Instruction] " + ("Name a bird that " * 9)[:first.fields[0].max_chars] + " [End]\n[New Answer] A. [End]"
+    clipped = ("[New Instruction] " + ("Name a bird that " * 9)[:first.fields[0].max_chars]
+               + " [End]\n[New Answer] A. [End]")
     rules = (("CUT", (clipped,)), ("JUNK", ("no markers at all",)), ("LONG", ("!length [New Instruction] Name",)))
     oracle = ScriptedOracle(rules=rules, default=("[New Instruction] Name a bird. [End]\n[New Answer] A robin. [End]",))
     rows = {"id": [0, 1, 2, 3], "instruction": ["CUT", "JUNK", "LONG", "FINE"], "input": [""] * 4, "output": ["C."] * 4}

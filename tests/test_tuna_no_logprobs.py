@@ -39,7 +39,8 @@ class _NoLogprobsHandler(JSONHandler):
         choices = [{"index": k, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
                     "logprobs": None} for k, text in enumerate(texts)]
         self.send_json(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model"),
-                             "choices": choices, "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+                             "choices": choices,
+                             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
 
 @pytest.fixture

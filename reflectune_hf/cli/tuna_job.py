@@ -52,7 +52,8 @@ class TunaScriptArguments:
     oracle_model: Optional[str] = field(default=None, metadata={
         "help": "The teacher (probabilistic) or judge (contextual) model."})
     oracle_base_url: Optional[str] = field(default=None, metadata={
-        "help": "OpenAI-compatible server of oracle_model; unset: the model runs in this process (llama.cpp for an embedded GGUF)."})
+        "help": "OpenAI-compatible server of oracle_model; unset: the model runs in this process "
+                "(llama.cpp for an embedded GGUF)."})
     num_responses: int = field(default=4, metadata={"help": "Responses sampled per instruction."})
     sample_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the responses."})
     sample_max_tokens: int = field(default=512, metadata={"help": "Token budget of each sampled response."})
