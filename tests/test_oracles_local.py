@@ -131,7 +131,7 @@ def test_cache_identity_and_fingerprint_follow_one_model_identity_rule(tmp_path)
 
 def test_seeded_requests_share_a_batch_and_sample_as_they_do_alone(oracle, monkeypatch):
     """The stages' re-asks are sampled with a seed; each seeded request was decoded alone (a
-    batch of one per request: the quickstart's re-asks at 384 tokens ran one after another).
+    batch of one per request: with `--local_engine transformers` the re-asks ran one after another).
     Now they share a batch, each drawing from its own generator: the same samples as alone."""
     from reflectune_hf.oracles import local_decode
 
