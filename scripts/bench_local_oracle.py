@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
     oracle.load()  # the benchmark times generation, not loading
     requests = quickstart_requests(args.rows, args.max_new_tokens, shaped=False)
     report: dict = {"oracle": type(oracle).__name__, "prompts": len(requests), "max_new_tokens": args.max_new_tokens,
-                    "batch_size": args.batch_size, "threads": getattr(oracle, "threads", None) or threads}
+                    "batch_size": args.batch_size, "threads": threads}
 
     with timed_steps(oracle) as steps:
         results, tokens, seconds = run_oracle(oracle, requests)

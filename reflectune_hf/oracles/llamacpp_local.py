@@ -295,12 +295,6 @@ class LlamaCppOracle(CachingOracle):
         self._load()
         return self
 
-    @property
-    def threads(self) -> Optional[int]:
-        """The llama.cpp threads the loaded model runs on (None before it loads)."""
-        engine = getattr(self, "_engine", None)
-        return None if engine is None else engine.n_threads
-
     @contextmanager
     def timed_steps(self) -> Iterator[StepTimes]:
         """Time every generation step inside the block by section (`StepTimes`: `llama_decode`,
