@@ -192,7 +192,7 @@ def main(argv=None) -> dict:
     from reflectune_hf.models import load_causal_lm
     from reflectune_hf.oracles import make_local_oracle
 
-    from reflectune_hf.oracles.llamacpp_local import default_threads
+    from reflectune_hf.oracles.cpu_threads import default_threads
 
     # every engine on the threads the default oracle takes (the cores other work leaves free now)
     threads = args.threads or default_threads()

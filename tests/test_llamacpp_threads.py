@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 from reflectune_hf.oracles import ChatRequest, LlamaCppOracle  # noqa: E402
-from reflectune_hf.oracles import llamacpp_local  # noqa: E402
-from reflectune_hf.oracles.llamacpp_local import busy_cores, default_threads  # noqa: E402
+from reflectune_hf.oracles import cpu_threads  # noqa: E402
+from reflectune_hf.oracles.cpu_threads import busy_cores, default_threads  # noqa: E402
 
 
 @pytest.mark.parametrize("usable, busy, expected", [
@@ -27,9 +27,9 @@ def test_this_process_earlier_work_does_not_take_a_core(monkeypatch):
     quickstart. The thread count follows what other work keeps busy now, not the load average;
     the load average is the fallback where /proc/stat cannot be read."""
     monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 0.9, 0.4))  # what the conversion leaves
-    monkeypatch.setattr(llamacpp_local, "busy_cores", lambda: 0.1)  # nothing else runs now
+    monkeypatch.setattr(cpu_threads, "busy_cores", lambda: 0.1)  # nothing else runs now
     assert default_threads(usable=2) == 2
-    monkeypatch.setattr(llamacpp_local, "busy_cores", lambda: None)  # no /proc/stat
+    monkeypatch.setattr(cpu_threads, "busy_cores", lambda: None)  # no /proc/stat
     assert default_threads(usable=2) == 1
 
 
@@ -44,18 +44,18 @@ def test_busy_cores_sees_another_process_on_a_cpu(monkeypatch):
     finally:
         child.kill()
         child.wait()
-    monkeypatch.setattr(llamacpp_local, "PROC_STAT", "/nonexistent/stat")
+    monkeypatch.setattr(cpu_threads, "PROC_STAT", "/nonexistent/stat")
     assert busy_cores({cpu}, seconds=0.01) is None
 
 
 def test_an_oracle_without_n_threads_takes_the_free_cores(monkeypatch):
     usable = len(os.sched_getaffinity(0))
     ask = [ChatRequest([{"role": "user", "content": "Say hi."}], max_tokens=2)]
-    monkeypatch.setattr(llamacpp_local, "busy_cores", lambda: 0.0)  # an idle machine
+    monkeypatch.setattr(cpu_threads, "busy_cores", lambda: 0.0)  # an idle machine
     idle = LlamaCppOracle(batch_size=1, n_ctx=256, cache=False, progress=False)
     assert idle.complete(ask)[0].ok and idle._engine.n_threads == usable
     idle.close()
-    monkeypatch.setattr(llamacpp_local, "busy_cores", lambda: float(usable) + 3)  # every core taken
+    monkeypatch.setattr(cpu_threads, "busy_cores", lambda: float(usable) + 3)  # every core taken
     busy = LlamaCppOracle(batch_size=1, n_ctx=256, cache=False, progress=False)
     assert busy.complete(ask)[0].ok and busy._engine.n_threads == 1
     busy.close()

@@ -46,9 +46,7 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import os
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar, Iterator, Optional
@@ -57,7 +55,9 @@ from ..models import EMBEDDED_MODELS, gguf_path, load_tokenizer, model_identity,
 from ..utils import cache_root
 from .base import ChatRequest, ChatResult, OracleConfigurationError
 from .cache import CachingOracle
-from .llamacpp_engine import LlamaEngine, Sequence, StepTimes, quiet_c_output, route_llama_logs, run_sequences
+from .cpu_threads import default_threads
+from .llamacpp_engine import LlamaEngine, Sequence, StepTimes, run_sequences
+from .llamacpp_logs import quiet_c_output, route_llama_logs
 
 logger = logging.getLogger(__name__)
 
@@ -87,73 +87,6 @@ def source_gguf(model: str) -> Path:
         raise OracleConfigurationError(f"No GGUF file at {model!r}: pass an embedded alias "
                                        f"({', '.join(sorted(EMBEDDED_MODELS))}) or a path to a .gguf file")
     return path
-
-
-PROC_STAT = "/proc/stat"  # per-CPU time counters (Linux)
-
-
-def _cpu_ticks(cpus: set) -> Optional[dict]:
-    """`{cpu: (busy, idle)}` clock ticks of `cpus` from /proc/stat (steal counts as neither), or
-    None where it cannot be read."""
-    try:
-        with open(PROC_STAT, encoding="ascii") as stat:
-            lines = stat.read().splitlines()
-    except OSError:
-        return None
-    ticks = {}
-    for line in lines:
-        name, *values = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-            user, nice, system, idle, iowait, irq, softirq = (int(v) for v in (values + ["0"] * 7)[:7])
-            ticks[int(name[3:])] = (user + nice + system + irq + softirq, idle + iowait)
-    return ticks or None
-
-
-def busy_cores(cpus=None, seconds: float = 0.25) -> Optional[float]:
-    """How many of `cpus` (default: the usable ones) other work keeps busy: the busy share of each
-    CPU over the next `seconds` (from /proc/stat, while this thread sleeps), summed. Unlike the
-    load average, it does not count this process's earlier work (right after a model conversion
-    in the same process the 1-minute load reads as a busy core). None without /proc/stat.
-
-    Example:
-        >>> from reflectune_hf.oracles.llamacpp_local import busy_cores
-        >>> 0 <= busy_cores(seconds=0.05) <= len(os.sched_getaffinity(0))
-        True
-    """
-    cpus = set(os.sched_getaffinity(0)) if cpus is None else set(cpus)
-    before = _cpu_ticks(cpus)
-    if before is None:
-        return None
-    time.sleep(seconds)
-    after = _cpu_ticks(cpus) or {}
-    total = 0.0
-    for cpu, (busy, idle) in before.items():
-        busy_after, idle_after = after.get(cpu, (busy, idle))
-        counted = (busy_after - busy) + (idle_after - idle)
-        total += (busy_after - busy) / counted if counted > 0 else 0.0
-    return total
-
-
-def default_threads(usable: Optional[int] = None, busy: Optional[float] = None) -> int:
-    """llama.cpp threads for a new engine: the usable cores (`os.sched_getaffinity`) minus those
-    other work keeps busy (`busy`, default `busy_cores()`, or the 1-minute load average where
-    /proc/stat cannot be read), rounded, at least 1. llama.cpp's workers spin while they wait, so
-    a thread on a core that another process holds slows every step.
-
-    Example:
-        >>> from reflectune_hf.oracles.llamacpp_local import default_threads
-        >>> default_threads(usable=2, busy=0.4), default_threads(usable=2, busy=0.8), default_threads(usable=16, busy=3.4)
-        (2, 1, 13)
-    """
-    usable = len(os.sched_getaffinity(0)) if usable is None else int(usable)
-    if busy is None:
-        busy = busy_cores()
-    if busy is None:
-        try:
-            busy = os.getloadavg()[0]
-        except OSError:  # no load average on this platform
-            busy = 0.0
-    return max(1, min(usable, usable - math.floor(busy + 0.5)))
 
 
 def f16_gguf(source: Path) -> Path:
