@@ -6,7 +6,9 @@ of the bundled 40-row sample, through the SmolLM2 chat template, greedy, `--max_
 
 - `oracle`: the default local oracle (what `local:` picks: `LlamaCppOracle`, llama.cpp's batched
   API on the embedded GGUF re-encoded as F16, `--batch_size` sequences, continuous batching;
-  `--engine transformers` measures `TransformersOracle` instead), cache off;
+  `--engine transformers` measures `TransformersOracle` instead), cache off, and no prompt kept
+  from one run to the next (`prompt_cache_mb=0`: every run prefills its prompts, as a stage's
+  first asks do);
 - `generate`: plain batched `model.generate` in fp32, longest prompts first, in chunks of
   `--batch_size` (what `TransformersOracle` did before: the baseline);
 - `llamacpp`: llama-cpp-python's high-level API on the embedded GGUF as shipped (Q4_1), one
@@ -197,9 +199,9 @@ def main(argv=None) -> dict:
     # every engine on the threads the default oracle takes (the cores other work leaves free now)
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
+    llamacpp = {"n_threads": threads, "prompt_cache_mb": 0} if args.engine != "transformers" else {}
     oracle = make_local_oracle(MODEL, engine=args.engine, batch_size=args.batch_size,
-                               max_new_tokens=args.max_new_tokens, cache=False, progress=False,
-                               **({"n_threads": threads} if args.engine != "transformers" else {}))
+                               max_new_tokens=args.max_new_tokens, cache=False, progress=False, **llamacpp)
     oracle.load()  # the benchmark times generation, not loading
     requests = quickstart_requests(args.rows, args.max_new_tokens, shaped=False)
     report: dict = {"oracle": type(oracle).__name__, "prompts": len(requests), "max_new_tokens": args.max_new_tokens,

@@ -24,18 +24,22 @@ def bench(monkeypatch):
 
 
 def test_the_local_oracle_bench_prints_one_line_on_the_oracles_default_threads(bench, monkeypatch, capsys):
-    from reflectune_hf.oracles import cpu_threads, llamacpp_local
+    from reflectune_hf.oracles import cpu_threads, llamacpp_engine, llamacpp_local
 
     if not llamacpp_local.llamacpp_available():
         pytest.skip("llama-cpp-python is not installed (the `server` extra)")
     # A machine where other work keeps one core busy: the oracle takes the other one, and so does
     # every engine of the benchmark (it took torch's thread count, all cores, before).
     monkeypatch.setattr(cpu_threads, "busy_cores", lambda *a, **k: 1.0)
+    # Every run prefills its prompts: the runs send the same prompts, and one that started from
+    # the prompts an earlier run kept would compare decoding with a prefill against one without.
+    restored = []
+    monkeypatch.setattr(llamacpp_engine.LlamaEngine, "restore", lambda self, *a: restored.append(a) or False)
     report = bench.main(["--rows", "1", "--max_new_tokens", "6", "--skip", "generate", "llamacpp"])
     [line] = capsys.readouterr().out.strip().splitlines()
     assert json.loads(line) == report
     assert report["oracle"] == "LlamaCppOracle" and report["prompts"] == 2
-    assert report["threads"] == cpu_threads.default_threads(busy=1.0)
+    assert report["threads"] == cpu_threads.default_threads(busy=1.0) and restored == []
     assert 0 < report["oracle_tokens"] <= 12 and report["oracle_tps"] > 0
     sections = report["constrained_ms_per_step"]
     assert sections["steps"] > 0 and set(sections) > {"steps", "rows"}

@@ -83,6 +83,7 @@ def test_pickling_keeps_the_configuration_and_the_fingerprint_names_the_engine(o
     assert Hasher.hash(llama) != Hasher.hash(torch_)
     assert Hasher.hash(llama) != Hasher.hash(make_local_oracle(engine="llamacpp", weights="gguf"))
     assert Hasher.hash(llama) == Hasher.hash(make_local_oracle(engine="llamacpp", n_threads=3))  # speed only
+    assert Hasher.hash(llama) == Hasher.hash(make_local_oracle(engine="llamacpp", prompt_cache_mb=0))
     assert llama._identity()[0] != torch_._identity()[0]  # noqa: SLF001 - the cache keys differ too
 
 
@@ -159,3 +160,48 @@ def test_a_failed_re_encode_is_one_line_with_what_llama_cpp_said(tmp_path, monke
     assert "failed to" in message, message  # llama.cpp's own words, captured
     assert capfd.readouterr() == ("", "")
     assert not list((tmp_path / "gguf").iterdir())  # no partial file left
+
+
+def test_a_reasked_prompt_starts_from_its_kept_prefill_with_the_same_answer():
+    """A stage's re-ask sends the same prompt again (new seed, higher temperature, more tokens):
+    llama.cpp keeps the prompt's KV cells and last logits, so the re-ask decodes no prompt token
+    (it prefilled the whole prompt again before), and answers exactly as a fresh engine does."""
+    prompt = [{"role": "user", "content": "Improve this answer. Question: Name two fruits. Answer: apple"}]
+    first, reask = ChatRequest(prompt, max_tokens=8), ChatRequest(prompt, max_tokens=16, temperature=0.8, seed=3)
+    kwargs = dict(batch_size=2, max_new_tokens=16, n_ctx=512, n_threads=1, cache=False, progress=False)
+    oracle = LlamaCppOracle(**kwargs)
+    oracle.complete([first])
+    with oracle.timed_steps() as steps:
+        again = oracle.complete([reask])[0]
+    fresh = LlamaCppOracle(**kwargs)
+    assert again.text == fresh.complete([reask])[0].text
+    decoded = sum(step[0] for step in steps.steps)  # tokens through llama_decode: the answer's, no prompt's
+    assert decoded <= again.usage["completion_tokens"] < again.usage["prompt_tokens"], (decoded, again.usage)
+    oracle.close(), fresh.close()
+
+
+def test_kept_prompts_are_bounded_and_a_refused_state_is_prefilled_again():
+    import numpy as np
+
+    from reflectune_hf.oracles.llamacpp_engine import PromptStates
+
+    logits = np.zeros(4, dtype=np.float32)  # 16 bytes
+    states = PromptStates(max_bytes=100)
+    states.put([1], b"a" * 30, logits), states.put([2], b"b" * 30, logits)
+    states.get([1])  # used last: [2] goes first
+    states.put([3], b"c" * 30, logits)
+    assert (states.get([2]), len(states), states.bytes) == (None, 2, 92)
+    states.put([4], b"d" * 200, logits)  # larger than the whole budget: not kept, nothing evicted
+    assert states.get([4]) is None and len(states) == 2
+    assert len(PromptStates(max_bytes=0)) == 0 and PromptStates(0).get([1]) is None
+
+    oracle = LlamaCppOracle(batch_size=2, max_new_tokens=6, n_ctx=512, n_threads=1, cache=False, progress=False)
+    request = ask("Name a colour.")
+    expected = oracle.complete([request])[0].text
+    kept = oracle._engine.prompt_states  # noqa: SLF001 - the kept state of this prompt, broken on purpose
+    key = next(iter(kept))
+    kept.put(key, b"not a llama.cpp state", kept.get(key)[1])
+    with oracle.timed_steps() as steps:
+        assert oracle.complete([request])[0].text == expected
+    assert sum(step[0] for step in steps.steps) > len(key)  # prefilled again
+    oracle.close()

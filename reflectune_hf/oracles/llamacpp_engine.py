@@ -7,6 +7,12 @@ token of every running sequence and then prompt tokens of newly admitted ones (u
 tokens in all); a sequence that ends (EOS, a stopped format matcher, its budget) is reported by
 `on_done`, its KV cells are removed and its slot goes to the next waiting sequence.
 
+Prompts are prefilled once per engine: when a prompt's last token has been decoded, its KV cells
+and its logits are kept in host memory (`PromptStates`, least recently used first out past
+`prompt_cache_mb`), and a later sequence with the same prompt ids (a stage's re-ask, a sampled
+copy) starts from them: no prefill, and the same cells and logits as its own prefill would give
+(a prompt's prefill does not depend on what shares its batch).
+
 The format masks of all constrained sequences of a step are filled by llguidance in one
 parallel call (`LLExecutor`) into one bitmask, applied to the numpy logits of those rows.
 
@@ -25,7 +31,9 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -44,9 +52,11 @@ class LlamaEngine:
         n_seq: sequences decoded together.
         n_threads: llama.cpp threads of this context.
         n_batch: tokens per `llama_decode` call.
+        prompt_cache_mb: host memory for prefilled prompts (`PromptStates`); 0 keeps none.
     """
 
-    def __init__(self, path, n_ctx: int = 2048, n_seq: int = 16, n_threads: int = 1, n_batch: int = 512):
+    def __init__(self, path, n_ctx: int = 2048, n_seq: int = 16, n_threads: int = 1, n_batch: int = 512,
+                 prompt_cache_mb: float = 512):
         import llama_cpp
 
         route_llama_logs(llama_cpp)
@@ -77,6 +87,7 @@ class LlamaEngine:
         self.n_vocab, self.eos = int(llama_cpp.llama_vocab_n_tokens(vocab)), int(llama_cpp.llama_vocab_eos(vocab))
         self.n_ctx, self.n_seq, self.n_batch, self.n_threads = n_ctx, n_seq, n_batch, n_threads
         self.step_times: Optional[StepTimes] = None  # set one to time `run_sequences`' steps (benchmarks)
+        self.prompt_states = PromptStates(int(prompt_cache_mb * (1 << 20)))
 
     def close(self) -> None:
         lib = getattr(self, "_lib", None)
@@ -89,6 +100,8 @@ class LlamaEngine:
         if getattr(self, "_model", None):
             lib.llama_model_free(self._model)
         self._batch = self._ctx = self._model = self._lib = None
+        if getattr(self, "prompt_states", None) is not None:
+            self.prompt_states.clear()
 
     def __del__(self):
         try:
@@ -103,6 +116,24 @@ class LlamaEngine:
     def forget(self, seq_id: int) -> None:
         """Remove every KV cell of sequence `seq_id`."""
         self._lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+
+    def save(self, seq_id: int) -> bytes:
+        """The KV cells of sequence `seq_id` (llama.cpp's sequence state), as bytes."""
+        lib = self._lib
+        size = lib.llama_state_seq_get_size(self._ctx, seq_id)
+        buffer = (ctypes.c_uint8 * size)()
+        written = lib.llama_state_seq_get_data(self._ctx, buffer, size, seq_id)
+        return ctypes.string_at(buffer, written)
+
+    def restore(self, seq_id: int, state: bytes) -> bool:
+        """Load cells saved by `save` into sequence `seq_id` (its own cells removed first);
+        False, with the sequence left empty, where llama.cpp refuses them."""
+        self.forget(seq_id)
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if self._lib.llama_state_seq_set_data(self._ctx, buffer, len(state), seq_id) == len(state):
+            return True
+        self.forget(seq_id)
+        return False
 
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> int:
         """One `llama_decode` of `(token, position, seq_id, wants_logits)` entries; llama.cpp's code."""
@@ -135,6 +166,59 @@ class StepTimes:
         """The steps that carried only next tokens (no prompt tokens): their cost depends on the
         number of running rows alone."""
         return [s for s in self.steps if s[0] == s[1]]
+
+
+class PromptStates:
+    """Prefilled prompts of one engine: prompt ids -> (KV cells from `LlamaEngine.save`, the
+    logits of the prompt's last token), least recently used first out past `max_bytes`.
+
+    Example:
+        >>> import numpy as np
+        >>> from reflectune_hf.oracles.llamacpp_engine import PromptStates
+        >>> states = PromptStates(max_bytes=100)
+        >>> states.put([1, 2], b"x" * 40, np.zeros(4, dtype=np.float32)); states.put([3], b"y" * 60, np.zeros(4))
+        >>> states.get([1, 2]) is None, states.get([3])[0][:1], len(states)  # [1, 2] made room for [3]
+        (True, b'y', 1)
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = int(max_bytes), 0
+        self._states: OrderedDict = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def get(self, prompt: list) -> Optional[tuple]:
+        key = tuple(prompt)
+        if key not in self._states:
+            return None
+        self._states.move_to_end(key)
+        return self._states[key]
+
+    def __iter__(self):
+        """The kept prompts (tuples of token ids), least recently used first."""
+        return iter(list(self._states))
+
+    def put(self, prompt: list, cells: bytes, logits) -> None:
+        """Keep `prompt`'s state (replacing one kept before), evicting the least recently used
+        past `max_bytes`; a state larger than `max_bytes` is not kept."""
+        key, size = tuple(prompt), len(cells) + logits.nbytes
+        self._drop(key)
+        if size > self.max_bytes:
+            return
+        while self._states and self.bytes + size > self.max_bytes:
+            self._drop(next(iter(self._states)))
+        self._states[key] = (cells, logits)
+        self.bytes += size
+
+    def _drop(self, key: tuple) -> None:
+        if key in self._states:
+            cells, logits = self._states.pop(key)
+            self.bytes -= len(cells) + logits.nbytes
+
+    def clear(self) -> None:
+        self._states.clear()
+        self.bytes = 0
 
 
 @dataclass
@@ -200,12 +284,17 @@ def run_sequences(engine: LlamaEngine, sequences: list[Sequence], *, eos: set,
         on_done(seq)
 
     while queue or running:
+        restored = []  # (seq_id, logits) of sequences that start from a kept prompt
         while queue and free:
-            seq = queue.pop()
+            seq, seq_id = queue.pop(), free.pop()
             seq.logprobs = [] if seq.top_logprobs is not None else None
             rng = np.random.default_rng(seq.seed) if seq.temperature > 0 else None
-            running[free.pop()] = {"seq": seq, "pos": 0, "fed": 0, "next": None, "rng": rng}
-        entries, outputs = [], []  # outputs: (seq_id, batch entry)
+            running[seq_id] = {"seq": seq, "pos": 0, "fed": 0, "next": None, "rng": rng}
+            kept = engine.prompt_states.get(seq.prompt)
+            if kept is not None and engine.restore(seq_id, kept[0]):
+                running[seq_id].update(pos=len(seq.prompt), fed=len(seq.prompt))
+                restored.append((seq_id, kept[1]))
+        entries, outputs, prompt_ends = [], [], set()  # outputs: (seq_id, batch entry)
         for seq_id, state in running.items():
             if state["next"] is not None:
                 outputs.append((seq_id, len(entries)))
@@ -214,7 +303,7 @@ def run_sequences(engine: LlamaEngine, sequences: list[Sequence], *, eos: set,
         for seq_id, state in running.items():
             prompt = state["seq"].prompt
             room = engine.n_batch - len(entries)
-            if state["next"] is not None or room <= 0:
+            if state["next"] is not None or state["fed"] == len(prompt) or room <= 0:
                 continue
             take = min(room, len(prompt) - state["fed"])
             for k in range(state["fed"], state["fed"] + take):
@@ -223,15 +312,20 @@ def run_sequences(engine: LlamaEngine, sequences: list[Sequence], *, eos: set,
             state["pos"] = state["fed"]
             if state["fed"] == len(prompt):
                 outputs.append((seq_id, len(entries) - 1))
+                prompt_ends.add(seq_id)
         clock = time.perf_counter if engine.step_times is not None else None
         t0 = clock() if clock else 0.0
-        code = engine.decode(entries)
+        code = engine.decode(entries) if entries else 0
         t1 = clock() if clock else 0.0
         if code != 0:
             for seq_id in list(running):
                 end(seq_id, error=f"llama_decode failed (code {code}) with {len(running)} sequences running")
             continue
         rows = [(seq_id, engine.logits(k)) for seq_id, k in outputs]
+        for seq_id, logits in rows:
+            if seq_id in prompt_ends and engine.prompt_states.max_bytes:
+                engine.prompt_states.put(running[seq_id]["seq"].prompt, engine.save(seq_id), logits)
+        rows += restored
         t2 = clock() if clock else 0.0
         constrained = [(running[s]["seq"].matcher, slot) for slot, (s, _) in enumerate(rows)
                        if running[s]["seq"].matcher is not None]
