@@ -193,7 +193,9 @@ def test_kept_prompts_are_bounded_and_a_refused_state_is_prefilled_again():
     assert (states.get([2]), len(states), states.bytes) == (None, 2, 92)
     states.put([4], b"d" * 200, logits)  # larger than the whole budget: not kept, nothing evicted
     assert states.get([4]) is None and len(states) == 2
-    assert len(PromptStates(max_bytes=0)) == 0 and PromptStates(0).get([1]) is None
+    none = PromptStates(max_bytes=0)  # prompt_cache_mb=0
+    none.put([1], b"a", logits)
+    assert len(none) == 0 and none.get([1]) is None
 
     oracle = LlamaCppOracle(batch_size=2, max_new_tokens=6, n_ctx=512, n_threads=1, cache=False, progress=False)
     request = ask("Name a colour.")
