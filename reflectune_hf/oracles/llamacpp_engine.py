@@ -9,9 +9,10 @@ tokens in all); a sequence that ends (EOS, a stopped format matcher, its budget)
 
 Prompts are prefilled once per engine: when a prompt's last token has been decoded, its KV cells
 and its logits are kept in host memory (`PromptStates`, least recently used first out past
-`prompt_cache_mb`), and a later sequence with the same prompt ids (a stage's re-ask, a sampled
-copy) starts from them: no prefill, and the same cells and logits as its own prefill would give
-(a prompt's prefill does not depend on what shares its batch).
+`prompt_cache_mb`), and a sequence admitted later with the same prompt ids (a stage's re-ask;
+not the `n` copies of one request, admitted together) starts from them: no prefill, and the same
+cells and logits as its own prefill would give (a prompt's prefill does not depend on what shares
+its batch).
 
 The format masks of all constrained sequences of a step are filled by llguidance in one
 parallel call (`LLExecutor`) into one bitmask, applied to the numpy logits of those rows.
