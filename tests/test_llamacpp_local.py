@@ -146,6 +146,37 @@ def test_the_f16_re_encode_prints_one_log_line_on_a_fresh_machine(tmp_path):
     assert lines[0].startswith("INFO reflectune_hf.oracles.llamacpp_local: Re-encoding SmolLM2"), lines
 
 
+def test_the_f16_re_encode_is_found_again_after_a_reinstall_and_replaces_earlier_ones(tmp_path, monkeypatch):
+    """A reinstalled package has the same GGUF bytes with new mtimes: its F16 re-encode is used
+    again, not written anew (each is ~270 MB; clean clones left one per install in the cache).
+    Writing a re-encode removes the earlier ones of a source of the same name and size."""
+    import os
+    import shutil
+
+    import llama_cpp
+
+    from reflectune_hf.oracles.llamacpp_local import f16_gguf, source_gguf
+
+    monkeypatch.setenv("REFLECTUNE_HF_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "pkg" / source_gguf("smollm2-135m-instruct").name
+    source.parent.mkdir()
+    shutil.copyfile(source_gguf("smollm2-135m-instruct"), source)
+    earlier = tmp_path / "cache" / "gguf" / f"{source.stem}-{source.stat().st_size}-1796340948574354362.f16.gguf"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier re-encode")
+    unrelated = earlier.with_name("Other-123.f16.gguf")
+    unrelated.write_bytes(b"another model's")
+    calls = []
+    quantize = llama_cpp.llama_model_quantize
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", lambda *a: calls.append(a) or quantize(*a))
+    first = f16_gguf(source)
+    assert first.is_file() and len(calls) == 1
+    assert not earlier.exists() and unrelated.exists()
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # a reinstall
+    assert f16_gguf(source) == first and len(calls) == 1
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, unrelated.name])
+
+
 def test_a_failed_re_encode_is_one_line_with_what_llama_cpp_said(tmp_path, monkeypatch, capfd):
     from reflectune_hf.oracles import OracleConfigurationError
     from reflectune_hf.oracles.llamacpp_local import f16_gguf

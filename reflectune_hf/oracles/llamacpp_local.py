@@ -55,6 +55,8 @@ Example:
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import logging
 import os
 from contextlib import contextmanager
@@ -100,13 +102,21 @@ def source_gguf(model: str) -> Path:
 
 
 def f16_gguf(source: Path) -> Path:
-    """`source` re-encoded as F16 (once, under `cache_root()/gguf`; a crash never leaves a partial file)."""
+    """`source` re-encoded as F16 (once, under `cache_root()/gguf`; a crash never leaves a partial file).
+
+    The file is named by the source's size and content digest, so a reinstalled package (new
+    mtimes, same bytes) finds it again; writing one removes the earlier re-encodes of a source of
+    the same name and size (each is ~270 MB for the embedded 135M model)."""
     import ctypes
 
     import llama_cpp
 
-    stat = source.stat()
-    target = cache_root() / "gguf" / f"{source.stem}-{stat.st_size}-{stat.st_mtime_ns}.f16.gguf"
+    size = source.stat().st_size
+    digest = hashlib.sha256()
+    with open(source, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    target = cache_root() / "gguf" / f"{source.stem}-{size}-{digest.hexdigest()[:16]}.f16.gguf"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +132,9 @@ def f16_gguf(source: Path) -> Path:
         raise OracleConfigurationError(f"llama.cpp could not re-encode {source} as F16 ({output.tail() or 'no output'})"
                                        ": use weights='gguf'")
     os.replace(partial, target)
+    for earlier in target.parent.glob(f"{glob.escape(source.stem)}-{size}-*.f16.gguf"):
+        if earlier != target:
+            earlier.unlink(missing_ok=True)
     return target
 
 
