@@ -48,6 +48,32 @@ def test_busy_cores_sees_another_process_on_a_cpu(monkeypatch):
     assert busy_cores({cpu}, seconds=0.01) is None
 
 
+def test_busy_cores_does_not_count_this_process_own_threads():
+    """A thread of ours busy on a CPU (an OpenMP pool still spinning after a torch op, a
+    conversion finishing) is not other work: counted, the oracle halved its threads for a whole
+    run on an idle 2-core machine."""
+    import threading
+
+    cpu = min(os.sched_getaffinity(0))
+    started, stop = threading.Event(), threading.Event()
+
+    def spin():
+        os.sched_setaffinity(threading.get_native_id(), {cpu})
+        started.set()
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        started.wait(5)
+        time.sleep(0.2)
+        assert busy_cores({cpu}, seconds=0.5) < 0.4
+    finally:
+        stop.set()
+        spinner.join()
+
+
 def test_an_oracle_without_n_threads_takes_the_free_cores(monkeypatch):
     usable = len(os.sched_getaffinity(0))
     ask = [ChatRequest([{"role": "user", "content": "Say hi."}], max_tokens=2)]

@@ -32,9 +32,11 @@ def _cpu_ticks(cpus: set) -> Optional[dict]:
 
 def busy_cores(cpus=None, seconds: float = 0.25) -> Optional[float]:
     """How many of `cpus` (default: the usable ones) other work keeps busy: the busy share of each
-    CPU over the next `seconds` (from /proc/stat, while this thread sleeps), summed. Unlike the
-    load average, it does not count this process's earlier work (right after a model conversion
-    in the same process the 1-minute load reads as a busy core). None without /proc/stat.
+    CPU over the next `seconds` (from /proc/stat, while this thread sleeps), summed, less the
+    cores this process's own threads used meanwhile (`time.process_time`: a pool of ours still
+    spinning after a torch op is not another job). Unlike the load average, it does not count
+    this process's earlier work (right after a model conversion in the same process the 1-minute
+    load reads as a busy core). None without /proc/stat.
 
     Example:
         >>> from reflectune_hf.oracles.cpu_threads import busy_cores
@@ -45,14 +47,16 @@ def busy_cores(cpus=None, seconds: float = 0.25) -> Optional[float]:
     before = _cpu_ticks(cpus)
     if before is None:
         return None
+    wall, own = time.monotonic(), time.process_time()
     time.sleep(seconds)
     after = _cpu_ticks(cpus) or {}
+    own_cores = (time.process_time() - own) / max(time.monotonic() - wall, 1e-9)
     total = 0.0
     for cpu, (busy, idle) in before.items():
         busy_after, idle_after = after.get(cpu, (busy, idle))
         counted = (busy_after - busy) + (idle_after - idle)
         total += (busy_after - busy) / counted if counted > 0 else 0.0
-    return total
+    return max(0.0, total - own_cores)
 
 
 def default_threads(usable: Optional[int] = None, busy: Optional[float] = None) -> int:
