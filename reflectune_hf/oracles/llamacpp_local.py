@@ -18,7 +18,7 @@ The prompt text is the HF tokenizer's chat template (the same text and token ids
 `TransformersOracle`; llama.cpp's own tokenizer splits " \\n" differently, so the HF tokenizer
 tokenises and llama.cpp only decodes). Temperature 0 is greedy; otherwise the logits are divided
 by the temperature, nucleus-filtered by `top_p` and sampled by numpy from a generator per
-request (`seed` given: the same answer whatever the batch neighbours). `n` sampled choices are
+request (`seed` given: its own draws whatever the batch neighbours). `n` sampled choices are
 `n` sequences (each prefilled; greedy gives one choice repeated). Logprobs are the model's own
 (before temperature and the format mask), with `top_logprobs` alternatives. A request with an
 `answer_format` is decoded under its regex through llguidance, the token masks of all
@@ -37,12 +37,13 @@ another seed and budget, starts decoding at once (measured on the quickstart's c
 reflection of 40 rows: the tokens through llama.cpp 44,754 -> 23,038; on 16 rows, runs
 interleaved, 109 s -> 89 s).
 
-Greedy answers do not depend on the batch (each sequence attends to its own KV stream, and a
-prompt's prefill gives the same cells and logits whatever shares its batch; tested). A generation
-step's logits can differ in their last bits with the number of rows it carries, so an answer
-sampled at a high temperature may take another turn when the schedule changes: when re-asks
-stopped being prefilled, 35 of the 85 sampled re-asks of that 40-row run changed text (all 91
-greedy answers stayed the same, and so did every status).
+Each sequence attends to its own KV stream, but llama.cpp's kernels split a step's work by the
+tokens it carries, so logits differ slightly with the schedule (a prompt's last token decoded
+alone came out up to 0.04 off the same token inside its prefill). Greedy answers stay the same
+unless two tokens nearly tie (the tests' greedy answers do, whatever shares their batch, and all
+91 greedy answers of the 40-row run did when re-asks stopped being prefilled); an answer sampled
+at a high temperature may take another turn (35 of that run's 85 sampled re-asks changed text;
+every status stayed the same).
 
 Example:
     >>> from reflectune_hf.oracles import ChatRequest
