@@ -15,7 +15,9 @@ reads well.
   still parse the same dataclasses.
 - A default is printed once: not when the help text already speaks of it, not for `None`.
 - A flag or `--config` key the command does not take is refused (`UnknownArguments`, a
-  `ValueError` naming them) rather than ignored.
+  `ValueError` naming them) rather than ignored; so is an abbreviated flag (`--top_frac`).
+- The `--config` file (`--config FILE` or `--config=FILE`, once) is read by `config_file`: each
+  value converted and checked as its flag's text is, a broken file named in one line.
 - `first_group(parser, title, helps)` moves chosen flags of a large parser (TRL's hundreds of
   training arguments) into a group shown first.
 
@@ -40,12 +42,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import sys
 import types
 import typing
 from copy import copy
-from typing import Any, Literal, Optional, Union, get_type_hints
+from typing import Literal, Optional, Union, get_type_hints
+
+from .config_file import config_value, read_config, string_to_bool, take_config
 
 CONFIG_HELP = "a YAML file with the same keys as the flags; flags given on the command line override it"
 
@@ -87,15 +90,12 @@ def _owner(dtype, name: str):
     return next((c for c in dtype.__mro__ if name in c.__dict__.get("__annotations__", {})), dtype)
 
 
-def string_to_bool(value) -> bool:
-    """`--flag yes|no|true|false|1|0|...` (the spellings `HfArgumentParser` accepts)."""
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if value.lower() in ("no", "false", "f", "n", "0"):
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
         return False
-    raise argparse.ArgumentTypeError(f"true or false expected, got {value!r}")
+    return True
 
 
 def _none_or(inner):
@@ -158,6 +158,7 @@ class CommandParser(_GroupedHelp, argparse.ArgumentParser):
     def __init__(self, dataclass_types, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         kwargs.setdefault("usage", "%(prog)s [-h] [--config FILE] [--flag value ...]")
+        kwargs.setdefault("allow_abbrev", False)  # `--learning_rat` is a typo, not --learning_rate
         self._groups = {}
         super().__init__(**kwargs)
         self.dataclass_types = [dataclass_types] if dataclasses.is_dataclass(dataclass_types) else list(dataclass_types)
@@ -205,21 +206,26 @@ class CommandParser(_GroupedHelp, argparse.ArgumentParser):
             parser.add_argument(f"--no_{field.name}", f"--no-{field.name.replace('_', '-')}", action="store_false",
                                 dest=field.name, default=False, help=field.metadata.get("help"))
 
-    def set_defaults_with_config(self, **values) -> list[str]:
-        """Make `values` (field name -> value) the defaults; returns the names no flag takes."""
-        known = set()
-        for action in self._actions:
-            if action.dest in values:
-                action.default, action.required = values[action.dest], False
-                known.add(action.dest)
-        return [name for name in values if name not in known]
+    def set_defaults_with_config(self, source: str = "the config", **values) -> list[str]:
+        """Make `values` (field name -> value, read as `config_value` reads them) the defaults;
+        returns the names no field takes."""
+        fields = self._field_names()
+        actions = [a for a in self._actions if a.dest in fields and a.dest in values]
+        converted = {a.dest: config_value(a, a.dest, values[a.dest], source) for a in actions if a.type is not None}
+        for action in actions:
+            action.default, action.required = converted.get(action.dest, values[action.dest]), False
+        return [name for name in values if name not in fields]
 
     def parse_args_into_dataclasses(self, args: list[str]) -> tuple:
         """The dataclasses of `args` (flags only; see `parse_args_and_config` for `--config`)."""
         namespace, rest = self.parse_known_args(args)
+        flags = [a for a in rest if a.startswith("-") and len(a) > 1 and not _is_number(a)]
+        if flags:
+            raise UnknownArguments(self.prog, [a.lstrip("-").split("=")[0].replace("-", "_") for a in flags],
+                                   "the command line")
         if rest:
-            names = [a[2:].split("=")[0].replace("-", "_") for a in rest if a.startswith("--")]
-            raise UnknownArguments(self.prog, names or rest, "the command line")
+            raise ValueError(f"unexpected value{'s' if len(rest) > 1 else ''} {' '.join(rest)!r} on the command line "
+                             f"of {self.prog}: every value follows its flag (--name value)")
         values = vars(namespace)
         return tuple(dtype(**{f.name: values[f.name] for f in dataclasses.fields(dtype) if f.init and f.name in values})
                      for dtype in self.dataclass_types)
@@ -232,27 +238,20 @@ class CommandParser(_GroupedHelp, argparse.ArgumentParser):
                 key the config does not have (`UnknownArguments`).
             FileNotFoundError: the `--config` file does not exist.
         """
-        import yaml
-
-        args = list(sys.argv[1:] if args is None else args)
-        if "--config" in args:
-            at = args.index("--config")
-            if at + 1 >= len(args):
-                raise ValueError("--config needs a YAML file")
-            path = args[at + 1]
-            del args[at:at + 2]
-            with open(path) as handle:
-                values = yaml.safe_load(handle)
-            if not isinstance(values, dict):
-                raise ValueError(f"{path} must contain a YAML mapping of flag names to values")
-            env = values.pop("env", {})
-            if not isinstance(env, dict):
-                raise ValueError(f"{path}: `env` must be a mapping of variable names to values")
-            os.environ.update({str(k): str(v) for k, v in env.items()})
-            unknown = self.set_defaults_with_config(**values)
+        args, path = take_config(list(sys.argv[1:] if args is None else args))
+        if path is not None:
+            values = read_config(path)
+            unknown = self.set_defaults_with_config(path, **values)
+            spelled = [n for n in unknown if isinstance(n, str) and n.replace("-", "_") in self._field_names()]
+            if spelled:
+                raise ValueError(f"{path}: the keys are field names: write {', '.join(n.replace('-', '_') for n in spelled)}"
+                                 f" (not {', '.join(spelled)})")
             if unknown:
-                raise UnknownArguments(self.prog, unknown, path)
+                raise UnknownArguments(self.prog, [str(n) for n in unknown], path)
         return self.parse_args_into_dataclasses(args)
+
+    def _field_names(self) -> set:
+        return {f.name for dtype in self.dataclass_types for f in dataclasses.fields(dtype) if f.init}
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,9 +264,19 @@ def _trl_parser_class():
         def __init__(self, dataclass_types, **kwargs):
             kwargs.setdefault("formatter_class", HelpFormatter)
             kwargs.setdefault("usage", "%(prog)s [-h] [--config FILE] [--flag value ...]")
+            kwargs.setdefault("allow_abbrev", False)
             self._groups = {}
             super().__init__(dataclass_types, **kwargs)
             self._finish_help()
+
+        def parse_args_and_config(self, args=None, **kwargs):
+            """TRL's parsing, after `--config=FILE` is spelled `--config FILE`, a second `--config`
+            refused and the file read once as YAML (one-line errors)."""
+            args, path = take_config(list(sys.argv[1:] if args is None else args))
+            if path is not None:
+                read_config(path)  # the errors of a file that is not a YAML mapping, before TRL's
+                args += ["--config", path]
+            return super().parse_args_and_config(args, **kwargs)
 
     return TrlCommandParser
 

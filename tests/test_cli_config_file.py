@@ -1,0 +1,83 @@
+"""`--config FILE` is read the way the command line is: `--config=FILE` too, once, its values
+converted and checked like flags, a broken file named in one line (exit 2, before any work), and
+no abbreviated flag taken for another."""
+
+from __future__ import annotations
+
+import pytest
+
+from reflectune_hf.cli import main as cli
+
+
+def run(argv, capsys) -> tuple[int, str]:
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()[-1] if captured.err.strip() else captured.out
+
+
+def write(tmp_path, text: str, name: str = "recipe.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_equals_file_is_read_not_swallowed(tmp_path):
+    """`--config=recipe.yaml` was taken by the help-only `--config` flag: the run used no file."""
+    recipe = write(tmp_path, "limit: 3\ntop_fraction: 0.2\n")
+    config = cli.parse_config("select", [f"--config={recipe}", "--data", "scored"])
+    assert (config.limit, config.top_fraction) == (3, 0.2)
+
+
+@pytest.mark.parametrize("command", ["sft", "tuna"])
+def test_config_equals_file_reaches_trl_parsing(command):
+    """TRL's parser only knew `--config FILE`: `--config=FILE` came back as an extra namespace."""
+    recipe = {"sft": "scripts/configs/smoke_cpu.yaml", "tuna": "scripts/configs/tuna_smoke_cpu.yaml"}[command]
+    spaced = cli.command_parser(command).parse_args_and_config(["--config", recipe])
+    joined = cli.command_parser(command).parse_args_and_config([f"--config={recipe}"])
+    assert len(joined) == len(spaced) and joined == spaced
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "{a}", "--config", "{b}"], "--config given 2 times"),
+    (["--conf", "{a}"], "--conf is not a flag of reflectune select"),
+    (["--top_frac", "0.5"], "--top_frac is not a flag of reflectune select"),
+    (["--config"], "--config needs a YAML file"),
+    (["--data", "scored", "extra"], "unexpected value 'extra'"),
+])
+def test_repeated_abbreviated_or_stray_arguments_exit_2(argv, message, tmp_path, capsys):
+    a, b = write(tmp_path, "limit: 1\n", "a.yaml"), write(tmp_path, "limit: 2\n", "b.yaml")
+    code, line = run(["select"] + [arg.format(a=a, b=b) for arg in argv], capsys)
+    assert code == 2 and message in line, line
+
+
+@pytest.mark.parametrize("text, message", [
+    ("limit: 1.5\n", "`limit` takes an integer, got 1.5"),
+    ("limit: true\n", "`limit` takes an integer, got True"),
+    ("top_fraction: [0.1]\n", "`top_fraction` takes a number, got [0.1]"),
+    ("output_dir: {a: 1}\n", "`output_dir` takes a string, got {'a': 1}"),
+    ("selection: best\n", "selection must be one of"),
+    ("private: [1]\n", "`private` takes true or false"),
+    (": :\n  bad: [\n", "is not valid YAML at line 1, column 1"),
+    ("top-fraction: 0.1\n", "write top_fraction (not top-fraction)"),
+    ("config: other.yaml\n", "--config (in "),
+    ("help: true\n", "--help (in "),
+])
+def test_a_bad_config_value_is_one_line_and_exit_2(text, message, tmp_path, capsys):
+    """YAML values became argparse defaults as they were: `limit: 1.5` failed deep in the run
+    (exit 1), `output_dir: 5`-like mistakes after the whole selection, `[1]` read as true."""
+    code, line = run(["select", "--data", "scored", "--config", write(tmp_path, text)], capsys)
+    assert code == 2 and message in line, line
+
+
+def test_config_values_are_converted_like_flags(tmp_path):
+    recipe = write(tmp_path, "limit: '4'\ntop_fraction: 1e-1\nprivate: 'false'\n")
+    config = cli.parse_config("select", ["--config", recipe, "--data", "scored"])
+    assert (config.limit, config.top_fraction, config.private) == (4, 0.1, False)
+    assert cli.parse_config("select", ["--config", recipe, "--data", "scored", "--limit", "2"]).limit == 2
+
+
+def test_training_commands_refuse_an_abbreviated_flag_and_a_broken_file(tmp_path, capsys):
+    code, line = run(["sft", "--learning_rat", "1"], capsys)
+    assert code == 2 and "--learning_rat" in line, line
+    code, line = run(["sft", f"--config={write(tmp_path, ': :', 'broken.yaml')}"], capsys)
+    assert code == 2 and "is not valid YAML" in line, line
