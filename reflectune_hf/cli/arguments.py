@@ -244,8 +244,8 @@ class CommandParser(_GroupedHelp, argparse.ArgumentParser):
             unknown = self.set_defaults_with_config(path, **values)
             spelled = [n for n in unknown if isinstance(n, str) and n.replace("-", "_") in self._field_names()]
             if spelled:
-                raise ValueError(f"{path}: the keys are field names: write {', '.join(n.replace('-', '_') for n in spelled)}"
-                                 f" (not {', '.join(spelled)})")
+                names = ", ".join(n.replace("-", "_") for n in spelled)
+                raise ValueError(f"{path}: the keys are field names: write {names} (not {', '.join(spelled)})")
             if unknown:
                 raise UnknownArguments(self.prog, [str(n) for n in unknown], path)
         return self.parse_args_into_dataclasses(args)
