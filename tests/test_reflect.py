@@ -155,14 +155,16 @@ def test_reask_is_a_distinct_request_and_keeps_the_best_answer():
         GOOD_INSTRUCTION.format(topic="a"), GOOD_INSTRUCTION.format(topic="b"),
         "[New Instruction] Only an instruction. [End]", "nothing useful",
     ]
-    assert out["reflection_error"] == ["", "", "", ""]  # a failed re-ask never hides a first answer
+    # A failed re-ask keeps the first answer in `reflection_raw` but is an error: the row was
+    # still owed an answer, so it is `oracle_error` and a rerun asks again (it was a frozen `failed`).
+    assert out["reflection_error"][:3] == ["", "", ""] and "server busy" in out["reflection_error"][3]
     assert out["reflection_finish_reason"] == ["stop"] * 4
     first, retry = oracle.requests[1], oracle.requests[4]
     assert first.message_dicts == retry.message_dicts
     assert (first.seed, first.temperature, retry.seed, retry.temperature) == (None, 0.0, 1, 0.7)
     assert first.key("m", "http://x/v1") != retry.key("m", "http://x/v1")  # not served by the oracle cache
     extracted = extract_instruction_reflection({**_rows(instruction=["i"] * 4, output=["o"] * 4), **out})
-    assert extracted["reflection_status"] == ["ok", "ok", "output_fallback", "failed"]
+    assert extracted["reflection_status"] == ["ok", "ok", "output_fallback", "oracle_error"]
 
     no_retry = ScriptedOracle(rules=oracle.rules)
     out = ReflectInstruction(no_retry, format_retries=0, seed=7)(_rows(instruction=["RETRY-OK"], output=["o"]))

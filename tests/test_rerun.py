@@ -104,6 +104,39 @@ def test_map_stage_follows_a_chain_of_partial_heals(tmp_path):
         assert server.sent(before) == []
 
 
+REASK_STAGE = MAP_STAGE.replace("format_retries=0", "format_retries=1")
+
+
+class FailingReaskServer(HealingServer):
+    """The first answer to a "REASK" prompt does not parse; while not `healthy`, its re-ask gets
+    a 429 (every other prompt is answered in format)."""
+
+    def __init__(self):
+        super().__init__()
+        self.faults = lambda prompt, attempt: "429" if "REASK" in prompt and attempt > 1 and not self.healthy else "ok"
+
+    def completion(self, body: dict, prompt: str) -> dict:
+        reply = super().completion(body, prompt)
+        if "REASK" in prompt and body.get("seed") is None:  # the first request (re-asks carry a seed)
+            reply["choices"][0]["message"]["content"] = "I think it is fine."
+        return reply
+
+
+def test_a_failed_re_ask_is_an_oracle_error_that_a_rerun_heals(tmp_path):
+    """The re-ask's failure was dropped: the row was stored as `failed` with no error, and every
+    rerun replayed it from the datasets cache without a request."""
+    Dataset.from_dict({"instruction": ["Name a star.", "REASK me"], "output": ["Sun", "x"]}).save_to_disk(
+        tmp_path / "ds")
+    with FailingReaskServer() as server:
+        first = _python(REASK_STAGE, tmp_path / "ds", server.base_url)
+        assert first["status"] == ["ok", "oracle_error"] and first["output"][1] == "x"
+        server.healthy = True
+        before = len(server.chat_requests)
+        second = _python(REASK_STAGE, tmp_path / "ds", server.base_url)
+        assert second["status"] == ["ok", "ok"] and second["output"][1] == "A better answer."
+        assert [p for p in server.sent(before) if "REASK" not in p] == []  # only the failed row asked again
+
+
 def test_in_memory_iterable_and_empty_datasets(tmp_path):
     from reflectune_hf import ReflectResponse, map_stage
     from scripted_oracle import demo_oracle

@@ -105,8 +105,10 @@ class OracleCaller(LazyState):
         an answer cut by the token limit (`finish_reason == "length"`) scores `worst_rank` at
         best, so it is re-asked and any better-parsing answer replaces it. `request(i, attempt,
         longer)` builds the request of conversation `i` (default: `self.request(messages,
-        attempt, longer)`). A failed first request is recorded in `error` and not re-asked (the
-        oracle already retried transport errors)."""
+        attempt, longer)`). A failed request, first or re-ask, is recorded in `error` and not
+        re-asked (the oracle already retried transport errors): that conversation has no usable
+        answer, so its row gets `oracle_error` and a rerun asks again (the answers that came are
+        in the oracle's cache)."""
         rankers = list(rank) if isinstance(rank, (list, tuple)) else [rank] * len(conversations)
         if request is None:
             request = lambda i, attempt, longer: self.request(conversations[i], attempt, longer)  # noqa: E731
@@ -121,9 +123,8 @@ class OracleCaller(LazyState):
             for i, sent, result in zip(pending, requests, results):
                 answer = answers[i]
                 answer.attempts = attempt + 1
-                if not result.ok:
-                    if attempt == 0:
-                        answer.error = result.error or "the oracle failed without a message"
+                if not result.ok:  # a re-ask that fails leaves no usable answer either: never a frozen `failed`
+                    answer.error = result.error or "the oracle failed without a message"
                     continue
                 reasons = result.finish_reasons
                 reason = str(reasons[0]) if reasons and reasons[0] else ""

@@ -37,8 +37,9 @@ attempt number (plus `seed` when set) and the temperature is raised to at least
 `retry_temperature` (0.7). The distinct seed gives the re-ask its own cache key, so the per-request
 oracle cache cannot hand back the same unparsable text, and the higher temperature makes it a real
 second sample even on a greedy, deterministic server (where a seed alone changes nothing). The
-better-parsing answer of the attempts is kept (the first one on a tie); a failed re-ask never
-replaces a usable first answer.
+better-parsing answer of the attempts is kept (the first one on a tie). A re-ask that fails
+(the oracle's retries spent) keeps the first answer in `reflection_raw` and sets
+`reflection_error`: the row is `oracle_error`, still owed its re-ask, and a rerun sends it.
 
 Example:
     >>> from reflectune_hf.oracles.base import ChatResult
