@@ -103,6 +103,33 @@ def test_selectit_runtime_knobs_do_not_change_the_hash_config_does():
     assert pickle.loads(pickle.dumps(SelectITScorer(k=2, batch_size=3))).batch_size == 16
 
 
+def test_oracle_speed_knobs_do_not_change_a_stage_hash_its_configuration_does():
+    """Another `max_concurrency`, `timeout`, `progress` or batch size changed every stage's
+    fingerprint, so a rerun recomputed the whole chain (IFD scoring included) from the oracle cache."""
+    from reflectune_hf.oracles import LlamaCppOracle, OpenAIBatchOracle, OpenAIOracle
+
+    url = "http://127.0.0.1:9/v1"
+    cases = [
+        (lambda **k: OpenAIOracle("m", base_url=url, **k),
+         [{"max_concurrency": 4}, {"timeout": 30.0}, {"max_retries": 0}, {"progress": False}],
+         [{"requests_per_minute": 60}, {"context_window": 4096}, {"structured": "off"}]),
+        (lambda **k: OpenAIBatchOracle("m", base_url=url, **k), [{"poll_interval": 1.0}, {"timeout": 5.0}],
+         [{"completion_window": "1h"}]),
+        (lambda **k: TransformersOracle(cache=False, **k), [{"batch_size": 2}, {"device": "cpu"}, {"progress": True}],
+         [{"dtype": "bfloat16"}, {"max_new_tokens": 7}]),
+        (lambda **k: LlamaCppOracle(cache=False, **k), [{"batch_size": 4}, {"progress": True}, {"n_threads": 1}],
+         [{"max_new_tokens": 7}, {"weights": "gguf"}]),
+    ]
+    for make, knobs, configs in cases:
+        base = Hasher.hash(ReflectResponse(make()))
+        for knob in knobs:
+            assert Hasher.hash(ReflectResponse(make(**knob))) == base, knob
+        for config in configs:
+            assert Hasher.hash(ReflectResponse(make(**config))) != base, config
+    worker = pickle.loads(pickle.dumps(OpenAIOracle("m", base_url=url, max_concurrency=4, requests_per_minute=60)))
+    assert (worker.max_concurrency, worker.timeout, worker.requests_per_minute) == (32, 120.0, 60)
+
+
 def test_oracle_fingerprint_follows_its_weights(tmp_path):
     """`local:./my-oracle` retrained in place: new weights, new fingerprint (and oracle cache key)."""
     from safetensors.torch import load_file, save_file

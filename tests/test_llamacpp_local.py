@@ -76,7 +76,8 @@ def test_cache_hit_on_rerun_sends_nothing(tmp_path):
 def test_pickling_keeps_the_configuration_and_the_fingerprint_names_the_engine(oracle):
     oracle.complete([ask("Hi", max_tokens=2)])
     copy = pickle.loads(pickle.dumps(oracle))
-    assert getattr(copy, "_engine", None) is None and (copy.model, copy.batch_size) == (oracle.model, 4)
+    assert getattr(copy, "_engine", None) is None and copy.model == oracle.model
+    assert copy.batch_size == 16  # a speed knob: outside the fingerprint, the default in a worker
     assert copy.complete([ask("Hi", max_tokens=2)])[0].text == oracle.complete([ask("Hi", max_tokens=2)])[0].text
     copy.close()
     llama, torch_ = make_local_oracle(engine="llamacpp"), make_local_oracle(engine="transformers")

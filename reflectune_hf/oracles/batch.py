@@ -49,7 +49,7 @@ import json
 import logging
 import time
 from types import SimpleNamespace
-from typing import Optional
+from typing import ClassVar, Optional
 
 from . import backends
 from .base import ChatRequest, ChatResult, OracleConfigurationError, usage_add
@@ -81,6 +81,9 @@ class OpenAIBatchOracle(OpenAIOracle):
             the same structured-output fields as the online request (`backend="auto"` means
             `openai` here: the Batch API is OpenAI's wire format, nothing is probed).
     """
+
+    _transient: ClassVar[tuple[str, ...]] = OpenAIOracle._transient + ("poll_interval",)
+    _transient_defaults: ClassVar[dict] = {**OpenAIOracle._transient_defaults, "poll_interval": 30.0}
 
     def __init__(self, model: str, base_url: Optional[str] = None, api_key: Optional[str] = None,
                  completion_window: str = "24h", poll_interval: float = 30.0, max_wait: Optional[float] = None,

@@ -159,12 +159,15 @@ class LlamaCppOracle(CachingOracle):
         structured: "auto"/"on": enforce each request's `answer_format` (llguidance; "on"
             raises where it is missing, "auto" logs it and answers in free text); "off": ignore.
 
-    The model loads on first use in each process; pickling keeps the configuration only.
+    The model loads on first use in each process; pickling keeps the configuration only
+    (`batch_size`, `n_threads`, `prompt_cache_mb` and `progress` change speed, not answers: they
+    are outside the datasets fingerprint and `num_proc` workers use their defaults).
     """
 
     _transient: ClassVar[tuple[str, ...]] = CachingOracle._transient + (
-        "_engine", "_tokenizer", "_identity_cache", "_constraints", "n_threads", "prompt_cache_mb")
-    _transient_defaults: ClassVar[dict] = {"n_threads": None, "prompt_cache_mb": 512}
+        "_engine", "_tokenizer", "_identity_cache", "_constraints", "n_threads", "prompt_cache_mb", "batch_size",
+        "progress")
+    _transient_defaults: ClassVar[dict] = {"n_threads": None, "prompt_cache_mb": 512, "batch_size": 16}
 
     def __init__(self, model: str = "smollm2-135m-instruct", batch_size: int = 16, max_new_tokens: int = 512,
                  n_ctx: int = 2048, n_threads: Optional[int] = None, weights: str = "f16", cache=True,

@@ -66,11 +66,14 @@ class TransformersOracle(CachingOracle):
             constrained decoding ("on" raises if llguidance is missing, "auto" logs it and
             answers in free text); "off": ignore answer formats.
 
-    The model loads on first use in each process; pickling keeps the configuration only.
+    The model loads on first use in each process; pickling keeps the configuration only
+    (`batch_size`, `device` and `progress` are speed knobs, outside the datasets fingerprint:
+    `num_proc` workers use their defaults).
     """
 
-    _transient: ClassVar[tuple[str, ...]] = CachingOracle._transient + ("_model", "_tokenizer", "_identity_cache",
-                                                                        "_constraints")
+    _transient: ClassVar[tuple[str, ...]] = CachingOracle._transient + (
+        "_model", "_tokenizer", "_identity_cache", "_constraints", "batch_size", "device", "progress")
+    _transient_defaults: ClassVar[dict] = {"batch_size": 8}  # speed knobs: not in the fingerprint
 
     def __init__(self, model: str = "smollm2-135m-instruct", batch_size: int = 8, max_new_tokens: int = 512,
                  dtype: str = "float32", device: Optional[str] = None, cache=True, progress: Optional[bool] = None,

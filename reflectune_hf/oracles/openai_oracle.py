@@ -123,7 +123,10 @@ class OpenAIOracle(backends.StructuredOutput, CachingOracle):
             0.10.2) or `"guided"` (`guided_regex`, vLLM < 0.12); vllm_format: `"regex"` or `"json"`.
 
     The pickled state (hence the `datasets` fingerprint) is this configuration only: clients,
-    event loops, connections and usage counters are rebuilt lazily in each process.
+    event loops, connections and usage counters are rebuilt lazily in each process, and the
+    speed knobs (`max_concurrency`, `timeout`, `max_retries`, `progress`) are left out, so a
+    rerun with other values is served from the datasets cache (`num_proc` workers use their
+    defaults; `requests_per_minute` and `tokens_per_minute` do travel to them).
 
     Example:
         >>> from reflectune_hf.oracles import OpenAIOracle
@@ -132,7 +135,11 @@ class OpenAIOracle(backends.StructuredOutput, CachingOracle):
         False
     """
 
-    _transient: ClassVar[tuple[str, ...]] = CachingOracle._transient + ("_reached_pid", "_connect_failures")
+    # Speed knobs are not in the datasets fingerprint (a rerun with another concurrency is served
+    # from the cache); `num_proc` workers use their defaults. The token budgets stay: workers honour them.
+    _transient: ClassVar[tuple[str, ...]] = CachingOracle._transient + (
+        "_reached_pid", "_connect_failures", "max_concurrency", "timeout", "max_retries", "progress")
+    _transient_defaults: ClassVar[dict] = {"max_concurrency": 32, "timeout": 120.0, "max_retries": 6}
 
     def __init__(self, model: str, base_url: Optional[str] = None, api_key: Optional[str] = None,
                  max_concurrency: int = 32, timeout: float = 120.0, max_retries: int = 6,
