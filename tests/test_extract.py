@@ -22,6 +22,7 @@ from reflectune_hf.reflection.extract import (
     is_usable,
     parse_compressed_instruction,
     parse_instruction_reflection,
+    parse_response_reflection,
     segments,
 )
 
@@ -111,6 +112,51 @@ def test_loose_label_inside_a_bracketed_segment_is_text():
     assert parse_instruction_reflection("[New Instruction] Do X.\n- **New Answer:** Y") == ("Do X.", "Y")
     # Outside any bracketed segment, loose markers keep ending each other within one line.
     assert parse_instruction_reflection("New Instruction: Do X. New Answer: Y") == ("Do X.", "Y")
+
+
+# (oracle text, better answer): `**` and enumerator lines that belong to the answer are kept.
+CONTENT_KEPT = [
+    ("[Better Answer] **kwargs collects extra keyword arguments into a dict. [End]",
+     "**kwargs collects extra keyword arguments into a dict."),
+    ("[Better Answer] **Note:** in Python, 2**3 equals 8. [End]", "**Note:** in Python, 2**3 equals 8."),
+    ("[Better Answer] In Python, exponentiation is written with ** [End]",
+     "In Python, exponentiation is written with **"),
+    ("[Better Answer] ** is the power operator. [End]", "** is the power operator."),
+    ("[Better Answer] The answer is **42**[End]", "The answer is **42**"),
+    ("[Better Answer] The sum of 5 and 7 is:\n12. [End]", "The sum of 5 and 7 is:\n12."),
+    ("[Better Answer] Steps:\n1. Mix.\n2.", "Steps:\n1. Mix.\n2."),  # no [End]: the last line is still text
+]
+# (oracle text, better answer): `**` glued to a marker and an enumerator cut by the next marker are not.
+DECORATION_CUT = [
+    ("[Better Answer] Robin**[End]**", "Robin"),
+    ("[Better Answer] Robin**[End]", "Robin"),
+    ("[Better Answer]** Robin. [End]", "Robin."),
+    ("**[Better Answer]:**Robin. [End]", "Robin."),
+    ("**Better Answer:**Robin.", "Robin."),
+    ("[Better Answer]**\n\n**Step 1:** Mix. [End]", "**Step 1:** Mix."),
+    ("[Better Answer] **Robin** is a bird.**[End]**", "**Robin** is a bird."),
+    ("1. Too short.\n2. [Better Answer] Robin.\n\n3. [Better Answer] Robin.", "Robin."),
+]
+
+
+_IDS = [f"kept{i}" for i in range(len(CONTENT_KEPT))] + [f"cut{i}" for i in range(len(DECORATION_CUT))]
+
+
+@pytest.mark.parametrize("raw,expected", CONTENT_KEPT + DECORATION_CUT, ids=_IDS)
+def test_markdown_and_enumerators_of_the_answer_are_kept(raw, expected):
+    assert parse_response_reflection(raw) == expected
+    out = extract_response_reflection({"instruction": ["Q"], "output": ["A"], "reflection_raw": [raw]})
+    assert out == {"output": [expected], "reflection_status": ["ok"]}
+
+
+def test_enumerator_tail_of_the_instruction():
+    # The reference cuts the new instruction's trailing "\n\n3." (the prompt's step 3) whatever ends it;
+    # any other enumerator line is cut only when the next marker follows it on its line.
+    assert parse_instruction_reflection("[New Instruction] Do X.\n\n3.\n[New Answer] Y [End]") == ("Do X.", "Y")
+    assert parse_instruction_reflection("[New Instruction] Do X.\n\n3. [End] [New Answer] Y") == ("Do X.", "Y")
+    assert parse_instruction_reflection("[New Instruction] Do X.\n**2)** [New Answer] Y") == ("Do X.", "Y")
+    assert parse_instruction_reflection("[New Instruction] Rank:\n1. a\n2. [End] [New Answer] Y") == (
+        "Rank:\n1. a\n2.", "Y")
 
 
 def test_segments_ignore_markers_inside_code_and_reject_unknown_labels():

@@ -31,6 +31,11 @@ placeholder ("your answer", "<insert your instruction here>") falls back, not a 
 merely contains the words; only a bracketed `[End]` terminates a segment, so "Endangered" and
 "the End of the chapter" survive; fallbacks are recorded.
 
+Markdown and numbering are removed only where they belong to a marker: the unpaired `**` of
+`**[Better Answer]** ... **[End]**` or `Robin**[End]**`, and the "3." of a cut "\\n\\n3. [New Answer]".
+The answer's own `**` ("**kwargs", "2**3", "written with ** [End]") and its last line ("The sum
+is:\\n12. [End]") are kept (see `_clean`).
+
 Inside a bracketed segment (`[Better Answer] ... [End]`) only `[End]`, another bracketed marker
 or a loose marker opening a line ("3. New Answer: ...") ends the text: a loose label in the
 middle of a line ("Label the column 'New Answer:'") is content, not a marker.
@@ -100,7 +105,10 @@ _END = re.compile(
 # What may precede a loose marker that opens its line: indentation, bullets, "3." / "**3.**", "###".
 _LINE_OPENER = re.compile(rf"[ \t]*(?:(?:\#{{1,6}}|[-*+>]|{_DECO}?\d{{1,2}}[.)]{_DECO}?)[ \t]*)*")
 _CODE = re.compile(r"```.*?```|~~~.*?~~~|`[^`\n]+`", re.S)
+# Enumerator lines ("\n\n3.", "\n**2)**") that open the next numbered part; cut only before a marker.
 _TRAILING_ENUMERATOR = re.compile(rf"(?:\n[ \t]*{_DECO}?\d{{1,2}}[.)]{_DECO}?[ \t]*)+\Z")
+# The reference's own cut of the new instruction (REFERENCE.md §5), whatever ends the segment.
+_REFERENCE_TAIL = re.compile(r"\n\n3\.\Z")
 # The format's own placeholders ("your answer", "<insert your new instruction here>") and echoes of
 # its labels; never a value: "None", "N/A" or "Nothing" can be the real answer.
 _PLACEHOLDER = re.compile(
@@ -171,16 +179,38 @@ def _inside(spans: list[tuple[int, int]], position: int) -> bool:
     return k >= 0 and spans[k][0] <= position < spans[k][1]
 
 
-def _clean(segment: str, unquote: bool = False) -> str:
-    text = segment.strip()
-    text = re.sub(r"\A[:：][ \t]*", "", text)
-    if text.count("**") % 2:  # the other half of a bold marker, e.g. "... **[End]**"
-        if text.endswith("**"):
-            text = text[:-2]
-        elif text.startswith("**"):
-            text = text[2:]
-    text = _TRAILING_ENUMERATOR.sub("", text.rstrip()).strip()  # "...\n\n3." before the next part
-    if unquote and len(text) > 1 and text[0] == text[-1] == '"' and text.count('"') == 2:
+def _clean(segment: str, opened: bool, before_marker: bool, closed: bool, instruction: bool = False) -> str:
+    """The text of a raw segment (what follows a marker, up to its end).
+
+    Args:
+        segment: the raw text between the marker and what ends it, unstripped.
+        opened: True when the marker holds an unpaired `**` ("**[Better Answer]:", "**New Answer:").
+        before_marker: True when the next marker ends the segment (not `[End]` or the end of the text).
+        closed: True when `[End]` or a marker ends the segment (False: the end of the text).
+        instruction: the segment is a new instruction (unquoted, and the reference's tail is cut).
+
+    Only what belongs to a marker is removed, never the answer's own text:
+
+    - `**` glued to the marker before it when followed by a space ("[Better Answer]** Robin") or
+      when it closes the marker's own `**` ("**New Answer:**Robin"), or glued to the `[End]` /
+      marker after it ("Robin**[End]**"), and only when it is the unpaired one (an odd count of
+      `**`). "**kwargs", "**Note:**", "2**3" and "written with ** [End]" are the answer's text.
+    - enumerator lines ("\\n\\n3.", "\\n**2)**") right before the next marker: the number of that
+      marker's part. Before `[End]` or at the end of the text they are the answer's last line
+      ("The sum is:\\n12."), except the new instruction's "\\n\\n3.", which the reference cuts.
+    """
+    if segment.count("**") % 2:  # the other half of a bold marker: "**[Better Answer]** ... **[End]**"
+        if closed and segment.endswith("**"):
+            segment = segment[:-2]
+        elif segment.startswith("**") and (opened or re.match(r"\*\*(?:\s|\Z)", segment)):
+            segment = segment[2:]
+    text = re.sub(r"\A[:：][ \t]*", "", segment.strip()).rstrip()
+    if before_marker:
+        text = _TRAILING_ENUMERATOR.sub("", text)  # "...\n\n3. [New Answer]": the next part's number
+    if instruction:
+        text = _REFERENCE_TAIL.sub("", text)
+    text = text.strip()
+    if instruction and len(text) > 1 and text[0] == text[-1] == '"' and text.count('"') == 2:
         text = text[1:-1].strip()
     return text
 
@@ -210,11 +240,15 @@ def segments(text: str, label: str) -> list[str]:
     ordered = sorted(spans.items())  # each ends before the next bracketed marker: no overlap
     markers = [m for m in markers if m[3] != "inline" or not _inside(ordered, m[0])]
     starts = [start for start, _, _, _ in markers]
+    end_set = set(ends)
     out = []
-    for _, stop, name, _ in markers:
+    for start, stop, name, _ in markers:
         if name == label:
             limit = spans.get(stop, _limit(stop, ends, starts, len(masked)))
-            out.append(_clean(text[stop:limit], unquote=label == "instruction"))
+            closed = limit < len(masked)
+            opened = text[start:stop].count("**") % 2 == 1
+            out.append(_clean(text[stop:limit], opened, before_marker=closed and limit not in end_set, closed=closed,
+                              instruction=label == "instruction"))
     return out
 
 
