@@ -56,6 +56,24 @@ JUDGE_TEXTS = [
     ("6 9\nAssistant 1 is 3 sentences long and Assistant 2 is 1 sentence long.", (6.0, 9.0)),
     ("8, 7\nAssistant 2: 3 errors. Assistant 1: 1 error.", (8.0, 7.0)),
     ("Scores: 4 9\nAssistant 1 gives 2 steps, Assistant 2 gives 6.", (4.0, 9.0)),
+    # a numbered list: its index is never Assistant 1's score; items 1 and 2 give the pair, else None
+    ("1. 8\n2. 7", (8.0, 7.0)),
+    ("1) 8\n2) 7\nAssistant 1 is more detailed.", (8.0, 7.0)),
+    ("**1.** 8/10\n**2.** 7/10", (8.0, 7.0)),
+    ("(1) 6.5\n(2) 9", (6.5, 9.0)),
+    ("1: 8\n2: 7", (8.0, 7.0)),
+    ("Scores:\n1. 3\n2. 10\nAssistant 2 is complete.", (3.0, 10.0)),
+    ("1. 8\n2. 7\n3. Explanation: both are relevant.", (8.0, 7.0)),
+    ("1) 8", None),                                                               # one item only
+    ("1. 8\nAssistant 1 is more detailed.", None),
+    ("1. 8\nAssistant 1: 8, Assistant 2: 7", None),                              # the line is unreadable
+    ("1. 8\n2. 7\n3. 9", None),                                                   # three items
+    ("2. 8\n3. 7", None),
+    ("8. 7", None),                                                               # item 8 or the pair (8, 7)
+    ("1 8\n2 7", None),                                                          # the pair (1, 8) or a list
+    ("1 - 8\n2 - 7", None),
+    ("1 8\nAssistant 2 is better.", (1.0, 8.0)),                                # a plain pair line stays one
+    ("8 7\n2 1", (8.0, 7.0)),
 ]
 
 

@@ -2,9 +2,10 @@
 (REFERENCE.md §11). Pure functions: the stage that calls the judge is `evaluate.PairwiseJudge`.
 
 The judge is asked to put the two scores alone on its first line. Judges (small ones above all)
-write "8 7", "8, 7", "Assistant 1: 8/10 ... Assistant 2: 7/10", "Scores: 8.5 and 7" or prose
-with no score at all. `parse_judge_scores` reads all of these and returns `None` when it cannot
-tell the two scores apart, where the reference code returned [-1, -1] and later counted it.
+write "8 7", "8, 7", "Assistant 1: 8/10 ... Assistant 2: 7/10", "Scores: 8.5 and 7", a numbered
+list ("1. 8" then "2. 7") or prose with no score at all. `parse_judge_scores` reads all of these
+and returns `None` when it cannot tell the two scores apart, where the reference code returned
+[-1, -1] and later counted it.
 A row with an unparsed order gets the verdict `"error"`, which `judge_summary` counts apart.
 
 Example:
@@ -41,6 +42,8 @@ _MARKUP = re.compile(r"[*_`#>]")
 _SEP = r"[\s,;:/|&()\[\]\-.]"
 _SCORE_LINE_REST = re.compile(rf"(?:{_SEP}*(?:(?:the|my|final|overall)\s+)*(?:scores?|ratings?)(?:\s+(?:are|is))?)?"
                               rf"(?:{_SEP}|\band\b|\bvs\b)*", re.IGNORECASE)
+# A numbered list item holding one score ("1. 8", "2) 7", "(1) 8", "1: 8"): its index is no score.
+_ITEM = re.compile(rf"(?:\((?P<p>\d{{1,2}})\)|(?P<n>\d{{1,2}})[.):])[ \t]+(?P<score>{_NUM})[ \t.,;]*")
 
 
 def _in_range(scores: Sequence[float]) -> Optional[tuple[float, float]]:
@@ -48,6 +51,30 @@ def _in_range(scores: Sequence[float]) -> Optional[tuple[float, float]]:
     values = tuple(float(s) for s in scores)
     if len(values) == 2 and all(low <= v <= high for v in values):
         return values
+    return None
+
+
+def _item(line: str) -> Optional[tuple[int, str]]:
+    """(index, score) of a numbered list item that holds one score, else None."""
+    match = _ITEM.fullmatch(line)
+    return (int(match["p"] or match["n"]), match["score"]) if match else None
+
+
+def _pair(line: str) -> Optional[list[str]]:
+    """The two numbers of a score line (two numbers and separators only), else None."""
+    numbers = re.findall(_NUM, line)
+    if len(numbers) == 2 and _SCORE_LINE_REST.fullmatch(re.sub(_NUM, " ", line)):
+        return numbers
+    return None
+
+
+def _list_scores(item: tuple[int, str], following: list[str]) -> Optional[tuple[float, float]]:
+    """The scores of a numbered list that starts with `item`: items 1 and 2 on consecutive lines
+    and no third score item, else None (the index could be read as a score)."""
+    second = _item(following[0]) if following else None
+    third = _item(following[1]) if len(following) > 1 else None
+    if item[0] == 1 and second is not None and second[0] == 2 and third is None:
+        return _in_range((item[1], second[1]))
     return None
 
 
@@ -62,7 +89,13 @@ def parse_judge_scores(text: Optional[str]) -> Optional[tuple[float, float]]:
        "8, 7", "Scores: 8.5 and 7", "**Scores**\\n8 7" (the reference split the first line on
        spaces after replacing commas). Prose with two numbers in it is no score line:
        "1 and 2 are both fine" is unparseable.
-    2. Only when there is no score line, labelled scores anywhere: "Assistant 1: 8" ...
+    2. A numbered list is read by its items, never by its index (the reference's split of the
+       first line reads "1. 8" as the pair (1, 8): a flipped verdict). A line that is an index ("1.", "1)", "(1)", "1:")
+       and one score, where the score line would be, is item 1 and the next line item 2:
+       "1. 8\\n2. 7" gives (8, 7). Any other numbering is `None`: an item alone ("1) 8"), a first
+       item that is not 1 ("8. 7", "2. 8\\n3. 7"), a third score item ("3. 9"), and a score line
+       numbered like a list ("1 8\\n2 7": the pair (1, 8) or the items 8 and 7).
+    3. Only when there is no score line, labelled scores anywhere: "Assistant 1: 8" ...
        "Assistant 2 receives a score of 7". Numbers the explanation puts after a label
        ("Assistant 1 is 3 sentences long") never override the score line.
 
@@ -74,14 +107,24 @@ def parse_judge_scores(text: Optional[str]) -> Optional[tuple[float, float]]:
         (6.0, 9.0)
         >>> parse_judge_scores("Assistant 1 lists 3 tips while Assistant 2 lists 5.") is None
         True
+        >>> parse_judge_scores("1. 8\\n2. 7"), parse_judge_scores("1) 8\\nAssistant 1 is better.")
+        ((8.0, 7.0), None)
     """
     if not isinstance(text, str) or not text.strip():
         return None
     clean = _OUT_OF.sub("", text)
     lines = [_MARKUP.sub("", line).strip() for line in clean.splitlines()]
-    for line in [line for line in lines if line][:MAX_SCORE_LINES]:
-        numbers = re.findall(_NUM, line)
-        if len(numbers) == 2 and _SCORE_LINE_REST.fullmatch(re.sub(_NUM, " ", line)):
+    filled = [line for line in lines if line]
+    for i, line in enumerate(filled[:MAX_SCORE_LINES]):
+        following = filled[i + 1:i + 3]
+        item = _item(line)
+        if item is not None:  # "1. 8": a list's index and one score, never the pair (1, 8)
+            return _list_scores(item, following)
+        numbers = _pair(line)
+        if numbers is not None:
+            after = _pair(following[0]) if following else None
+            if float(numbers[0]) == 1 and after is not None and float(after[0]) == 2:
+                return None  # "1 8\n2 7": the pair (1, 8) or a list's items 8 and 7
             return _in_range(numbers)
     found: dict[str, str] = {}
     for match in _LABELED.finditer(clean):
