@@ -157,6 +157,33 @@ def test_contextual_rank_statuses_keep_every_row():
     assert "### Instruction:\nCapital of France?" in dict(first.messages[1])["content"]
 
 
+def cut(text):
+    return ChatResult(texts=[text], finish_reasons=["length"])
+
+
+def test_a_ranking_cut_by_the_token_limit_is_reasked_longer_and_never_ok():
+    """A judge's answer cut by the token limit ("rank: [4, 0, 1" and no more) read as a full
+    ranking and was `ok` (never re-asked: the stage's worst_rank was 0). It is now re-asked with
+    twice the budget; still cut, or with its list left open, the row is `partial` and keeps what
+    was read."""
+    rows = {"id": [0, 1, 2], "instruction": ["Name a colour."] * 3, "responses": [["Red", "Sky", "Blue", "Green"]] * 3}
+    judge = Judge([
+        cut("###Response 4:\nTeal.\n\nrank: [4, 0, 1"),  # row 0: cut twice
+        cut("###Response 4:\nTeal.\n\nrank: [4, 0, 1"),  # row 1: cut, then a full answer
+        ok("###Response 4:\nTeal.\n\nrank: [4, 2"),  # row 2: stopped inside its list, twice
+        cut("###Response 4:\nTeal.\n\nrank: [4, 0, 1, 2"),
+        ok("###Response 4:\nTeal.\n\nrank: [4, 2, 0, 3, 1]"),
+        ok("###Response 4:\nTeal.\n\nrank: [4, 2, 0"),
+    ])
+    out = ContextualRank(judge, structured="off", max_tokens=100)(rows)
+    assert out["ranking_status"] == ["partial", "ok", "partial"]
+    assert out["rank"] == [[4, 0, 1], [4, 2, 0, 3, 1], [4, 2]]  # kept: the better answer of the two
+    assert out["ranked_responses"][0] == ["Teal.", "Red", "Sky"]
+    assert "cut by the token limit" in out["ranking_error"][0] and "not closed" in out["ranking_error"][2]
+    assert [r.max_tokens for r in judge.requests] == [100, 100, 100, 200, 200, 100]  # cut: twice the budget
+    assert out["ranking_error"][1] == ""
+
+
 def test_contextual_rank_needs_responses_lists_and_ids():
     stage = ContextualRank(Judge([]))
     with pytest.raises(ColumnError, match="responses"):

@@ -41,6 +41,7 @@ class ParsedRanking:
     found: bool
     duplicates: list
     out_of_range: list
+    unclosed: bool = False  # a bracketed list without its closing bracket: the answer stopped inside it
 
     @property
     def repaired(self) -> bool:
@@ -56,8 +57,9 @@ def parse_ranking(text: str, num_candidates: int) -> ParsedRanking:
     when present, so scores written beside it (`Response 4 (15 points)`) are not read as indices.
 
     Indices outside `0..num_candidates-1` and repeated indices (after the first) are dropped and
-    reported. (The reference reads every number after the first `rank:` to the end of the text,
-    score lines and prose included.)
+    reported; `unclosed` says a bracketed list has no closing bracket (the answer stopped inside
+    it, so the ranking may be incomplete). (The reference reads every number after the first
+    `rank:` to the end of the text, score lines and prose included.)
 
     Example:
         >>> from reflectune_hf.tuna.stages import parse_ranking
@@ -76,7 +78,9 @@ def parse_ranking(text: str, num_candidates: int) -> ParsedRanking:
                 duplicates.append(k)
             else:
                 rank.append(k)
-        return ParsedRanking(rank, True, duplicates, out_of_range)
+        rest = text[match.end():]
+        unclosed = rest[:1] in ("[", "(") and ("]" if rest[0] == "[" else ")") not in rest
+        return ParsedRanking(rank, True, duplicates, out_of_range, unclosed)
     return ParsedRanking([], False, [], [])
 
 

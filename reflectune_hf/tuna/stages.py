@@ -242,9 +242,10 @@ class ContextualRank(_TunaStage):
     Args:
         oracle: the judge (Tuna used GPT-4). template: how the instruction is shown (`"alpaca"` as
             the reference, or None). temperature, top_p, max_tokens, seed: the reference's 1.0,
-            1.0, 2048. format_retries: re-asks when no ranking can be read, as a distinct request
-            (seed = attempt, temperature at least `retry_temperature`) so the cache cannot return
-            the same answer. structured: `"auto"` (default) / `"on"` state the answer shape
+            1.0, 2048. format_retries: re-asks when no ranking can be read or the answer was cut
+            by the token limit (then with twice `max_tokens`), as a distinct request (seed =
+            attempt, temperature at least `retry_temperature`) so the cache cannot return the
+            same answer. structured: `"auto"` (default) / `"on"` state the answer shape
             (`RankingAnswer`: analysis, `###Response N:`, score lines, `rank: [...]`) for the
             oracle to enforce where it can; `"off"` sends plain requests.
 
@@ -253,8 +254,12 @@ class ContextualRank(_TunaStage):
     the judge's reference; duplicates, out-of-range indices and a ranked reference the judge did
     not write removed), `reference_response`, `ranked_responses` (the texts of `rank`, in order:
     `ranked_responses[i] == (responses + [reference_response])[rank[i]]`), `ranking_status`
-    (`ok`; `repaired` when indices were dropped, the unwritten reference included;
-    `no_ranking`, `no_responses`, `oracle_error`) and `ranking_error` (what went wrong).
+    (`ok`; `repaired` when indices were dropped, the unwritten reference included; `partial` when
+    the answer was cut by the token limit even after the re-asks, or its `rank: [...]` list is not
+    closed: `rank` holds the indices read so far, possibly not all; `no_ranking`, `no_responses`,
+    `oracle_error`) and `ranking_error` (what went wrong). `TunaTrainer` trains on the
+    `ranked_responses` of every row, whatever its status (a `partial` ranking is the start of the
+    judge's order); filter on `ranking_status` first to leave such rows out.
 
     Example:
         >>> from reflectune_hf.oracles.base import ChatResult
@@ -279,7 +284,8 @@ class ContextualRank(_TunaStage):
     usage: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
 
     stage_name: ClassVar[str] = "ContextualRank"
-    worst_rank: ClassVar[int] = 0  # a ranking cut by the token limit that parses is kept, not re-asked
+    # Answer ranks in `ask`: a full ranking 0; a cut one (token limit, `worst_rank`) or an unclosed
+    # list 1, re-asked with twice the budget but kept when nothing better comes; none found 2.
 
     def __post_init__(self):
         self._validate()
@@ -287,12 +293,21 @@ class ContextualRank(_TunaStage):
             raise ValueError(f"format_retries must be >= 0, got {self.format_retries}")
         self.structured = structured_mode(self.structured)
 
-    def _request(self, messages: list, attempt: int, num_responses: int = 4) -> ChatRequest:
+    def _request(self, messages: list, attempt: int, num_responses: int = 4, longer: bool = False) -> ChatRequest:
+        """The request of one attempt; `longer` (the re-ask of an answer cut by the token limit)
+        doubles `max_tokens` (the oracle still caps it to what the context window leaves)."""
         temperature, seed = self.sampling(attempt)
+        max_tokens = self.max_tokens * 2 if longer and self.max_tokens else self.max_tokens
         on = self.structured != "off" and num_responses <= 9  # one-digit indices in the shape
-        shape = stage_answer_format("ranking", self.max_tokens, num_responses) if on else None
+        shape = stage_answer_format("ranking", max_tokens, num_responses) if on else None
         return ChatRequest(messages=messages, temperature=temperature, top_p=self.top_p,
-                           max_tokens=self.max_tokens, seed=seed, answer_format=shape)
+                           max_tokens=max_tokens, seed=seed, answer_format=shape)
+
+    @staticmethod
+    def _answer_rank(text: str, num_candidates: int) -> int:
+        """0 for a full ranking, 1 for an unclosed `rank: [...]` list, 2 when none is found."""
+        parsed = parse_ranking(text, num_candidates)
+        return 2 if not parsed.found else 1 if parsed.unclosed else 0
 
     def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
         out = self._ids(batch, indices, required=True)
@@ -305,27 +320,29 @@ class ContextualRank(_TunaStage):
         todo = [i for i in range(n) if responses[i]]
         conversations = [tuna_ranking_messages(prompts[i], responses[i]) for i in todo]
         answers = self.ask(conversations,
-                           [lambda text, k=len(responses[i]) + 1: 0 if parse_ranking(text, k).found else 1 for i in todo],
+                           [lambda text, k=len(responses[i]) + 1: self._answer_rank(text, k) for i in todo],
                            request=lambda j, attempt, longer: self._request(conversations[j], attempt,
-                                                                            len(responses[todo[j]])))
-        texts, errors, answered = [""] * n, [""] * n, [False] * n
+                                                                            len(responses[todo[j]]), longer))
+        texts, errors, answered, cut = [""] * n, [""] * n, [False] * n, [False] * n
         for i, answer in zip(todo, answers):
             texts[i], errors[i], answered[i] = answer.text, answer.error, answer.attempts > 0 and not answer.error
+            cut[i] = answer.finish_reason == "length"
         columns = {name: [] for name in ("ranking_raw", "rank", "reference_response", "ranked_responses",
                                          "ranking_status", "ranking_error")}
         for i in range(n):
-            row = self._row(texts[i], errors[i] if not answered[i] else None, responses[i])
+            row = self._row(texts[i], errors[i] if not answered[i] else None, responses[i], cut[i])
             for name, value in zip(columns, (texts[i], *row)):
                 columns[name].append(value)
         bad = [s for s in columns["ranking_status"] if s not in ("ok", "repaired")]
         if bad:
-            logger.warning("%s: %d of %d rows without a ranking (%s)", self.stage_name, len(bad), n, sorted(set(bad)))
+            logger.warning("%s: %d of %d rows without a full ranking (%s)", self.stage_name, len(bad), n,
+                           sorted(set(bad)))
         return {**out, **_typed(columns)}
 
     @staticmethod
-    def _row(text: str, error: Optional[str], responses: list) -> tuple:
+    def _row(text: str, error: Optional[str], responses: list, cut: bool = False) -> tuple:
         """(rank, reference_response, ranked_responses, status, error) of one row; `error` is None
-        when the judge answered."""
+        when the judge answered; `cut`: the answer kept was cut by the token limit."""
         if not responses:
             return [], "", [], "no_responses", "the row has no responses to rank"
         if error is not None:
@@ -343,5 +360,11 @@ class ContextualRank(_TunaStage):
         if len(responses) in rank and not reference:  # nothing to train on for it: out of both columns
             rank = [k for k in rank if k != len(responses)]
             notes.append(f"index {len(responses)} is ranked but the judge wrote no reference response: dropped")
+        incomplete = []
+        if cut:
+            incomplete.append("the judge's answer was cut by the token limit: the ranking may be incomplete")
+        elif parsed.unclosed:
+            incomplete.append("the ranking list is not closed: it may be incomplete")
+        status = "partial" if incomplete else "repaired" if notes else "ok"
         candidates = list(responses) + [reference]
-        return rank, reference, [candidates[k] for k in rank], "repaired" if notes else "ok", "; ".join(notes)
+        return rank, reference, [candidates[k] for k in rank], status, "; ".join(incomplete + notes)
