@@ -286,6 +286,38 @@ def test_a_first_batch_of_failures_does_not_fix_the_column_types():
     assert ranked["ranking_status"] == ["no_responses", "oracle_error", "ok"] and ranked["rank"][2] == [1, 0]
 
 
+def test_blank_or_invalid_instructions_send_nothing_and_keep_their_rows():
+    """A blank instruction ("", None, "   ") was sent to the teacher and to the judge and the row
+    was `ok`. Like the reflection stages (`row_checks.skip_reason`), such a row now sends nothing
+    and says `empty_input`; text that is not valid UTF-8 says `invalid_text`."""
+    from datasets import Dataset
+
+    from reflectune_hf.tuna.stages import RANKING_STATUSES, SAMPLE_STATUSES
+
+    class AnyTeacher(Teacher):  # answers every request, whatever its text
+        def complete(self, requests):
+            self.requests += requests
+            return [ChatResult(texts=["x"] * r.n, logprobs=[tokens(-1.0)] * r.n) for r in requests]
+
+    teacher = AnyTeacher()
+    rows = {"id": [0, 1, 2, 3, 4], "instruction": ["", None, "   ", "A", "A"], "input": ["", "", "", "\ud800", ""]}
+    out = SampleResponses(teacher, n=3, template=None)(rows)
+    assert out["sample_status"] == ["empty_input"] * 3 + ["invalid_text", "ok"]
+    assert out["responses"][:4] == [[]] * 4 and len(out["responses"][4]) == 3 and len(teacher.requests) == 1
+    assert "nothing was sent" in out["sample_error"][0] and out["sample_error"][4] == ""
+    # A first batch of skipped rows (only empty lists) does not fix the column types.
+    ds = Dataset.from_dict({"id": [0, 1], "instruction": [" ", "A"]})
+    mapped = ds.map(SampleResponses(AnyTeacher(), n=2, logprobs=False), batched=True, batch_size=1)
+    assert mapped["sample_status"] == ["empty_input", "ok"] and mapped["responses"] == [[], ["x", "x"]]
+
+    judge = Judge([ok("###Response 1:\nB.\n\nrank: [1, 0]")])
+    ranked = ContextualRank(judge, template=None, structured="off")(
+        {**rows, "responses": [["a"]] * 4 + [["\ud800"]]})
+    assert ranked["ranking_status"] == ["empty_input"] * 3 + ["invalid_text", "invalid_text"]
+    assert [list(r) for r in ranked["rank"]] == [[]] * 5 and judge.requests == []
+    assert {*out["sample_status"], *ranked["ranking_status"]} - {"ok"} <= set(SAMPLE_STATUSES) & set(RANKING_STATUSES)
+
+
 CALLS = []
 
 

@@ -36,13 +36,18 @@ from ..oracles.base import ChatRequest
 from ..oracles.stage import OracleCaller
 from ..oracles.stage_formats import stage_answer_format
 from ..prompts import get_scoring_template, join_input, tuna_ranking_messages
+from ..reflection.row_checks import SKIP_STATUSES, is_valid_text, skip_reason
 from ..utils import versioned
 from .parse import ParsedRanking, extract_reference_response, parse_ranking  # noqa: F401 (public here too)
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_STATUSES = ("ok", "partial_logprobs", "no_logprobs", "oracle_error")
-RANKING_STATUSES = ("ok", "repaired", "partial", "no_ranking", "no_scores", "no_responses", "oracle_error")
+# SKIP_STATUSES (`empty_input`, `invalid_text`): rows that get no request (`_TunaStage._skips`).
+SAMPLE_STATUSES = ("ok", "partial_logprobs", "no_logprobs", "oracle_error", *SKIP_STATUSES)
+RANKING_STATUSES = ("ok", "repaired", "partial", "no_ranking", "no_scores", "no_responses", "oracle_error",
+                    *SKIP_STATUSES)
+_SKIP_MESSAGES = {"empty_input": "the instruction is empty, None or blank: nothing was sent",
+                  "invalid_text": "a text of the row is not valid UTF-8 (a lone surrogate): nothing was sent"}
 
 
 def format_prompt(instruction: str, input: str = "", template: Optional[str] = "alpaca") -> str:
@@ -81,11 +86,23 @@ class _TunaStage(OracleCaller):
         if self.template is not None:
             get_scoring_template(self.template)
 
-    def _prompts(self, batch: Mapping) -> list[str]:
+    def _texts(self, batch: Mapping) -> tuple[list[str], list[str]]:
         n = batch_size_of(batch)
         instructions = text_column(batch, "instruction", self.stage_name)
         inputs = text_column(batch, "input", self.stage_name) if "input" in batch else [""] * n
-        return [format_prompt(i, x, self.template) for i, x in zip(instructions, inputs)]
+        return instructions, inputs
+
+    def _prompts(self, batch: Mapping) -> list[str]:
+        return [format_prompt(i, x, self.template) for i, x in zip(*self._texts(batch))]
+
+    def _skips(self, batch: Mapping, others: Optional[list] = None) -> list[str]:
+        """Per row, why it gets no request (`""`: send it): `empty_input` for an empty, None or blank
+        instruction, `invalid_text` when the instruction, the input or one of `others[row]` is
+        not valid UTF-8 (`reflection.row_checks`, as the reflection stages)."""
+        instructions, inputs = self._texts(batch)
+        others = others or [[] for _ in instructions]
+        return [skip_reason(ins) or ("" if all(is_valid_text(t) for t in (inp, *more)) else "invalid_text")
+                for ins, inp, more in zip(instructions, inputs, others)]
 
 
 _LIST_TYPES = {"responses": "str", "avg_logprobs": "float64", "rank": "int64", "ranked_responses": "str",
@@ -131,9 +148,10 @@ class SampleResponses(_TunaStage):
     Input columns: `instruction`, optional `input`, `id` (or `map(..., with_indices=True)`).
     Output columns: `responses` (list of `n` str), `avg_logprobs` (list of `n` float: the mean
     token log-probability of each response; NaN when the oracle gave none or the response has no
-    token; only with `logprobs=True`), `sample_status` in `SAMPLE_STATUSES` (`oracle_error` rows
-    have empty lists; without logprobs a row is `ok` once answered), and `sample_error` (`""`
-    unless the oracle failed). Every other column is kept.
+    token; only with `logprobs=True`), `sample_status` in `SAMPLE_STATUSES` (`oracle_error`,
+    `empty_input` (blank instruction) and `invalid_text` rows have empty lists, and the last two
+    send nothing; without logprobs a row is `ok` once answered), and `sample_error` (`""` unless
+    the oracle failed or nothing was sent: why). Every other column is kept.
 
     Example:
         >>> from reflectune_hf.oracles import TransformersOracle
@@ -171,10 +189,15 @@ class SampleResponses(_TunaStage):
 
     def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
         out = self._ids(batch, indices, required=True)
-        requests = [self.request(p) for p in self._prompts(batch)]
+        prompts, skips = self._prompts(batch), self._skips(batch)
+        todo = [i for i, skip in enumerate(skips) if not skip]
+        results = dict(zip(todo, self._complete([self.request(prompts[i]) for i in todo])))
         columns = {"responses": [], "avg_logprobs": [], "sample_status": [], "sample_error": []}
-        for result in self._complete(requests):
-            if not result.ok:
+        for i, skip in enumerate(skips):
+            result = results.get(i)
+            if skip:
+                row = ([], [], skip, _SKIP_MESSAGES[skip])
+            elif not result.ok:
                 row = ([], [], "oracle_error", result.error or "the oracle failed without a message")
             elif not self.logprobs:
                 row = (list(result.texts), [], "ok", "")
@@ -189,7 +212,7 @@ class SampleResponses(_TunaStage):
                 columns[name].append(value)
         bad = sum(s != "ok" for s in columns["sample_status"])
         if bad:
-            logger.warning("%s: %d of %d rows %s (%s)", self.stage_name, bad, len(requests),
+            logger.warning("%s: %d of %d rows %s (%s)", self.stage_name, bad, len(prompts),
                            "without full logprobs" if self.logprobs else "without responses",
                            sorted(set(columns["sample_status"]) - {"ok"}))
         if not self.logprobs:
@@ -257,7 +280,8 @@ class ContextualRank(_TunaStage):
     (`ok`; `repaired` when indices were dropped, the unwritten reference included; `partial` when
     the answer was cut by the token limit even after the re-asks, or its `rank: [...]` list is not
     closed: `rank` holds the indices read so far, possibly not all; `no_ranking`, `no_responses`,
-    `oracle_error`) and `ranking_error` (what went wrong). `TunaTrainer` trains on the
+    `oracle_error`; `empty_input` (blank instruction) and `invalid_text` rows send nothing) and
+    `ranking_error` (what went wrong). `TunaTrainer` trains on the
     `ranked_responses` of every row, whatever its status (a `partial` ranking is the start of the
     judge's order); filter on `ranking_status` first to leave such rows out.
 
@@ -316,8 +340,8 @@ class ContextualRank(_TunaStage):
         for row, texts in enumerate(responses):
             if any(not isinstance(r, str) for r in texts):
                 raise ColumnError(f"{self.stage_name}: column 'responses' must hold lists of strings (row {row})")
-        n = len(prompts)
-        todo = [i for i in range(n) if responses[i]]
+        n, skips = len(prompts), self._skips(batch, responses)
+        todo = [i for i in range(n) if responses[i] and not skips[i]]
         conversations = [tuna_ranking_messages(prompts[i], responses[i]) for i in todo]
         answers = self.ask(conversations,
                            [lambda text, k=len(responses[i]) + 1: self._answer_rank(text, k) for i in todo],
@@ -330,7 +354,8 @@ class ContextualRank(_TunaStage):
         columns = {name: [] for name in ("ranking_raw", "rank", "reference_response", "ranked_responses",
                                          "ranking_status", "ranking_error")}
         for i in range(n):
-            row = self._row(texts[i], errors[i] if not answered[i] else None, responses[i], cut[i])
+            row = (([], "", [], skips[i], _SKIP_MESSAGES[skips[i]]) if skips[i]
+                   else self._row(texts[i], errors[i] if not answered[i] else None, responses[i], cut[i]))
             for name, value in zip(columns, (texts[i], *row)):
                 columns[name].append(value)
         bad = [s for s in columns["ranking_status"] if s not in ("ok", "repaired")]
