@@ -324,3 +324,15 @@ def test_two_model_run_on_the_sample(sample):
     rows = sample.select([2, 19, 22])[:]  # an input, a long and a very short output
     one = _scorer(gemma, k=2, batch_size=1)(rows)
     np.testing.assert_allclose(one["selectit_sentence"], by_model[[2, 19, 22], 1], rtol=0, atol=1e-5)
+
+
+def test_one_example_with_a_none_instruction_or_output_is_flagged_not_a_crash():
+    """Single mode (`map` without batched=True) was detected by `instruction` being a str, so an
+    example whose instruction is None was read as a batch and crashed (`len(None)`). It is now
+    detected as IFDScorer does (from `output`), and the row gets its empty-text status."""
+    scorer = SelectITScorer(k=1, max_length=64)  # no row is rated: no model is loaded
+    scored = Dataset.from_dict({"instruction": [None, "Name a colour."], "output": ["Blue.", None]}).map(scorer)
+    assert scored["selectit_status"] == ["empty_instruction", "empty_output"]
+    assert all(math.isnan(v) for v in list(scored["selectit_sentence"]) + list(scored["selectit_model"]))
+    assert scorer({"instruction": None, "output": None})["selectit_status"] == "empty_instruction;empty_output"
+    assert scorer._raters is None

@@ -360,10 +360,11 @@ class SelectITScorer(LazyState):
         return token, sentence
 
     def __call__(self, batch: dict) -> dict:
-        single = isinstance(batch.get("instruction"), str)
+        require_columns(batch, ["instruction", "output"], STAGE)
+        # As IFDScorer: one example holds a str (or None) where a batch holds a list.
+        single = isinstance(batch["output"], str) or batch["output"] is None
         if single:  # map without batched=True: one example
             batch = {key: [value] for key, value in batch.items()}
-        require_columns(batch, ["instruction", "output"], STAGE)
         n = batch_size_of(batch)
         instructions = text_column(batch, "instruction", STAGE)
         outputs = text_column(batch, "output", STAGE)
