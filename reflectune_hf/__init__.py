@@ -30,7 +30,7 @@ from .publishing.report import plot_summary, summarize  # noqa: E402
 from .reflection.extract import extract_instruction_reflection, extract_response_reflection  # noqa: E402
 from .reflection.stages import CompressInstruction, ReflectInstruction, ReflectResponse, map_stage  # noqa: E402
 from .reflection.variants import build_variants  # noqa: E402
-from .scoring.ifd import IFDScorer  # noqa: E402
+from .scoring.ifd import IFDScorer, map_scores  # noqa: E402
 from .scoring.selectit import SelectITScorer  # noqa: E402
 from .selection.select import ifd_below, is_scored, rifd_below, select_v1, select_v2, top_k_by  # noqa: E402
 from .training.sft import to_messages, vicuna_sft_config, vicuna_sft_trainer  # noqa: E402
@@ -48,7 +48,7 @@ __all__ = [
     "CompressInstruction", "ReflectInstruction", "ReflectResponse", "map_stage", "build_variants",
     "extract_instruction_reflection", "extract_response_reflection",
     # scoring, selection and statistics
-    "IFDScorer",
+    "IFDScorer", "map_scores",
     "ifd_below", "is_scored", "rifd_below", "select_v1", "select_v2", "top_k_by", "plot_summary", "summarize",
     # fine-tuning
     "to_messages", "vicuna_sft_config", "vicuna_sft_trainer",

@@ -141,6 +141,38 @@ def empty_dataset(features):
     return Dataset.from_dict({name: [] for name in features}, features=Features(features))
 
 
+def add_empty_columns(dataset, columns: Mapping):
+    """A 0-row `dataset` plus the `columns` it lacks, typed: what a function mapped over it would
+    have written (`Dataset.map` returns a 0-row dataset without calling the function).
+
+    Args:
+        dataset: a `Dataset` with 0 rows.
+        columns: name -> a dtype name (`"float64"`, `"string"`), `[dtype]` for a list of it, or
+            a `datasets` feature. Columns the dataset has keep their type.
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from reflectune_hf.data import add_empty_columns
+        >>> empty = add_empty_columns(Dataset.from_dict({"id": []}), {"ifd": "float64", "by_model": ["float64"]})
+        >>> empty.column_names, empty.features["ifd"], len(empty)
+        (['id', 'ifd', 'by_model'], Value('float64'), 0)
+    """
+    from datasets import Features, List, Value
+
+    if len(dataset):
+        raise ValueError(f"add_empty_columns: the dataset has {len(dataset)} rows; it is for 0-row results")
+
+    def feature(spec):
+        if isinstance(spec, list):
+            return List(feature(spec[0]))
+        return Value(spec) if isinstance(spec, str) else spec
+
+    features = dict(dataset.features)
+    for name, spec in columns.items():
+        features.setdefault(name, feature(spec))
+    return empty_dataset(Features(features))
+
+
 @versioned
 def _fill_input(batch):
     n = batch_size_of(batch)

@@ -340,3 +340,33 @@ def test_bench_script_agrees_with_per_row_loop():
 
 def test_docstring_examples_run():
     assert doctest.testmod(select_mod).failed == 0
+
+
+def test_a_0_row_dataset_scored_with_map_scores_has_the_score_columns_and_selects_nothing():
+    """`map` on 0 rows does not call the scorer, so the score columns were missing and `select_v2`
+    raised a ColumnError naming them. `map_scores` (the score job's map too) gives 0-row splits
+    the typed columns; a plain `map` now gets an error saying why and what to call."""
+    from reflectune_hf import IFDScorer, SelectITScorer, map_scores
+    from reflectune_hf.cli.configs import StudentConfig
+    from reflectune_hf.cli.jobs import score
+    from reflectune_hf.reflection.stages import NoOracle, map_stage
+    from reflectune_hf.reflection.variants import build_variants
+
+    variants = build_variants(Dataset.from_dict({"instruction": [], "output": []}), NoOracle())
+    scorer = IFDScorer(max_length=64)
+    scored = map_scores(variants, scorer)
+    assert all(s.num_rows == 0 and s.features["ifd"] == Value("float64") for s in scored.values())
+    assert scored["origin"].features["score_status"] == Value("string") and scorer._model is None
+    chosen = select_v2(scored)
+    assert chosen.num_rows == 0 and {"source", "ifd", "rifd", "score_status"} <= set(chosen.column_names)
+    assert len(top_k_by(chosen, "ifd", fraction=0.5)) == 0 and len(explain_v2(scored)) == 0
+    assert set(score(StudentConfig(), variants)["origin"].column_names) >= set(IFDScorer.output_features)
+    assert map_stage(variants["origin"], scorer).features["rifd"] == Value("float64")
+    from reflectune_hf.cli.score_job import _score_split  # scripts/score.py: nothing to shard or gather
+
+    assert _score_split(variants["origin"], scorer, None, None).features["ifd"] == Value("float64")
+    with pytest.raises(ColumnError, match="has 0 rows and no 'ifd'/'rifd' columns.*map_scores"):
+        select_v2(variants.map(scorer, batched=True))
+    selectit = map_scores(Dataset.from_dict({"instruction": [], "output": []}), SelectITScorer(k=1))
+    assert str(selectit.features["selectit_sentence_by_model"].feature) == "Value('float64')"
+    assert len(top_k_by(selectit, "selectit_model")) == 0

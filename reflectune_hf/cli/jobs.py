@@ -100,13 +100,14 @@ def reflect(config: ReflectConfig, data=None, oracle=None):
 
 def score(config: StudentConfig, data):
     """IFD / r-IFD columns (`scoring.IFDScorer`) on every split of `data`."""
-    from ..scoring.ifd import IFDScorer
+    from ..scoring.ifd import IFDScorer, map_scores
 
     scorer = IFDScorer(model=config.student_model, template=config.template, max_length=config.max_length,
                        dtype=config.dtype, device=config.device, max_tokens_per_batch=config.max_tokens_per_batch,
                        base_url=config.student_base_url, server_model=config.student_server_model,
                        student_backend=config.student_backend, max_concurrency=config.student_max_concurrency)
-    return data.map(scorer, batched=True, batch_size=config.score_batch_size, desc="IFD / r-IFD")
+    # map_scores: a 0-row split gets the score columns too (datasets' map does not call the scorer on it)
+    return map_scores(data, scorer, batch_size=config.score_batch_size, desc="IFD / r-IFD")
 
 
 def select(config: SelectionConfig, variants):

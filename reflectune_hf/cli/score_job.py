@@ -30,8 +30,12 @@ def _score_split(ds, scorer, config: ScoreConfig, state):
     """`ds` with the score columns, this process scoring its shard (all rows gathered on the main process)."""
     from accelerate.utils import gather_object
 
+    from ..data import add_empty_columns
     from ..scoring.ifd import SCORE_COLUMNS
 
+    if len(ds) == 0:  # nothing to score or gather: the typed score columns with 0 rows (map would add none)
+        return add_empty_columns(ds.remove_columns([c for c in SCORE_COLUMNS if c in ds.column_names]),
+                                 scorer.output_features)
     with state.split_between_processes(list(range(len(ds)))) as indices:
         shard = ds.select(indices).select_columns([c for c in TEXT_COLUMNS if c in ds.column_names])
         scored = shard.map(scorer, batched=True, batch_size=config.score_batch_size, remove_columns=shard.column_names,

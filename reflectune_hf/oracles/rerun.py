@@ -107,14 +107,9 @@ def _replayed(result, before: dict) -> bool:
 
 
 def _empty_result(dataset, stage: Any):
-    from datasets import Features, Value
+    from ..data import add_empty_columns
 
-    from ..data import empty_dataset
-
-    features = dict(dataset.features)
-    for name, dtype in (getattr(stage, "output_features", None) or {}).items():
-        features.setdefault(name, Value(dtype))
-    return empty_dataset(Features(features))
+    return add_empty_columns(dataset, getattr(stage, "output_features", None) or {})
 
 
 def map_stage(dataset, stage: Any, *, failed: Optional[Callable[[Any], list[int]]] = None, **map_kwargs):

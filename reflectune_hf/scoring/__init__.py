@@ -2,7 +2,7 @@
 one-row `reference` algorithm) and SelectIT's uncertainty-aware self-reflection (`selectit`,
 its math in `selectit_math`)."""
 
-from .ifd import IFDScorer
+from .ifd import IFDScorer, map_scores
 from .selectit import SelectITScorer
 
-__all__ = ["IFDScorer", "SelectITScorer"]
+__all__ = ["IFDScorer", "SelectITScorer", "map_scores"]

@@ -22,6 +22,10 @@ Undefined values are NaN, never 0, and `score_status` says why: `ok`, or `;`-joi
 among `empty_output`, `no_scored_token:<loss>` (nothing left to score after truncation),
 `non_finite:<loss>` and `error:<Type>: <message>` (the row raised; other rows go on).
 
+`datasets` returns a 0-row dataset from `map` without calling the scorer, so it gets no score
+column and a later selection reports them missing; `map_scores(data, scorer)` is the same `map`
+(on a `Dataset` or a `DatasetDict`) that gives 0-row splits the typed columns too.
+
 Example:
     >>> from reflectune_hf import load_sample
     >>> from reflectune_hf.scoring.ifd import IFDScorer
@@ -41,7 +45,7 @@ from array import array
 from pathlib import Path
 from typing import Optional
 
-from ..data import batch_size_of, require_columns, text_column
+from ..data import add_empty_columns, batch_size_of, require_columns, text_column
 from ..models import default_device, load_causal_lm, load_tokenizer, model_identity, torch_dtype  # noqa: F401
 from ..prompts import NO_SEPARATOR, get_scoring_template, join_input, reverse_prompt
 from ..utils import LazyState, package_version, stable_hash, torch_threads
@@ -63,6 +67,7 @@ SCORE_COLUMNS = (
     *(f"ppl_{n}" for n in LOSS_NAMES),
     "ifd", "rifd", "ifd_loss", "rifd_loss", "score_status",
 )
+SCORE_FEATURES = {name: "string" if name == "score_status" else "float64" for name in SCORE_COLUMNS}
 def _row_texts(instruction: str, input: str, output: str, template) -> dict:
     """The reference script's texts for one row; `*_prefix` is the text before the target."""
     prompt = template.format(instruction, input)
@@ -125,7 +130,8 @@ class IFDScorer(LazyState):
     `loss_out_condition`, `ppl_*` of each (`exp(loss)`), `ifd` = ppl_out_condition /
     ppl_out_alone and `rifd` = ppl_ins_condition / ppl_ins_alone (ppl ratios, as the V2 code),
     `ifd_loss` and `rifd_loss` (the same ratios of losses, as Cherry LLM), all float, NaN where
-    undefined; `score_status` (str), `"ok"` or the reasons a value is NaN.
+    undefined; `score_status` (str), `"ok"` or the reasons a value is NaN. Map it with
+    `map_scores(data, scorer)` for a 0-row split to get these columns too (`output_features`).
 
     Args:
         model: embedded alias, local directory or Hub id of a causal LM (loaded on first call).
@@ -174,6 +180,8 @@ class IFDScorer(LazyState):
     _transient = ("_model", "_tokenizer", "_device", "_engine", "device", "num_threads",
                   "max_tokens_per_batch", "_memo", "reused_spans")
     _transient_defaults = {"reused_spans": 0}
+    # The columns written and their types: the schema of a 0-row result (`map_scores`, `map_stage`).
+    output_features = SCORE_FEATURES
 
     def __init__(self, model: str = "smollm2-135m-instruct", template: str = "vicuna", max_length: int = 2048,
                  dtype: str = "float32", device: Optional[str] = None, max_tokens_per_batch: Optional[int] = None,
@@ -353,3 +361,33 @@ def _columns(losses: list[list[float]], reasons: list[list[str]]) -> dict:
         columns["rifd_loss"].append(_ratio(row[2], row[0]))
         columns["score_status"].append(";".join(why) if why else "ok")
     return columns
+
+
+def map_scores(data, scorer, **map_kwargs):
+    """`data.map(scorer, batched=True, **map_kwargs)` on a `Dataset` or `DatasetDict`, where a 0-row
+    split gets the scorer's columns too (`scorer.output_features`, typed, 0 rows): `datasets`
+    returns a 0-row dataset from `map` without calling the scorer, so a plain `map` leaves it
+    without them and a later selection (`select_v2`, `top_k_by`) finds them missing.
+
+    Args:
+        data: a `Dataset` or `DatasetDict` (an `IterableDataset` gets a plain lazy `map`).
+        scorer: `IFDScorer`, `SelectITScorer`, or any callable with `output_features`.
+        **map_kwargs: passed to `map` (`batched=True` unless given; `batch_size`, `desc`, ...).
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from reflectune_hf.scoring.ifd import IFDScorer, map_scores
+        >>> empty = Dataset.from_dict({"instruction": [], "output": []})
+        >>> scored = map_scores(empty, IFDScorer())  # loads no model
+        >>> scored.num_rows, scored.column_names[-3:], scored.features["ifd"]
+        (0, ['ifd_loss', 'rifd_loss', 'score_status'], Value('float64'))
+    """
+    from datasets import Dataset, DatasetDict
+
+    map_kwargs.setdefault("batched", True)
+    if isinstance(data, DatasetDict):
+        return DatasetDict({name: map_scores(split, scorer, **map_kwargs) for name, split in data.items()})
+    result = data.map(scorer, **map_kwargs)
+    if isinstance(result, Dataset) and len(result) == 0:
+        result = add_empty_columns(result, scorer.output_features)
+    return result

@@ -203,6 +203,7 @@ class SelectITScorer(LazyState):
       `empty_instruction`, `empty_output`, `too_long:<model>` (a prompt over `max_length`
       tokens), `non_finite:<model>`, `rating_outside_top_k:<model>` (served) and
       `error:<model>:<Type>: <message>`.
+    Map it with `scoring.ifd.map_scores(data, scorer)` for a 0-row split to get these columns too.
 
     Args:
         models: embedded aliases, local directories or Hub ids of (base) causal LMs, loaded on
@@ -241,6 +242,9 @@ class SelectITScorer(LazyState):
 
     _transient = ("_raters", "device", "batch_size")  # runtime knobs: not in the fingerprint
     _transient_defaults = {"batch_size": 16}
+    # The columns written and their types: the schema of a 0-row result (`map_scores`).
+    output_features = {"selectit_token": "float64", "selectit_sentence": "float64", "selectit_status": "string",
+                       "selectit_sentence_by_model": ["float64"], "selectit_model": "float64"}
 
     def __init__(self, models=("smollm2-135m-instruct",), k: int = 5, alpha: float = 0.2,
                  rating_prompts: Optional[Sequence[str]] = None, formula: str = "paper",

@@ -187,6 +187,12 @@ def _same(a: pa.Array, b: pa.Array) -> np.ndarray:
 def _v2_decide(variants, require_below_one: bool, ratio: str, stage: str):
     """The V2 decision for every id of `origin`: (positions, kept-Q mask, outcome array)."""
     ifd_col, rifd_col = ratio_columns(ratio)
+    for split in VARIANT_SPLITS:  # the usual cause of missing scores on an empty split: say so
+        ds = variants[split] if split in variants else None
+        if ds is not None and len(ds) == 0 and not {ifd_col, rifd_col} <= set(ds.column_names):
+            raise ColumnError(f"{stage} (split {split!r}) has 0 rows and no {ifd_col!r}/{rifd_col!r} columns: "
+                              "datasets' map does not call a scorer on 0 rows. Score with "
+                              "reflectune_hf.map_scores(variants, IFDScorer(...)), which adds them.")
     check_variants(variants, [ID_COLUMN, "instruction", "output", ifd_col, rifd_col], stage)
     optional = ["input", SCORE_STATUS_COLUMN, STATUS_COLUMN]
     tables = {s: arrow_columns(variants[s], [ID_COLUMN, "instruction", "output", ifd_col, rifd_col]
