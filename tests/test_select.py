@@ -17,6 +17,7 @@ from synthetic_variants import is_valid, make_variants
 import reflectune_hf.selection.select as select_mod
 from reflectune_hf.data import ColumnError
 from reflectune_hf.selection.select import (
+    INSTRUCTION_NOT_REFLECTED,
     NOT_REFLECTED,
     VARIANT_SPLITS,
     explain_v2,
@@ -61,6 +62,7 @@ def guarded_tree(ori, q, a, qa, require_below_one):
     if not (is_valid(ori["ifd"]) and is_valid(q["ifd"])):
         return None  # phase 1 cannot be decided
     q_is_copy = all(q[k] == ori[k] for k in ("instruction", "input", "output"))
+    q_is_copy = q_is_copy or q.get("reflection_status") in INSTRUCTION_NOT_REFLECTED  # no new instruction
     keep_q = q["ifd"] > ori["ifd"] and not q_is_copy
     kept, twin = (q, qa) if keep_q else (ori, a)
     if not (is_valid(kept["rifd"]) and is_valid(twin["rifd"]) and is_valid(twin["ifd"])):
@@ -235,6 +237,24 @@ def test_unscored_and_unreflected_twins_are_not_selected():
         for j, name in enumerate(VARIANT_SPLITS)})
     got = select_v2(variants)
     assert dict(zip(got["id"], got["source"])) == {i: s for i, (_, s) in cases.items() if s}
+
+
+def test_a_failed_instruction_reflection_is_never_kept_in_phase_1():
+    """With compress=False a failed instruction reflection holds the origin with its input merged
+    into the instruction: its text differs, and a higher IFD picked it (`reflect_both` selected
+    with a failed instruction reflection)."""
+    ori = {"instruction": "Translate to French.", "input": "Hello", "output": "Bonjour", "ifd": 0.8, "rifd": 0.9,
+           "reflection_status": ""}
+    merged = dict(ori, instruction="Translate to French.\nHello", input="", ifd=0.81)
+    twin = {"output": "Bonjour !", "ifd": 0.5, "rifd": 0.4, "reflection_status": "ok"}
+    cases = {0: "failed", 1: "truncated", 2: "oracle_error", 3: "output_fallback", 4: "ok"}
+    rows = [(ori, dict(merged, reflection_status=status), dict(ori, **twin), dict(merged, **twin))
+            for status in cases.values()]
+    variants = DatasetDict({
+        name: Dataset.from_dict({"id": list(cases), **{k: [r[j][k] for r in rows] for k in rows[0][j]}})
+        for j, name in enumerate(VARIANT_SPLITS)})
+    kept = dict(zip(*(explain_v2(variants)[c] for c in ("id", "v2_kept"))))
+    assert kept == {0: "origin", 1: "origin", 2: "origin", 3: "reflect_instruction", 4: "reflect_instruction"}
 
 
 def test_select_v2_clear_errors(variants):

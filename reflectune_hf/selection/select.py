@@ -55,6 +55,9 @@ STATUS_COLUMN = "reflection_status"
 # Statuses of the response-reflection step meaning "the response was not rewritten": the row
 # still holds the previous response (fallback) or the oracle gave nothing usable.
 NOT_REFLECTED = EXTRACT_NOT_REFLECTED  # output_fallback, failed, truncated, empty_input, invalid_text, oracle_error
+# Statuses of the instruction-reflection step meaning "no new instruction": its split holds the
+# origin's pair (input merged into the instruction by some stages), never a phase-1 candidate.
+INSTRUCTION_NOT_REFLECTED = NOT_REFLECTED - {"output_fallback"}
 # Outcomes of the V2 decision per id, in the order the checks apply (see `explain_v2`).
 V2_REJECTIONS = ("missing_score", "not_improved", "not_reflected", "above_one")
 V2_SOURCES = ("reflect_response", "reflect_both")
@@ -204,11 +207,19 @@ def _v2_decide(variants, require_below_one: bool, ratio: str, stage: str):
             for s, t in tables.items()}
     ori, q, a, qa = VARIANT_SPLITS
 
-    # Phase 1, instruction: keep Q when its IFD is higher. A Q identical to its origin (the
-    # instruction reflection fell back entirely) is the origin: float noise must not pick it.
+    def status_in(split: str, statuses) -> np.ndarray:
+        if STATUS_COLUMN not in tables[split].column_names:
+            return np.zeros(len(pos[split]), dtype=bool)
+        status = pc.cast(tables[split][STATUS_COLUMN].take(pa.array(pos[split])), pa.string())
+        return pc.fill_null(pc.is_in(status, pa.array(sorted(statuses))), False).to_numpy(zero_copy_only=False)
+
+    # Phase 1, instruction: keep Q when its IFD is higher. A Q whose instruction reflection fell
+    # back or failed (its status says so, or its text is the origin's) is the origin: float noise,
+    # or the input merged into the instruction, must not pick it.
     phase1_scored = valid_scores(ifd[ori]) & valid_scores(ifd[q])
     q_copy = _same(text[q]["instruction"], text[ori]["instruction"]) & _same(text[q]["input"], text[ori]["input"])
     q_copy &= _same(text[q]["output"], text[ori]["output"])
+    q_copy |= status_in(q, INSTRUCTION_NOT_REFLECTED)
     keep_q = phase1_scored & (ifd[q] > ifd[ori]) & ~q_copy
 
     # Phase 2, response: the kept pair (Q or ori) against its response-reflected twin (QA or A).
@@ -221,11 +232,7 @@ def _v2_decide(variants, require_below_one: bool, ratio: str, stage: str):
     # "Rows whose response is not reflected are discarded": the twin wins only if its response
     # really was rewritten: its status is not a response fallback/failure and its text differs.
     def reflected(twin: str, base: str) -> np.ndarray:
-        ok = ~_same(text[twin]["output"], text[base]["output"])
-        if STATUS_COLUMN in tables[twin].column_names:
-            status = pc.cast(tables[twin][STATUS_COLUMN].take(pa.array(pos[twin])), pa.string())
-            ok &= ~pc.fill_null(pc.is_in(status, pa.array(sorted(NOT_REFLECTED))), False).to_numpy(zero_copy_only=False)
-        return ok
+        return ~_same(text[twin]["output"], text[base]["output"]) & ~status_in(twin, NOT_REFLECTED)
 
     twin_reflected = np.where(keep_q, reflected(qa, q), reflected(a, ori))
     below = (twin_rifd < 1) & (twin_ifd < 1) if require_below_one else np.ones(len(keep_q), dtype=bool)
@@ -287,7 +294,9 @@ def select_v2(variants, require_below_one: bool = True, ratio: str = "ppl"):
       in `NOT_REFLECTED` (`output_fallback`, `failed`, `truncated`, `empty_input`, `invalid_text`,
       `oracle_error`), or whose `output` equals the kept pair's
       `output`, is never selected (it is the kept pair, not a reflected response).
-    - A Q identical to ori (instruction, input and output) never wins phase 1.
+    - A Q identical to ori (instruction, input and output), or whose `reflection_status` says its
+      instruction was not reflected (`INSTRUCTION_NOT_REFLECTED`: `failed`, `truncated`,
+      `empty_input`, `invalid_text`, `oracle_error`), never wins phase 1.
 
     Args:
         variants: a `DatasetDict` with the four splits, aligned by `id` (order may differ), each
