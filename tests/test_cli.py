@@ -525,3 +525,15 @@ def test_a_run_writes_a_config_that_reproduces_it(tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "rows.jsonl (local file)" in card and str(tmp_path) not in card
     assert _read_output(tmp_path / "again") == _read_output(tmp_path / "out")
+
+
+def test_reflect_reads_split_from_a_saved_folder(tmp_path):
+    """`--split` was ignored for a saved multi-split folder, and the error told the user to use it."""
+    from datasets import Dataset
+
+    rows = {"instruction": ["Name a colour."], "input": [""], "output": ["Red."]}
+    DatasetDict({"origin": Dataset.from_dict(rows), "other": Dataset.from_dict(rows)}).save_to_disk(tmp_path / "run")
+    chosen = pipeline.load_pairs(pipeline.ReflectConfig(oracle_model="m", data=str(tmp_path / "run"), split="origin"))
+    assert chosen.to_dict() == rows
+    with pytest.raises(ValueError, match=r"holds the splits \['origin', 'other'\], not 'train'.*--split origin"):
+        pipeline.load_pairs(pipeline.ReflectConfig(oracle_model="m", data=str(tmp_path / "run")))

@@ -251,17 +251,25 @@ def _with_selected(variants, chosen):
     return variants if chosen is None else DatasetDict({**variants, SELECTED_SPLIT: chosen})
 
 
+def one_split(data, config: DataConfig, command: str):
+    """`data`, or its split `config.split` when it holds several (a saved `DatasetDict` folder,
+    e.g. an earlier run's output): the commands that take one split read `--split` there too."""
+    from datasets import DatasetDict
+
+    if not isinstance(data, DatasetDict):
+        return data
+    if config.split in data:
+        return data[config.split]
+    raise ValueError(f"{config.data} holds the splits {list(data)}, not {config.split!r}; {command} takes one: "
+                     f"pick it with --split (e.g. --split {next(iter(data))})")
+
+
 def load_pairs(config: DataConfig):
     """`load_input`, checked before any oracle call: one split of pairs that can be recycled (a
     non-empty instruction and output in every row; `train.check_sft_dataset` names the rows)."""
-    from datasets import DatasetDict
-
     from ..training.sft import check_sft_dataset
 
-    data = load_input(config)
-    if isinstance(data, DatasetDict):
-        raise ValueError(f"{config.data} holds several splits {list(data)}; reflect takes one (pick it with --split "
-                         "from a Hub id or a file)")
+    data = one_split(load_input(config), config, "reflect")
     check_sft_dataset(data, stage="reflect", purpose="recycled (an oracle needs a non-empty instruction and output)")
     return data
 
