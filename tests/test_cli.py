@@ -76,12 +76,11 @@ def test_push_an_output_folder(tmp_path, monkeypatch, capsys):
     from reflectune_hf import load_sample
     from reflectune_hf.publishing.hub import save_local
 
-    save_local(load_sample(), tmp_path / "out", card_context={"oracle_model": "m", "api_key": "sk-secret"})
-    (tmp_path / "out" / "reflectune_config.json").write_text(json.dumps({"oracle_model": "from-the-run",
-                                                                         "data": str(tmp_path / "rows.jsonl")}))
     from reflectune_hf.evaluation.quality import quality_report
 
-    (tmp_path / "out" / "quality.json").write_text(json.dumps(quality_report(load_sample(), coherence=False)))
+    save_local(load_sample(), tmp_path / "out", card_context={"oracle_model": "m", "api_key": "sk-secret"},
+               quality=quality_report(load_sample(), coherence=False),
+               run_record={"oracle_model": "from-the-run", "data": str(tmp_path / "rows.jsonl")})
     sent = []
     monkeypatch.setattr(Dataset, "push_to_hub", lambda self, repo_id, **kw: sent.append(("data", repo_id, kw["private"])))
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: sent.append(("plots", kw["repo_id"])))
@@ -465,6 +464,36 @@ def test_a_folder_whose_selection_kept_nothing_reselects_pushes_and_refuses_to_t
 
     assert cli.main(["sft", "--dataset_name", str(folder), "--output_dir", str(tmp_path / "sft")]) == 2
     assert "--model_name_or_path" in capsys.readouterr().err
+
+
+def test_a_rerun_into_the_same_folder_pushes_nothing_of_the_earlier_run(tmp_path, hub_sent, monkeypatch):
+    """`select --quality_report`, then `select --selection none` into the same --output_dir: the
+    first run's quality.json and `selected` split are gone, the user's file stays, and `push`
+    publishes no quality statistics; a quality.json copied in by hand is not the run's either."""
+    from reflectune_hf import load_sample
+    from reflectune_hf.evaluation import quality
+    from reflectune_hf.publishing.hub import save_local
+
+    from synthetic_variants import make_variants
+
+    real = quality.quality_report
+    monkeypatch.setattr(quality, "quality_report", lambda data, coherence: real(data, coherence=False))  # no MiniLM
+    save_local(make_variants(load_sample().select(range(12))), tmp_path / "scored")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(["select", "--data", str(tmp_path / "scored"), "--output_dir", str(out),
+                     "--quality_report"]) == 0
+    assert (out / "quality.json").is_file() and (out / "arrow" / "selected").is_dir()
+    assert cli.main(["select", "--data", str(tmp_path / "scored"), "--selection", "none",
+                     "--output_dir", str(out)]) == 0
+    assert not (out / "quality.json").exists() and not (out / "arrow" / "selected").exists()
+    assert not list((out / "data").glob("selected-*")) and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "reflectune_config.json").read_text())["selection"] == "none"
+    (out / "quality.json").write_text(json.dumps(real(load_sample(), coherence=False)))
+    assert cli.main(["push", "--data", str(out), "--push_to_hub", "me/x"]) == 0
+    assert hub_sent[0] == ("data", ["origin", "reflect_both", "reflect_instruction", "reflect_response"])
+    assert "### Data quality" not in hub_sent[-1][1]
 
 
 def test_push_without_a_token_says_how_to_log_in(tmp_path, hub_sent, monkeypatch, capsys):

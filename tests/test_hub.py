@@ -215,3 +215,30 @@ def test_push_without_a_token_says_how_to_log_in_and_sends_nothing(hub_calls, mo
 def test_card_of_unscored_data_has_no_score_section():
     card = str(build_card(load_sample()))
     assert "### Scores" not in card and "| `train` | 40 |" in card
+
+
+def test_a_second_write_removes_what_only_the_first_wrote_and_nothing_else(tmp_path):
+    """Splits then one Dataset into the same folder: the first write's `quality.json`, split folders,
+    `dataset_dict.json` (which would reload the old splits) and split parquet files go; a file of
+    the user's, and names a manifest lists that this layout never writes, stay."""
+    from reflectune_hf.evaluation.quality import quality_report
+    from reflectune_hf.publishing.outputs import MANIFEST, read_manifest
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    small = make_variants(load_sample().select(range(6)))
+    save_local(small, out, quality=quality_report(small, coherence=False), run_record={"selection": "v2"})
+    assert {"quality.json", "reflectune_config.json", "arrow/origin/state.json"} <= set(read_manifest(out))
+    (out / "data" / "mine.parquet").write_bytes(b"user")  # not listed: never removed
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({"files": [*manifest["files"], "notes.txt", "../outside.json"]}))
+    (tmp_path / "outside.json").write_text("{}")
+
+    save_local(load_sample().select(range(3)), out)
+    assert len(load_from_disk(str(out / "arrow"))) == 3, "the stale dataset_dict.json is gone"
+    assert not (out / "quality.json").exists() and not (out / "reflectune_config.json").exists()
+    assert not (out / "arrow" / "origin").exists() and not list((out / "data").glob("origin-*"))
+    assert (out / "notes.txt").read_text() == "mine" and (tmp_path / "outside.json").is_file()
+    assert (out / "data" / "mine.parquet").read_bytes() == b"user"
+    assert "quality.json" not in read_manifest(out) and "data/train-00000-of-00001.parquet" in read_manifest(out)

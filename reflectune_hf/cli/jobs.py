@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 SELECTED_SPLIT = "selected"
 ORACLE_REQUIRED = ("--oracle_model is required: a model name on an OpenAI-compatible server "
                    "(with --base_url for vLLM, TGI, Ollama or llama.cpp) or local:<model>")
-CONTEXT_FILE = "reflectune_config.json"  # the run's configuration without secrets: `--config` reproduces the run
+CONTEXT_FILE = "reflectune_config.json"  # the run's configuration without secrets (publishing.outputs.RUN_RECORD)
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -141,10 +141,9 @@ def config_record(config) -> dict:
 
 
 def publish(config: DataConfig, data, card_context: dict) -> Path:
-    """Save to `output_dir` (data, card, plots, `reflectune_config.json`) and push when
+    """Save to `output_dir` (data, card, plots, `reflectune_config.json`; what an earlier run
+    wrote there and this one does not is removed, see `publishing.outputs`) and push when
     `push_to_hub` is set."""
-    import json
-
     from ..publishing.hub import push_to_hub, save_local
 
     quality = None
@@ -152,8 +151,8 @@ def publish(config: DataConfig, data, card_context: dict) -> Path:
         from ..evaluation.quality import quality_report
 
         quality = quality_report(data, coherence=True)
-    out = save_local(data, config.output_dir, card_context=card_context, quality=quality)
-    (out / CONTEXT_FILE).write_text(json.dumps(config_record(config), indent=2, default=str))
+    out = save_local(data, config.output_dir, card_context=card_context, quality=quality,
+                     run_record=config_record(config))
     if config.push_to_hub:
         url = push_to_hub(data, config.push_to_hub, private=config.private, card_context=card_context,
                           quality=quality)

@@ -22,7 +22,6 @@ import importlib
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Callable, NoReturn, Optional
 
 from dataclasses import fields
@@ -93,14 +92,18 @@ def _run_training(name: str, argv: list[str]) -> int:
 
 
 def _push(config: PushConfig) -> str:
+    """Push the folder `config.data` with the card of the run that wrote it: its configuration
+    and `quality.json` are used only when they belong to that run (`outputs.run_file`: listed in
+    the folder's manifest), never a file an earlier run left there."""
     from ..publishing.hub import push_to_hub
+    from ..publishing.outputs import run_file
 
     data = jobs.load_input(jobs.DataConfig(data=config.data))
-    context_file = Path(config.data) / jobs.CONTEXT_FILE  # the configuration of the run that wrote the folder
-    record = json.loads(context_file.read_text()) if context_file.is_file() else {}
+    context_file = run_file(config.data, jobs.CONTEXT_FILE)  # the configuration of the run that wrote the folder
+    record = json.loads(context_file.read_text()) if context_file else {}
     context = jobs.card_context(record, data=data)
-    quality_file = Path(config.data) / "quality.json"  # written by --quality_report
-    quality = json.loads(quality_file.read_text()) if quality_file.is_file() else None
+    quality_file = run_file(config.data, "quality.json")  # written by --quality_report
+    quality = json.loads(quality_file.read_text()) if quality_file else None
     return push_to_hub(data, config.push_to_hub, private=config.private, card_context=context, quality=quality)
 
 

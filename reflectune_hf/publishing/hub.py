@@ -34,6 +34,7 @@ from ..sanitize import (  # noqa: F401  (public here too, as before)
     host_only, is_hub_id, is_secret_key, public_name, sanitize_config, sanitize_context, strip_url_secrets)
 from ..selection.select import VARIANT_SPLITS
 from ..utils import card_template, versioned
+from . import outputs
 from .report import plot_summary, summarize
 
 logger = logging.getLogger(__name__)
@@ -302,7 +303,7 @@ def _write_plots(data, summary: dict, out_dir: Path) -> list[str]:
 
 
 def save_local(data, out_dir: Union[str, Path], card_context: Optional[Mapping] = None, tokenizer=None,
-               quality: Optional[Mapping] = None) -> Path:
+               quality: Optional[Mapping] = None, run_record: Optional[Mapping] = None) -> Path:
     """Write what `push_to_hub` would publish to a folder, for users without a Hub account.
 
     Every split gets a `messages` column (`with_messages`), so the folder trains with `trl sft`.
@@ -311,27 +312,43 @@ def save_local(data, out_dir: Union[str, Path], card_context: Optional[Mapping] 
     (the Hub's layout; `load_dataset(str(out_dir))` reads the splits the README declares, or
     `load_dataset("parquet", data_files={split: f"{out_dir}/data/{split}-*.parquet", ...})`),
     `README.md` (the card), `plots/*.png`, `summary.json` (and `quality.json` with `quality`, the
-    `quality.quality_report` of the data, also shown in the card). Returns `out_dir`.
+    `quality.quality_report` of the data, also shown in the card; `reflectune_config.json` with
+    `run_record`, the configuration of the run). Returns `out_dir`.
+
+    The folder may hold an earlier write: the files it lists in its manifest (`outputs.MANIFEST`)
+    and this write does not write again (a `quality.json`, a split, plots) are removed, and the
+    manifest then lists this write's files; a file the folder held that no write of ours listed
+    (the user's own) is never touched. See `outputs` for why.
     """
     from datasets import DatasetDict
 
     data, splits, published, summary = _prepare(data, tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    previous = outputs.read_manifest(out)  # before anything is written: a malformed one stops here
     # An empty split needs one explicit shard: datasets writes none by default, and then cannot load it.
     empty = {name: 1 for name, ds in splits.items() if len(ds) == 0}
     if isinstance(data, DatasetDict):
         data.save_to_disk(str(out / "arrow"), num_shards=empty or None)
     else:
         data.save_to_disk(str(out / "arrow"), num_shards=1 if empty else None)
+    written = outputs.arrow_files(out / "arrow")
     (out / "data").mkdir(exist_ok=True)
     for name, ds in published.items():
-        ds.to_parquet(str(out / "data" / f"{name}-00000-of-00001.parquet"))
+        written.append(f"data/{name}-00000-of-00001.parquet")
+        ds.to_parquet(str(out / written[-1]))
     plots = _write_plots(data, summary, out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False), encoding="utf-8")
+    texts = {"summary.json": json.dumps(summary, indent=2, allow_nan=False)}
     if quality is not None:
-        (out / "quality.json").write_text(json.dumps(quality, indent=2, allow_nan=False), encoding="utf-8")
+        texts["quality.json"] = json.dumps(quality, indent=2, allow_nan=False)
+    if run_record is not None:
+        texts[outputs.RUN_RECORD] = json.dumps(dict(run_record), indent=2, default=str)
+    for name, text in texts.items():
+        (out / name).write_text(text, encoding="utf-8")
     build_card(data, card_context, summary, plots, quality=quality).save(str(out / "README.md"))
+    written += [*plots, *texts, "README.md"]
+    outputs.remove_stale(out, previous, written)
+    outputs.write_manifest(out, written)
     logger.info("Saved %s to %s", {k: len(v) for k, v in splits.items()}, out)
     return out
 
