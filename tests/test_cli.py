@@ -496,6 +496,56 @@ def test_a_rerun_into_the_same_folder_pushes_nothing_of_the_earlier_run(tmp_path
     assert "### Data quality" not in hub_sent[-1][1]
 
 
+@pytest.mark.parametrize("command", ["recycle", "reflect", "score", "select", "push"])
+def test_bad_output_arguments_exit_2_before_any_work(command, tmp_path, hub_sent, monkeypatch, capsys):
+    """A repo id the Hub refuses, an output_dir that is a file (or under one), an output_dir that
+    overlaps the --data folder: one line, exit 2, before the data is even loaded."""
+    from reflectune_hf import load_sample
+    from reflectune_hf.publishing.hub import save_local
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the job started")
+
+    monkeypatch.setattr(pipeline, "load_input", no_work)
+    for name in ("run_recycle", "run_reflect", "run_score", "run_select"):
+        monkeypatch.setattr(pipeline, name, no_work)
+    monkeypatch.setitem(cli.JOBS, command, (*cli.JOBS[command][:1], no_work, cli.JOBS[command][2]))
+    folder = tmp_path / "scored"
+    save_local(load_sample().select(range(2)), folder)
+    (tmp_path / "afile").write_text("keep me")
+    oracle = ["--oracle_model", "m"] if command in ("recycle", "reflect") else []
+    output = lambda path: [] if command == "push" else ["--output_dir", str(path)]  # noqa: E731
+    cases = [(["--push_to_hub", "not a repo", *output(tmp_path / "x")], "push_to_hub must be a Hub dataset repo id"),
+             (["--push_to_hub", "me/x--y", *output(tmp_path / "x")], "Cannot have -- or .."),
+             ]
+    if command != "push":
+        cases += [(output(tmp_path / "afile"), "is a file, not a folder"),
+                  (output(tmp_path / "afile" / "sub"), "is a file, not a folder"),
+                  (output(folder), "is output_dir"),
+                  (output(folder / "sub"), "contains output_dir"),
+                  (["--data", str(folder / "arrow"), *output(folder)], "is inside output_dir"),
+                  (["--data", str(folder / "data" / "train-00000-of-00001.parquet"), *output(folder)],
+                   "is a file the run writes")]
+    for flags, message in cases:
+        data = [] if "--data" in flags else ["--data", str(folder)]
+        assert cli.main([command, *data, *oracle, *flags]) == 2, flags
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and err[-1].startswith("reflectune "), (flags, err)
+        assert "--output_dir" in err[-1] or "push_to_hub" in err[-1] or "repo id" in err[-1]
+    assert (tmp_path / "afile").read_text() == "keep me" and not (tmp_path / "x").exists() and hub_sent == []
+
+
+def test_push_of_the_default_folder_is_not_an_overlap(tmp_path, hub_sent, monkeypatch):
+    """`push` reads the folder and writes none: its --data (default `reflectune-output`, also the
+    default output_dir of the other commands) is not checked against an output folder."""
+    from reflectune_hf import load_sample
+    from reflectune_hf.publishing.hub import save_local
+
+    monkeypatch.chdir(tmp_path)
+    save_local(load_sample().select(range(2)), "reflectune-output")
+    assert cli.main(["push", "--push_to_hub", "me/x"]) == 0 and hub_sent[0] == ("data", ["train"])
+
+
 def test_push_without_a_token_says_how_to_log_in(tmp_path, hub_sent, monkeypatch, capsys):
     from huggingface_hub import constants
 

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from ..models import DTYPE_NAMES
@@ -92,6 +93,16 @@ class HubConfig(_Checked):
     push_to_hub: Optional[str] = field(default=None, metadata=_help("also push the result to this Hub dataset repo"))
     private: bool = field(default=True, metadata=_help("make the pushed repo private"))
 
+    def _check(self):
+        if self.push_to_hub:  # huggingface_hub's own rules, checked before the job rather than by its push after it
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.push_to_hub)
+            except HFValidationError as err:
+                raise ValueError(f"push_to_hub must be a Hub dataset repo id, 'namespace/name' or 'name': "
+                                 f"{' '.join(str(err).split())}") from None
+
 
 @dataclass
 class OutputConfig(HubConfig):
@@ -104,10 +115,43 @@ class OutputConfig(HubConfig):
         "add data-quality statistics to the card: token lengths, perplexity, MiniLM instruction-response "
         "coherence (needs the `quality` extra: pip install 'reflectune_hf[quality]')"))
 
+    def _check(self):
+        if not isinstance(self.output_dir, str) or not self.output_dir.strip():
+            raise ValueError(f"output_dir must name a folder, got {self.output_dir!r}")
+        out = Path(self.output_dir)  # as save_local uses it
+        blocking = next((p for p in (out, *out.parents) if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise ValueError(f"output_dir {self.output_dir!r}: {blocking} is a file, not a folder; pick another "
+                             "--output_dir or move the file")
+
 
 @dataclass
 class DataConfig(OutputConfig, InputConfig):
     """Where the data comes from and where results go."""
+
+    def _check(self):
+        _check_overlap(self.data, self.output_dir)
+
+
+def _check_overlap(data: str, output_dir: str) -> None:
+    """Refuse an output folder that would write over the data it reads, before the job runs
+    (datasets would refuse only after it: "a dataset can't overwrite itself"): a `--data` folder
+    equal to `--output_dir`, inside it, or containing it (reading a folder of files would then
+    also read this run's outputs), or a `--data` file that is one this layout writes in it."""
+    from ..publishing.outputs import OWNED
+
+    source, out = Path(data).expanduser(), Path(output_dir)
+    if not source.exists():
+        return  # a Hub id, or the bundled sample
+    source, out = source.resolve(), out.resolve()
+    inside = source.is_relative_to(out)
+    if source.is_dir() and (inside or out.is_relative_to(source)):
+        where = "is" if source == out else ("is inside" if inside else "contains")
+        raise ValueError(f"data {data!r} {where} output_dir {output_dir!r}: the run would write over the data it "
+                         "reads; pick another --output_dir")
+    if source.is_file() and inside and OWNED.fullmatch(source.relative_to(out).as_posix()):
+        raise ValueError(f"data {data!r} is a file the run writes in output_dir {output_dir!r}; copy it elsewhere "
+                         "or pick another --output_dir")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import fields
 
 from . import jobs
 from .arguments import CommandParser, UnknownArguments
-from .configs import OracleClientConfig, PushConfig
+from .configs import InputConfig, OracleClientConfig, PushConfig
 
 logger = logging.getLogger("reflectune_hf")
 HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai")  # kept at WARNING unless -v
@@ -98,7 +98,7 @@ def _push(config: PushConfig) -> str:
     from ..publishing.hub import push_to_hub
     from ..publishing.outputs import run_file
 
-    data = jobs.load_input(jobs.DataConfig(data=config.data))
+    data = jobs.load_input(InputConfig(data=config.data))  # no output_dir: push writes no folder
     context_file = run_file(config.data, jobs.CONTEXT_FILE)  # the configuration of the run that wrote the folder
     record = json.loads(context_file.read_text()) if context_file else {}
     context = jobs.card_context(record, data=data)
