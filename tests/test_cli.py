@@ -189,8 +189,8 @@ def test_recycle_killed_then_rerun_completes_from_the_caches_with_the_same_outpu
     (["--dtype", "int8"], "dtype must be one of"),
     (["--top_fraction", "2"], "top_fraction must be in (0, 1], got 2.0"),
     (["--prompt_set", "mine"], "prompt_set must be one of ['clean', 'paper'], got 'mine'"),
-    (["--max_new_tokens", "0"], "max_new_tokens must be a number >= 1, got 0"),
-    (["--limit", "0"], "limit must be a number >= 1, got 0"),
+    (["--max_new_tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
+    (["--limit", "0"], "limit must be an integer >= 1, got 0"),
 ])
 def test_bad_options_fail_before_any_oracle_call(flags, message, capsys):
     """Options are checked when the command line is read (exit 2), before the oracle is asked."""

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -39,22 +40,45 @@ def _one_of(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
 
 
-def _at_least(config, minimum, *names: str, optional: bool = False, strict: bool = False) -> None:
+def at_least(config, minimum, *names: str, optional: bool = False, strict: bool = False) -> None:
+    """Raise `ValueError` naming the first of `config`'s fields `names` that is not a finite
+    number >= `minimum` (> with `strict`; None passes when `optional`). A bool is not a number.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> at_least(SimpleNamespace(temperature=float("nan")), 0, "temperature")
+        Traceback (most recent call last):
+        ...
+        ValueError: temperature must be a finite number >= 0, got nan
+    """
     for name in names:
         value = getattr(config, name)
         if value is None and optional:
             continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or value < minimum or (strict and value == minimum):
-            raise ValueError(f"{name} must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
+        finite = number and math.isfinite(value)
+        if not finite or value < minimum or (strict and value == minimum):
+            kind = "a finite number" if number and not finite else "a number"
+            raise ValueError(f"{name} must be {kind} {'>' if strict else '>='} {minimum}, got {value!r}")
 
 
-def _integer(config, name: str, minimum: int, optional: bool = False) -> None:
-    value = getattr(config, name)
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def integer_at_least(config, minimum: int, *names: str, optional: bool = False) -> None:
+    """Raise `ValueError` naming the first of `config`'s fields `names` that is not an integer
+    >= `minimum` (None passes when `optional`); a float (even 2.0) or a bool is not an integer.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> integer_at_least(SimpleNamespace(limit=1.5), 1, "limit")
+        Traceback (most recent call last):
+        ...
+        ValueError: limit must be an integer >= 1, got 1.5
+    """
+    for name in names:
+        value = getattr(config, name)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 class _Checked:
@@ -81,7 +105,7 @@ class InputConfig(_Checked):
     def _check(self):
         if not isinstance(self.data, str) or not self.data.strip():
             raise ValueError(f"data must name a dataset, a file or a folder, got {self.data!r}")
-        _at_least(self, 1, "limit", optional=True)
+        integer_at_least(self, 1, "limit", optional=True)
 
 
 @dataclass
@@ -204,9 +228,9 @@ class OracleRequestConfig(_Checked):
     def _check(self):
         self.structured = structured_mode(self.structured)
         self.local_engine = check_choice("local_engine", self.local_engine, ("auto", "llamacpp", "transformers"))
-        _at_least(self, 1, "max_new_tokens")
-        _at_least(self, 0, "temperature")
-        _integer(self, "context_window", minimum=1, optional=True)
+        integer_at_least(self, 1, "max_new_tokens")
+        at_least(self, 0, "temperature")
+        integer_at_least(self, 1, "context_window", optional=True)
         _one_of("prompt_set", self.prompt_set, PROMPT_SETS)
 
 
@@ -233,11 +257,11 @@ class OracleClientConfig(_Checked):
 
     def _check(self):
         self.backend = check_choice("backend", self.backend, BACKENDS)
-        _at_least(self, 1, "max_concurrency", "local_batch_size", "reflect_batch_size")
-        _at_least(self, 0, "format_retries")
-        _at_least(self, 0, "timeout", strict=True)
-        _integer(self, "max_retries", minimum=0)
-        _at_least(self, 0, "requests_per_minute", "tokens_per_minute", optional=True, strict=True)
+        integer_at_least(self, 1, "max_concurrency", "local_batch_size", "reflect_batch_size")
+        integer_at_least(self, 0, "format_retries")
+        at_least(self, 0, "timeout", strict=True)
+        integer_at_least(self, 0, "max_retries")
+        at_least(self, 0, "requests_per_minute", "tokens_per_minute", optional=True, strict=True)
 
 
 @dataclass
@@ -270,11 +294,11 @@ class StudentConfig(_Checked):
     def _check(self):
         _one_of("template", self.template, SCORING_TEMPLATES)
         _one_of("dtype", self.dtype, DTYPE_NAMES)
-        _at_least(self, 2, "max_length")
-        _at_least(self, 1, "score_batch_size")
-        _integer(self, "student_max_concurrency", minimum=1)
+        integer_at_least(self, 2, "max_length")
+        integer_at_least(self, 1, "score_batch_size")
+        integer_at_least(self, 1, "student_max_concurrency")
         self.student_backend = student_backend(self.student_backend)
-        _at_least(self, 1, "max_tokens_per_batch", optional=True)
+        integer_at_least(self, 1, "max_tokens_per_batch", optional=True)
 
 
 @dataclass
@@ -328,4 +352,4 @@ class EstimateConfig(OracleRequestConfig, InputConfig):
     tokenizer: str = field(default="smollm2-135m-instruct", metadata=_help("tokenizer that counts prompt tokens"))
 
     def _check(self):
-        _at_least(self, 0, "input_price", "output_price", optional=True)
+        at_least(self, 0, "input_price", "output_price", optional=True)
