@@ -46,3 +46,47 @@ def test_finite_values_and_integers_still_pass():
     config = RecycleConfig(oracle_model="m", limit=3, timeout=30, temperature=0.7, requests_per_minute=60.5)
     assert (config.limit, config.timeout, config.temperature) == (3, 30, 0.7)
     assert EstimateConfig(oracle_model="m", input_price=0, output_price=0.6).output_price == 0.6
+
+
+TUNA = ["tuna", "--oracle_model", "local:smollm2-135m-instruct", "--model_name_or_path", "smollm2-135m-instruct"]
+EVAL = ["eval", "--test_sets", "vicuna", "--model_a", "a", "--model_b", "b", "--judge_model", "j"]
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """The training jobs' run functions fail the test if a bad argument lets them start."""
+    from reflectune_hf.cli import eval_job, tuna_job
+
+    def started(*args, **kwargs):
+        raise AssertionError("the job started despite a bad argument")
+
+    monkeypatch.setattr(tuna_job, "run_tuna", started)
+    monkeypatch.setattr(eval_job, "run_eval", started)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([*TUNA, "--stage", "bogus"], "stage must be one of ['probabilistic', 'contextual'], got 'bogus'"),
+    ([*TUNA, "--max_samples", "-1"], "max_samples must be an integer >= 1, got -1"),
+    ([*TUNA, "--max_samples", "0"], "max_samples must be an integer >= 1, got 0"),
+    ([*TUNA, "--num_responses", "0"], "num_responses must be an integer >= 1, got 0"),
+    ([*TUNA, "--sample_temperature", "nan"], "sample_temperature must be a finite number >= 0, got nan"),
+    ([*TUNA, "--oracle_timeout", "0"], "oracle_timeout must be a number > 0, got 0.0"),
+    ([*TUNA, "--oracle_max_retries", "-1"], "oracle_max_retries must be an integer >= 0, got -1"),
+    (["tuna", "--oracle_model", "local:smollm2-135m-instruct"], "Set --model_name_or_path"),
+    ([*EVAL, "--max_rows", "0"], "max_rows must be an integer >= 1, got 0"),
+    ([*EVAL, "--max_new_tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
+    ([*EVAL, "--temperature", "nan"], "temperature must be a finite number >= 0, got nan"),
+    ([*EVAL, "--timeout", "-1"], "timeout must be a number > 0, got -1.0"),
+])
+def test_tuna_and_eval_arguments_exit_2_before_the_job_starts(argv, message, nothing_runs, capsys):
+    assert message in _one_line_exit_2(argv, capsys)
+
+
+def test_tuna_check_args_also_guards_run_tuna():
+    """scripts/tuna.py calls run_tuna directly: the same check runs there, before any data loads."""
+    from reflectune_hf.cli import tuna_job
+
+    args = tuna_job.make_parser().parse_args_and_config([*TUNA[1:], "--output_dir", "unused"])
+    args[0].stage = "bogus"
+    with pytest.raises(ValueError, match="stage must be one of"):
+        tuna_job.run_tuna(*args)

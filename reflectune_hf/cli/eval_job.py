@@ -29,6 +29,7 @@ from ..evaluation.judge import format_judge_table, judge_summary, plot_judge
 from ..evaluation.stages import GenerateResponses, PairwiseJudge, load_eval_set
 from ..oracles.cache import redact_url
 from ..oracles.factory import make_oracle
+from .configs import at_least, integer_at_least
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,11 @@ class EvalConfig:
                 raise ValueError("Give at least one test set (--test_sets) to answer")
         if not self.judge_model:
             raise ValueError("--judge_model is required")
+        integer_at_least(self, 1, "max_rows", optional=True)
+        integer_at_least(self, 1, "max_new_tokens", "judge_max_tokens")
+        integer_at_least(self, 0, "max_retries")
+        at_least(self, 0, "temperature")
+        at_least(self, 0, "timeout", strict=True)
 
 
 DESCRIPTION = ("Answer instruction test sets with two models (or read two response files), judge the answers "

@@ -71,6 +71,28 @@ class TunaScriptArguments:
         "help": "Also train on each original Alpaca pair as a one-candidate (CE only) row, for regularisation."})
 
 
+STAGES = ("probabilistic", "contextual")
+
+
+def check_args(script_args, training_args=None, model_args=None) -> None:
+    """Bad arguments, found before anything loads (`reflectune tuna` exits 2 on them): a `ValueError`
+    naming the first bad one."""
+    from .configs import at_least, integer_at_least
+
+    if script_args.stage not in STAGES:
+        raise ValueError(f"stage must be one of {list(STAGES)}, got {script_args.stage!r}")
+    integer_at_least(script_args, 1, "max_samples", optional=True)
+    integer_at_least(script_args, 1, "num_responses", "sample_max_tokens", "judge_max_tokens",
+                     "oracle_max_concurrency")
+    integer_at_least(script_args, 0, "oracle_max_retries")
+    at_least(script_args, 0, "sample_temperature")
+    at_least(script_args, 0, "oracle_timeout", strict=True)
+    if model_args is not None and not model_args.model_name_or_path:
+        raise ValueError("Set --model_name_or_path (the model to train: an embedded alias such as "
+                         "smollm2-135m-instruct, a Hub id or a local directory), or `model_name_or_path:` in the "
+                         "--config file.")
+
+
 def rank_dataset(ds, script_args, student_model: str):
     """Add `ranked_responses` to Alpaca rows with the stage's oracle(s)."""
     from ..tuna.stages import ContextualRank, SampleResponses, rank_by_logprob
@@ -102,7 +124,7 @@ def rank_dataset(ds, script_args, student_model: str):
         judge = ContextualRank(oracle, max_tokens=script_args.judge_max_tokens)
         ds = map_stage(ds, judge, failed=status_failures("ranking_status"), desc="Tuna: contextual ranking")
     else:
-        raise ValueError(f"stage must be 'probabilistic' or 'contextual', got {script_args.stage!r}")
+        raise ValueError(f"stage must be one of {list(STAGES)}, got {script_args.stage!r}")
     logger.info("Ranking statuses: %s", dict(Counter(ds["ranking_status"])))
     return ds
 
@@ -146,6 +168,7 @@ def run_tuna(script_args, training_args, model_args):
 
     from ..tuna.trainer import TunaTrainer
 
+    check_args(script_args, training_args, model_args)
     dataset = load_ranked_data(script_args, model_args.model_name_or_path)
     model = load_model(model_args)
     trainer = TunaTrainer(model, args=training_args, train_dataset=dataset)
