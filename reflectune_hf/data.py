@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from .utils import versioned
 
@@ -346,15 +346,10 @@ def load_data(source: Union[str, Path], split: str = "train"):
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
     elif path.is_file():
-        suffix = path.suffix.lower()
-        if path.stat().st_size == 0:
-            raise ValueError(f"{path} is empty")
-        if suffix in (".json", ".jsonl"):
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
-        elif suffix == ".parquet":
-            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        else:
+        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix.lower())
+        if builder is None:
             raise ValueError(f"Unsupported data file {path}: use .json, .jsonl or .parquet")
+        ds = load_data_file(builder, path, split="train")
     elif path.exists():
         raise ValueError(f"{path} is neither a data file nor a directory saved with save_to_disk")
     elif _looks_like_a_path(text):
@@ -363,6 +358,16 @@ def load_data(source: Union[str, Path], split: str = "train"):
     else:
         ds = datasets.load_dataset(text, split=split)
     return to_alpaca(from_chat_format(ds))
+
+
+def load_data_file(builder: str, path: Union[str, Path], split: Optional[str] = None):
+    """`datasets.load_dataset(builder, data_files=path, split=split)`; a file of blanks or `[]` raises a
+    `ValueError` naming it (datasets would say `Instruction "train" corresponds to no data!`)."""
+    import datasets
+
+    if Path(path).stat().st_size < 2**16 and "".join(Path(path).read_text(errors="replace").split()) in ("", "[]"):
+        raise ValueError(f"{path} holds no rows (an empty file or JSON array): give data with at least one row")
+    return datasets.load_dataset(builder, data_files=str(path), split=split)
 
 
 def read_records(path: Union[str, Path]) -> list[dict]:

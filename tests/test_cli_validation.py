@@ -90,3 +90,27 @@ def test_tuna_check_args_also_guards_run_tuna():
     args[0].stage = "bogus"
     with pytest.raises(ValueError, match="stage must be one of"):
         tuna_job.run_tuna(*args)
+
+
+@pytest.mark.parametrize("text", ["", "[]", "[ ]\n", "\n\n  \n"])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_data_file_without_rows_is_named_in_one_line(text, suffix, tmp_path):
+    from reflectune_hf.data import load_data
+
+    path = tmp_path / f"empty{suffix}"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"holds no rows \(an empty file or JSON array\)"):
+        load_data(path)
+
+
+@pytest.mark.parametrize("command", [
+    ["reflect", "--oracle_model", "m"],
+    ["sft", "--model_name_or_path", "smollm2-135m-instruct"],
+])
+def test_reflect_and_sft_refuse_an_empty_json_array_in_one_line(command, tmp_path, capsys):
+    (tmp_path / "e.json").write_text("[]\n")
+    data_flag = "--dataset_name" if command[0] == "sft" else "--data"
+    code = cli.main([*command, data_flag, str(tmp_path / "e.json"), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and f"{tmp_path / 'e.json'} holds no rows" in err[-1]
+    assert "corresponds to no data" not in "\n".join(err)

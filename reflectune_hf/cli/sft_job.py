@@ -34,7 +34,7 @@ def load_datasets(script_args, dataset_args):
     import datasets
     from trl import get_dataset
 
-    from ..data import load_sample
+    from ..data import load_data_file, load_sample
 
     if dataset_args is not None and dataset_args.datasets:
         if script_args.dataset_name:
@@ -54,7 +54,7 @@ def load_datasets(script_args, dataset_args):
         builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(name)[1])
         if builder is None:
             raise ValueError(f"Unsupported data file {name}: use .json, .jsonl, .parquet or .csv")
-        return datasets.load_dataset(builder, data_files=name)
+        return load_data_file(builder, name)
     return datasets.load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
 
 
