@@ -114,3 +114,20 @@ def test_reflect_and_sft_refuse_an_empty_json_array_in_one_line(command, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and f"{tmp_path / 'e.json'} holds no rows" in err[-1]
     assert "corresponds to no data" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"instruction": None, "input": "", "output": "Blue."}, "id=0: empty instruction"),
+    ({"instruction": "Name a colour.", "input": "", "output": None}, "id=0: empty output"),
+])
+def test_estimate_refuses_the_rows_reflect_refuses(row, problem, tmp_path, capsys):
+    """estimate counts what reflect would send: a row reflect refuses is refused here too, with the same check."""
+    import json
+
+    path = tmp_path / "rows.jsonl"
+    good = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+    path.write_text(json.dumps(row) + "\n" + json.dumps(good) + "\n")
+    assert cli.main(["estimate", "--oracle_model", "m", "--data", str(path), "--input_price", "1"]) == 1
+    err = capsys.readouterr().err.strip()  # datasets' progress bars, then the one error line
+    assert "Traceback" not in err and "estimate: 1 of 2 rows cannot be recycled" in err.splitlines()[-1]
+    assert problem in err.splitlines()[-1]

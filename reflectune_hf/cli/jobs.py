@@ -263,13 +263,14 @@ def one_split(data, config: DataConfig, command: str):
                      f"pick it with --split (e.g. --split {next(iter(data))})")
 
 
-def load_pairs(config: DataConfig):
+def load_pairs(config: DataConfig, command: str = "reflect"):
     """`load_input`, checked before any oracle call: one split of pairs that can be recycled (a
-    non-empty instruction and output in every row; `train.check_sft_dataset` names the rows)."""
+    non-empty instruction and output in every row; `train.check_sft_dataset` names the rows).
+    `command` words the errors (`estimate` counts the same rows `reflect` would take)."""
     from ..training.sft import check_sft_dataset
 
-    data = one_split(load_input(config), config, "reflect")
-    check_sft_dataset(data, stage="reflect", purpose="recycled (an oracle needs a non-empty instruction and output)")
+    data = one_split(load_input(config), config, command)
+    check_sft_dataset(data, stage=command, purpose="recycled (an oracle needs a non-empty instruction and output)")
     return data
 
 
@@ -342,13 +343,9 @@ def estimate_requests(config: OracleRequestConfig, data) -> tuple[list[ChatReque
 def run_estimate(config: EstimateConfig) -> dict:
     """Requests, tokens and money of a reflect run over the data; nothing is sent (the oracle's
     cache is only looked up, so requests answered before are not counted)."""
-    from datasets import DatasetDict
-
     from ..oracles.usage import estimate
 
-    data = load_input(config)
-    if isinstance(data, DatasetDict):
-        raise ValueError(f"{config.data} holds several splits {list(data)}; estimate takes one")
+    data = load_pairs(config, command="estimate")  # the rows reflect would take, checked as reflect checks them
     oracle = config_oracle(config)
     prices = None
     if config.input_price is not None or config.output_price is not None:
