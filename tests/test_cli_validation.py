@@ -54,7 +54,7 @@ EVAL = ["eval", "--test_sets", "vicuna", "--model_a", "a", "--model_b", "b", "--
 
 @pytest.fixture
 def nothing_runs(monkeypatch):
-    """The training jobs' run functions fail the test if a bad argument lets them start."""
+    """The jobs' run functions fail the test if a bad argument lets them start."""
     from reflectune_hf.cli import eval_job, tuna_job
 
     def started(*args, **kwargs):
@@ -62,6 +62,8 @@ def nothing_runs(monkeypatch):
 
     monkeypatch.setattr(tuna_job, "run_tuna", started)
     monkeypatch.setattr(eval_job, "run_eval", started)
+    for name, (config_type, _, text) in list(cli.JOBS.items()):
+        monkeypatch.setitem(cli.JOBS, name, (config_type, started, text))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -131,3 +133,40 @@ def test_estimate_refuses_the_rows_reflect_refuses(row, problem, tmp_path, capsy
     err = capsys.readouterr().err.strip()  # datasets' progress bars, then the one error line
     assert "Traceback" not in err and "estimate: 1 of 2 rows cannot be recycled" in err.splitlines()[-1]
     assert problem in err.splitlines()[-1]
+
+
+LOCAL = "local:smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["reflect", "--oracle_model", LOCAL, "--batch_api"], "--batch_api is for a model on a server"),
+    (["recycle", "--oracle_model", LOCAL, "--base_url", "http://127.0.0.1:9/v1"], "--base_url is for a model on a"),
+    (["estimate", "--oracle_model", "local:", "--base_url", "http://127.0.0.1:9/v1"], "drop --base_url or the local:"),
+    ([*TUNA, "--oracle_base_url", "http://127.0.0.1:9/v1"], "--oracle_base_url is for a model on a server"),
+    ([*EVAL[:-1], LOCAL, "--judge_base_url", "http://127.0.0.1:9/v1"], "but judge_model 'local:smollm2"),
+    (["select", "--data", "scored", "--selection", "none", "--top_fraction", "0.1"],
+     "top_fraction keeps the top of a selection, but selection is 'none'"),
+])
+def test_conflicting_options_exit_2_in_one_line(argv, message, nothing_runs, capsys):
+    assert message in _one_line_exit_2(argv, capsys)
+
+
+def test_make_oracle_refuses_a_local_model_with_a_server_option():
+    from reflectune_hf.oracles.factory import make_oracle
+
+    with pytest.raises(ValueError, match="--batch_api is for a model on a server"):
+        make_oracle(LOCAL, batch_api=True)
+    with pytest.raises(ValueError, match="--base_url is for a model on a server"):
+        make_oracle(LOCAL, "http://127.0.0.1:9/v1")
+
+
+def test_selection_none_warns_that_ratio_is_ignored(caplog):
+    from reflectune_hf.cli.configs import SelectConfig
+
+    with caplog.at_level("WARNING"):
+        SelectConfig(data="scored", selection="none", ratio="loss")
+    assert "selection is 'none': ratio and require_below_one are ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        SelectConfig(data="scored", selection="none")
+    assert caplog.text == ""

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,11 @@ from typing import Optional
 
 from ..models import DTYPE_NAMES
 from ..oracles.backends import BACKENDS, check_choice, structured_mode
+from ..oracles.factory import local_conflict
 from ..prompts import PROMPT_SETS, SCORING_TEMPLATES
 from ..scoring.served import student_backend
 
+logger = logging.getLogger(__name__)
 SELECTIONS = ("v2", "v1", "none")
 RATIOS = ("ppl", "loss")
 
@@ -79,6 +82,11 @@ def integer_at_least(config, minimum: int, *names: str, optional: bool = False) 
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _no_conflict(problem: Optional[str]) -> None:
+    if problem:
+        raise ValueError(problem)
 
 
 class _Checked:
@@ -232,6 +240,7 @@ class OracleRequestConfig(_Checked):
         at_least(self, 0, "temperature")
         integer_at_least(self, 1, "context_window", optional=True)
         _one_of("prompt_set", self.prompt_set, PROMPT_SETS)
+        _no_conflict(local_conflict(self.oracle_model, self.base_url))
 
 
 @dataclass
@@ -267,6 +276,9 @@ class OracleClientConfig(_Checked):
 @dataclass
 class OracleConfig(OracleClientConfig, OracleRequestConfig):
     """The oracle LLM that compresses and reflects: what is asked and how it is sent."""
+
+    def _check(self):
+        _no_conflict(local_conflict(self.oracle_model, batch_api=self.batch_api))
 
 
 @dataclass
@@ -320,6 +332,12 @@ class SelectionConfig(_Checked):
                                                   and not isinstance(self.top_fraction, bool)
                                                   and 0 < self.top_fraction <= 1):
             raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction!r}")
+        if self.selection == "none":  # nothing is selected: a selection option would be silently ignored
+            if self.top_fraction is not None:
+                raise ValueError("top_fraction keeps the top of a selection, but selection is 'none': drop "
+                                 "--top_fraction or pick --selection v2 or v1")
+            if self.ratio != "ppl" or not self.require_below_one:  # their defaults look the same given or not
+                logger.warning("selection is 'none': ratio and require_below_one are ignored")
 
 
 @dataclass
