@@ -616,3 +616,14 @@ def test_reflect_reads_split_from_a_saved_folder(tmp_path):
     assert chosen.to_dict() == rows
     with pytest.raises(ValueError, match=r"holds the splits \['origin', 'other'\], not 'train'.*--split origin"):
         pipeline.load_pairs(pipeline.ReflectConfig(oracle_model="m", data=str(tmp_path / "run")))
+
+
+@pytest.mark.parametrize("data", ["sample", "file"])
+def test_a_split_that_the_data_cannot_have_is_refused(data, tmp_path, capsys):
+    """`--split bogus` with the bundled sample or a local file was silently ignored."""
+    if data == "file":
+        (tmp_path / "rows.jsonl").write_text('{"instruction": "Hi", "input": "", "output": "Hello"}\n')
+        data = str(tmp_path / "rows.jsonl")
+    assert cli.main(["estimate", "--oracle_model", "m", "--data", data, "--split", "bogus"]) == 1
+    assert "--split bogus: " in capsys.readouterr().err
+    assert len(pipeline.load_input(pipeline.DataConfig(data=data))) >= 1  # the default split reads it

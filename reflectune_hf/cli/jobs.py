@@ -50,7 +50,11 @@ def load_input(config: DataConfig):
     if (saved / "dataset_dict.json").is_file():
         data = load_from_disk(str(saved))
     else:
-        data = load_data(str(saved) if saved != path else config.data, split=config.split)
+        source = str(saved) if saved != path else config.data
+        if config.split != "train" and (source == "sample" or Path(source).expanduser().exists()):
+            raise ValueError(f"--split {config.split}: {config.data} has one split; --split picks a split of a Hub "
+                             "dataset or of a saved multi-split folder")
+        data = load_data(source, split=config.split)
     if config.limit is not None:
         cut = lambda ds: ds.select(range(min(config.limit, len(ds))))  # noqa: E731
         data = DatasetDict({k: cut(v) for k, v in data.items()}) if isinstance(data, DatasetDict) else cut(data)
