@@ -242,3 +242,7 @@ def test_a_second_write_removes_what_only_the_first_wrote_and_nothing_else(tmp_p
     assert (out / "notes.txt").read_text() == "mine" and (tmp_path / "outside.json").is_file()
     assert (out / "data" / "mine.parquet").read_bytes() == b"user"
     assert "quality.json" not in read_manifest(out) and "data/train-00000-of-00001.parquet" in read_manifest(out)
+
+    save_local(small, out)  # splits again over one Dataset: its arrow/state.json is not this write's
+    assert len(load_from_disk(str(out / "arrow"))["origin"]) == 6, "the stale state.json is gone"
+    assert "arrow/state.json" not in read_manifest(out) and "arrow/origin/state.json" in read_manifest(out)

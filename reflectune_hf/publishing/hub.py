@@ -332,7 +332,7 @@ def save_local(data, out_dir: Union[str, Path], card_context: Optional[Mapping] 
         data.save_to_disk(str(out / "arrow"), num_shards=empty or None)
     else:
         data.save_to_disk(str(out / "arrow"), num_shards=1 if empty else None)
-    written = outputs.arrow_files(out / "arrow")
+    written = outputs.arrow_files(out / "arrow", list(data) if isinstance(data, DatasetDict) else None)
     (out / "data").mkdir(exist_ok=True)
     for name, ds in published.items():
         written.append(f"data/{name}-00000-of-00001.parquet")

@@ -49,19 +49,20 @@ OWNED = re.compile(r"(README\.md|summary\.json|quality\.json|reflectune_config\.
                    r"|data-\d+-of-\d+\.arrow))")
 
 
-def arrow_files(arrow: Path) -> list[str]:
-    """The files the last `save_to_disk` wrote in `arrow` (a Dataset or a DatasetDict), relative
-    to its parent, as datasets' own `dataset_dict.json` and `state.json` name them."""
+def arrow_files(arrow: Path, splits: Optional[Iterable[str]] = None) -> list[str]:
+    """The files the last `save_to_disk` wrote in `arrow` (a DatasetDict of `splits`, or a Dataset
+    when None), relative to its parent, as datasets' own `state.json` files name them. What was
+    written says which it is: files an earlier write left there (a `state.json` beside a new
+    `dataset_dict.json`) are not this write's."""
     def one(folder: Path) -> list[Path]:
         state = json.loads((folder / "state.json").read_text())
         return [folder / "state.json", folder / "dataset_info.json",
                 *(folder / f["filename"] for f in state["_data_files"])]
 
-    dict_file = arrow / "dataset_dict.json"
-    if dict_file.is_file() and not (arrow / "state.json").is_file():
-        files = [dict_file, *(p for split in json.loads(dict_file.read_text())["splits"] for p in one(arrow / split))]
-    else:
+    if splits is None:
         files = one(arrow)
+    else:
+        files = [arrow / "dataset_dict.json", *(p for split in splits for p in one(arrow / split))]
     return [p.relative_to(arrow.parent).as_posix() for p in files]
 
 
