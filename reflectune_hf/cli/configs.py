@@ -25,7 +25,7 @@ from typing import Optional
 
 from ..models import DTYPE_NAMES
 from ..oracles.backends import BACKENDS, check_choice, structured_mode
-from ..oracles.factory import local_conflict
+from ..oracles.factory import check_local_conflict
 from ..prompts import PROMPT_SETS, SCORING_TEMPLATES
 from ..scoring.served import student_backend
 
@@ -82,11 +82,6 @@ def integer_at_least(config, minimum: int, *names: str, optional: bool = False) 
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _no_conflict(problem: Optional[str]) -> None:
-    if problem:
-        raise ValueError(problem)
 
 
 class _Checked:
@@ -240,7 +235,7 @@ class OracleRequestConfig(_Checked):
         at_least(self, 0, "temperature")
         integer_at_least(self, 1, "context_window", optional=True)
         _one_of("prompt_set", self.prompt_set, PROMPT_SETS)
-        _no_conflict(local_conflict(self.oracle_model, self.base_url))
+        check_local_conflict(self.oracle_model, self.base_url)
 
 
 @dataclass
@@ -278,7 +273,7 @@ class OracleConfig(OracleClientConfig, OracleRequestConfig):
     """The oracle LLM that compresses and reflects: what is asked and how it is sent."""
 
     def _check(self):
-        _no_conflict(local_conflict(self.oracle_model, batch_api=self.batch_api))
+        check_local_conflict(self.oracle_model, batch_api=self.batch_api)
 
 
 @dataclass

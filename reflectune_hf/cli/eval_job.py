@@ -28,7 +28,7 @@ from ..data import read_records
 from ..evaluation.judge import format_judge_table, judge_summary, plot_judge
 from ..evaluation.stages import GenerateResponses, PairwiseJudge, load_eval_set
 from ..oracles.cache import redact_url
-from ..oracles.factory import local_conflict, make_oracle
+from ..oracles.factory import check_local_conflict, make_oracle
 from .configs import at_least, integer_at_least
 
 logger = logging.getLogger(__name__)
@@ -96,9 +96,7 @@ class EvalConfig:
         at_least(self, 0, "temperature")
         at_least(self, 0, "timeout", strict=True)
         for model, url in (("model_a", "base_url_a"), ("model_b", "base_url_b"), ("judge_model", "judge_base_url")):
-            conflict = local_conflict(getattr(self, model), getattr(self, url), what=model, url_flag=url)
-            if conflict:
-                raise ValueError(conflict)
+            check_local_conflict(getattr(self, model), getattr(self, url), what=model, url_flag=url)
 
 
 DESCRIPTION = ("Answer instruction test sets with two models (or read two response files), judge the answers "

@@ -77,7 +77,7 @@ STAGES = ("probabilistic", "contextual")
 def check_args(script_args, training_args=None, model_args=None) -> None:
     """Bad arguments, found before anything loads (`reflectune tuna` exits 2 on them): a `ValueError`
     naming the first bad one."""
-    from ..oracles.factory import local_conflict
+    from ..oracles.factory import check_local_conflict
     from .configs import at_least, integer_at_least
 
     if script_args.stage not in STAGES:
@@ -88,9 +88,7 @@ def check_args(script_args, training_args=None, model_args=None) -> None:
     integer_at_least(script_args, 0, "oracle_max_retries")
     at_least(script_args, 0, "sample_temperature")
     at_least(script_args, 0, "oracle_timeout", strict=True)
-    conflict = local_conflict(script_args.oracle_model, script_args.oracle_base_url, url_flag="oracle_base_url")
-    if conflict:
-        raise ValueError(conflict)
+    check_local_conflict(script_args.oracle_model, script_args.oracle_base_url, url_flag="oracle_base_url")
     if model_args is not None and not model_args.model_name_or_path:
         raise ValueError("Set --model_name_or_path (the model to train: an embedded alias such as "
                          "smollm2-135m-instruct, a Hub id or a local directory), or `model_name_or_path:` in the "

@@ -23,26 +23,26 @@ logger = logging.getLogger(__name__)
 DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
 
 
-def local_conflict(name: Optional[str], base_url: Optional[str] = None, batch_api: bool = False, *,
-                   what: str = "oracle_model", url_flag: str = "base_url") -> Optional[str]:
-    """Why a `local:<model>` name cannot go with `base_url` or `batch_api` (both are for a model on a
-    server; a `local:` model runs in this process and would silently ignore them), or None.
-    `what` and `url_flag` are the option names the message uses.
+def check_local_conflict(name: Optional[str], base_url: Optional[str] = None, batch_api: bool = False, *,
+                         what: str = "oracle_model", url_flag: str = "base_url") -> None:
+    """Raise `ValueError` when a `local:<model>` name comes with `base_url` or `batch_api` (both are
+    for a model on a server; a `local:` model runs in this process and would silently ignore
+    them). `what` and `url_flag` are the option names the message uses.
 
     Example:
-        >>> from reflectune_hf.oracles.factory import local_conflict
-        >>> local_conflict("local:smollm2-135m-instruct", batch_api=True).split(": drop ")[1]
-        '--batch_api or the local: prefix'
-        >>> local_conflict("gpt-4o-mini", "http://127.0.0.1:8000/v1", batch_api=True) is None
-        True
+        >>> from reflectune_hf.oracles.factory import check_local_conflict
+        >>> check_local_conflict("gpt-4o-mini", "http://127.0.0.1:8000/v1", batch_api=True)  # a server model: fine
+        >>> check_local_conflict("local:smollm2-135m-instruct", batch_api=True)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: --batch_api is for a model on a server, but ... runs in this process: drop --batch_api or the local: prefix
     """
     if not name or not str(name).startswith(LOCAL_PREFIX):
-        return None
+        return
     flag = f"--{url_flag}" if base_url else "--batch_api" if batch_api else None
-    if flag is None:
-        return None
-    return (f"{flag} is for a model on a server, but {what} {name!r} runs in this process: drop {flag} or the "
-            f"{LOCAL_PREFIX} prefix")
+    if flag is not None:
+        raise ValueError(f"{flag} is for a model on a server, but {what} {name!r} runs in this process: drop {flag} "
+                         f"or the {LOCAL_PREFIX} prefix")
 
 
 def make_oracle(name: str, base_url: Optional[str] = None, *, max_new_tokens: int = 512, batch_api: bool = False,
@@ -60,7 +60,7 @@ def make_oracle(name: str, base_url: Optional[str] = None, *, max_new_tokens: in
     `OpenAIOracle`, or `OpenAIBatchOracle` with `batch_api=True` (which takes `timeout`,
     `max_retries`, `backend` and `structured`). `local_without_base_url=True`: a name without
     `base_url` runs here too (`reflectune eval`, the Tuna job). A blank name, or a `local:` name with
-    `base_url` or `batch_api` (`local_conflict`), raises `ValueError`.
+    `base_url` or `batch_api` (`check_local_conflict`), raises `ValueError`.
     """
     from .batch import OpenAIBatchOracle
     from .openai_oracle import OpenAIOracle
@@ -68,9 +68,7 @@ def make_oracle(name: str, base_url: Optional[str] = None, *, max_new_tokens: in
     if not name or not name.strip():
         raise ValueError("make_oracle: a model name is required: a name on an OpenAI-compatible server "
                          f"(with base_url for vLLM, TGI, Ollama or llama.cpp) or {LOCAL_PREFIX}<model>")
-    conflict = local_conflict(name, base_url, batch_api)
-    if conflict:
-        raise ValueError(f"make_oracle: {conflict}")
+    check_local_conflict(name, base_url, batch_api)
     if local_without_base_url and not base_url and not name.startswith(LOCAL_PREFIX):
         name = LOCAL_PREFIX + name
     if name.startswith(LOCAL_PREFIX):
