@@ -35,7 +35,7 @@ def check_local_conflict(name: Optional[str], base_url: Optional[str] = None, ba
         >>> check_local_conflict("local:smollm2-135m-instruct", batch_api=True)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: --batch_api is for a model on a server, but ... runs in this process: drop --batch_api or the local: prefix
+        ValueError: --batch_api is for a model on a server, but ... drop --batch_api or the local: prefix
     """
     if not name or not str(name).startswith(LOCAL_PREFIX):
         return
