@@ -618,6 +618,23 @@ def test_reflect_reads_split_from_a_saved_folder(tmp_path):
         pipeline.load_pairs(pipeline.ReflectConfig(oracle_model="m", data=str(tmp_path / "run")))
 
 
+def test_score_and_select_read_split_of_a_saved_folder(tmp_path, capsys):
+    """`score` / `select` on a saved multi-split folder ignored `--split` (every split was processed)."""
+    from datasets import Dataset
+
+    rows = {"instruction": ["Name a colour."], "input": [""], "output": ["Red."]}
+    DatasetDict({"origin": Dataset.from_dict(rows), "other": Dataset.from_dict(rows)}).save_to_disk(tmp_path / "run")
+    config = pipeline.ScoreConfig(data=str(tmp_path / "run"), split="origin")
+    assert list(pipeline.every_split(pipeline.load_input(config), config, "score")) == ["origin"]
+    every = pipeline.ScoreConfig(data=str(tmp_path / "run"))
+    assert list(pipeline.every_split(pipeline.load_input(every), every, "score")) == ["origin", "other"]
+    out = str(tmp_path / "out")
+    assert cli.main(["score", "--data", str(tmp_path / "run"), "--split", "bogus", "--output_dir", out]) == 1
+    assert "--split bogus: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert cli.main(["select", "--data", str(tmp_path / "run"), "--split", "origin", "--output_dir", out]) == 1
+    assert "select reads the variant splits" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("data", ["sample", "file"])
 def test_a_split_that_the_data_cannot_have_is_refused(data, tmp_path, capsys):
     """`--split bogus` with the bundled sample or a local file was silently ignored."""

@@ -102,7 +102,9 @@ class InputConfig(_Checked):
     data: str = field(default="sample", metadata=_help(
         "'sample' (the bundled 40 rows), a Hub dataset id, a JSON/JSONL/Parquet file, or a folder written by "
         "save_to_disk or by an earlier reflectune command"))
-    split: str = field(default="train", metadata=_help("split to read from a Hub id or a DatasetDict"))
+    split: str = field(default="train", metadata=_help(
+        "split to read from a Hub id or a saved multi-split folder (score and select read every split of a "
+        "folder unless score is given one here)"))
     limit: Optional[int] = field(default=None, metadata=_help("use only the first N rows"))
 
     def _check(self):

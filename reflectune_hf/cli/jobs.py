@@ -267,6 +267,23 @@ def one_split(data, config: DataConfig, command: str):
                      f"pick it with --split (e.g. --split {next(iter(data))})")
 
 
+def every_split(data, config: DataConfig, command: str):
+    """`data` for the commands that read every split of a saved multi-split folder: `--split` left
+    at its default reads them all; `score` takes a split named there alone; `select` reads the
+    variant splits together, so it refuses one."""
+    from datasets import DatasetDict
+
+    if not isinstance(data, DatasetDict) or config.split == "train":
+        return data
+    if command == "select":
+        raise ValueError(f"--split {config.split}: select reads the variant splits of {config.data} together; "
+                         "drop --split")
+    if config.split in data:
+        return DatasetDict({config.split: data[config.split]})
+    raise ValueError(f"--split {config.split}: {config.data} holds the splits {list(data)}; name one of them, "
+                     f"or drop --split to {command} every split")
+
+
 def load_pairs(config: DataConfig, command: str = "reflect"):
     """`load_input`, checked before any oracle call: one split of pairs that can be recycled (a
     non-empty instruction and output in every row; `train.check_sft_dataset` names the rows).
@@ -288,7 +305,7 @@ def run_reflect(config: ReflectConfig) -> JobResult:
 
 def run_score(config: ScoreConfig) -> JobResult:
     started = time.monotonic()
-    data = load_input(config)
+    data = every_split(load_input(config), config, "score")
     scored = score(config, data)
     return _result(scored, publish(config, scored, card_context(config, data=data)), None, None, started)
 
@@ -297,7 +314,7 @@ def run_select(config: SelectConfig) -> JobResult:
     from ..selection.select import VARIANT_SPLITS
 
     started = time.monotonic()
-    variants = load_input(config)
+    variants = every_split(load_input(config), config, "select")
     missing = [s for s in VARIANT_SPLITS if s not in getattr(variants, "keys", lambda: [])()]
     if missing:
         raise ValueError(f"{config.data} lacks the variant split(s) {missing}: select reads the output of "

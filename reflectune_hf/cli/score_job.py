@@ -58,12 +58,12 @@ def run_score_sharded(config: ScoreConfig):
     from datasets import DatasetDict
 
     from ..scoring.ifd import IFDScorer
-    from .jobs import card_context, load_input, publish
+    from .jobs import card_context, every_split, load_input, publish
 
     on_cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
     state = PartialState(cpu=on_cpu)
     with state.main_process_first():
-        data = load_input(config)
+        data = every_split(load_input(config), config, "score")
     scorer = IFDScorer(
         config.student_model, config.template, config.max_length, config.dtype,
         device="cpu" if on_cpu else (config.device or str(state.device)),
