@@ -140,6 +140,15 @@ def test_empty_output_is_nan_with_status_never_zero(scorer):
         assert math.isfinite(got[name][1]) and got[name][1] > 0, name
 
 
+def test_blank_output_is_empty_not_scored_ok(scorer):
+    """A response of whitespace only is no response: `empty_output`, as SelectIT and the
+    reflection stages call it (it used to be scored `ok`, with an IFD < 1 that top-k selected)."""
+    rows = [{"instruction": "Write a poem.", "input": "", "output": out} for out in ("  \n  \n", " \t \n\n\n  ")]
+    got = sibling(scorer)(batch_of(rows))
+    assert got["score_status"] == ["empty_output", "empty_output"]
+    assert all(math.isnan(v) for name in SCORE_COLUMNS[:-1] for v in got[name]), got
+
+
 def test_long_output_truncates_the_instruction_target_away(scorer):
     """With a response longer than max_length, the reverse text holds no instruction token: the
     r-IFD losses are NaN with a status (the reference's all-ignored labels), IFD stays defined."""

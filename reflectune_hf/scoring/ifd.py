@@ -19,7 +19,7 @@ splits share most texts (the original instruction of `reflect_response`, every r
 left unchanged), so the later splits reuse the earlier ones' losses (`reused_spans` counts them).
 
 Undefined values are NaN, never 0, and `score_status` says why: `ok`, or `;`-joined reasons
-among `empty_output`, `no_scored_token:<loss>` (nothing left to score after truncation),
+among `empty_output` (empty or blank), `no_scored_token:<loss>` (nothing left to score after truncation),
 `non_finite:<loss>` and `error:<Type>: <message>` (the row raised; other rows go on).
 
 `datasets` returns a 0-row dataset from `map` without calling the scorer, so it gets no score
@@ -266,7 +266,7 @@ class IFDScorer(LazyState):
         n = len(outputs)
         losses = [[math.nan] * 4 for _ in range(n)]
         reasons: list[list[str]] = [[] for _ in range(n)]
-        todo = [i for i in range(n) if outputs[i] != ""]
+        todo = [i for i in range(n) if outputs[i].strip()]  # a blank response is no response
         for i in set(range(n)) - set(todo):
             reasons[i].append("empty_output")
         if todo:
