@@ -181,6 +181,24 @@ def test_non_finite_losses_and_failed_sequences_get_a_status(scorer, monkeypatch
     assert math.isnan(got["ifd"][1]) and got["rifd"][1] == 1.0
 
 
+def test_zero_losses_get_a_status_not_a_silent_nan_or_zero_ratio(scorer, monkeypatch):
+    """A mean loss of 0 (every scored token certain: a served student's logprobs of 0.0) makes
+    a loss ratio 0/x = 0 or x/0: the row says so instead of `ok` with a NaN or 0 ratio."""
+    import reflectune_hf.scoring.ifd as scoring
+
+    def fake(model, spans, pad_id, max_tokens, share_prefixes=True, plain=False):
+        values = [1.0] * len(spans)
+        values[1] = 0.0  # row 0, out_alone: ifd_loss = x / 0
+        values[6] = 0.0  # row 1, ins_condition: rifd_loss = 0 / x
+        return values
+
+    monkeypatch.setattr(scoring, "mean_token_losses", fake)
+    rows = [{"instruction": "A.", "input": "", "output": "B."}, {"instruction": "C.", "input": "", "output": "D."}]
+    got = sibling(scorer)(batch_of(rows))
+    assert got["score_status"] == ["non_positive:out_alone", "non_positive:ins_condition"]
+    assert math.isnan(got["ifd_loss"][0]) and math.isnan(got["rifd_loss"][1])
+
+
 def test_bad_columns_raise_clear_errors(scorer):
     with pytest.raises(ColumnError, match="output"):
         scorer({"instruction": ["x"]})

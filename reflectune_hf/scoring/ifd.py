@@ -20,7 +20,8 @@ left unchanged), so the later splits reuse the earlier ones' losses (`reused_spa
 
 Undefined values are NaN, never 0, and `score_status` says why: `ok`, or `;`-joined reasons
 among `empty_output` (empty or blank), `no_scored_token:<loss>` (nothing left to score after truncation),
-`non_finite:<loss>` and `error:<Type>: <message>` (the row raised; other rows go on).
+`non_finite:<loss>`, `non_positive:<loss>` (a mean loss <= 0: its ratio would be 0 or undefined)
+and `error:<Type>: <message>` (the row raised; other rows go on).
 
 `datasets` returns a 0-row dataset from `map` without calling the scorer, so it gets no score
 column and a later selection reports them missing; `map_scores(data, scorer)` is the same `map`
@@ -294,6 +295,8 @@ class IFDScorer(LazyState):
                     reasons[i].append(f"error:{type(value).__name__}: {value}")
                 elif not math.isfinite(value):
                     reasons[i].append(f"non_finite:{LOSS_NAMES[kind]}")
+                elif value <= 0:  # a ratio's 0 or 0/0: not a score (a served student's logprobs of 0)
+                    reasons[i].append(f"non_positive:{LOSS_NAMES[kind]}")
                 else:
                     losses[i][kind] = value
         return _columns(losses, reasons)
