@@ -199,6 +199,13 @@ def test_zero_losses_get_a_status_not_a_silent_nan_or_zero_ratio(scorer, monkeyp
     assert math.isnan(got["ifd_loss"][0]) and math.isnan(got["rifd_loss"][1])
 
 
+def test_max_length_beyond_the_model_context_is_a_clear_error():
+    """SmolLM2 has 8192 positions: a longer max_length would score texts past them (garbage for
+    rotary models, an index error for learned positions): refused when the model loads."""
+    with pytest.raises(ValueError, match=r"max_length=9000 exceeds the context .* set max_length <= 8192"):
+        IFDScorer(max_length=9000)({"instruction": ["Name a colour."], "output": ["Blue."]})
+
+
 def test_bad_columns_raise_clear_errors(scorer):
     with pytest.raises(ColumnError, match="output"):
         scorer({"instruction": ["x"]})

@@ -137,7 +137,8 @@ class IFDScorer(LazyState):
     Args:
         model: embedded alias, local directory or Hub id of a causal LM (loaded on first call).
         template: scoring template, `"vicuna"`, `"alpaca"`, `"wizardlm"` or `"plain"`.
-        max_length: the reference's `max_length` (right truncation, per-quantity limits).
+        max_length: the reference's `max_length` (right truncation, per-quantity limits); at most
+            the model's context (`max_position_embeddings`), checked when it loads.
         dtype: `"float32"` (exact), `"bfloat16"` or `"float16"`.
         device: `"cpu"`, `"cuda"`, `"cuda:1"`...; default: with `with_rank=True` rank r takes GPU
             r mod the GPU count, else CUDA when present, else CPU.
@@ -224,8 +225,12 @@ class IFDScorer(LazyState):
         if self._model is None:
             device = pick_device(self.device, rank)
             logger.info("IFDScorer loading %s (%s) on %s", self.model, self.dtype, device)
-            self._model, self._tokenizer = load_causal_lm(self.model, dtype=self.dtype, device=device)
-            self._device = device
+            model, tokenizer = load_causal_lm(self.model, dtype=self.dtype, device=device)
+            context = getattr(model.config, "max_position_embeddings", None)
+            if isinstance(context, int) and self.max_length > context:  # past it: garbage or an index error
+                raise ValueError(f"IFDScorer: max_length={self.max_length} exceeds the context of {self.model!r} "
+                                 f"({context} positions); set max_length <= {context}")
+            self._model, self._tokenizer, self._device = model, tokenizer, device
             self._engine = check_model(self._model)  # the fast path where tested, else plain
         return self
 
