@@ -390,3 +390,15 @@ def test_a_0_row_dataset_scored_with_map_scores_has_the_score_columns_and_select
     selectit = map_scores(Dataset.from_dict({"instruction": [], "output": []}), SelectITScorer(k=1))
     assert str(selectit.features["selectit_sentence_by_model"].feature) == "Value('float64')"
     assert len(top_k_by(selectit, "selectit_model")) == 0
+
+
+def test_selectit_scores_answer_to_selectit_status_not_to_the_ifd_status():
+    # Data scored by IFDScorer and SelectITScorer: a row whose IFD failed keeps its SelectIT score,
+    # and a SelectIT score whose own status is not ok is not selected (the IFD status was read).
+    ds = Dataset.from_dict({"id": [0, 1, 2], "selectit_model": [3.0, 2.0, 1.0], "ifd": [0.5, float("nan"), 0.6],
+                            "score_status": ["ok", "no_scored_token:ins_condition", "ok"],
+                            "selectit_status": ["error:m2:RuntimeError: x", "ok", "ok"]})
+    assert list(top_k_by(ds, "selectit_model", max_value=None)["id"]) == [1, 2]
+    assert list(ds.filter(is_scored(["selectit_model"]))["id"]) == [1, 2]
+    assert list(ds.filter(is_scored(["selectit_model"]), batched=True)["id"]) == [1, 2]
+    assert list(top_k_by(ds, "ifd")["id"]) == [2, 0]

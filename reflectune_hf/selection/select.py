@@ -14,7 +14,8 @@ Input columns, produced by `IFDScorer` (issue 5) and the reflection stages (issu
 - `instruction`, `input` (optional), `output` (str).
 
 What counts as a score: a *valid* score is a finite number > 0 on a row whose `score_status`
-(when the column exists) is `"ok"`. NaN, None (Arrow null), ±inf and values <= 0 are *missing*:
+(`selectit_status` for `selectit_*` scores; when the column exists) is `"ok"`. NaN, None (Arrow
+null), ±inf and values <= 0 are *missing*:
 a ratio of perplexities or of mean cross-entropies is strictly positive, and 0 is the failure
 marker of the reference scorer (it returned (0, 0) on any exception, which then passed every
 `< 1` filter). A missing score never wins or loses a comparison: a row that needs it is simply
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 RATIO_COLUMNS = {"ppl": ("ifd", "rifd"), "loss": ("ifd_loss", "rifd_loss")}
 SCORE_STATUS_COLUMN = "score_status"
 SCORE_OK = "ok"
+SELECTIT_STATUS_COLUMN = "selectit_status"  # SelectITScorer's status: the one its `selectit_*` scores answer to
 STATUS_COLUMN = "reflection_status"
 # Statuses of the response-reflection step meaning "the response was not rewritten": the row
 # still holds the previous response (fallback) or the oracle gave nothing usable.
@@ -83,24 +85,29 @@ def valid_scores(values) -> np.ndarray:
         return np.isfinite(values) & (values > 0)
 
 
+def status_column(column: str) -> str:
+    """The status column of a score column: `selectit_status` for `selectit_*`, else `score_status`."""
+    return SELECTIT_STATUS_COLUMN if column.startswith("selectit_") else SCORE_STATUS_COLUMN
+
+
 def _scores(table: pa.Table, column: str, stage: str) -> np.ndarray:
     arr = table[column]
     if not (pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_null(arr.type)):
         raise ColumnError(f"{stage}: score column {column!r} must be numeric, got {arr.type}")
     values = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64, copy=True)
-    if SCORE_STATUS_COLUMN in table.column_names:
-        ok = pc.fill_null(pc.equal(pc.cast(table[SCORE_STATUS_COLUMN], pa.string()), SCORE_OK), False)
+    if status_column(column) in table.column_names:
+        ok = pc.fill_null(pc.equal(pc.cast(table[status_column(column)], pa.string()), SCORE_OK), False)
         values[~ok.to_numpy(zero_copy_only=False)] = np.nan
     return values
 
 
 def score_array(ds, column: str, stage: str = "score_array") -> np.ndarray:
-    """A numeric column as float64 numpy, nulls as NaN, NaN where `score_status` is not ok.
+    """A numeric column as float64 numpy, nulls as NaN, NaN where its status (`status_column`) is not ok.
 
     Raises `ColumnError` when the column is missing or not numeric.
     """
     require_columns(ds, [column], stage)
-    status = [SCORE_STATUS_COLUMN] if SCORE_STATUS_COLUMN in ds.column_names else []
+    status = [status_column(column)] if status_column(column) in ds.column_names else []
     return _scores(arrow_columns(ds, [column, *status]), column, stage)
 
 
@@ -110,7 +117,7 @@ def score_array(ds, column: str, stage: str = "score_array") -> np.ndarray:
 class ScoreFilter(LazyState):  # LazyState: pickled (so hashed) with the package version
     """A predicate for `Dataset.filter`, plain or `batched=True`: every column in `columns` holds a
     valid score (see the module docstring) and, when `below` is set, a value `< below`; rows whose
-    `score_status` is present and not `"ok"` are rejected.
+    status (`status_column`: `score_status`, `selectit_status` for SelectIT's) is not `"ok"` are rejected.
 
     Built by `ifd_below`, `rifd_below` and `is_scored`; picklable, so the filter is cached.
     """
@@ -138,8 +145,8 @@ class ScoreFilter(LazyState):  # LazyState: pickled (so hashed) with the package
                 raise ColumnError(f"{self!r}: score column {name!r} must be numeric, got {bad[0]!r:.40}")
             values = np.array([np.nan if v is None else v for v in raw], dtype=np.float64)
             keep &= valid_scores(values) & (True if self.below is None else values < self.below)
-        if SCORE_STATUS_COLUMN in example:
-            keep &= np.array([s == SCORE_OK for s in col(SCORE_STATUS_COLUMN)], dtype=bool)
+        for status in sorted({status_column(name) for name in self.columns} & set(example)):
+            keep &= np.array([s == SCORE_OK for s in col(status)], dtype=bool)
         return keep.tolist() if batched else bool(keep[0])
 
 
