@@ -420,3 +420,20 @@ def test_cached_answers_cost_no_usage_in_evaluation_stages():
     with pytest.raises(RuntimeError, match="PairwiseJudge: Short.complete returned 0 results for 2 requests"):
         PairwiseJudge(type("Short", (), {"complete": lambda self, r: []})())(
             {"instruction": ["Q"], "response_a": ["a"], "response_b": ["b"]})
+
+
+def test_run_eval_summary_keeps_no_secret_query_parameter(tmp_path, monkeypatch):
+    """summary.json stores the servers' URLs without user:password@ and without secret-named query
+    parameters (`?api_key=...`), as every other file the package writes."""
+    from reflectune_hf.cli import eval_job as eval_run
+
+    rows = [{"id": 0, "instruction": "Q0", "test_set": "mine"}]
+    _write_jsonl(tmp_path / "a.jsonl", [{**rows[0], "response": "good"}])
+    _write_jsonl(tmp_path / "b.jsonl", [{**rows[0], "response": "fair"}])
+    monkeypatch.setattr(eval_run, "make_oracle", lambda model, base_url, max_new_tokens=None, **server: ScriptedOracle())
+    config = eval_run.EvalConfig(responses_a=str(tmp_path / "a.jsonl"), responses_b=str(tmp_path / "b.jsonl"),
+                                 judge_model="scripted", output_dir=str(tmp_path / "out"),
+                                 judge_base_url="https://u:pw@judge.example.com/v1?api_key=sk-leak&region=eu")
+    text = open(eval_run.run_eval(config)["files"]["summary"]).read()
+    assert "sk-leak" not in text and "pw@" not in text
+    assert json.loads(text)["config"]["judge_base_url"] == "https://judge.example.com/v1?region=eu"

@@ -27,8 +27,8 @@ from typing import Optional
 from ..data import read_records
 from ..evaluation.judge import format_judge_table, judge_summary, plot_judge
 from ..evaluation.stages import GenerateResponses, PairwiseJudge, load_eval_set
-from ..oracles.cache import redact_url
 from ..oracles.factory import check_local_conflict, make_oracle
+from ..sanitize import sanitize_config
 from .configs import at_least, integer_at_least
 
 logger = logging.getLogger(__name__)
@@ -190,9 +190,9 @@ def run_eval(config: EvalConfig) -> dict:
     title = f"{config.label_a} vs {config.label_b} (judge: {config.judge_model})"
     files["chart"] = str(plot_judge(summaries, out / "judge.png", title=title, labels=(config.label_a, config.label_b)))
     files["summary"] = str(out / "summary.json")
-    # No key fields exist (servers read keys from the environment); URLs lose any user:password@.
-    settings = {k: (redact_url(v) if v and k.endswith(("base_url", "base_url_a", "base_url_b")) else v)
-                for k, v in asdict(config).items()}
+    # No key fields exist (servers read keys from the environment); URLs lose any user:password@
+    # and secret-named query parameters (`?api_key=...`).
+    settings = sanitize_config(asdict(config))
     Path(files["summary"]).write_text(json.dumps({"config": settings, "summaries": summaries}, indent=2) + "\n")
     table = format_judge_table(summaries)
     print(f"{title}\n{table}")
