@@ -87,14 +87,22 @@ def sanitize_config(config: Optional[Mapping[str, Any]]) -> dict:
     """
     clean = {}
     for key, value in (config or {}).items():
-        if is_secret_key(key):
-            continue
-        if _is_url(key, value):
-            value = strip_url_secrets(value)
-        if isinstance(value, Mapping):
-            value = sanitize_config(value)
-        clean[str(key)] = value
+        if not is_secret_key(key):
+            clean[str(key)] = _clean_value(key, value, sanitize_config)
     return clean
+
+
+def _clean_value(key, value, clean_mapping):
+    """`value` of `key` cleaned: a URL stripped of secrets, a mapping by `clean_mapping`, a list or
+    tuple item by item (an item takes its list's key: a list of `*_url` holds URLs)."""
+    if _is_url(key, value):
+        return strip_url_secrets(value)
+    if isinstance(value, Mapping):
+        return clean_mapping(value)
+    if isinstance(value, (list, tuple)):
+        items = [_clean_value(key, item, clean_mapping) for item in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
 
 
 def _looks_local(text: str) -> bool:
@@ -132,14 +140,18 @@ def sanitize_context(context: Optional[Mapping[str, Any]]) -> dict:
         ...                   "source_dataset": "/tmp/rows.jsonl"})
         {'oracle_base_url': 'http://127.0.0.1:8000/v1', 'source_dataset': 'rows.jsonl (local file)'}
     """
-    clean = {}
-    for key, value in sanitize_config(context).items():
-        if isinstance(value, str) and not _is_url(key, value):
-            value = public_name(value)
-        elif isinstance(value, Mapping):
-            value = sanitize_context(value)
-        clean[key] = value
-    return clean
+    return {key: _public(key, value) for key, value in sanitize_config(context).items()}
+
+
+def _public(key, value):
+    """A sanitized value as a card shows it: local paths reduced to a name, in lists and mappings too."""
+    if isinstance(value, str) and not _is_url(key, value):
+        return public_name(value)
+    if isinstance(value, Mapping):
+        return sanitize_context(value)
+    if isinstance(value, list):
+        return [_public(key, item) for item in value]
+    return value
 
 
 def is_hub_id(name: Optional[str]) -> bool:

@@ -184,6 +184,24 @@ def test_secrets_are_matched_by_name_precisely_and_urls_keep_their_path():
     assert sanitize_context(config) == clean
 
 
+def test_secrets_and_paths_inside_lists_never_reach_a_card_or_config(tmp_path):
+    """Lists are cleaned like mappings: a list of servers or of data files keeps no credential,
+    secret query parameter or local path."""
+    local = tmp_path / "private-folder" / "part-1.jsonl"
+    local.parent.mkdir()
+    local.write_text("{}")
+    context = {"oracles": [{"model": "m", "base_url": f"http://me:{SECRET}@127.0.0.1:8000/v1", "api_key": SECRET},
+                           f"https://u:{SECRET}@h.example.com/v1?key={SECRET}"],
+               "data_files": [str(local), "tatsu-lab/alpaca"], "tags": ["a", "b"]}
+    clean = sanitize_config(context)
+    assert SECRET not in json.dumps(clean) and clean["data_files"] == [str(local), "tatsu-lab/alpaca"]
+    assert clean["oracles"] == [{"model": "m", "base_url": "http://127.0.0.1:8000/v1"}, "https://h.example.com/v1"]
+    public = sanitize_context(context)
+    assert public["data_files"] == ["part-1.jsonl (local file)", "tatsu-lab/alpaca"] and public["tags"] == ["a", "b"]
+    card = str(build_card(load_sample(), context))
+    assert SECRET not in card and str(tmp_path) not in card
+
+
 def test_local_paths_never_reach_the_card(tmp_path):
     rows = tmp_path / "private-folder" / "my-rows.jsonl"
     rows.parent.mkdir()
