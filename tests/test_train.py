@@ -509,3 +509,19 @@ def test_sft_script_trains_a_reflectune_output_folder(tmp_path, sample, smollm2_
     assert script.train_split(data, "train") == "selected" and script.train_split(data, "origin") == "origin"
     with pytest.raises(ValueError, match=r"no split 'nope', only \['origin', 'selected'\]"):
         script.train_split(data, "nope")
+
+
+def test_card_counts_the_rows_trained_not_those_trl_dropped(tmp_path, caplog):
+    """A row whose prompt alone fills max_length is dropped by TRL: the card counts the rows that
+    train, and says how many were dropped."""
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"instruction": ["Say hi.", "word " * 200, "Q"], "input": ["", "", ""],
+                            "output": ["Hi!", "ok", "A"]})
+    args = vicuna_sft_config(tmp_path / "out", max_length=64, max_steps=1, per_device_train_batch_size=1,
+                             gradient_accumulation_steps=1, activation_checkpointing=False, use_cpu=True,
+                             report_to="none")
+    trainer = vicuna_sft_trainer("smollm2-135m-instruct", ds, args, dataset_name="my-org/data")
+    assert len(trainer.train_dataset) == 2
+    card = str(trainer.model_card())
+    assert "(2 rows" in card and "(3 rows)" not in card and "1 dropped" in card

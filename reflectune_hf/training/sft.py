@@ -275,4 +275,6 @@ def vicuna_sft_trainer(model, train_dataset, args=None, *, eval_dataset=None, sy
     )
     if n_rows is not None:
         _log_truncation(trainer, n_rows)
+        trained = len(trainer.train_dataset)  # the card counts what trains, not the rows TRL dropped
+        trainer.card_info.update(rows=trained, dropped_rows=n_rows - trained)
     return trainer
