@@ -525,3 +525,20 @@ def test_card_counts_the_rows_trained_not_those_trl_dropped(tmp_path, caplog):
     assert len(trainer.train_dataset) == 2
     card = str(trainer.model_card())
     assert "(2 rows" in card and "(3 rows)" not in card and "1 dropped" in card
+
+
+def test_rows_not_really_reflected_are_trained_with_a_warning(caplog):
+    """Rows whose reflection failed keep their previous pair and train; the count says so."""
+    from datasets import Dataset
+
+    from reflectune_hf.training.sft_data import prepare_sft_dataset
+
+    ds = Dataset.from_dict({"instruction": ["a", "b", "c", "d"], "output": ["w", "x", "y", "z"],
+                            "reflection_status": ["ok", "oracle_error", "failed", "ok"]})
+    with caplog.at_level("WARNING", logger="reflectune_hf.training.sft_data"):
+        assert len(prepare_sft_dataset(ds)) == 4  # kept, never dropped
+    assert "2 of 4 rows were not really reflected" in caplog.text and "'oracle_error': 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="reflectune_hf.training.sft_data"):
+        prepare_sft_dataset(ds.map(lambda r: {"reflection_status": ""}))  # origin: nothing reflected, no warning
+    assert "not really reflected" not in caplog.text

@@ -10,11 +10,15 @@ Example:
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from typing import Mapping, Optional
 
 from ..data import ColumnError, require_columns
 from ..prompts import VICUNA_INPUT_SEPARATOR, join_input
 from ..utils import versioned
+
+logger = logging.getLogger(__name__)
 
 STAGE = "vicuna_sft"
 
@@ -120,6 +124,18 @@ def check_sft_dataset(ds, stage: str = STAGE, purpose: str = "trained on", allow
                          "Fix or drop these rows first (e.g. with `ds.filter`).")
 
 
+def _warn_unreflected(ds) -> None:
+    """Say how many rows train on a pair their reflection did not rewrite (`reflection_status` set and
+    not `ok`, e.g. `reflect_both` rows whose oracle failed): they are kept, never silently."""
+    if "reflection_status" not in ds.column_names:
+        return
+    counts = Counter(s for s in ds["reflection_status"] if s and s != "ok")
+    if counts:
+        logger.warning("%s: %d of %d rows were not really reflected (reflection_status %s): they train on the "
+                       "pair they kept; filter on reflection_status == 'ok' to leave them out", STAGE,
+                       sum(counts.values()), len(ds), dict(counts.most_common()))
+
+
 def prepare_sft_dataset(ds, system: Optional[str] = None):
     """Check `ds` (see `check_sft_dataset`) and return it as a `messages`-only dataset for TRL.
 
@@ -135,6 +151,7 @@ def prepare_sft_dataset(ds, system: Optional[str] = None):
             return ds.select_columns(["messages"])
         return ds.map(to_messages, batched=True, fn_kwargs={"system": system}).select_columns(["messages"])
     check_sft_dataset(ds)
+    _warn_unreflected(ds)
     if "messages" not in ds.column_names:
         ds = ds.map(to_messages, batched=True, fn_kwargs={"system": system}, desc="Alpaca -> messages")
     return ds.select_columns(["messages"])
