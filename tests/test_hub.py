@@ -202,6 +202,16 @@ def test_secrets_and_paths_inside_lists_never_reach_a_card_or_config(tmp_path):
     assert SECRET not in card and str(tmp_path) not in card
 
 
+def test_configuration_values_stay_in_their_table_cell():
+    """A value with a pipe or line breaks (a system prompt, a model name) cannot end the table
+    or add a heading to the card."""
+    context = {"system_prompt": "Be brief.\n\n## Injected heading\nmore", "oracle_model": "org/m|v2"}
+    card = str(build_card(load_sample(), context))
+    assert "\n## Injected heading" not in card
+    rows = [line for line in card.splitlines() if line.startswith(("| system_prompt", "| oracle_model"))]
+    assert rows == ["| system_prompt | Be brief.<br><br>## Injected heading<br>more |", "| oracle_model | org/m\\|v2 |"]
+
+
 def test_local_paths_never_reach_the_card(tmp_path):
     rows = tmp_path / "private-folder" / "my-rows.jsonl"
     rows.parent.mkdir()

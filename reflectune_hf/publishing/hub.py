@@ -75,6 +75,11 @@ def _format(value) -> str:
     return str(value)
 
 
+def _cell(text: str) -> str:
+    """`text` for one markdown table cell: a pipe escaped, line breaks as `<br>` (they would end the table)."""
+    return str(text).replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>").replace("\r", "<br>")
+
+
 def _status_rows(splits: dict) -> list[dict]:
     rows = []
     for name, ds in splits.items():
@@ -183,7 +188,7 @@ def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[d
                   "data_files": [{"split": name, "path": f"data/{name}-*"} for name in _published(splits)]}],
     )
     skip = {"license", "language", "pretty_name", "tags"}
-    config_rows = [{"name": k, "value": _format(v) if not isinstance(v, (dict, list)) else json.dumps(v)}
+    config_rows = [{"name": _cell(k), "value": _cell(_format(v) if not isinstance(v, (dict, list)) else json.dumps(v))}
                    for k, v in context.items() if k not in skip]
     config_rows.append({"name": "reflectune_hf version", "value": __version__})
     return DatasetCard.from_template(
