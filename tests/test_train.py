@@ -542,3 +542,13 @@ def test_rows_not_really_reflected_are_trained_with_a_warning(caplog):
     with caplog.at_level("WARNING", logger="reflectune_hf.training.sft_data"):
         prepare_sft_dataset(ds.map(lambda r: {"reflection_status": ""}))  # origin: nothing reflected, no warning
     assert "not really reflected" not in caplog.text
+
+
+def test_sft_eval_without_the_test_split_is_a_clear_error(tmp_path):
+    """`--eval_strategy steps` on data without the `dataset_test_split` split: one line naming the
+    split, the splits there are and the flag, before the model loads (it was `KeyError: 'test'`)."""
+    args = sft_job.make_parser().parse_args_and_config(
+        ["--model_name_or_path", "smollm2-135m-instruct", "--dataset_name", "sample", "--output_dir",
+         str(tmp_path / "out"), "--eval_strategy", "steps", "--use_cpu", "true", "--report_to", "none"])
+    with pytest.raises(ValueError, match=r"no split 'test' to evaluate on, only \['train'\].*--dataset_test_split"):
+        sft_job.run_sft(*args)

@@ -129,6 +129,9 @@ def run_sft(script_args, training_args, model_args, dataset_args=None):
     dataset = load_datasets(script_args, dataset_args)
     eval_dataset = None
     if training_args.eval_strategy != "no":
+        if script_args.dataset_test_split not in dataset:
+            raise ValueError(f"The data has no split {script_args.dataset_test_split!r} to evaluate on, only "
+                             f"{list(dataset)}: set --dataset_test_split, or --eval_strategy no.")
         eval_dataset = dataset[script_args.dataset_test_split]
     trainer = vicuna_sft_trainer(
         model_args.model_name_or_path,
