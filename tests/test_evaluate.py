@@ -299,7 +299,8 @@ def test_run_eval_with_response_files(tmp_path, monkeypatch):
     _write_jsonl(tmp_path / "a.jsonl", [{**r, "response": w} for r, w in zip(rows, ["good", "good", "fair", "poor"])])
     _write_jsonl(tmp_path / "b.jsonl",
                  [{**r, "output": w} for r, w in zip(rows[::-1], ["fair", "fair", "poor", "good"])])
-    monkeypatch.setattr(eval_run, "make_oracle", lambda model, base_url, max_new_tokens=None, **server: ScriptedOracle())
+    monkeypatch.setattr(eval_run, "make_oracle",
+                        lambda model, base_url, max_new_tokens=None, **server: ScriptedOracle())
     config = eval_run.EvalConfig(responses_a=str(tmp_path / "a.jsonl"), responses_b=str(tmp_path / "b.jsonl"),
                                  judge_model="scripted", judge_base_url="http://user:s3cret@127.0.0.1:9/v1",
                                  output_dir=str(tmp_path / "out"))
@@ -430,7 +431,8 @@ def test_run_eval_summary_keeps_no_secret_query_parameter(tmp_path, monkeypatch)
     rows = [{"id": 0, "instruction": "Q0", "test_set": "mine"}]
     _write_jsonl(tmp_path / "a.jsonl", [{**rows[0], "response": "good"}])
     _write_jsonl(tmp_path / "b.jsonl", [{**rows[0], "response": "fair"}])
-    monkeypatch.setattr(eval_run, "make_oracle", lambda model, base_url, max_new_tokens=None, **server: ScriptedOracle())
+    monkeypatch.setattr(eval_run, "make_oracle",
+                        lambda model, base_url, max_new_tokens=None, **server: ScriptedOracle())
     config = eval_run.EvalConfig(responses_a=str(tmp_path / "a.jsonl"), responses_b=str(tmp_path / "b.jsonl"),
                                  judge_model="scripted", output_dir=str(tmp_path / "out"),
                                  judge_base_url="https://u:pw@judge.example.com/v1?api_key=sk-leak&region=eu")

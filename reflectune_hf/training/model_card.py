@@ -69,7 +69,8 @@ def render_model_card(trainer, model_name=None, dataset_name=None, tags=None, te
     return ModelCard.from_template(
         card_data, template_path=str(card_template("model_card.md")),
         model_title=model_name or Path(args.output_dir).name, base_model_name=base_model, dataset_name=dataset,
-        num_rows=info.get("rows"), dropped_rows=info.get("dropped_rows"), recipe=recipe, chat_template=template, rendered_example=example,
+        num_rows=info.get("rows"), dropped_rows=info.get("dropped_rows"), recipe=recipe, chat_template=template,
+        rendered_example=example,
         template_name=template_name, hub_model_id=getattr(trainer, "hub_model_id", None) or Path(args.output_dir).name,
         versions={"reflectune_hf": package_version(), "TRL": trl.__version__, "Transformers": transformers.__version__,
                   "PyTorch": torch.__version__, "Datasets": datasets.__version__},
