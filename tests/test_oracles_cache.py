@@ -47,6 +47,19 @@ def test_default_path_and_settings(tmp_path, monkeypatch):
     assert redact_url("https://u:p@host:8/v1") == "https://host:8/v1"
 
 
+def test_oracle_messages_show_no_secret_query_parameter(tmp_path):
+    """`redact_url` (the oracles' errors, logs, repr and stored URLs) kept `?api_key=...`."""
+    from reflectune_hf.oracles import ChatRequest, OpenAIOracle, OracleConfigurationError
+
+    assert redact_url("https://u:p@[::1]:8/v1?api_key=sk-9&region=eu") == "https://[::1]:8/v1?region=eu"
+    oracle = OpenAIOracle("m", base_url="http://127.0.0.1:9/v1?api_key=sk-secret-9", api_key="x",
+                          cache=str(tmp_path / "c.sqlite"), max_retries=0)
+    assert "sk-secret-9" not in repr(oracle)
+    with pytest.raises(OracleConfigurationError) as err:
+        oracle.complete([ChatRequest([{"role": "user", "content": "Hi"}], max_tokens=4)])
+    assert "127.0.0.1:9" in str(err.value) and "sk-secret-9" not in str(err.value)
+
+
 WRITER = """
 import sys
 from reflectune_hf.oracles import ChatResult, OracleCache

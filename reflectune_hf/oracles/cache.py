@@ -31,8 +31,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional
-from urllib.parse import urlsplit, urlunsplit
 
+from ..sanitize import strip_url_secrets
 from ..utils import LazyState, cache_root
 from .base import ChatRequest, ChatResult, as_requests, usage_add
 
@@ -50,15 +50,9 @@ def default_cache_path() -> Path:
 
 
 def redact_url(url: Optional[str]) -> str:
-    """`url` without any `user:password@` part (what may be logged or stored)."""
-    if not url:
-        return ""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """`url` without any `user:password@` part and secret-named query parameters (`?api_key=`):
+    what may be logged or stored (`sanitize.strip_url_secrets`)."""
+    return strip_url_secrets(url) if url else ""
 
 
 class OracleCache(LazyState):
