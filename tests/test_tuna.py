@@ -256,6 +256,21 @@ def test_rank_by_logprob_ties_and_errors():
         SampleResponses(Teacher(), template="nope")
 
 
+def test_blank_or_missing_responses_are_not_ok():
+    """Without logprobs a row was `ok` once answered, even when its responses were blank (the
+    judge then ranked "" and Tuna trained EOS-only targets) or fewer than `n` came back."""
+    class Student:
+        def complete(self, requests):
+            texts = {"A": ["Red.", "Blue."], "B": ["Red.", "  \n"], "C": ["Red."]}
+            return [ChatResult(texts=texts[dict(r.messages[-1])["content"][-1]]) for r in requests]
+
+    out = SampleResponses(Student(), n=2, logprobs=False, template=None)(
+        {"id": [0, 1, 2], "instruction": ["A", "B", "C"]})
+    assert out["sample_status"] == ["ok", "missing_responses", "missing_responses"]
+    assert out["responses"][1] == ["Red.", "  \n"] and out["sample_error"][1] == "1 of the 2 responses came back with text"
+    assert out["sample_error"][0] == ""
+
+
 def test_local_transformers_oracle_as_teacher_and_judge(smollm2_dir):
     from reflectune_hf.oracles import TransformersOracle
 
@@ -276,7 +291,7 @@ def test_a_first_batch_of_failures_does_not_fix_the_column_types():
     from datasets import Dataset
 
     ds = Dataset.from_dict({"id": [0, 1, 2], "instruction": ["D", "A", "B"]})
-    out = ds.map(SampleResponses(Teacher(), template=None), batched=True, batch_size=1)
+    out = ds.map(SampleResponses(Teacher(), n=3, template=None), batched=True, batch_size=1)
     out = out.map(rank_by_logprob, batched=True, batch_size=1)
     assert out["sample_status"] == ["oracle_error", "ok", "partial_logprobs"]
     assert out["ranked_responses"] == [[], ["yy", "x", "z"], ["p"]]

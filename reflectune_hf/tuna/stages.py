@@ -43,7 +43,7 @@ from .parse import ParsedRanking, extract_reference_response, parse_ranking  # n
 logger = logging.getLogger(__name__)
 
 # SKIP_STATUSES (`empty_input`, `invalid_text`): rows that get no request (`_TunaStage._skips`).
-SAMPLE_STATUSES = ("ok", "partial_logprobs", "no_logprobs", "oracle_error", *SKIP_STATUSES)
+SAMPLE_STATUSES = ("ok", "partial_logprobs", "no_logprobs", "missing_responses", "oracle_error", *SKIP_STATUSES)
 RANKING_STATUSES = ("ok", "repaired", "partial", "no_ranking", "no_scores", "no_responses", "oracle_error",
                     *SKIP_STATUSES)
 _SKIP_MESSAGES = {"empty_input": "the instruction is empty, None or blank: nothing was sent",
@@ -150,8 +150,9 @@ class SampleResponses(_TunaStage):
     token log-probability of each response; NaN when the oracle gave none or the response has no
     token; only with `logprobs=True`), `sample_status` in `SAMPLE_STATUSES` (`oracle_error`,
     `empty_input` (blank instruction) and `invalid_text` rows have empty lists, and the last two
-    send nothing; without logprobs a row is `ok` once answered), and `sample_error` (`""` unless
-    the oracle failed or nothing was sent: why). Every other column is kept.
+    send nothing; `missing_responses`: fewer than `n` responses or a blank one, kept as they came;
+    without logprobs a row is otherwise `ok` once answered), and `sample_error` (`""` unless the
+    oracle failed, nothing was sent or responses are missing: why). Every other column is kept.
 
     Example:
         >>> from reflectune_hf.oracles import TransformersOracle
@@ -208,6 +209,9 @@ class SampleResponses(_TunaStage):
                 finite = sum(not math.isnan(s) for s in scores)
                 status = ("ok" if finite == len(scores) else "no_logprobs" if finite == 0 else "partial_logprobs")
                 row = (list(result.texts), scores, status, "")
+            if row[2] == "ok" and (len(row[0]) < self.n or not all(str(t or "").strip() for t in row[0])):
+                row = (row[0], row[1], "missing_responses", f"{sum(bool(str(t or '').strip()) for t in row[0])} "
+                       f"of the {self.n} responses came back with text")  # blank answers are no answers
             for name, value in zip(columns, row):
                 columns[name].append(value)
         bad = sum(s != "ok" for s in columns["sample_status"])
