@@ -92,6 +92,30 @@ def test_push_an_output_folder(tmp_path, monkeypatch, capsys):
     assert "huggingface.co/datasets/me/data" in capsys.readouterr().out
 
 
+def test_a_hub_refusal_is_one_line(tmp_path, monkeypatch, capsys):
+    """A push the Hub refuses (403) printed huggingface_hub's five-line message."""
+    import httpx2
+    from datasets import Dataset
+    from huggingface_hub.utils import hf_raise_for_status
+
+    from reflectune_hf import load_sample
+    from reflectune_hf.publishing.hub import save_local
+
+    def refuse(self, repo_id, **kw):
+        request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+        hf_raise_for_status(httpx2.Response(403, json={"error": "no rights under 'me'"}, request=request,
+                                            headers={"X-Request-Id": "abc"}))
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    save_local(load_sample(), tmp_path / "out")
+    monkeypatch.setattr(Dataset, "push_to_hub", refuse)
+    assert cli.main(["push", "--data", str(tmp_path / "out"), "--push_to_hub", "me/data"]) == 1
+    err = capsys.readouterr().err
+    line = err[err.index("reflectune push: error:"):]
+    assert line.startswith("reflectune push: error: HfHubHTTPError: (Request ID: abc) 403 Forbidden")
+    assert line.count("\n") == 1 and line.endswith("no rights under 'me'\n")
+
+
 @pytest.mark.server
 @pytest.mark.slow
 def test_reflect_against_the_server(llama_server, tmp_path):

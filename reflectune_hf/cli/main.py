@@ -86,7 +86,7 @@ def _run_training(name: str, argv: list[str]) -> int:
         if hasattr(module, "check_args"):  # bad arguments found before anything loads: exit 2 too
             module.check_args(*args)
     except (ValueError, FileNotFoundError) as err:  # a bad value, or a bad or missing --config file
-        parser.error(str(err))
+        parser.error(one_line(err))
     getattr(module, run_name)(*args)
     return 0
 
@@ -145,7 +145,7 @@ def parse_config(name: str, argv: list[str]):
     except UnknownArguments as err:  # a flag or --config key of another command: say whose, in one line
         parser.error(f"{err}{_whose(name, err.names)}; `reflectune {name} --help` lists its flags")
     except (ValueError, FileNotFoundError) as err:  # a bad value, or a bad or missing --config file
-        parser.error(str(err))
+        parser.error(one_line(err))
     if isinstance(config, jobs.OracleRequestConfig) and not config.oracle_model:
         parser.error(jobs.ORACLE_REQUIRED)
     return config
@@ -194,10 +194,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as err:  # a failed job: one clear line, the traceback with -v
         if verbose:
             logger.exception("%s failed", name)
-        print(f"reflectune {name}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"reflectune {name}: error: {type(err).__name__}: {one_line(err)}", file=sys.stderr)
         return 1
     _print_result(name, result)
     return 0
+
+
+def one_line(err: BaseException) -> str:
+    """`err`'s message on one line: a library's multi-line message (huggingface_hub's HTTP errors:
+    request id, status, URL, advice) keeps every line, joined.
+
+    Example:
+        >>> one_line(ValueError("(Request ID: abc)\\n\\n403 Forbidden.\\nMake sure your token can write."))
+        '(Request ID: abc) 403 Forbidden. Make sure your token can write.'
+    """
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 def end_process(code: int) -> NoReturn:
