@@ -226,6 +226,18 @@ def test_local_paths_never_reach_the_card(tmp_path):
     assert "source_datasets" not in card, "only a Hub id goes into the metadata"
 
 
+def test_a_free_text_license_is_other_in_the_metadata_and_named_on_one_line():
+    """A loaded dataset's `info.license` is often free text: it went into the card's YAML
+    `license` (not a Hub license id) and broke the body's inline code over several lines."""
+    from huggingface_hub import DatasetCard
+
+    text = "Creative Commons Attribution 4.0\nSee https://example.org/LICENSE"
+    card = DatasetCard(str(build_card(load_sample(), {"license": text})))
+    assert card.data.license == "other"
+    assert "license of its source: `Creative Commons Attribution 4.0 See https://example.org/LICENSE`." in card.text
+    assert DatasetCard(str(build_card(load_sample(), {"license": "cc-by-4.0"}))).data.license == "cc-by-4.0"
+
+
 def test_push_without_a_token_says_how_to_log_in_and_sends_nothing(hub_calls, monkeypatch, tmp_path):
     from huggingface_hub import constants
 

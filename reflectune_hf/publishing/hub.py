@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -147,6 +148,12 @@ def _format_rows(summary: dict, oracle: Optional[str]) -> list[dict]:
     return rows
 
 
+def _license(value) -> tuple:
+    """(`license` metadata, text named in the body): a Hub id as is; free text as `other`, on one line."""
+    text = " ".join(str(value).split()) if value else None
+    return (text if not text or re.fullmatch(r"[a-z0-9][a-z0-9.+_-]{0,63}", text) else "other"), text
+
+
 def _size_category(n: int) -> str:
     for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
         if n < limit:
@@ -175,8 +182,9 @@ def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[d
     summary = summary if summary is not None else summarize(data)
     is_variants = set(VARIANT_SPLITS) <= set(splits)
     rows = max(len(ds) for ds in splits.values())
+    license_id, license_text = _license(context.get("license"))
     card_data = DatasetCardData(
-        license=context.get("license"),
+        license=license_id,
         language=context.get("language", ["en"]),
         pretty_name=context.get("pretty_name", "Reflection-Tuning recycled data"),
         size_categories=[_size_category(rows)],
@@ -197,7 +205,7 @@ def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[d
         pretty_name=card_data.pretty_name,
         package_version=__version__,
         source_dataset=context.get("source_dataset"),
-        license=context.get("license"),
+        license=license_text,
         repo_id=repo_id or "<your-namespace>/<dataset>",
         is_variants=is_variants,
         has_scores=any("ifd" in ds.column_names for ds in splits.values()),
