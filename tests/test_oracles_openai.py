@@ -281,3 +281,23 @@ def test_errors_that_quote_the_url_credentials_are_redacted():
     oracle = OpenAIOracle("m", base_url="http://me:topsecret@127.0.0.1:9/v1")
     assert oracle._redact("proxy said: bad password topsecret for me:topsecret@host") == \
         "proxy said: bad password *** for ***host"
+
+
+def test_a_choice_without_text_content_is_a_failure_not_a_cached_empty_answer():
+    class NoContent(LoopbackServer):  # OpenAI's refusal under structured output: content null
+        def completion(self, body, prompt):
+            data = super().completion(body, prompt)
+            message = data["choices"][0]["message"]
+            if prompt == "refused":
+                message.update(content=None, refusal="I can't help with that.")
+            elif prompt == "no message":
+                del data["choices"][0]["message"]
+            return data
+
+    with NoContent() as server:
+        oracle = OpenAIOracle("echo", base_url=server.base_url)
+        refused, missing, fine = oracle.complete(ask("refused", "no message", "fine"))
+        assert not refused.ok and "refusal" in refused.error and "can't help" in refused.error
+        assert not missing.ok and fine.ok and fine.text == "echo: fine"
+        assert oracle.cached(ask("refused", "no message", "fine")) == [False, False, True]
+        assert oracle.complete(ask("refused"))[0].error and len(server.chat_requests) == 4

@@ -86,7 +86,12 @@ def parse_choices(data: dict, want: int, with_logprobs: bool) -> list[tuple]:
         parsed = parse_logprobs(choice) if with_logprobs else None
         if with_logprobs and parsed is None:
             raise ValueError("the server returned no logprobs although logprobs=True was asked")
-        got.append(((choice.get("message") or {}).get("content") or "", choice.get("finish_reason"), parsed))
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        if not isinstance(message.get("content"), str):  # a refusal, a tool call, a reasoning-only turn
+            refusal = f"; refusal: {message['refusal']!r:.200}" if message.get("refusal") else ""
+            raise ValueError(f"a choice without text content (content {message.get('content')!r:.40}, finish_reason "
+                             f"{choice.get('finish_reason')!r}{refusal})")
+        got.append((message["content"], choice.get("finish_reason"), parsed))
     return got
 
 
