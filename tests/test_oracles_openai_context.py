@@ -73,3 +73,22 @@ def test_context_window_is_checked_and_pickles_to_its_configuration():
     copy = pickle.loads(pickle.dumps(oracle))
     assert copy.context_window == 512 and copy.prompt_counter.tokenizer == "smollm2-135m-instruct"
     assert copy.prompt_counter._memo is None
+
+
+def test_a_tokenizer_that_cannot_count_raises_at_once_instead_of_failing_every_row(smollm2_dir, tmp_path):
+    from reflectune_hf.models import load_tokenizer
+    from reflectune_hf.oracles import OracleConfigurationError
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path / "plain")
+    for path in (tmp_path / "plain").glob("*chat_template*"):
+        path.unlink()
+    with LoopbackServer() as server:
+        for name, match in ((str(tmp_path / "plain"), "has no chat template"),
+                            (str(tmp_path / "missing"), "cannot load the tokenizer")):
+            oracle = OpenAIOracle("echo", base_url=server.base_url, context_window=300, tokenizer=name)
+            with pytest.raises(OracleConfigurationError, match=match) as info:
+                oracle.complete([ask("Hi."), ask("Hello.")])
+            assert "\n" not in str(info.value)
+        assert server.chat_requests == []

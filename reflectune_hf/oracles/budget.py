@@ -30,7 +30,7 @@ import math
 from typing import ClassVar, Optional
 
 from ..utils import LazyState
-from .base import ChatRequest, content_text
+from .base import ChatRequest, OracleConfigurationError, content_text
 
 TOKENS_PER_MESSAGE = 8
 TOKENS_REPLY = 8
@@ -81,10 +81,17 @@ class PromptCounter(LazyState):
         if getattr(self, "_tokenizer", None) is None:
             from ..models import load_tokenizer
 
-            tokenizer = load_tokenizer(self.tokenizer)
+            # A configuration error, raised at once (not one failed row each: every row would fail).
+            try:
+                tokenizer = load_tokenizer(self.tokenizer)
+            except Exception as err:  # noqa: BLE001 - OSError offline, ValueError for an unknown kind...
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise OracleConfigurationError(f"cannot load the tokenizer {self.tokenizer!r} that counts prompt "
+                                               f"tokens for context_window: {first}") from None
             if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(f"tokenizer {self.tokenizer!r} has no chat template, so it cannot count a chat "
-                                 "prompt: give the served model's tokenizer, or none for the estimate")
+                raise OracleConfigurationError(
+                    f"tokenizer {self.tokenizer!r} has no chat template, so it cannot count a chat prompt: give the "
+                    "served model's tokenizer, or none for the estimate")
             self._tokenizer = tokenizer
         ids = self._tokenizer.apply_chat_template(request.message_dicts, tokenize=True, add_generation_prompt=True)
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
