@@ -166,3 +166,17 @@ def test_gbnf_grammars_parse_in_llama_cpp():
     assert not parses("root ::= [^\\[ broken")  # the check can fail
     for shape in SHAPES + [RankingAnswer(1, 0, 50), MarkedFields((Field("Better Answer", 1),))]:
         assert parses(shape.gbnf()), shape.gbnf()
+
+
+def test_from_json_refuses_values_holding_marker_text_and_unwraps_a_fields_own_markers():
+    # A value holding another marker or an [End] gave marker text that parsed `ok` to another answer.
+    crossed = {"analysis": "a", "new_instruction": "Q [New Answer] wrong [End]", "new_answer": "B"}
+    for data in (crossed, {**INSTRUCTION_JSON, "new_answer": "A [End] B"},
+                 {**INSTRUCTION_JSON, "analysis": "Draft: **[New Instruction]** Other. [End]"}):
+        with pytest.raises(ValueError, match="marker text"):
+            INSTRUCTION.from_json(json.dumps(data))
+    # The format's own markers around a value (the prompt's format, followed inside JSON) are dropped.
+    wrapped = {"analysis": "a", "new_instruction": "[New Instruction] Do X. [End]", "new_answer": "[New Answer]: Y."}
+    text = INSTRUCTION.from_json(json.dumps(wrapped))
+    assert text == "a\n[New Instruction] Do X. [End]\n[New Answer] Y. [End]" and re.fullmatch(INSTRUCTION.regex(), text)
+    assert INSTRUCTION.from_json(json.dumps(INSTRUCTION_JSON)).count("arr[0]") == 2  # brackets that open no marker

@@ -83,6 +83,23 @@ def _string(data: Mapping, key: str, shape: str, required: bool = True) -> str:
     return value
 
 
+# What the stages' parser reads as a marker or an end inside text ("[End]", "**[New Answer]**"):
+# a JSON value that holds one would end its field early, or give another field's answer.
+_MARKER_TEXT_RE = re.compile(r"(?<!\w)\[[ \t*_]*(?:the\s+)?end\b|\[[ \t*_]*(?:new|better)\s+(?:instruction|answer)\b",
+                             re.I)
+
+
+def _marker_free(value: str, shape: str, key: str, marker: str = "") -> str:
+    """`value` without its own `[marker] ... [End]` wrapping; ValueError when it still holds marker text."""
+    if marker:
+        value = re.sub(rf"\A\[{re.escape(marker)}\]:?\s*|\s*\[End\]\Z", "", value, flags=re.I).strip()
+    found = _MARKER_TEXT_RE.search(value)
+    if found:
+        raise ValueError(f"{shape}: the JSON answer's {key!r} holds marker text {found.group(0)!r}, which would end "
+                         "or replace a field of the marker text")
+    return value
+
+
 def _schema_object(properties: dict) -> dict:
     return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
@@ -198,11 +215,13 @@ class MarkedFields:
         data = _load_object(text, "MarkedFields")
         lines = []
         if self.analysis_max_chars:
-            analysis = _string(data, "analysis", "MarkedFields", required=False).strip()
+            analysis = _marker_free(_string(data, "analysis", "MarkedFields", required=False).strip(),
+                                    "MarkedFields", "analysis")
             if analysis:
                 lines.append(analysis)
         for f in self.fields:
-            lines.append(f"[{f.marker}] {_string(data, f.key, 'MarkedFields').strip()} [End]")
+            text = _marker_free(_string(data, f.key, "MarkedFields").strip(), "MarkedFields", f.key, f.marker)
+            lines.append(f"[{f.marker}] {text} [End]")
         return "\n".join(lines)
 
 
