@@ -301,3 +301,17 @@ def test_a_choice_without_text_content_is_a_failure_not_a_cached_empty_answer():
         assert not missing.ok and fine.ok and fine.text == "echo: fine"
         assert oracle.cached(ask("refused", "no message", "fine")) == [False, False, True]
         assert oracle.complete(ask("refused"))[0].error and len(server.chat_requests) == 4
+
+
+def test_a_usage_that_is_not_an_object_counts_nothing_and_fails_nothing():
+    """A server sending `"usage": [...]` (or a number) crashed the whole `complete` call."""
+    class OddUsage(LoopbackServer):
+        def completion(self, body, prompt):
+            data = super().completion(body, prompt)
+            data["usage"] = [1, 2] if prompt == "list" else 7
+            return data
+
+    with OddUsage() as server:
+        oracle = OpenAIOracle("echo", base_url=server.base_url, cache=False)
+        results = oracle.complete(ask("list", "number"))
+        assert [r.text for r in results] == ["echo: list", "echo: number"] and all(r.ok for r in results)

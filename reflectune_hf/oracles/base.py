@@ -243,8 +243,9 @@ class Oracle(Protocol):
 
 
 def usage_add(total: dict, usage: Optional[dict]) -> dict:
-    """Add token counts of `usage` into `total` (in place) and return it."""
-    for name, value in (usage or {}).items():
+    """Add token counts of `usage` into `total` (in place) and return it; a `usage` that is not a
+    mapping (a server's `null`, a number, a list) counts nothing."""
+    for name, value in (usage.items() if isinstance(usage, Mapping) else ()):
         if isinstance(value, (int, float)):
             total[name] = total.get(name, 0) + value
     return total
