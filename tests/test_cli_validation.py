@@ -144,6 +144,10 @@ LOCAL = "local:smollm2-135m-instruct"
     (["estimate", "--oracle_model", "local:", "--base_url", "http://127.0.0.1:9/v1"], "drop --base_url or the local:"),
     ([*TUNA, "--oracle_base_url", "http://127.0.0.1:9/v1"], "--oracle_base_url is for a model on a server"),
     ([*EVAL[:-1], LOCAL, "--judge_base_url", "http://127.0.0.1:9/v1"], "but judge_model 'local:smollm2"),
+    (["reflect", "--oracle_model", "gpt-4o-mini", "--batch_api", "--tokens_per_minute", "1000"],
+     "--tokens_per_minute applies to online requests; the Batch API ignores it"),
+    (["recycle", "--oracle_model", "gpt-4o-mini", "--batch_api", "--context_window", "8192"],
+     "--context_window applies to online requests"),
     (["select", "--data", "scored", "--selection", "none", "--top_fraction", "0.1"],
      "top_fraction keeps the top of a selection, but selection is 'none'"),
 ])
@@ -158,6 +162,8 @@ def test_make_oracle_refuses_a_local_model_with_a_server_option():
         make_oracle(LOCAL, batch_api=True)
     with pytest.raises(ValueError, match="--base_url is for a model on a server"):
         make_oracle(LOCAL, "http://127.0.0.1:9/v1")
+    with pytest.raises(ValueError, match="--requests_per_minute applies to online requests"):  # it was ignored
+        make_oracle("gpt-4o-mini", batch_api=True, requests_per_minute=60)
 
 
 def test_selection_none_warns_that_ratio_is_ignored(caplog):

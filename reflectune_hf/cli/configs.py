@@ -25,7 +25,7 @@ from typing import Optional
 
 from ..models import DTYPE_NAMES
 from ..oracles.backends import BACKENDS, check_choice, structured_mode
-from ..oracles.factory import check_local_conflict
+from ..oracles.factory import check_batch_conflict, check_local_conflict
 from ..prompts import PROMPT_SETS, SCORING_TEMPLATES
 from ..scoring.served import student_backend
 
@@ -276,6 +276,9 @@ class OracleConfig(OracleClientConfig, OracleRequestConfig):
 
     def _check(self):
         check_local_conflict(self.oracle_model, batch_api=self.batch_api)
+        check_batch_conflict(self.batch_api, requests_per_minute=self.requests_per_minute,
+                             tokens_per_minute=self.tokens_per_minute, context_window=self.context_window,
+                             context_tokenizer=self.context_tokenizer)
 
 
 @dataclass

@@ -45,6 +45,24 @@ def check_local_conflict(name: Optional[str], base_url: Optional[str] = None, ba
                          f"or the {LOCAL_PREFIX} prefix")
 
 
+def check_batch_conflict(batch_api: bool, **options) -> None:
+    """Raise `ValueError` when `batch_api` comes with an option only online requests honour
+    (`requests_per_minute`, `tokens_per_minute`, `context_window`, `context_tokenizer`): the Batch
+    API would ignore them silently.
+
+    Example:
+        >>> from reflectune_hf.oracles.factory import check_batch_conflict
+        >>> check_batch_conflict(True, tokens_per_minute=None)  # unset: fine
+        >>> check_batch_conflict(True, tokens_per_minute=1000.0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: --tokens_per_minute applies to online requests; the Batch API ignores it: drop it or --batch_api
+    """
+    given = [name for name, value in options.items() if value is not None]
+    if batch_api and given:
+        raise ValueError(f"--{given[0]} applies to online requests; the Batch API ignores it: drop it or --batch_api")
+
+
 def make_oracle(name: str, base_url: Optional[str] = None, *, max_new_tokens: int = 512, batch_api: bool = False,
                 local_batch_size: int = 8, local_engine: str = "auto", structured="auto", backend: str = "auto",
                 timeout: float = 120.0, max_retries: int = 6, max_concurrency: int = 32, requests_per_minute: Optional[float] = None,
@@ -60,7 +78,8 @@ def make_oracle(name: str, base_url: Optional[str] = None, *, max_new_tokens: in
     `OpenAIOracle`, or `OpenAIBatchOracle` with `batch_api=True` (which takes `timeout`,
     `max_retries`, `backend` and `structured`). `local_without_base_url=True`: a name without
     `base_url` runs here too (`reflectune eval`, the Tuna job). A blank name, or a `local:` name with
-    `base_url` or `batch_api` (`check_local_conflict`), raises `ValueError`.
+    `base_url` or `batch_api` (`check_local_conflict`), or `batch_api` with an online-only option
+    (`check_batch_conflict`), raises `ValueError`.
     """
     from .batch import OpenAIBatchOracle
     from .openai_oracle import OpenAIOracle
@@ -69,6 +88,8 @@ def make_oracle(name: str, base_url: Optional[str] = None, *, max_new_tokens: in
         raise ValueError("make_oracle: a model name is required: a name on an OpenAI-compatible server "
                          f"(with base_url for vLLM, TGI, Ollama or llama.cpp) or {LOCAL_PREFIX}<model>")
     check_local_conflict(name, base_url, batch_api)
+    check_batch_conflict(batch_api, requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute,
+                         context_window=context_window, context_tokenizer=context_tokenizer)
     if local_without_base_url and not base_url and not name.startswith(LOCAL_PREFIX):
         name = LOCAL_PREFIX + name
     if name.startswith(LOCAL_PREFIX):
