@@ -412,7 +412,8 @@ def text_array(table, name: str):
 
 
 def records_to_dataset(records: Sequence[Mapping]):
-    """An in-memory Dataset from a list of Alpaca dicts, normalised by `to_alpaca`."""
+    """An in-memory Dataset from a list of Alpaca dicts (every key of any row), normalised by `to_alpaca`."""
     from datasets import Dataset
 
-    return to_alpaca(Dataset.from_list([dict(r) for r in records]))
+    keys = dict.fromkeys(k for r in records for k in r)  # Dataset.from_list keeps only the first row's keys
+    return to_alpaca(Dataset.from_dict({k: [r.get(k) for r in records] for k in keys}))

@@ -170,3 +170,13 @@ def test_read_records_is_the_one_json_reader_and_names_bad_files(tmp_path):
         assert name in str(err.value)
     (tmp_path / "ok.json").write_text('  [{"instruction": "Hi"}]')
     assert read_records(tmp_path / "ok.json") == [{"instruction": "Hi"}]
+
+
+def test_records_to_dataset_keeps_keys_that_the_first_record_lacks():
+    """An `input` (or any key) absent from the first record was dropped: Dataset.from_list reads
+    the first row's keys only, so the second row's input was lost without a word."""
+    from reflectune_hf.data import records_to_dataset
+
+    ds = records_to_dataset([{"instruction": "Say hi.", "output": "Hi"},
+                             {"instruction": "Translate.", "input": "Good morning", "output": "Bonjour", "src": "x"}])
+    assert ds["input"] == ["", "Good morning"] and ds["src"] == [None, "x"] and ds["id"] == [0, 1]
