@@ -147,3 +147,17 @@ def test_variants_feed_v2_selection_which_reads_the_statuses(arrow_ds):
     # lower, and its response reflection hit an oracle error -> not reflected, not selected.
     assert list(explain_v2(scored)["v2_outcome"]) == ["reflect_both", "reflect_response", "not_reflected", "reflect_both"]
     assert list(select_v2(scored)["id"]) == [0, 1, 3]
+
+
+def test_rows_sent_nothing_are_format_outcome_none_not_fallback():
+    """A row that gets no request (blank output, text that is not UTF-8) was counted as a format
+    `fallback` ("never parsed in full"), as if the oracle had answered off-format: the measured
+    format rate of the card and the closing table blamed the oracle for rows it never saw."""
+    from reflectune_hf.oracles.stage_formats import format_outcome
+
+    data = Dataset.from_dict({"instruction": ["Name a star.", "Name a bird."], "output": ["Sun", "  "]})
+    variants = build_variants(data, _oracle(), compress=False)
+    for split in VARIANT_SPLITS[1:]:
+        assert list(variants[split]["reflection_status"]) == ["ok", "empty_input"]
+        assert list(variants[split]["format_outcome"]) == ["first_try", "none"]
+    assert format_outcome("invalid_text", 0) == "none"  # Arrow cannot hold such text: only a batch has it

@@ -99,7 +99,7 @@ def fields_at_bound(shape: Optional[AnswerFormat], text: str) -> list[str]:
 
 FORMAT_OUTCOMES = ("first_try", "after_reask", "fallback", "none")
 _PARSED = ("ok",)
-_NO_ANSWER = ("oracle_error", "no_input", "")
+_NO_ANSWER = ("oracle_error", "no_input", "empty_input", "invalid_text", "")  # no answer: failed, or no call
 
 
 def format_outcome(status: Optional[str], attempts: Optional[int]) -> str:
