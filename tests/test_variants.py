@@ -161,3 +161,14 @@ def test_rows_sent_nothing_are_format_outcome_none_not_fallback():
         assert list(variants[split]["reflection_status"]) == ["ok", "empty_input"]
         assert list(variants[split]["format_outcome"]) == ["first_try", "none"]
     assert format_outcome("invalid_text", 0) == "none"  # Arrow cannot hold such text: only a batch has it
+
+
+def test_data_with_the_columns_build_variants_writes_is_refused_before_any_oracle_call(arrow_ds):
+    """Recycling an earlier run's split (its reflection columns) failed with pyarrow's `KeyError:
+    Field "instruction_reflection_status" exists 2 times in schema`, after compression and
+    instruction reflection had been paid for."""
+    earlier = build_variants(arrow_ds, _oracle())["reflect_both"]
+    oracle = _oracle()
+    with pytest.raises(ValueError, match=r"which build_variants writes .*remove_columns\(\['reflection_status'"):
+        build_variants(earlier, oracle)
+    assert oracle.requests is None

@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 VARIANT_SPLITS = ("origin", "reflect_instruction", "reflect_response", "reflect_both")
 REFLECTION_FIELDS = ("raw", "error", "attempts", "finish_reason", "status")
+# The columns build_variants writes and renames: input data that has one would clash with it.
+WRITTEN_COLUMNS = frozenset({"format_outcome"} | {f"{prefix}reflection_{field}" for prefix in ("", "instruction_",
+                            "response_") for field in REFLECTION_FIELDS})
 
 
 def check_variants(variants, columns: Sequence[str] = (), stage: str = "check_variants") -> None:
@@ -263,6 +266,11 @@ def build_variants(
     if not isinstance(ds, Dataset):
         raise TypeError(f"build_variants takes a datasets.Dataset, got {type(ds).__name__} (pick a split first)")
     ds = to_alpaca(ds, stage="build_variants")
+    written = [c for c in ds.column_names if c in WRITTEN_COLUMNS]
+    if written:
+        raise ColumnError(f"build_variants: the data has the column(s) {written}, which build_variants writes (the "
+                          f"output of an earlier reflection?); rename or remove them first: "
+                          f"ds.remove_columns({written})")
     options = dict(batched=True, batch_size=batch_size, num_proc=num_proc, load_from_cache_file=load_from_cache_file)
     if len(ds) == 0:  # `map` never calls a stage on 0 rows: the schema comes from a placeholder row
         splits = _reflect(_placeholder_row(ds), NoOracle(), compress, options, stage_kwargs)
