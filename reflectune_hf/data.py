@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
-from .utils import versioned
+from .utils import id_problem, versioned
 
 ALPACA_COLUMNS = ("instruction", "input", "output")
 ID_COLUMN = "id"
@@ -103,7 +103,7 @@ def add_ids(ds):
 
     Ids are assigned once, before any stage runs, and every stage keeps them, so rows of the
     reflected variants align with their origin by `id` (`build_variants` adds them; a single
-    stage needs none). Existing ids must be unique (checked on a `Dataset`; an
+    stage needs none). Existing ids must be unique, none None or NaN (checked on a `Dataset`; an
     `IterableDataset` is not read here: its ids are added lazily, row by row, where a row has none).
 
     Example:
@@ -119,9 +119,9 @@ def add_ids(ds):
             return ds
         return ds.map(_with_id_unless_present, with_indices=True)
     if ID_COLUMN in ds.column_names:
-        ids = ds[ID_COLUMN]
-        if len(set(ids)) != len(ids):
-            raise ColumnError(f"Column {ID_COLUMN!r} exists but its values are not unique")
+        if problem := id_problem(ds[ID_COLUMN]):
+            raise ColumnError(f"Column {ID_COLUMN!r} {problem}: fix the ids, or drop the column "
+                              f"(ds.remove_columns({ID_COLUMN!r})) to number the rows 0..n-1")
         return ds
     return ds.map(_with_id, with_indices=True, desc="Adding ids")
 

@@ -131,6 +131,27 @@ def package_version() -> str:
     return str(package.__version__)
 
 
+def id_problem(ids) -> str:
+    """What makes a column of row ids unusable, or `""`: a missing value (None or NaN: NaN is
+    unequal to itself, so a set would count every NaN as a distinct id) or a repeated value.
+
+    Example:
+        >>> from reflectune_hf.utils import id_problem
+        >>> id_problem([3, 5]), id_problem([3, None, float("nan")]), id_problem([3, 3])
+        ('', 'has missing values (None or NaN) at row(s) [1, 2]', 'values are not unique: [3] repeat')
+    """
+    ids = list(ids)
+    missing = [i for i, value in enumerate(ids) if value is None or value != value]
+    if missing:
+        return f"has missing values (None or NaN) at row(s) {missing[:5]}"
+    seen, repeated = set(), []
+    for value in ids:
+        if value in seen and value not in repeated:
+            repeated.append(value)
+        seen.add(value)
+    return f"values are not unique: {repeated[:5]} repeat" if repeated else ""
+
+
 IDENTITY_KEY = "__reflectune_hf_identity__"  # the pickled state's entry that only identifies the code
 
 

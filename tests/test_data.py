@@ -180,3 +180,14 @@ def test_records_to_dataset_keeps_keys_that_the_first_record_lacks():
     ds = records_to_dataset([{"instruction": "Say hi.", "output": "Hi"},
                              {"instruction": "Translate.", "input": "Good morning", "output": "Bonjour", "src": "x"}])
     assert ds["input"] == ["", "Good morning"] and ds["src"] == [None, "x"] and ds["id"] == [0, 1]
+
+
+def test_add_ids_refuses_missing_ids_and_says_what_to_do():
+    """NaN ids passed the uniqueness check (NaN != NaN) and build_variants then died after every
+    oracle call with "split 'reflect_instruction' is not aligned with 'origin' by id"; None ids
+    passed into every split; two Nones were called "not unique"."""
+    for ids in ([0.0, float("nan"), float("nan")], [1, None, 2], [3, None, None]):
+        with pytest.raises(ColumnError, match=r"missing values \(None or NaN\) at row\(s\) \[1.*remove_columns"):
+            add_ids(Dataset.from_dict({"instruction": ["a", "b", "c"], "id": ids}))
+    with pytest.raises(ColumnError, match=r"not unique: \[1\] repeat.*remove_columns\('id'\)"):
+        add_ids(Dataset.from_dict({"instruction": ["a", "b", "c"], "id": [1, 1, 2]}))
