@@ -166,6 +166,17 @@ def test_segments_ignore_markers_inside_code_and_reject_unknown_labels():
         segments(text, "best")
 
 
+def test_a_longer_fence_holds_a_shorter_one_with_its_markers():
+    """A ```` fence that shows a ``` block (an answer about Markdown) closed at the inner ```, so
+    the [End] inside the example cut the answer to "````md\n```" with status ok."""
+    answer = "````md\n```\n[End]\n```\n````\nDone."
+    assert parse_response_reflection(f"1. Too short.\n2. [Better Answer]\n{answer} [End]") == answer
+    raw = f"[New Instruction] Show a fenced block. [End]\n[New Answer] {answer} [End]"
+    assert parse_instruction_reflection(raw) == ("Show a fenced block.", answer)
+    tildes = "~~~~\n~~~\n[End]\n~~~\n~~~~"
+    assert parse_response_reflection(f"[Better Answer]\n{tildes} [End]") == tildes
+
+
 def test_missing_columns_name_the_stage_to_run_first():
     with pytest.raises(ColumnError, match=r"run ReflectInstruction first.*\['reflection_raw'\]"):
         extract_instruction_reflection({"instruction": ["a"], "output": ["b"]})

@@ -104,7 +104,7 @@ _END = re.compile(
 )
 # What may precede a loose marker that opens its line: indentation, bullets, "3." / "**3.**", "###".
 _LINE_OPENER = re.compile(rf"[ \t]*(?:(?:\#{{1,6}}|[-*+>]|{_DECO}?\d{{1,2}}[.)]{_DECO}?)[ \t]*)*")
-_CODE = re.compile(r"```.*?```|~~~.*?~~~|`[^`\n]+`", re.S)
+_CODE = re.compile(r"(`{3,}|~{3,}).*?\1|`[^`\n]+`", re.S)  # a fence closes with its own length: ```` holds ```
 # Enumerator lines ("\n\n3.", "\n**2)**") that open the next numbered part; cut only before a marker.
 _TRAILING_ENUMERATOR = re.compile(rf"(?:\n[ \t]*{_DECO}?\d{{1,2}}[.)]{_DECO}?[ \t]*)+\Z")
 # The reference's own cut of the new instruction (REFERENCE.md §5), whatever ends the segment.
