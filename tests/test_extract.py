@@ -177,6 +177,17 @@ def test_a_longer_fence_holds_a_shorter_one_with_its_markers():
     assert parse_response_reflection(f"[Better Answer]\n{tildes} [End]") == tildes
 
 
+def test_a_closing_tag_ends_a_segment_and_never_leaks_into_it():
+    """An oracle that closes a field like a tag ("[/New Instruction]") got the tag kept as text:
+    the compressed instruction "Translate 'Good morning' to French. [/New Instruction]" was ok."""
+    compressed = "[New Instruction] Translate 'Good morning' to French. [/New Instruction]"
+    assert parse_compressed_instruction(compressed) == "Translate 'Good morning' to French."
+    assert parse_instruction_reflection("[New Instruction] Name a bird. [/New Instruction]\n"
+                                        "[New Answer] Robin. [/New Answer]") == ("Name a bird.", "Robin.")
+    assert parse_response_reflection("2. [Better Answer] Robin. [ / Better Answer]\nHope it helps.") == "Robin."
+    assert parse_response_reflection("[Better Answer] Use [b]bold[/b] tags. [/End]") == "Use [b]bold[/b] tags."
+
+
 def test_missing_columns_name_the_stage_to_run_first():
     with pytest.raises(ColumnError, match=r"run ReflectInstruction first.*\['reflection_raw'\]"):
         extract_instruction_reflection({"instruction": ["a"], "output": ["b"]})

@@ -95,11 +95,12 @@ def _marker_patterns(label: str) -> tuple[re.Pattern, re.Pattern]:
 
 
 _MARKERS = {name: _marker_patterns(label) for name, label in _LABELS.items()}
-# Only a bracketed End terminates ("[End]", "**[END]**", "[End of Answer]"), never a bare word,
-# and never an index such as `arr[end]` (preceded by a word character).
+# Only a bracketed End terminates ("[End]", "**[END]**", "[End of Answer]", or a closing tag such as
+# "[/New Instruction]" or "[/End]"), never a bare word, and never an index such as `arr[end]`
+# (preceded by a word character).
 _END = re.compile(
-    rf"(?<!\w){_DECO}?\[[ \t]*{_DECO}?[ \t]*(?:the\s+)?end(?:\s+of\s+(?:the\s+)?(?:new\s+|better\s+)?"
-    rf"(?:answer|instruction|input))?[ \t]*{_DECO}?[ \t]*\]{_DECO}?",
+    rf"(?<!\w){_DECO}?\[[ \t]*{_DECO}?[ \t]*(?:(?:the\s+)?end(?:\s+of\s+(?:the\s+)?(?:new\s+|better\s+)?"
+    rf"(?:answer|instruction|input))?|/[ \t]*(?:end|{'|'.join(_LABELS.values())}))[ \t]*{_DECO}?[ \t]*\]{_DECO}?",
     re.I,
 )
 # What may precede a loose marker that opens its line: indentation, bullets, "3." / "**3.**", "###".
