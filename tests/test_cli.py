@@ -374,6 +374,10 @@ def test_oracle_client_options_are_flags_and_yaml_keys_and_reach_the_oracle(comm
     oracle = pipeline.config_oracle(config)
     assert (oracle.timeout, oracle.max_retries, oracle.context_window) == (7.0, 0, 2048)
     assert oracle.prompt_counter.tokenizer is None
+    with pytest.raises(ValueError, match="--context_window applies to online requests"):  # Batch would ignore it
+        parser.parse_args_and_config(["--config", str(recipe), "--max_retries", "4", "--batch_api"])
+    recipe.write_text(yaml.safe_dump({"oracle_model": "m", "timeout": 7.0, "max_retries": 0}))
+    parser = TrlParser((config_type,))  # TrlParser keeps an earlier --config's values as its defaults
     (config,) = parser.parse_args_and_config(["--config", str(recipe), "--max_retries", "4", "--batch_api"])
     oracle = pipeline.config_oracle(config)
     assert isinstance(oracle, OpenAIBatchOracle) and (oracle.timeout, oracle.max_retries) == (7.0, 4)
