@@ -260,9 +260,9 @@ def chat_to_alpaca(batch: Mapping, indices: Sequence[int]) -> dict:
 
     Reads `messages` (`[system?, user, assistant]`), or `prompt` / `completion`: strings
     (TRL's standard format) or message lists (its conversational format, `prompt` =
-    `[system?, user]`, `completion` = `[assistant]`). Writes `instruction` (the user turn),
-    `input` (`""`), `output` (the assistant turn) and `system` (`""` when there is none). A
-    multi-turn row raises `ColumnError` naming it.
+    `[system?, user]`, `completion` = `[assistant]`). Writes `instruction` (the user turn), `input`
+    (the row's `input` column, else `""`), `output` (the assistant turn) and `system` (the system
+    turn, else the row's `system` column, else `""`). A multi-turn row raises `ColumnError`.
 
     Example:
         >>> from reflectune_hf.data import chat_to_alpaca
@@ -283,15 +283,16 @@ def chat_to_alpaca(batch: Mapping, indices: Sequence[int]) -> dict:
                 system, user, assistant = "", prompt or "", completion or ""
             else:
                 raise ColumnError(f"{where}: prompt and completion must be strings or message lists")
-        for name, value in (("instruction", user), ("input", ""), ("output", assistant), ("system", system)):
+        own = {c: batch[c][k] or "" for c in ("input", "system") if c in batch}  # the row's own columns stay
+        for name, value in (("instruction", user), ("input", own.get("input", "")), ("output", assistant),
+                            ("system", system or own.get("system", ""))):
             out[name].append(value)
     return out
 
 
 def from_chat_format(ds):
-    """Alpaca columns for TRL-format data (`chat_to_alpaca`): a dataset with `messages`, or
-    `prompt` and `completion`, and no `instruction` / `output` is converted (those columns are
-    replaced, the others kept); any other dataset is returned as it is.
+    """Alpaca columns for TRL-format data (`chat_to_alpaca`): a dataset with `messages`, or `prompt` and
+    `completion`, and no `instruction` / `output` is converted (the others kept); any other is returned as is.
 
     Example:
         >>> from datasets import Dataset

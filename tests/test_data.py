@@ -137,6 +137,19 @@ def test_trl_messages_and_prompt_completion_load_as_alpaca(tmp_path):
     assert (row["instruction"], row["output"], row["system"]) == ("Q?", "A.", "S.")
 
 
+def test_chat_rows_keep_their_own_system_and_input_columns(tmp_path):
+    """A `system` (or `input`) column next to `prompt` / `completion` or `messages` was replaced by ""."""
+    path = _write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Say hi.", "completion": "Hi!", "system": "Be warm.",
+                                                 "input": "to Ann"}])
+    row = load_data(str(path))[0]
+    assert (row["instruction"], row["input"], row["output"], row["system"]) == ("Say hi.", "to Ann", "Hi!", "Be warm.")
+    turns = [{"role": "system", "content": "From the turn."}, {"role": "user", "content": "Q?"},
+             {"role": "assistant", "content": "A."}]
+    path = _write_jsonl(tmp_path / "m.jsonl", [{"messages": turns, "system": "From the column."},
+                                                {"messages": turns[1:], "system": "From the column."}])
+    assert load_data(str(path))["system"] == ["From the turn.", "From the column."]
+
+
 def test_multi_turn_rows_are_refused_naming_the_row(tmp_path):
     def msg(role, content):
         return {"role": role, "content": content}
