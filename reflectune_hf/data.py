@@ -325,11 +325,9 @@ def load_data(source: Union[str, Path], split: str = "train"):
     """Load Alpaca data from `"sample"`, a local JSON/JSONL/Parquet file, a directory saved with
     `save_to_disk`, or a Hub dataset id; the result goes through `to_alpaca`.
 
-    TRL-format data is converted on load (`from_chat_format`): single-turn `messages`
-    (`[system?, user, assistant]`) and `prompt` / `completion` rows (strings or message lists)
-    become `instruction`, `input` (`""`), `output` and `system`; a multi-turn row is refused
-    with an error naming it. A local path that does not exist is reported as such (not looked
-    up on the Hub).
+    TRL-format data (`messages`, `prompt` / `completion`) is converted on load (`from_chat_format`);
+    a multi-turn row is refused naming it. A local path that does not exist is reported as such
+    (not looked up on the Hub); a saved folder without `split` names the splits it holds.
 
     Example:
         >>> from reflectune_hf.data import load_data
@@ -345,6 +343,8 @@ def load_data(source: Union[str, Path], split: str = "train"):
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{path} holds the splits {list(ds)}, not {split!r}: pick one with split=")
             ds = ds[split]
     elif path.is_file():
         builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix.lower())

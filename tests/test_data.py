@@ -150,6 +150,17 @@ def test_chat_rows_keep_their_own_system_and_input_columns(tmp_path):
     assert load_data(str(path))["system"] == ["From the turn.", "From the column."]
 
 
+def test_a_saved_folder_without_the_split_names_its_splits(tmp_path):
+    """`load_data(folder)` on a saved DatasetDict without `train` raised a bare KeyError: 'train'."""
+    from datasets import Dataset, DatasetDict
+
+    rows = Dataset.from_dict({"instruction": ["Hi"], "input": [""], "output": ["Hello"]})
+    DatasetDict({"origin": rows}).save_to_disk(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"holds the splits \['origin'\], not 'train': pick one with split="):
+        load_data(str(tmp_path / "run"))
+    assert load_data(str(tmp_path / "run"), split="origin")["output"] == ["Hello"]
+
+
 def test_multi_turn_rows_are_refused_naming_the_row(tmp_path):
     def msg(role, content):
         return {"role": role, "content": content}
