@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
-from .utils import id_problem, versioned
+from .utils import dataset_from_records, id_problem, versioned
 
 ALPACA_COLUMNS = ("instruction", "input", "output")
 ID_COLUMN = "id"
@@ -414,7 +414,4 @@ def text_array(table, name: str):
 
 def records_to_dataset(records: Sequence[Mapping]):
     """An in-memory Dataset from a list of Alpaca dicts (every key of any row), normalised by `to_alpaca`."""
-    from datasets import Dataset
-
-    keys = dict.fromkeys(k for r in records for k in r)  # Dataset.from_list keeps only the first row's keys
-    return to_alpaca(Dataset.from_dict({k: [r.get(k) for r in records] for k in keys}))
+    return to_alpaca(dataset_from_records([dict(r) for r in records]))

@@ -152,6 +152,21 @@ def id_problem(ids) -> str:
     return f"values are not unique: {repeated[:5]} repeat" if repeated else ""
 
 
+def dataset_from_records(records):
+    """An in-memory `Dataset` of a list of dicts with every key of any record (a record without one
+    gets None there); `Dataset.from_list` keeps only the first record's keys.
+
+    Example:
+        >>> from reflectune_hf.utils import dataset_from_records
+        >>> dataset_from_records([{"a": 1}, {"a": 2, "b": "x"}]).to_dict()
+        {'a': [1, 2], 'b': [None, 'x']}
+    """
+    from datasets import Dataset
+
+    keys = dict.fromkeys(k for r in records for k in r)
+    return Dataset.from_dict({k: [r.get(k) for r in records] for k in keys})
+
+
 IDENTITY_KEY = "__reflectune_hf_identity__"  # the pickled state's entry that only identifies the code
 
 

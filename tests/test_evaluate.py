@@ -323,6 +323,17 @@ def test_run_eval_with_response_files(tmp_path, monkeypatch):
                                               judge_model="scripted", output_dir=str(tmp_path / "out2")))
 
 
+def test_response_files_keep_keys_the_first_row_lacks(tmp_path):
+    """`Dataset.from_list` kept only the first row's keys: a later row's `input` was dropped and the
+    judge saw its question without it."""
+    from reflectune_hf.cli import eval_job as eval_run
+
+    _write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Q0", "response": "r0"},
+                                        {"instruction": "Q1", "input": "the table", "response": "r1"}])
+    ds, column = eval_run._read_responses(str(tmp_path / "a.jsonl"))
+    assert column == "response" and ds["input"] == [None, "the table"]
+
+
 def test_make_oracle_picks_server_or_local():
     from reflectune_hf.oracles import LlamaCppOracle, OpenAIOracle, TransformersOracle
     from reflectune_hf.oracles.factory import make_oracle

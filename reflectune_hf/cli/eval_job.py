@@ -29,6 +29,7 @@ from ..evaluation.judge import format_judge_table, judge_summary, plot_judge
 from ..evaluation.stages import GenerateResponses, PairwiseJudge, load_eval_set
 from ..oracles.factory import check_local_conflict, make_oracle
 from ..sanitize import sanitize_config
+from ..utils import dataset_from_records
 from .configs import at_least, integer_at_least
 
 logger = logging.getLogger(__name__)
@@ -131,9 +132,7 @@ def _answered(config: EvalConfig) -> dict:
 
 
 def _read_responses(path: str):
-    from datasets import Dataset
-
-    ds = Dataset.from_list(read_records(path))
+    ds = dataset_from_records(read_records(path))  # every key of any row, not only the first row's
     column = "response" if "response" in ds.column_names else "output"
     missing = [c for c in ("instruction", column) if c not in ds.column_names]
     if missing:
