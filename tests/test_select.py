@@ -257,6 +257,21 @@ def test_a_failed_instruction_reflection_is_never_kept_in_phase_1():
     assert kept == {0: "origin", 1: "origin", 2: "origin", 3: "reflect_instruction", 4: "reflect_instruction"}
 
 
+def test_an_instruction_fallback_is_never_kept_in_phase_1():
+    """`instruction_fallback` (no new instruction: the origin's, next to the answer written for the
+    lost one) won phase 1 on the IFD its new answer gave: V2 kept a pair that was never (x1, y1)."""
+    ori = {"instruction": "Name a bird.", "input": "", "output": "Robin.", "ifd": 0.6, "rifd": 0.9,
+           "reflection_status": ""}
+    q = dict(ori, output="Sparrows live in cities.", ifd=0.7)
+    twin = {"ifd": 0.5, "rifd": 0.4, "reflection_status": "ok"}
+    rows = [(ori, dict(q, reflection_status=status), dict(ori, output="A robin.", **twin),
+             dict(q, output="Sparrows are birds.", **twin)) for status in ("instruction_fallback", "ok")]
+    variants = DatasetDict({
+        name: Dataset.from_dict({"id": [0, 1], **{k: [r[j][k] for r in rows] for k in rows[0][j]}})
+        for j, name in enumerate(VARIANT_SPLITS)})
+    assert explain_v2(variants)["v2_kept"] == ["origin", "reflect_instruction"]
+
+
 def test_select_v2_clear_errors(variants):
     with pytest.raises(ColumnError, match=r"split\(s\) \['reflect_both'\]"):
         select_v2(DatasetDict({s: variants[s] for s in VARIANT_SPLITS[:3]}))

@@ -58,8 +58,9 @@ STATUS_COLUMN = "reflection_status"
 # still holds the previous response (fallback) or the oracle gave nothing usable.
 NOT_REFLECTED = EXTRACT_NOT_REFLECTED  # output_fallback, failed, truncated, empty_input, invalid_text, oracle_error
 # Statuses of the instruction-reflection step meaning "no new instruction": its split holds the
-# origin's pair (input merged into the instruction by some stages), never a phase-1 candidate.
-INSTRUCTION_NOT_REFLECTED = NOT_REFLECTED - {"output_fallback"}
+# origin's instruction (input merged into it by some stages; with `instruction_fallback` next to
+# the answer written for the lost new one), never a phase-1 candidate.
+INSTRUCTION_NOT_REFLECTED = (NOT_REFLECTED - {"output_fallback"}) | {"instruction_fallback"}
 # Outcomes of the V2 decision per id, in the order the checks apply (see `explain_v2`).
 V2_REJECTIONS = ("missing_score", "not_improved", "not_reflected", "above_one")
 V2_SOURCES = ("reflect_response", "reflect_both")
@@ -302,8 +303,8 @@ def select_v2(variants, require_below_one: bool = True, ratio: str = "ppl"):
       `oracle_error`), or whose `output` equals the kept pair's
       `output`, is never selected (it is the kept pair, not a reflected response).
     - A Q identical to ori (instruction, input and output), or whose `reflection_status` says its
-      instruction was not reflected (`INSTRUCTION_NOT_REFLECTED`: `failed`, `truncated`,
-      `empty_input`, `invalid_text`, `oracle_error`), never wins phase 1.
+      instruction was not reflected (`INSTRUCTION_NOT_REFLECTED`: `instruction_fallback`,
+      `failed`, `truncated`, `empty_input`, `invalid_text`, `oracle_error`), never wins phase 1.
 
     Args:
         variants: a `DatasetDict` with the four splits, aligned by `id` (order may differ), each
