@@ -89,6 +89,19 @@ def test_stages_send_the_chosen_prompt_set_stripped():
 # --- CompressInstruction -----------------------------------------------------------------------
 
 
+def test_a_compression_that_echoes_the_prompt_frame_is_not_ok():
+    """The oracle echoed the prompt: "[New Instruction] Sort: [The Start of Input] 3, 1 [The End of
+    Input]": "[The End of Input]" ended the field and "Sort: [The Start of Input] 3, 1" was `ok`."""
+    echo = "[New Instruction] Sort the list: [The Start of Input]\n3, 1\n\n[The End of Input] [End]"
+    oracle = ScriptedOracle(rules=(("ROW-ECHO", (echo, echo)),))
+    out = CompressInstruction(oracle)(_rows(instruction=["ROW-ECHO sort"], input=["3, 1"], output=["1, 3"]))
+    assert out["compress_status"] == ["fallback_merged"] and out["instruction"] == ["ROW-ECHO sort\n\n3, 1"]
+    from reflectune_hf.reflection.extract import parse_instruction_reflection
+
+    assert parse_instruction_reflection("[New Instruction] [Instruction] Sort. [End]\n[New Answer] 1, 3 [End]") == (
+        None, "1, 3")
+
+
 def test_compress_statuses_never_lose_the_input():
     oracle = ScriptedOracle(rules=(
         ("ROW-OK", (GOOD_COMPRESS.format(topic="Sum 1 and 2"),)),

@@ -268,8 +268,15 @@ def is_usable(segment: str) -> bool:
     return not _REFUSAL.match(segment.replace("\u2019", "'"))
 
 
+# The prompts' own scaffolding ("[The Start of Input]", "[System]"): in a new instruction it is an
+# echo of the prompt, not an instruction (the input it framed may be cut at "[The End of Input]").
+_SCAFFOLD = re.compile(
+    r"\[(?:the\s+)?(?:start|end)\s+of\s+(?:the\s+)?(?:input|answer)\]|\[(?:instruction|system|question)\]", re.I)
+
+
 def _first_usable(text: str, label: str) -> Optional[str]:
-    return next((s for s in segments(text, label) if is_usable(s)), None)
+    return next((s for s in segments(text, label)
+                 if is_usable(s) and not (label == "instruction" and _SCAFFOLD.search(s))), None)
 
 
 def parse_instruction_reflection(text: str) -> tuple[Optional[str], Optional[str]]:
