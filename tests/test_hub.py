@@ -286,3 +286,18 @@ def test_a_second_write_removes_what_only_the_first_wrote_and_nothing_else(tmp_p
     save_local(small, out)  # splits again over one Dataset: its arrow/state.json is not this write's
     assert len(load_from_disk(str(out / "arrow"))["origin"]) == 6, "the stale state.json is gone"
     assert "arrow/state.json" not in read_manifest(out) and "arrow/origin/state.json" in read_manifest(out)
+
+
+def test_saved_summary_and_card_count_v2_with_the_run_rule(tmp_path, variants):
+    """A run with --ratio loss --require_below_one false: the summary's and card's V2 counts are
+    those of that rule (the `selected` split the run wrote), not of the defaults (ppl, below one)."""
+    from reflectune_hf.selection.select import select_v2
+
+    chosen = select_v2(variants, require_below_one=False, ratio="loss")
+    default = select_v2(variants)
+    assert len(chosen) != len(default)
+    data = DatasetDict({**variants, "selected": chosen})
+    out = save_local(data, tmp_path / "out", card_context={"ratio": "loss", "require_below_one": False})
+    v2 = json.loads((out / "summary.json").read_text())["selection"]["v2"]
+    assert (v2["ratio"], v2["require_below_one"], v2["selected"]) == ("loss", False, len(chosen))
+    assert f"| V2 (selective, ratio=loss, require_below_one=False) | {len(chosen)} |" in (out / "README.md").read_text()

@@ -36,7 +36,7 @@ from ..sanitize import (  # noqa: F401  (public here too, as before)
 from ..selection.select import VARIANT_SPLITS
 from ..utils import card_template, versioned
 from . import outputs
-from .report import plot_summary, summarize
+from .report import plot_summary, selection_options, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -298,15 +298,15 @@ def _published(splits: dict) -> dict:
     return published
 
 
-def _prepare(data, tokenizer):
-    """`with_messages(data)`, its splits, the splits with rows (warning about the others), and its summary."""
+def _prepare(data, tokenizer, context: Optional[Mapping] = None):
+    """`with_messages(data)`, its splits, those with rows (warning about the others), its summary (V2 by `context`)."""
     data = with_messages(data)
     splits = _splits(data)
     published = _published(splits)
     if len(published) < len(splits):
         logger.warning("Split(s) %s have no rows: no data files are written for them",
                        [name for name in splits if name not in published])
-    return data, splits, published, summarize(data, tokenizer=tokenizer)
+    return data, splits, published, summarize(data, tokenizer=tokenizer, **selection_options(context))
 
 
 def _write_plots(data, summary: dict, out_dir: Path) -> list[str]:
@@ -335,7 +335,7 @@ def save_local(data, out_dir: Union[str, Path], card_context: Optional[Mapping] 
     """
     from datasets import DatasetDict
 
-    data, splits, published, summary = _prepare(data, tokenizer)
+    data, splits, published, summary = _prepare(data, tokenizer, card_context)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous = outputs.read_manifest(out)  # before anything is written: a malformed one stops here
@@ -405,7 +405,7 @@ def push_to_hub(data, repo_id: str, private: bool = True, token: Optional[str] =
     from huggingface_hub import HfApi
 
     token = require_token(token)
-    data, _, published, summary = _prepare(data, tokenizer)  # also the type checks, before anything is sent
+    data, _, published, summary = _prepare(data, tokenizer, card_context)  # the type checks, before sending
     message = commit_message or "Upload data recycled with reflectune_hf"
     (DatasetDict(published) if isinstance(data, DatasetDict) else published["train"]).push_to_hub(
         repo_id, private=private, token=token, commit_message=message)

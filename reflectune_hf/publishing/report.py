@@ -178,6 +178,12 @@ def summarize(variants_or_dataset, tokenizer=None, *, ratio: str = "ppl", requir
     return summary
 
 
+def selection_options(context: Optional[Mapping]) -> dict:
+    """The `summarize` options of a run's configuration (`ratio`, `require_below_one`), so the
+    summary's V2 counts follow the rule the run selected with, not the defaults."""
+    return {k: (context or {})[k] for k in ("ratio", "require_below_one") if (context or {}).get(k) is not None}
+
+
 def format_rates(data, oracle: Optional[str] = None) -> dict:
     """How the oracle's answers met the format, per reflected split: `{split: {"oracle", "rows"
     (rows with an outcome), "parsed" (share parsed in full, first try or after a re-ask), and the
