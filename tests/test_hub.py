@@ -301,3 +301,18 @@ def test_saved_summary_and_card_count_v2_with_the_run_rule(tmp_path, variants):
     v2 = json.loads((out / "summary.json").read_text())["selection"]["v2"]
     assert (v2["ratio"], v2["require_below_one"], v2["selected"]) == ("loss", False, len(chosen))
     assert f"| V2 (selective, ratio=loss, require_below_one=False) | {len(chosen)} |" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["README.md", "data/train-00000-of-00001.parquet"])
+def test_save_local_never_replaces_a_file_of_the_users(tmp_path, name):
+    """A folder holding the user's README.md (or a parquet file at a name the layout uses) that no
+    manifest lists: refused before anything is written, the file kept as it was."""
+    out = tmp_path / "out"
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text("the user's own")
+    with pytest.raises(FileExistsError, match=name):
+        save_local(load_sample().select(range(3)), out)
+    assert (out / name).read_text() == "the user's own" and not (out / "arrow").exists()
+    save_local(load_sample().select(range(3)), tmp_path / "ours")
+    save_local(load_sample().select(range(2)), tmp_path / "ours")  # our own files: written again
+    assert len(load_from_disk(str(tmp_path / "ours" / "arrow"))) == 2

@@ -339,6 +339,7 @@ def save_local(data, out_dir: Union[str, Path], card_context: Optional[Mapping] 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous = outputs.read_manifest(out)  # before anything is written: a malformed one stops here
+    outputs.refuse_foreign(out, previous, published, quality=quality is not None, record=run_record is not None)
     # An empty split needs one explicit shard: datasets writes none by default, and then cannot load it.
     empty = {name: 1 for name, ds in splits.items() if len(ds) == 0}
     if isinstance(data, DatasetDict):

@@ -94,6 +94,22 @@ def _owned(out: Path, name: str) -> bool:
     return (out / name).resolve().is_relative_to(out.resolve())
 
 
+def refuse_foreign(out_dir, previous: Optional[Iterable[str]], splits: Iterable[str], quality: bool = False,
+                   record: bool = False) -> None:
+    """Raise `FileExistsError`, before anything is written, when a file at a fixed name this write
+    writes (`README.md`, `summary.json`, plots, `data/<split>-00000-of-00001.parquet`, ...) is in
+    the folder and not in its manifest `previous`: it is the user's (or from a write before
+    manifests) and writing would replace it."""
+    out = Path(out_dir)
+    names = ["README.md", "summary.json", *(["quality.json"] if quality else []), *([RUN_RECORD] if record else []),
+             *(f"plots/{p}.png" for p in ("ifd_hist", "rifd_hist", "lengths", "selection_funnel")),
+             *(f"data/{split}-00000-of-00001.parquet" for split in splits)]
+    foreign = [name for name in names if (out / name).exists() and name not in set(previous or ())]
+    if foreign:
+        raise FileExistsError(f"{out} holds {foreign}, which no write of reflectune recorded in {MANIFEST}: they "
+                              "would be replaced. Move them, or pick another output folder")
+
+
 def remove_stale(out_dir, previous: Optional[Iterable[str]], current: Iterable[str]) -> list[str]:
     """Remove the files of `previous` (the last manifest) that are not in `current` (what this
     write wrote), then the folders that this left empty; returns the names removed. Names that
