@@ -316,3 +316,13 @@ def test_save_local_never_replaces_a_file_of_the_users(tmp_path, name):
     save_local(load_sample().select(range(3)), tmp_path / "ours")
     save_local(load_sample().select(range(2)), tmp_path / "ours")  # our own files: written again
     assert len(load_from_disk(str(tmp_path / "ours" / "arrow"))) == 2
+
+
+def test_a_single_scored_dataset_has_one_split_name_in_card_and_summary(tmp_path, variants):
+    """One Dataset is published as the split `train`: the card's score table and summary.json name
+    that split too (they said `data`, a split the folder and the card's split table do not have)."""
+    out = save_local(variants["reflect_response"], tmp_path / "out")
+    assert list(json.loads((out / "summary.json").read_text())["splits"]) == ["train"]
+    readme = (out / "README.md").read_text()
+    assert "| `train` | IFD |" in readme and "| `data` |" not in readme
+    assert set(load_dataset(str(out))) == {"train"}

@@ -154,7 +154,7 @@ def publish(config: DataConfig, data, card_context: dict) -> Path:
     if config.quality_report:
         from ..evaluation.quality import quality_report
 
-        quality = quality_report(data, coherence=True)
+        quality = quality_report(data if hasattr(data, "keys") else {"train": data}, coherence=True)  # as the card
     out = save_local(data, config.output_dir, card_context=card_context, quality=quality,
                      run_record=config_record(config))
     if config.push_to_hub:

@@ -179,7 +179,7 @@ def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[d
 
     splits = _splits(data)
     context = sanitize_context(card_context)
-    summary = summary if summary is not None else summarize(data)
+    summary = summary if summary is not None else summarize(splits)  # a Dataset is `train` here too
     is_variants = set(VARIANT_SPLITS) <= set(splits)
     rows = max(len(ds) for ds in splits.values())
     license_id, license_text = _license(context.get("license"))
@@ -306,7 +306,7 @@ def _prepare(data, tokenizer, context: Optional[Mapping] = None):
     if len(published) < len(splits):
         logger.warning("Split(s) %s have no rows: no data files are written for them",
                        [name for name in splits if name not in published])
-    return data, splits, published, summarize(data, tokenizer=tokenizer, **selection_options(context))
+    return data, splits, published, summarize(splits, tokenizer=tokenizer, **selection_options(context))
 
 
 def _write_plots(data, summary: dict, out_dir: Path) -> list[str]:
