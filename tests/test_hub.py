@@ -326,3 +326,10 @@ def test_a_single_scored_dataset_has_one_split_name_in_card_and_summary(tmp_path
     readme = (out / "README.md").read_text()
     assert "| `train` | IFD |" in readme and "| `data` |" not in readme
     assert set(load_dataset(str(out))) == {"train"}
+
+
+def test_status_table_of_a_split_without_rows_says_so(variants):
+    """A selection that kept nothing: its status cells say `no rows`, not an empty cell."""
+    card = str(build_card(DatasetDict({**variants, "selected": variants["reflect_both"].select([])})))
+    assert "| `selected` | `reflection_status` | no rows |" in card
+    assert not [line for line in card.splitlines() if line.endswith("|  |")]

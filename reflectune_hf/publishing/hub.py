@@ -88,7 +88,7 @@ def _status_rows(splits: dict) -> list[dict]:
             if column.endswith("_status") and ds.features[column].dtype in ("string", "large_string"):
                 counts = Counter(ds[column])
                 text = ", ".join(f"{k or '(none)'}: {n}" for k, n in counts.most_common())
-                rows.append({"split": name, "column": column, "counts": text})
+                rows.append({"split": name, "column": column, "counts": text or "no rows"})
     return rows
 
 
