@@ -333,3 +333,10 @@ def test_status_table_of_a_split_without_rows_says_so(variants):
     card = str(build_card(DatasetDict({**variants, "selected": variants["reflect_both"].select([])})))
     assert "| `selected` | `reflection_status` | no rows |" in card
     assert not [line for line in card.splitlines() if line.endswith("|  |")]
+
+
+def test_status_table_counts_null_and_empty_statuses_once():
+    """Statuses None and "" both mean no status: one `(none)` count, not two."""
+    ds = Dataset.from_dict({"instruction": list("abcd"), "output": list("wxyz"),
+                            "reflection_status": ["ok", None, "", "ok"]})
+    assert "| `train` | `reflection_status` | ok: 2, (none): 2 |" in str(build_card(ds))

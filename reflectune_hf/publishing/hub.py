@@ -86,7 +86,7 @@ def _status_rows(splits: dict) -> list[dict]:
     for name, ds in splits.items():
         for column in ds.column_names:
             if column.endswith("_status") and ds.features[column].dtype in ("string", "large_string"):
-                counts = Counter(ds[column])
+                counts = Counter(v or "" for v in ds[column])  # null and "" are one "(none)"
                 text = ", ".join(f"{k or '(none)'}: {n}" for k, n in counts.most_common())
                 rows.append({"split": name, "column": column, "counts": text or "no rows"})
     return rows
