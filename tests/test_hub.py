@@ -340,3 +340,29 @@ def test_status_table_counts_null_and_empty_statuses_once():
     ds = Dataset.from_dict({"instruction": list("abcd"), "output": list("wxyz"),
                             "reflection_status": ["ok", None, "", "ok"]})
     assert "| `train` | `reflection_status` | ok: 2, (none): 2 |" in str(build_card(ds))
+
+
+def test_quality_table_says_how_many_rows_a_perplexity_or_ifd_covers(variants):
+    """Unscored rows are left out of the quality table's perplexity and IFD: the cells say how many
+    rows they cover (they showed a mean over fewer rows than the row count beside it)."""
+    from reflectune_hf.evaluation.quality import quality_report
+
+    data = DatasetDict({"reflect_response": variants["reflect_response"]})
+    quality = quality_report(data, tokenizer=_whitespace_tokenizer(), coherence=False)
+    entry = quality["splits"]["reflect_response"]
+    n, rows = entry["perplexity"]["columns"]["ppl_out_condition"]["count"], entry["rows"]
+    assert 0 < n < rows and entry["ifd"]["count"] == n
+    row = next(line for line in str(build_card(data, quality=quality)).splitlines()
+               if line.startswith("| `reflect_response` | 40 |") and line.count("|") == 8)  # the quality row
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[4].endswith(f" ({n} of {rows} rows)") and cells[6].endswith(f" ({n} of {rows} rows)")
+    assert cells[5] == "–" and "of" not in cells[2]
+
+
+def _whitespace_tokenizer():
+    class Tokenizer:
+        name_or_path = "whitespace"
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [t.split() for t in texts]}
+    return Tokenizer()

@@ -36,7 +36,7 @@ from ..sanitize import (  # noqa: F401  (public here too, as before)
 from ..selection.select import VARIANT_SPLITS
 from ..utils import card_template, versioned
 from . import outputs
-from .report import plot_summary, selection_options, summarize
+from .report import coverage, plot_summary, selection_options, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,6 @@ def _quality_rows(quality: Optional[Mapping]) -> list[dict]:
     """Rows of the card's data-quality table from `quality.quality_report` (means, medians)."""
     def stat(entry, key="mean"):
         return _format(entry.get(key)) if isinstance(entry, Mapping) and "omitted" not in entry else "–"
-
     rows = []
     for split, entry in ((quality or {}).get("splits") or {}).items():
         lengths = entry.get("lengths") or {}
@@ -130,8 +129,9 @@ def _quality_rows(quality: Optional[Mapping]) -> list[dict]:
         rows.append({"split": split, "rows": entry.get("rows"),
                      "instruction": f"{stat(lengths.get('instruction'))} / {stat(lengths.get('instruction'), 'median')}",
                      "response": f"{stat(lengths.get('response'))} / {stat(lengths.get('response'), 'median')}",
-                     "perplexity": f"{stat(ppl)} / {stat(ppl, 'median')}",
-                     "coherence": stat(entry.get("coherence")), "ifd": stat(entry.get("ifd"), "median")})
+                     "perplexity": f"{stat(ppl)} / {stat(ppl, 'median')}{coverage(ppl, entry.get('rows'))}",
+                     "coherence": stat(entry.get("coherence")) + coverage(entry.get("coherence"), entry.get("rows")),
+                     "ifd": stat(entry.get("ifd"), "median") + coverage(entry.get("ifd"), entry.get("rows"))})
     return rows
 
 

@@ -184,6 +184,13 @@ def selection_options(context: Optional[Mapping]) -> dict:
     return {k: (context or {})[k] for k in ("ratio", "require_below_one") if (context or {}).get(k) is not None}
 
 
+def coverage(stats, rows) -> str:
+    """`" (count of rows rows)"` when the statistics `stats` (`value_stats`) cover fewer than `rows`
+    rows (NaN, unscored or omitted ones are left out), else `""`: a table's mean says what it covers."""
+    count = stats.get("count") if isinstance(stats, Mapping) and "omitted" not in stats else None
+    return "" if count is None or rows is None or count >= rows else f" ({count} of {rows} rows)"
+
+
 def format_rates(data, oracle: Optional[str] = None) -> dict:
     """How the oracle's answers met the format, per reflected split: `{split: {"oracle", "rows"
     (rows with an outcome), "parsed" (share parsed in full, first try or after a re-ask), and the
