@@ -316,6 +316,13 @@ def test_save_local_never_replaces_a_file_of_the_users(tmp_path, name):
     save_local(load_sample().select(range(3)), tmp_path / "ours")
     save_local(load_sample().select(range(2)), tmp_path / "ours")  # our own files: written again
     assert len(load_from_disk(str(tmp_path / "ours" / "arrow"))) == 2
+    (tmp_path / "ours" / "reflectune_files.json").unlink()  # no manifest, no run record: nothing says they are ours
+    with pytest.raises(FileExistsError):
+        save_local(load_sample().select(range(1)), tmp_path / "ours")
+    save_local(load_sample().select(range(1)), tmp_path / "old", run_record={"data": "sample"})
+    (tmp_path / "old" / "reflectune_files.json").unlink()  # an earlier version's output: our config, no manifest
+    save_local(load_sample().select(range(3)), tmp_path / "old")
+    assert len(load_from_disk(str(tmp_path / "old" / "arrow"))) == 3
 
 
 def test_a_single_scored_dataset_has_one_split_name_in_card_and_summary(tmp_path, variants):

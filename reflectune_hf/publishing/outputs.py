@@ -98,9 +98,12 @@ def refuse_foreign(out_dir, previous: Optional[Iterable[str]], splits: Iterable[
                    record: bool = False) -> None:
     """Raise `FileExistsError`, before anything is written, when a file at a fixed name this write
     writes (`README.md`, `summary.json`, plots, `data/<split>-00000-of-00001.parquet`, ...) is in
-    the folder and not in its manifest `previous`: it is the user's (or from a write before
-    manifests) and writing would replace it."""
+    the folder and not in its manifest `previous`: it is the user's and writing would replace it. A
+    folder without a manifest but with our `reflectune_config.json` is an earlier version's output
+    (before manifests, 0.3.1 and older): its files are ours."""
     out = Path(out_dir)
+    if previous is None and (out / RUN_RECORD).is_file():
+        return
     names = ["README.md", "summary.json", *(["quality.json"] if quality else []), *([RUN_RECORD] if record else []),
              *(f"plots/{p}.png" for p in ("ifd_hist", "rifd_hist", "lengths", "selection_funnel")),
              *(f"data/{split}-00000-of-00001.parquet" for split in splits)]
