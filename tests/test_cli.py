@@ -323,8 +323,9 @@ def test_closing_table_counts_each_split_once():
                      Path("out"), both.select([0]), None, 0.0)
     assert isinstance(result, JobResult)
     lines = result.table().splitlines()
-    assert lines[1].split() == ["origin", "2", "ok:", "1,", "empty_output:", "1"]  # reflection_status is empty there
-    assert lines[2].split() == ["reflect_both", "2", "ok:", "1,", "failed:", "1"]
+    # reflection_status is empty in origin: its score_status, named (an "ok" there is no reflection's)
+    assert lines[1].split() == ["origin", "2", "score_status", "ok:", "1,", "empty_output:", "1"]
+    assert lines[2].split() == ["reflect_both", "2", "reflection_status", "ok:", "1,", "failed:", "1"]
     assert [line.split()[0] for line in lines].count("selected") == 1
 
 

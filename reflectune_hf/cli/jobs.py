@@ -195,13 +195,15 @@ class JobResult:
     oracle_usage: dict
     seconds: float
     format_rates: Optional[dict] = None  # report.format_rates: per reflected split
+    status_columns: Optional[dict] = None  # the column each split's `statuses` count
 
     def table(self) -> str:
         """The closing summary table printed by the CLI."""
         lines = [f"{'split':<22}{'rows':>7}  statuses"]
         for split, n in self.rows.items():
             counts = ", ".join(f"{k}: {v}" for k, v in self.statuses.get(split, {}).items())
-            lines.append(f"{split:<22}{n:>7}  {counts}")
+            column = (self.status_columns or {}).get(split)  # reflection or score: say which
+            lines.append(f"{split:<22}{n:>7}  {f'{column} ' if column and counts else ''}{counts}")
         if self.selected is not None and SELECTED_SPLIT not in self.rows:
             lines.append(f"{SELECTED_SPLIT:<22}{self.selected:>7}")
         if self.format_rates:
@@ -220,13 +222,14 @@ def _result(data, out: Path, selected, oracle, started: float) -> JobResult:
     from datasets import DatasetDict
 
     splits = dict(data) if isinstance(data, DatasetDict) else {"train": data}
-    statuses = {}
+    statuses, columns = {}, {}
     for name, ds in splits.items():
         counts = {}
         for column in ("reflection_status", "score_status"):  # the first that says something of the split
             if column in ds.column_names:
                 counts = {k: n for k, n in Counter(ds[column]).most_common() if k}
                 if counts:
+                    columns[name] = column
                     break
         statuses[name] = counts
     usage = dict(getattr(oracle, "usage", None) or {})
@@ -234,7 +237,7 @@ def _result(data, out: Path, selected, oracle, started: float) -> JobResult:
 
     return JobResult(data, out, {k: len(v) for k, v in splits.items()}, statuses,
                      None if selected is None else len(selected), usage, time.monotonic() - started,
-                     format_rates(splits, oracle=oracle_label(oracle)))
+                     format_rates(splits, oracle=oracle_label(oracle)), columns)
 
 
 def oracle_label(oracle) -> Optional[str]:
