@@ -134,3 +134,14 @@ def test_plot_summary_copes_with_empty_splits(variants, tmp_path):
 
 def test_docstring_examples_run():
     assert doctest.testmod(report_mod).failed == 0
+
+
+def test_format_rates_leave_out_the_selected_split():
+    """`selected` holds copies of the rows it picked: its "parsed 100%" measured the selection, not the oracle."""
+    from datasets import Dataset
+
+    from reflectune_hf.publishing.report import format_rates
+
+    reflected = Dataset.from_dict({"format_outcome": ["first_try", "fallback"]})
+    rates = format_rates({"reflect_response": reflected, "selected": reflected.select([0])})
+    assert list(rates) == ["reflect_response"] and rates["reflect_response"]["parsed"] == 0.5

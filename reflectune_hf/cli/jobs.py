@@ -30,7 +30,6 @@ from .configs import (  # noqa: F401  (the job configs, also importable from her
     ScoreConfig, SelectConfig, SelectionConfig, StudentConfig)
 
 logger = logging.getLogger(__name__)
-SELECTED_SPLIT = "selected"
 ORACLE_REQUIRED = ("--oracle_model is required: a model name on an OpenAI-compatible server "
                    "(with --base_url for vLLM, TGI, Ollama or llama.cpp) or local:<model>")
 CONTEXT_FILE = "reflectune_config.json"  # the run's configuration without secrets (publishing.outputs.RUN_RECORD)
@@ -204,6 +203,8 @@ class JobResult:
             counts = ", ".join(f"{k}: {v}" for k, v in self.statuses.get(split, {}).items())
             column = (self.status_columns or {}).get(split)  # reflection or score: say which
             lines.append(f"{split:<22}{n:>7}  {f'{column} ' if column and counts else ''}{counts}")
+        from ..selection.select import SELECTED_SPLIT
+
         if self.selected is not None and SELECTED_SPLIT not in self.rows:
             lines.append(f"{SELECTED_SPLIT:<22}{self.selected:>7}")
         if self.format_rates:
@@ -253,6 +254,8 @@ def oracle_label(oracle) -> Optional[str]:
 
 def _with_selected(variants, chosen):
     from datasets import DatasetDict
+
+    from ..selection.select import SELECTED_SPLIT
 
     return variants if chosen is None else DatasetDict({**variants, SELECTED_SPLIT: chosen})
 

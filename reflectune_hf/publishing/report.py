@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from ..selection.select import (
     SCORE_STATUS_COLUMN,
+    SELECTED_SPLIT,
     STATUS_COLUMN,
     V2_REJECTIONS,
     V2_SOURCES,
@@ -195,7 +196,8 @@ def format_rates(data, oracle: Optional[str] = None) -> dict:
     """How the oracle's answers met the format, per reflected split: `{split: {"oracle", "rows"
     (rows with an outcome), "parsed" (share parsed in full, first try or after a re-ask), and the
     count and share of each outcome in `FORMAT_OUTCOMES`}}`; splits without a `format_outcome`
-    column (or only `""`, as `origin`) are left out.
+    column (or only `""`, as `origin`) are left out, and so is `selected` (copies of the rows it
+    picked: its share would measure the selection, not the oracle).
 
     Example:
         >>> from datasets import Dataset
@@ -208,7 +210,7 @@ def format_rates(data, oracle: Optional[str] = None) -> dict:
     splits = as_splits(data) if not isinstance(data, Mapping) else dict(data)
     out = {}
     for name, ds in splits.items():
-        if FORMAT_COLUMN not in ds.column_names:
+        if FORMAT_COLUMN not in ds.column_names or name == SELECTED_SPLIT:
             continue
         counts = {k: n for k, n in _counts(ds, FORMAT_COLUMN).items() if k not in ("", "null")}
         rows = sum(counts.values())

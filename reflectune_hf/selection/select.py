@@ -54,6 +54,7 @@ SCORE_STATUS_COLUMN = "score_status"
 SCORE_OK = "ok"
 SELECTIT_STATUS_COLUMN = "selectit_status"  # SelectITScorer's status: the one its `selectit_*` scores answer to
 STATUS_COLUMN = "reflection_status"
+SELECTED_SPLIT = "selected"  # the split of the chosen rows that the jobs add next to the variants
 # Statuses of the response-reflection step meaning "the response was not rewritten": the row
 # still holds the previous response (fallback) or the oracle gave nothing usable.
 NOT_REFLECTED = EXTRACT_NOT_REFLECTED  # output_fallback, failed, truncated, empty_input, invalid_text, oracle_error
