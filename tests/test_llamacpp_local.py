@@ -239,3 +239,18 @@ def test_kept_prompts_are_bounded_and_a_refused_state_is_prefilled_again():
         assert oracle.complete([request])[0].text == expected
     assert sum(step[0] for step in steps.steps) > len(key)  # prefilled again
     oracle.close()
+
+
+def test_the_context_is_part_of_the_cache_key(tmp_path):
+    """`n_ctx` caps a long prompt's answer (`length` after what the context leaves): an answer cut
+    by a small context was replayed from the cache to an oracle with a larger one. Speed knobs
+    (`batch_size`, `n_threads`, `prompt_cache_mb`) stay outside the key."""
+    kwargs = dict(max_new_tokens=16, n_threads=1, cache=tmp_path / "c.sqlite", progress=False)
+    request = ask("Tell me a story.", max_tokens=16)
+    small = LlamaCppOracle(n_ctx=40, **kwargs)
+    cut = small.complete([request])[0]
+    assert cut.ok and cut.finish_reasons == ["length"] and cut.usage["completion_tokens"] < 16
+    small.close()
+    assert LlamaCppOracle(n_ctx=512, **kwargs).cached([request]) == [False]
+    knobs = LlamaCppOracle(n_ctx=40, batch_size=3, prompt_cache_mb=0, **{**kwargs, "n_threads": 2})
+    assert knobs.cached([request]) == [True]

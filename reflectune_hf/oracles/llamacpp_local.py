@@ -199,7 +199,8 @@ class LlamaCppOracle(CachingOracle):
         return {"engine": "llamacpp", "weights": self.weights, **ident}
 
     def _identity(self) -> tuple[str, str]:
-        """The cache key's model: the GGUF file's identity, the weights' encoding and the engine."""
+        """The cache key's model: the GGUF file's identity, the weights' encoding, the engine and
+        `n_ctx` (it caps the budget of a long prompt's answer: a smaller context, a shorter answer)."""
         if getattr(self, "_identity_cache", None) is None:
             try:
                 ident = self._gguf_identity()
@@ -208,7 +209,7 @@ class LlamaCppOracle(CachingOracle):
             except Exception as err:  # noqa: BLE001 - any failure to find the model is a configuration error
                 raise OracleConfigurationError(f"Cannot find the model {self.model!r}: {err}") from err
             name = ident.get("package") or f"{ident.get('gguf')}@{ident.get('size')}-{ident.get('mtime_ns')}"
-            self._identity_cache = f"llamacpp:{self.model}:{name}:{self.weights}"
+            self._identity_cache = f"llamacpp:{self.model}:{name}:{self.weights}:ctx{self.n_ctx}"
         return self._identity_cache, "local"
 
     def fingerprint_identity(self) -> dict:
