@@ -254,3 +254,13 @@ def test_the_context_is_part_of_the_cache_key(tmp_path):
     assert LlamaCppOracle(n_ctx=512, **kwargs).cached([request]) == [False]
     knobs = LlamaCppOracle(n_ctx=40, batch_size=3, prompt_cache_mb=0, **{**kwargs, "n_threads": 2})
     assert knobs.cached([request]) == [True]
+
+
+def test_a_negative_seed_is_a_seed_and_fails_no_row(oracle):
+    """`ChatRequest` takes negative seeds (as the OpenAI API does); numpy's generator refuses them,
+    and the ValueError stopped the decode: every row of the call failed, the unseeded ones too."""
+    plain, negative = ask("Name a colour.", max_tokens=4), ask("Say hi.", temperature=0.8, seed=-3, max_tokens=4)
+    results = oracle.complete([plain, negative])
+    assert all(r.ok for r in results), [r.error for r in results]
+    alone = [oracle.complete([negative])[0] for _ in range(2)]
+    assert alone[0].ok and alone[0].text == alone[1].text  # a seed: the same sample again

@@ -289,7 +289,8 @@ def run_sequences(engine: LlamaEngine, sequences: list[Sequence], *, eos: set,
         while queue and free:
             seq, seq_id = queue.pop(), free.pop()
             seq.logprobs = [] if seq.top_logprobs is not None else None
-            rng = np.random.default_rng(seq.seed) if seq.temperature > 0 else None
+            seed = None if seq.seed is None else seq.seed % (1 << 64)  # a negative seed as torch takes it
+            rng = np.random.default_rng(seed) if seq.temperature > 0 else None
             running[seq_id] = {"seq": seq, "pos": 0, "fed": 0, "next": None, "rng": rng}
             kept = engine.prompt_states.get(seq.prompt)
             if kept is not None and engine.restore(seq_id, kept[0]):
