@@ -264,3 +264,14 @@ def test_a_negative_seed_is_a_seed_and_fails_no_row(oracle):
     assert all(r.ok for r in results), [r.error for r in results]
     alone = [oracle.complete([negative])[0] for _ in range(2)]
     assert alone[0].ok and alone[0].text == alone[1].text  # a seed: the same sample again
+
+
+def test_a_request_the_chat_template_cannot_render_fails_its_row_alone(oracle):
+    """Content parts and an assistant turn without content are valid `ChatRequest`s that SmolLM2's
+    template cannot render: jinja2's error left `complete()`, and every request of the call was lost."""
+    parts = ChatRequest([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], max_tokens=4)
+    empty = ChatRequest([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}], max_tokens=4)
+    plain, bad_parts, bad_empty = oracle.complete([ask("Name a colour.", max_tokens=4), parts, empty])
+    assert plain.ok and plain.text
+    for bad in (bad_parts, bad_empty):
+        assert not bad.ok and "chat template cannot render" in bad.error and "\n" not in bad.error

@@ -145,3 +145,12 @@ def test_seeded_requests_share_a_batch_and_sample_as_they_do_alone(oracle, monke
     assert calls == [3, 1]  # batch_size 3: three seeded requests in one batch
     alone = [oracle.complete([r])[0] for r in requests]
     assert [r.texts for r in together] == [r.texts for r in alone]
+
+
+def test_a_request_the_chat_template_cannot_render_fails_its_row_alone(oracle):
+    """A content-part list is a valid `ChatRequest` that SmolLM2's template cannot render: jinja2's
+    error left `complete()`, and every request of the call was lost."""
+    parts = ChatRequest([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], max_tokens=4)
+    plain, bad = oracle.complete([*ask(PROMPTS[:1], max_tokens=4), parts])
+    assert plain.ok and plain.text
+    assert not bad.ok and "chat template cannot render" in bad.error

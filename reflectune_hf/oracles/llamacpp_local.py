@@ -299,9 +299,10 @@ class LlamaCppOracle(CachingOracle):
     def _send(self, requests: list[ChatRequest], on_result) -> list[ChatResult]:
         from tqdm.auto import tqdm
 
+        from .local_decode import prompt_ids
+
         engine, tokenizer = self._load()
-        ids = [tokenizer(tokenizer.apply_chat_template(r.message_dicts, add_generation_prompt=True, tokenize=False),
-                         add_special_tokens=False)["input_ids"] for r in requests]
+        ids = prompt_ids(tokenizer, requests)  # a str: the row's template error
         results: list[Optional[ChatResult]] = [None] * len(requests)
         show = self.progress if self.progress is not None else len(requests) > 1
         bar = tqdm(total=len(requests), desc=f"oracle {Path(self.model).name}", unit="req", disable=not show,
@@ -338,6 +339,9 @@ class LlamaCppOracle(CachingOracle):
         sequences = []
         try:
             for i, request in enumerate(requests):
+                if isinstance(ids[i], str):
+                    finish(i, ChatResult.failure(ids[i]))
+                    continue
                 budget = min(request.max_tokens, engine.n_ctx - len(ids[i]))
                 if budget < 1:
                     finish(i, ChatResult.failure(f"prompt of {len(ids[i])} tokens fills the context of {engine.n_ctx} "

@@ -157,13 +157,14 @@ class TransformersOracle(CachingOracle):
     def _send(self, requests: list[ChatRequest], on_result) -> list[ChatResult]:
         from tqdm.auto import tqdm
 
+        from .local_decode import prompt_ids
+
         model, tokenizer = self._load()
-        prompts = [tokenizer.apply_chat_template(r.message_dicts, add_generation_prompt=True, tokenize=False)
-                   for r in requests]
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        ids = prompt_ids(tokenizer, requests)  # a str: the row's template error
         limit = getattr(model.config, "max_position_embeddings", None)
         # Each request's budget: min(max_tokens, context - prompt), so a long row gets a shorter answer.
-        budgets = [min(r.max_tokens, limit - len(i)) if limit else r.max_tokens for r, i in zip(requests, ids)]
+        budgets = [0 if isinstance(i, str) else min(r.max_tokens, limit - len(i)) if limit else r.max_tokens
+                   for r, i in zip(requests, ids)]
         results: list[Optional[ChatResult]] = [None] * len(requests)
         show = self.progress if self.progress is not None else len(requests) > 1
         bar = tqdm(total=len(requests), desc=f"oracle {Path(self.model).name}", unit="req", disable=not show,
@@ -176,7 +177,9 @@ class TransformersOracle(CachingOracle):
 
         todo = []
         for i in range(len(requests)):
-            if budgets[i] < 1:
+            if isinstance(ids[i], str):
+                finish(i, ChatResult.failure(ids[i]))
+            elif budgets[i] < 1:
                 finish(i, ChatResult.failure(f"prompt of {len(ids[i])} tokens exceeds the model's context of "
                                              f"{limit} tokens (no room for an answer): shorten the row"))
             else:

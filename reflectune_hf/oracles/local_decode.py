@@ -126,6 +126,20 @@ def request_constraint(constraints: dict, request, tokenizer, structured: str):
     return constraints[shape]
 
 
+def prompt_ids(tokenizer, requests) -> list:
+    """Per request, the token ids of its prompt (the tokenizer's chat template), or, where the
+    template cannot render it (a content-part list, an assistant turn without content), a
+    one-line error for that row alone: the other requests of the call are answered."""
+    ids = []
+    for request in requests:
+        try:
+            text = tokenizer.apply_chat_template(request.message_dicts, add_generation_prompt=True, tokenize=False)
+            ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        except Exception as err:  # noqa: BLE001 - jinja2's errors, a template's raise_exception
+            ids.append(f"the model's chat template cannot render this request: {type(err).__name__}: {err}")
+    return ids
+
+
 def _cache_kwarg(model) -> str:
     """`cache` (transformers >= 5.2x) or `past_key_values` (older), as the model's forward takes it."""
     params = inspect.signature(model.forward).parameters
