@@ -267,7 +267,8 @@ def test_blank_or_missing_responses_are_not_ok():
     out = SampleResponses(Student(), n=2, logprobs=False, template=None)(
         {"id": [0, 1, 2], "instruction": ["A", "B", "C"]})
     assert out["sample_status"] == ["ok", "missing_responses", "missing_responses"]
-    assert out["responses"][1] == ["Red.", "  \n"] and out["sample_error"][1] == "1 of the 2 responses came back with text"
+    assert out["responses"][1] == ["Red.", "  \n"]
+    assert out["sample_error"][1] == "1 of the 2 responses came back with text"
     assert out["sample_error"][0] == ""
 
 
