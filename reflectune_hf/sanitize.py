@@ -88,19 +88,19 @@ def sanitize_config(config: Optional[Mapping[str, Any]]) -> dict:
     clean = {}
     for key, value in (config or {}).items():
         if not is_secret_key(key):
-            clean[str(key)] = _clean_value(key, value, sanitize_config)
+            clean[str(key)] = _clean_value(key, value)
     return clean
 
 
-def _clean_value(key, value, clean_mapping):
-    """`value` of `key` cleaned: a URL stripped of secrets, a mapping by `clean_mapping`, a list or
+def _clean_value(key, value):
+    """`value` of `key` cleaned: a URL stripped of secrets, a mapping by `sanitize_config`, a list or
     tuple item by item (an item takes its list's key: a list of `*_url` holds URLs)."""
     if _is_url(key, value):
         return strip_url_secrets(value)
     if isinstance(value, Mapping):
-        return clean_mapping(value)
+        return sanitize_config(value)
     if isinstance(value, (list, tuple)):
-        items = [_clean_value(key, item, clean_mapping) for item in value]
+        items = [_clean_value(key, item) for item in value]
         return items if isinstance(value, list) else tuple(items)
     return value
 

@@ -5,6 +5,7 @@ Nothing here imports another module of the package, so every module may import i
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
@@ -144,11 +145,7 @@ def id_problem(ids) -> str:
     missing = [i for i, value in enumerate(ids) if value is None or value != value]
     if missing:
         return f"has missing values (None or NaN) at row(s) {missing[:5]}"
-    seen, repeated = set(), []
-    for value in ids:
-        if value in seen and value not in repeated:
-            repeated.append(value)
-        seen.add(value)
+    repeated = [value for value, n in collections.Counter(ids).items() if n > 1]
     return f"values are not unique: {repeated[:5]} repeat" if repeated else ""
 
 

@@ -24,6 +24,7 @@ from typing import Optional
 from ..data import load_data
 from ..oracles import ChatRequest
 from ..oracles.factory import make_oracle
+from ..publishing.outputs import RUN_RECORD
 from ..sanitize import sanitize_config
 from .configs import (  # noqa: F401  (the job configs, also importable from here)
     DataConfig, EstimateConfig, OracleClientConfig, OracleConfig, OracleRequestConfig, RecycleConfig, ReflectConfig,
@@ -32,7 +33,7 @@ from .configs import (  # noqa: F401  (the job configs, also importable from her
 logger = logging.getLogger(__name__)
 ORACLE_REQUIRED = ("--oracle_model is required: a model name on an OpenAI-compatible server "
                    "(with --base_url for vLLM, TGI, Ollama or llama.cpp) or local:<model>")
-CONTEXT_FILE = "reflectune_config.json"  # the run's configuration without secrets (publishing.outputs.RUN_RECORD)
+CONTEXT_FILE = RUN_RECORD  # the run's configuration without secrets: `--config` reproduces the run
 
 
 # --------------------------------------------------------------------------------------------- steps

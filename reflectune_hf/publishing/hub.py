@@ -349,7 +349,7 @@ def save_local(data, out_dir: Union[str, Path], card_context: Optional[Mapping] 
     written = outputs.arrow_files(out / "arrow", list(data) if isinstance(data, DatasetDict) else None)
     (out / "data").mkdir(exist_ok=True)
     for name, ds in published.items():
-        written.append(f"data/{name}-00000-of-00001.parquet")
+        written.append(outputs.parquet_file(name))
         ds.to_parquet(str(out / written[-1]))
     plots = _write_plots(data, summary, out)
     texts = {"summary.json": json.dumps(summary, indent=2, allow_nan=False)}

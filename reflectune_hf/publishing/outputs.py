@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "reflectune_files.json"
 RUN_RECORD = "reflectune_config.json"  # the run's configuration without secrets: `--config` reproduces the run
+PLOT_FILES = {"ifd": "ifd_hist.png", "rifd": "rifd_hist.png", "lengths": "lengths.png",  # report.plot_summary's
+              "funnel": "selection_funnel.png"}
 OWNED = re.compile(r"(README\.md|summary\.json|quality\.json|reflectune_config\.json|plots/[^/]+\.png"
                    r"|data/[^/]+\.parquet|arrow/([^/]+/)?(dataset_dict\.json|dataset_info\.json|state\.json"
                    r"|data-\d+-of-\d+\.arrow))")
@@ -94,6 +96,11 @@ def _owned(out: Path, name: str) -> bool:
     return (out / name).resolve().is_relative_to(out.resolve())
 
 
+def parquet_file(split: str) -> str:
+    """The Parquet file of `split` in an output folder (the Hub's layout, one shard)."""
+    return f"data/{split}-00000-of-00001.parquet"
+
+
 def refuse_foreign(out_dir, previous: Optional[Iterable[str]], splits: Iterable[str], quality: bool = False,
                    record: bool = False) -> None:
     """Raise `FileExistsError`, before anything is written, when a file at a fixed name this write
@@ -105,8 +112,7 @@ def refuse_foreign(out_dir, previous: Optional[Iterable[str]], splits: Iterable[
     if previous is None and (out / RUN_RECORD).is_file():
         return
     names = ["README.md", "summary.json", *(["quality.json"] if quality else []), *([RUN_RECORD] if record else []),
-             *(f"plots/{p}.png" for p in ("ifd_hist", "rifd_hist", "lengths", "selection_funnel")),
-             *(f"data/{split}-00000-of-00001.parquet" for split in splits)]
+             *(f"plots/{p}" for p in PLOT_FILES.values()), *(parquet_file(split) for split in splits)]
     foreign = [name for name in names if (out / name).exists() and name not in set(previous or ())]
     if foreign:
         raise FileExistsError(f"{out} holds {foreign}, which no write of reflectune recorded in {MANIFEST}: they "

@@ -40,6 +40,7 @@ from ..selection.select import (
 from ..data import arrow_columns, text_array
 from ..oracles.stage_formats import FORMAT_OUTCOMES
 from ..prompts import NEWLINE_SEPARATOR, join_input
+from .outputs import PLOT_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -372,13 +373,13 @@ def plot_summary(summary_or_data: Union[dict, object], out_dir, tokenizer=None, 
     written = []
     for key in ("ifd", "rifd"):
         if key in summary["histograms"]:
-            written.append(out / f"{key}_hist.png")
+            written.append(out / PLOT_FILES[key])
             _plot_score_hist(summary, key, written[-1])
     if "instruction_length" in summary["histograms"]:
-        written.append(out / "lengths.png")
+        written.append(out / PLOT_FILES["lengths"])
         _plot_lengths(summary, written[-1])
     if "v2" in summary.get("selection", {}):
-        written.append(out / "selection_funnel.png")
+        written.append(out / PLOT_FILES["funnel"])
         _plot_funnel(summary, written[-1])
     logger.info("plot_summary wrote %s", [str(p) for p in written])
     return written

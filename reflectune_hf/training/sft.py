@@ -190,7 +190,10 @@ def _trainer_class():
         def __init__(self, *args, base_model_name: Optional[str] = None, dataset_name: Optional[str] = None,
                      num_rows: Optional[int] = None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.card_info = {"base_model": base_model_name, "dataset": dataset_name, "rows": num_rows}
+            # The card counts the rows that train (`num_rows` passed in, less those TRL dropped).
+            trained = None if num_rows is None else len(self.train_dataset)
+            self.card_info = {"base_model": base_model_name, "dataset": dataset_name, "rows": trained,
+                              "dropped_rows": None if num_rows is None else num_rows - trained}
 
         def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
             super().save_model(output_dir, _internal_call=_internal_call)
@@ -275,6 +278,4 @@ def vicuna_sft_trainer(model, train_dataset, args=None, *, eval_dataset=None, sy
     )
     if n_rows is not None:
         _log_truncation(trainer, n_rows)
-        trained = len(trainer.train_dataset)  # the card counts what trains, not the rows TRL dropped
-        trainer.card_info.update(rows=trained, dropped_rows=n_rows - trained)
     return trainer

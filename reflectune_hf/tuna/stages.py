@@ -209,9 +209,9 @@ class SampleResponses(_TunaStage):
                 finite = sum(not math.isnan(s) for s in scores)
                 status = ("ok" if finite == len(scores) else "no_logprobs" if finite == 0 else "partial_logprobs")
                 row = (list(result.texts), scores, status, "")
-            if row[2] == "ok" and (len(row[0]) < self.n or not all(str(t or "").strip() for t in row[0])):
-                row = (row[0], row[1], "missing_responses", f"{sum(bool(str(t or '').strip()) for t in row[0])} "
-                       f"of the {self.n} responses came back with text")  # blank answers are no answers
+            filled = sum(bool(str(t or "").strip()) for t in row[0])  # blank answers are no answers
+            if row[2] == "ok" and filled < max(self.n, len(row[0])):
+                row = (*row[:2], "missing_responses", f"{filled} of the {self.n} responses came back with text")
             for name, value in zip(columns, row):
                 columns[name].append(value)
         bad = sum(s != "ok" for s in columns["sample_status"])
