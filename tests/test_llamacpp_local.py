@@ -275,3 +275,19 @@ def test_a_request_the_chat_template_cannot_render_fails_its_row_alone(oracle):
     assert plain.ok and plain.text
     for bad in (bad_parts, bad_empty):
         assert not bad.ok and "chat template cannot render" in bad.error and "\n" not in bad.error
+
+
+def test_decoding_stops_on_every_end_of_generation_token_of_the_gguf(oracle, monkeypatch):
+    """The stop set was the tokenizer's EOS alone: a chat GGUF whose turn ends with another token
+    (Gemma's `<end_of_turn>`, SmolLM2's `<|endoftext|>`) kept generating past it to the budget,
+    a `truncated` answer where llama.cpp's server stops."""
+    from reflectune_hf.oracles import llamacpp_local
+
+    seen = []
+    real = llamacpp_local.run_sequences
+    monkeypatch.setattr(llamacpp_local, "run_sequences",
+                        lambda *a, eos, **kw: seen.append(eos) or real(*a, eos=eos, **kw))
+    assert oracle.complete([ask("Name a colour.", max_tokens=4)])[0].ok
+    engine, tokenizer = oracle._load()
+    ends = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    assert ends <= engine.eog and ends <= seen[0]

@@ -4,7 +4,7 @@
 stream of `n_ctx` cells, `n_threads` threads, freed on `close()` or garbage collection).
 `run_sequences` decodes a list of `Sequence`s on it: each `llama_decode` call carries the next
 token of every running sequence and then prompt tokens of newly admitted ones (up to `n_batch`
-tokens in all); a sequence that ends (EOS, a stopped format matcher, its budget) is reported by
+tokens in all); a sequence that ends (an end-of-generation token, a stopped format matcher, its budget) is reported by
 `on_done`, its KV cells are removed and its slot goes to the next waiting sequence.
 
 Prompts are prefilled once per engine: when a prompt's last token has been decoded, its KV cells
@@ -86,6 +86,8 @@ class LlamaEngine:
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab, self.eos = int(llama_cpp.llama_vocab_n_tokens(vocab)), int(llama_cpp.llama_vocab_eos(vocab))
+        # Every end-of-generation token (EOS, end of turn, ...), as llama.cpp's own server stops on.
+        self.eog = frozenset(i for i in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, i))
         self.n_ctx, self.n_seq, self.n_batch, self.n_threads = n_ctx, n_seq, n_batch, n_threads
         self.step_times: Optional[StepTimes] = None  # set one to time `run_sequences`' steps (benchmarks)
         self.prompt_states = PromptStates(int(prompt_cache_mb * (1 << 20)))

@@ -307,7 +307,7 @@ class LlamaCppOracle(CachingOracle):
         show = self.progress if self.progress is not None else len(requests) > 1
         bar = tqdm(total=len(requests), desc=f"oracle {Path(self.model).name}", unit="req", disable=not show,
                    leave=False)
-        eos = {tokenizer.eos_token_id, engine.eos}
+        eos = {tokenizer.eos_token_id, engine.eos, *engine.eog}
         parts: dict[int, list] = {}
 
         def finish(i: int, result: ChatResult) -> None:
