@@ -291,3 +291,13 @@ def test_decoding_stops_on_every_end_of_generation_token_of_the_gguf(oracle, mon
     engine, tokenizer = oracle._load()
     ends = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     assert ends <= engine.eog and ends <= seen[0]
+
+
+def test_a_decoding_revision_is_part_of_the_cache_key(monkeypatch):
+    """Answers cached before the stop set changed (an answer run past `<|endoftext|>`) were replayed."""
+    from reflectune_hf.oracles import llamacpp_local
+
+    request = ask("Name a colour.", max_tokens=4)
+    before = LlamaCppOracle(cache=False).keys([request])
+    monkeypatch.setattr(llamacpp_local, "DECODING_REVISION", llamacpp_local.DECODING_REVISION + 1)
+    assert LlamaCppOracle(cache=False).keys([request]) != before

@@ -74,6 +74,10 @@ from .llamacpp_logs import quiet_c_output, route_llama_logs
 
 logger = logging.getLogger(__name__)
 
+# Part of every cache key: raised when the engine's decoding changes what an answer is (2: it stops on
+# every end-of-generation token), so answers cached by an earlier engine are asked again.
+DECODING_REVISION = 2
+
 WEIGHTS = ("f16", "gguf")
 
 
@@ -199,8 +203,9 @@ class LlamaCppOracle(CachingOracle):
         return {"engine": "llamacpp", "weights": self.weights, **ident}
 
     def _identity(self) -> tuple[str, str]:
-        """The cache key's model: the GGUF file's identity, the weights' encoding, the engine and
-        `n_ctx` (it caps the budget of a long prompt's answer: a smaller context, a shorter answer)."""
+        """The cache key's model: the GGUF file's identity, the weights' encoding, the engine and its
+        `DECODING_REVISION`, and `n_ctx` (it caps the budget of a long prompt's answer: a smaller
+        context, a shorter answer)."""
         if getattr(self, "_identity_cache", None) is None:
             try:
                 ident = self._gguf_identity()
@@ -209,7 +214,7 @@ class LlamaCppOracle(CachingOracle):
             except Exception as err:  # noqa: BLE001 - any failure to find the model is a configuration error
                 raise OracleConfigurationError(f"Cannot find the model {self.model!r}: {err}") from err
             name = ident.get("package") or f"{ident.get('gguf')}@{ident.get('size')}-{ident.get('mtime_ns')}"
-            self._identity_cache = f"llamacpp:{self.model}:{name}:{self.weights}:ctx{self.n_ctx}"
+            self._identity_cache = f"llamacpp{DECODING_REVISION}:{self.model}:{name}:{self.weights}:ctx{self.n_ctx}"
         return self._identity_cache, "local"
 
     def fingerprint_identity(self) -> dict:
