@@ -11,7 +11,8 @@ from huggingface_hub import DatasetCard, HfApi
 
 from reflectune_hf import load_sample
 from reflectune_hf.data import ColumnError
-from reflectune_hf.publishing.hub import build_card, host_only, push_to_hub, sanitize_config, sanitize_context, save_local
+from reflectune_hf.publishing.card import build_card
+from reflectune_hf.publishing.hub import host_only, push_to_hub, sanitize_config, sanitize_context, save_local
 
 from synthetic_variants import make_variants
 

@@ -65,7 +65,7 @@ def test_bad_structured_values_fail_at_construction():
 
 
 def test_format_outcome_column_summarize_card_and_table(tmp_path):
-    from reflectune_hf.publishing.hub import build_card
+    from reflectune_hf.publishing.card import build_card
     from reflectune_hf.cli.jobs import JobResult
     from reflectune_hf.publishing.report import format_rates, summarize
     from reflectune_hf.reflection.variants import build_variants

@@ -1,5 +1,5 @@
-"""Publishing: statistics and plots of a run (`report`), the dataset card, `save_local` and
-`push_to_hub` (`hub`)."""
+"""Publishing: statistics and plots of a run (`report`), the dataset card (`card`), `save_local`
+and `push_to_hub` (`hub`), the output folder's layout (`outputs`)."""
 
 from .hub import push_to_hub, save_local
 from .report import plot_summary, summarize
