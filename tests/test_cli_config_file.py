@@ -81,3 +81,18 @@ def test_training_commands_refuse_an_abbreviated_flag_and_a_broken_file(tmp_path
     assert code == 2 and "--learning_rat" in line, line
     code, line = run(["sft", f"--config={write(tmp_path, ': :', 'broken.yaml')}"], capsys)
     assert code == 2 and "is not valid YAML" in line, line
+
+
+@pytest.mark.parametrize("text, message", [
+    ("private:\n", "`private` takes true or false, got null"),
+    ("require_below_one: null\n", "`require_below_one` takes true or false, got null"),
+    ("split: ~\n", "`split` takes a string, got null"),
+])
+def test_null_for_a_field_that_takes_no_none_is_refused(text, message, tmp_path, capsys):
+    """An empty YAML value (`private:`) became None: a falsy `private` pushed a public repo, a
+    None `require_below_one` skipped the V2 checks, a None `split` failed only in the job."""
+    code, line = run(["select", "--data", "scored", "--config", write(tmp_path, text)], capsys)
+    assert code == 2 and message in line, line
+    recipe = write(tmp_path, "limit: null\ntop_fraction: ~\npush_to_hub:\n", "optional.yaml")  # Optional: kept
+    config = cli.parse_config("select", ["--config", recipe, "--data", "scored"])
+    assert (config.limit, config.top_fraction, config.push_to_hub) == (None, None, None)

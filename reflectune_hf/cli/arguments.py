@@ -201,7 +201,8 @@ class CommandParser(_GroupedHelp, argparse.ArgumentParser):
         else:
             raise TypeError(f"field {field.name!r} of type {kind} is not a flag CommandParser reads "
                             "(TRL's and transformers' dataclasses: use trl_command_parser)")
-        parser.add_argument(*options, **kwargs)
+        action = parser.add_argument(*options, **kwargs)
+        action.nullable = optional  # a `--config` null is a value only where the field takes None
         if kind is bool and field.default is True:  # after the flag itself: the same destination
             parser.add_argument(f"--no_{field.name}", f"--no-{field.name.replace('_', '-')}", action="store_false",
                                 dest=field.name, default=False, help=field.metadata.get("help"))

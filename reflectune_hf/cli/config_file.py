@@ -102,11 +102,14 @@ def _expected(action) -> str:
 def config_value(action, key: str, value: Any, source: str) -> Any:
     """YAML `value` of `key` read as the flag `action` reads its text: the same conversions and
     checks as on the command line (`limit: 1.5` is refused as `--limit 1.5` is); a list only
-    for a flag that takes several values; null kept.
+    for a flag that takes several values; null (`private:` left empty too) kept only where the
+    field takes None (`action.nullable`, set by `CommandParser`), refused elsewhere.
 
     Raises:
         ValueError: one line naming `source`, the key, what it takes and what it got.
     """
+    if value is None and not getattr(action, "nullable", True):
+        _refuse(action, key, value, source)
     if value is None or action.type is None:
         return value
     if action.nargs == "+":
@@ -130,4 +133,5 @@ def config_value(action, key: str, value: Any, source: str) -> Any:
 
 def _refuse(action, key: str, value: Any, source: str):
     several = " (a list of them)" if action.nargs == "+" else ""
-    raise ValueError(f"{source}: `{key}` takes {_expected(action)}{several}, got {value!r}")
+    got = "null (an empty value)" if value is None else repr(value)
+    raise ValueError(f"{source}: `{key}` takes {_expected(action)}{several}, got {got}")
