@@ -96,3 +96,14 @@ def test_null_for_a_field_that_takes_no_none_is_refused(text, message, tmp_path,
     recipe = write(tmp_path, "limit: null\ntop_fraction: ~\npush_to_hub:\n", "optional.yaml")  # Optional: kept
     config = cli.parse_config("select", ["--config", recipe, "--data", "scored"])
     assert (config.limit, config.top_fraction, config.push_to_hub) == (None, None, None)
+
+
+def test_a_config_that_is_a_folder_or_not_utf8_is_a_usage_error(tmp_path, capsys):
+    """`--config <folder>` crashed as a failed job (exit 1, IsADirectoryError); a Latin-1 file
+    said only "'utf-8' codec can't decode byte 0xfc", naming no file."""
+    code, line = run(["select", "--data", "scored", "--config", str(tmp_path)], capsys)
+    assert code == 2 and f"--config {tmp_path} is a folder" in line, line
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"license: \"\xfc\"\n")
+    code, line = run(["select", "--data", "scored", "--config", str(latin)], capsys)
+    assert code == 2 and f"{latin} is not valid YAML" in line, line

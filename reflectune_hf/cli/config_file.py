@@ -67,13 +67,15 @@ def read_config(path: str) -> dict:
     """The mapping in the YAML file `path`, its `env:` block applied to `os.environ` and removed.
 
     Raises:
-        ValueError: the file is not YAML (one line: where and what), not a mapping, or its `env`
-            is not a mapping.
+        ValueError: the file is not YAML (one line: where and what; undecodable bytes too), not a
+            mapping, or its `env` is not a mapping; `path` is a folder.
         FileNotFoundError: no such file.
     """
     import yaml
 
-    with open(path) as handle:
+    if os.path.isdir(path):
+        raise ValueError(f"--config {path} is a folder: pass a YAML file")
+    with open(path, "rb") as handle:  # bytes: PyYAML decodes them (UTF-8/16) and names a bad one as a YAML error
         try:
             values = yaml.safe_load(handle)
         except yaml.YAMLError as err:
