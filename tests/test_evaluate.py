@@ -323,6 +323,21 @@ def test_run_eval_with_response_files(tmp_path, monkeypatch):
                                               judge_model="scripted", output_dir=str(tmp_path / "out2")))
 
 
+def test_max_rows_bounds_response_files_too(tmp_path, monkeypatch):
+    """`--max_rows` ("only the first N questions of each set") was ignored with response files:
+    a smoke run against a paid judge judged every row."""
+    from reflectune_hf.cli import eval_job as eval_run
+
+    for name in ("a", "b"):
+        _write_jsonl(tmp_path / f"{name}.jsonl", [{"instruction": f"Q{i}", "response": "good", "test_set": s}
+                                                  for s in ("one", "two") for i in range(3)])
+    monkeypatch.setattr(eval_run, "make_oracle", lambda *args, **kwargs: ScriptedOracle())
+    config = eval_run.EvalConfig(responses_a=str(tmp_path / "a.jsonl"), responses_b=str(tmp_path / "b.jsonl"),
+                                 judge_model="scripted", max_rows=2, output_dir=str(tmp_path / "out"))
+    summaries = eval_run.run_eval(config)["summaries"]
+    assert {name: s["judged"] for name, s in summaries.items()} == {"one": 2, "two": 2}
+
+
 def test_response_files_keep_keys_the_first_row_lacks(tmp_path):
     """`Dataset.from_list` kept only the first row's keys: a later row's `input` was dropped and the
     judge saw its question without it."""

@@ -141,7 +141,8 @@ def _read_responses(path: str):
 
 
 def _paired(config: EvalConfig) -> dict:
-    """The two response files as one Dataset, checked question by question."""
+    """The two response files, checked question by question, as one Dataset per test set (its
+    first `max_rows` rows when set)."""
     from datasets import Dataset
 
     (ds_a, col_a), (ds_b, col_b) = _read_responses(config.responses_a), _read_responses(config.responses_b)
@@ -164,7 +165,10 @@ def _paired(config: EvalConfig) -> dict:
                      "response_a": a[col_a] or "", "response_b": b[col_b] or ""})
     merged = Dataset.from_list(rows)
     names = list(dict.fromkeys(merged["test_set"]))
-    return {name: merged.filter(lambda r, n=name: r["test_set"] == n) for name in names}
+    sets = {name: merged.filter(lambda r, n=name: r["test_set"] == n) for name in names}
+    if config.max_rows is not None:  # the first questions of each set, as for the test sets models answer
+        sets = {name: ds.select(range(min(config.max_rows, len(ds)))) for name, ds in sets.items()}
+    return sets
 
 
 def run_eval(config: EvalConfig) -> dict:
