@@ -19,6 +19,7 @@ Prints the win / tie / lose / error table and writes `<output_dir>/<test set>.js
 import logging
 
 from reflectune_hf.cli.eval_job import make_parser, run_eval
+from reflectune_hf.cli.main import parse_arguments
 
 
 def main(config) -> dict:
@@ -27,9 +28,5 @@ def main(config) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = make_parser()
-    try:
-        (eval_config,) = parser.parse_args_and_config()
-    except ValueError as err:  # an inconsistent configuration: say so like any bad flag
-        parser.error(str(err))
+    (eval_config,) = parse_arguments(make_parser())  # a bad flag or an inconsistent configuration: exit 2
     main(eval_config)

@@ -29,6 +29,7 @@ The folder holds `arrow/` (`load_from_disk`), `data/<split>-*.parquet`, the card
 
 import logging
 
+from reflectune_hf.cli.main import parse_arguments
 from reflectune_hf.cli.score_job import make_parser, run_score_sharded
 
 
@@ -38,5 +39,5 @@ def main(config):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    (config,) = make_parser().parse_args_and_config()
+    (config,) = parse_arguments(make_parser())  # a bad flag or value: one line, exit 2
     main(config)

@@ -23,7 +23,8 @@ or local path as the model and a dataset that already has a `messages` column).
 
 import logging
 
-from reflectune_hf.cli.sft_job import make_parser, run_sft  # noqa: F401  (make_parser: TRL's script shape)
+from reflectune_hf.cli.main import parse_arguments
+from reflectune_hf.cli.sft_job import check_args, make_parser, run_sft  # noqa: F401  (make_parser: TRL's script shape)
 
 
 def main(script_args, training_args, model_args, dataset_args=None):
@@ -32,5 +33,4 @@ def main(script_args, training_args, model_args, dataset_args=None):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = make_parser()
-    main(*parser.parse_args_and_config())
+    main(*parse_arguments(make_parser(), check=check_args))  # a bad flag or value: one line, exit 2

@@ -19,7 +19,8 @@ accelerate launch scripts/tuna.py --config scripts/configs/tuna_contextual.yaml 
 
 import logging
 
-from reflectune_hf.cli.tuna_job import make_parser, run_tuna  # noqa: F401  (make_parser: TRL's script shape)
+from reflectune_hf.cli.main import parse_arguments
+from reflectune_hf.cli.tuna_job import check_args, make_parser, run_tuna  # noqa: F401  (TRL's script shape)
 
 
 def main(script_args, training_args, model_args):
@@ -28,4 +29,4 @@ def main(script_args, training_args, model_args):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*make_parser().parse_args_and_config())
+    main(*parse_arguments(make_parser(), check=check_args))  # a bad flag or value: one line, exit 2

@@ -107,3 +107,20 @@ def test_a_config_that_is_a_folder_or_not_utf8_is_a_usage_error(tmp_path, capsys
     latin.write_bytes(b"license: \"\xfc\"\n")
     code, line = run(["select", "--data", "scored", "--config", str(latin)], capsys)
     assert code == 2 and f"{latin} is not valid YAML" in line, line
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("score.py", ["--limit", "0"], "limit must be an integer >= 1, got 0"),
+    ("score.py", ["--bogus", "1"], "--bogus is not a flag of"),
+    ("evaluate.py", ["--config", "missing.yaml"], "No such file or directory: 'missing.yaml'"),
+])
+def test_the_wrapper_scripts_exit_2_in_one_line_on_bad_arguments(script, argv, message, monkeypatch, capsys):
+    """scripts/score.py, sft.py and tuna.py ended in a ValueError traceback (exit 1) on a bad flag
+    or value, where `reflectune` exits 2 with one line; evaluate.py missed a missing --config."""
+    import runpy
+    from pathlib import Path
+
+    monkeypatch.setattr("sys.argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(Path(__file__).parents[1] / "scripts" / script), run_name="__main__")
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

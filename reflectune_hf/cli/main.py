@@ -78,15 +78,29 @@ def _training_module(name: str):
     return importlib.import_module(f"{__package__}.{TRAINING_COMMANDS[name][0]}")
 
 
-def _run_training(name: str, argv: list[str]) -> int:
-    module, run_name = _training_module(name), TRAINING_COMMANDS[name][1]
-    parser = command_parser(name)
+def parse_arguments(parser, argv: Optional[list[str]] = None, check: Optional[Callable] = None) -> tuple:
+    """`parser.parse_args_and_config(argv)` (default `sys.argv[1:]`), then `check(*args)` (a job's
+    `check_args`: bad arguments found before anything loads), as the training commands and the
+    `scripts/*.py` wrappers read their command lines: a bad flag, value or `--config` file exits 2
+    (argparse's `SystemExit`) with one line, not a traceback.
+
+    Example:
+        >>> from reflectune_hf.cli.main import command_parser, parse_arguments
+        >>> parse_arguments(command_parser("select"), ["--data", "scored", "--limit", "2"])[0].limit
+        2
+    """
     try:
         args = parser.parse_args_and_config(argv)
-        if hasattr(module, "check_args"):  # bad arguments found before anything loads: exit 2 too
-            module.check_args(*args)
+        if check is not None:
+            check(*args)
     except (ValueError, FileNotFoundError) as err:  # a bad value, or a bad or missing --config file
         parser.error(one_line(err))
+    return args
+
+
+def _run_training(name: str, argv: list[str]) -> int:
+    module, run_name = _training_module(name), TRAINING_COMMANDS[name][1]
+    args = parse_arguments(command_parser(name), argv, getattr(module, "check_args", None))
     getattr(module, run_name)(*args)
     return 0
 
