@@ -244,3 +244,11 @@ def test_batch_lines_carry_the_same_fields_and_json_answers_are_cached_as_marker
         OpenAIBatchOracle("echo", base_url=server.base_url, poll_interval=0.05).complete([shaped("other")])
         late = OpenAIOracle("echo", base_url=server.base_url).complete([shaped("late")])[0]
         assert late.cached and parse_instruction_reflection(late.text) == ("Explain tides.", "The Moon pulls the sea.")
+
+
+def test_an_unreachable_server_is_logged_without_its_query_secret(caplog):
+    """`-v` printed `backend detection: http://host/v1?api_key=<the key> unreachable`: the one
+    detection line that logged the URL as given rather than redacted."""
+    with caplog.at_level(logging.DEBUG, logger="reflectune_hf.oracles.backends"):
+        assert backends.detect_backend("http://127.0.0.1:9/v1?api_key=qs3cret", timeout=1) is None
+    assert "unreachable" in caplog.text and "qs3cret" not in caplog.text

@@ -218,7 +218,7 @@ def detect_backend(base_url: str, api_key: Optional[str] = None, timeout: float 
                 info = _get_json(f"{root}/version", api_key, timeout, auth)
                 version = str(info.get("version")) if isinstance(info, dict) and info.get("version") else None
         except (OSError, urllib.error.URLError) as err:
-            logger.debug("backend detection: %s unreachable (%s)", base_url, err)
+            logger.debug("backend detection: %s unreachable (%s)", redact_url(base_url), err)
             return None
         found = Detected(backend, version)
     logger.info("Oracle server %s recognised as %s%s", redact_url(base_url), found.backend,
