@@ -42,6 +42,14 @@ def test_python_configs_refuse_non_integers_and_non_finite_numbers(values, messa
     assert str(err.value) == message
 
 
+@pytest.mark.parametrize("flags", [["--input_price", "0.15"], ["--output_price", "0.6"]])
+def test_estimate_refuses_one_price_without_the_other(flags, capsys):
+    """A missing price was taken as 0: `--input_price 0.15` alone printed a cost without the output
+    tokens (most of a reflect run's), as if they were free."""
+    err = _one_line_exit_2(["estimate", "--oracle_model", "m", "--limit", "1", *flags], capsys)
+    assert "give both --input_price and --output_price" in err
+
+
 def test_finite_values_and_integers_still_pass():
     config = RecycleConfig(oracle_model="m", limit=3, timeout=30, temperature=0.7, requests_per_minute=60.5)
     assert (config.limit, config.timeout, config.temperature) == (3, 30, 0.7)
@@ -129,7 +137,8 @@ def test_estimate_refuses_the_rows_reflect_refuses(row, problem, tmp_path, capsy
     path = tmp_path / "rows.jsonl"
     good = {"instruction": "Say hi.", "input": "", "output": "Hi."}
     path.write_text(json.dumps(row) + "\n" + json.dumps(good) + "\n")
-    assert cli.main(["estimate", "--oracle_model", "m", "--data", str(path), "--input_price", "1"]) == 1
+    assert cli.main(["estimate", "--oracle_model", "m", "--data", str(path), "--input_price", "1",
+                     "--output_price", "2"]) == 1
     err = capsys.readouterr().err.strip()  # datasets' progress bars, then the one error line
     assert "Traceback" not in err and "estimate: 1 of 2 rows cannot be recycled" in err.splitlines()[-1]
     assert problem in err.splitlines()[-1]

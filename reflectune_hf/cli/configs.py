@@ -371,3 +371,6 @@ class EstimateConfig(OracleRequestConfig, InputConfig):
 
     def _check(self):
         at_least(self, 0, "input_price", "output_price", optional=True)
+        if (self.input_price is None) != (self.output_price is None):  # a missing price is not a free side
+            raise ValueError("give both --input_price and --output_price (0 for a side that costs nothing), or "
+                             "neither for no cost")

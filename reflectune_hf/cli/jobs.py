@@ -376,8 +376,8 @@ def run_estimate(config: EstimateConfig) -> dict:
     data = load_pairs(config, command="estimate")  # the rows reflect would take, checked as reflect checks them
     oracle = config_oracle(config)
     prices = None
-    if config.input_price is not None or config.output_price is not None:
-        prices = {"input": config.input_price or 0.0, "output": config.output_price or 0.0}
+    if config.input_price is not None:  # EstimateConfig: both prices or neither
+        prices = {"input": config.input_price, "output": config.output_price}
     requests, stand_ins = estimate_requests(config, data)
     known = oracle.estimate(requests, prices=prices, tokenizer=config.tokenizer).to_dict()
     later = estimate(stand_ins, prices=prices, tokenizer=config.tokenizer).to_dict()
