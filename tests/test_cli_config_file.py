@@ -124,3 +124,10 @@ def test_the_wrapper_scripts_exit_2_in_one_line_on_bad_arguments(script, argv, m
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(Path(__file__).parents[1] / "scripts" / script), run_name="__main__")
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_flag_with_one_dash_is_named_as_such(capsys):
+    """`-limit 3` said "--limit is not a flag of reflectune select (a flag of recycle, ...)": a
+    flag the command has, and its help lists."""
+    code, line = run(["select", "--data", "scored", "-limit", "3"], capsys)
+    assert code == 2 and "-limit: a flag takes two dashes (--limit)" in line, line

@@ -221,9 +221,12 @@ class CommandParser(_GroupedHelp, argparse.ArgumentParser):
         """The dataclasses of `args` (flags only; see `parse_args_and_config` for `--config`)."""
         namespace, rest = self.parse_known_args(args)
         flags = [a for a in rest if a.startswith("-") and len(a) > 1 and not _is_number(a)]
+        names = [a.lstrip("-").split("=")[0].replace("-", "_") for a in flags]
+        single = [(a, n) for a, n in zip(flags, names) if not a.startswith("--") and n in self._field_names()]
+        if single:  # `-limit 3`: argparse takes only `--limit`; not a flag of another command
+            raise ValueError(", ".join(f"{a.split('=')[0]}: a flag takes two dashes (--{n})" for a, n in single))
         if flags:
-            raise UnknownArguments(self.prog, [a.lstrip("-").split("=")[0].replace("-", "_") for a in flags],
-                                   "the command line")
+            raise UnknownArguments(self.prog, names, "the command line")
         if rest:
             raise ValueError(f"unexpected value{'s' if len(rest) > 1 else ''} {' '.join(rest)!r} on the command line "
                              f"of {self.prog}: every value follows its flag (--name value)")
