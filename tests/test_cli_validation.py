@@ -157,6 +157,10 @@ LOCAL = "local:smollm2-135m-instruct"
      "--tokens_per_minute applies to online requests; the Batch API ignores it"),
     (["recycle", "--oracle_model", "gpt-4o-mini", "--batch_api", "--context_window", "8192"],
      "--context_window applies to online requests"),
+    # A local: model runs here: rate limits and a context window were silently ignored.
+    (["reflect", "--oracle_model", LOCAL, "--requests_per_minute", "60"], "--requests_per_minute is for a model on"),
+    (["recycle", "--oracle_model", LOCAL, "--context_window", "2048"], "drop --context_window or the local: prefix"),
+    (["estimate", "--oracle_model", "local:", "--context_tokenizer", "gpt2"], "--context_tokenizer is for a model"),
     (["select", "--data", "scored", "--selection", "none", "--top_fraction", "0.1"],
      "top_fraction keeps the top of a selection, but selection is 'none'"),
 ])
@@ -173,6 +177,8 @@ def test_make_oracle_refuses_a_local_model_with_a_server_option():
         make_oracle(LOCAL, "http://127.0.0.1:9/v1")
     with pytest.raises(ValueError, match="--requests_per_minute applies to online requests"):  # it was ignored
         make_oracle("gpt-4o-mini", batch_api=True, requests_per_minute=60)
+    with pytest.raises(ValueError, match="--tokens_per_minute is for a model on a server"):  # it was ignored
+        make_oracle(LOCAL, tokens_per_minute=1000)
 
 
 def test_selection_none_warns_that_ratio_is_ignored(caplog):

@@ -237,7 +237,8 @@ class OracleRequestConfig(_Checked):
         at_least(self, 0, "temperature")
         integer_at_least(self, 1, "context_window", optional=True)
         _one_of("prompt_set", self.prompt_set, PROMPT_SETS)
-        check_local_conflict(self.oracle_model, self.base_url)
+        check_local_conflict(self.oracle_model, self.base_url, context_window=self.context_window,
+                             context_tokenizer=self.context_tokenizer)
 
 
 @dataclass
@@ -275,7 +276,8 @@ class OracleConfig(OracleClientConfig, OracleRequestConfig):
     """The oracle LLM that compresses and reflects: what is asked and how it is sent."""
 
     def _check(self):
-        check_local_conflict(self.oracle_model, batch_api=self.batch_api)
+        check_local_conflict(self.oracle_model, batch_api=self.batch_api, requests_per_minute=self.requests_per_minute,
+                             tokens_per_minute=self.tokens_per_minute)
         check_batch_conflict(self.batch_api, requests_per_minute=self.requests_per_minute,
                              tokens_per_minute=self.tokens_per_minute, context_window=self.context_window,
                              context_tokenizer=self.context_tokenizer)

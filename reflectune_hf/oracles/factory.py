@@ -24,10 +24,11 @@ DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
 
 
 def check_local_conflict(name: Optional[str], base_url: Optional[str] = None, batch_api: bool = False, *,
-                         what: str = "oracle_model", url_flag: str = "base_url") -> None:
-    """Raise `ValueError` when a `local:<model>` name comes with `base_url` or `batch_api` (both are
-    for a model on a server; a `local:` model runs in this process and would silently ignore
-    them). `what` and `url_flag` are the option names the message uses.
+                         what: str = "oracle_model", url_flag: str = "base_url", **online) -> None:
+    """Raise `ValueError` when a `local:<model>` name comes with `base_url`, `batch_api` or an
+    option of `online` that is set (`requests_per_minute`, `tokens_per_minute`, `context_window`,
+    `context_tokenizer`): all are for a model on a server; a `local:` model runs in this process
+    and would silently ignore them. `what` and `url_flag` are the option names the message uses.
 
     Example:
         >>> from reflectune_hf.oracles.factory import check_local_conflict
@@ -39,7 +40,8 @@ def check_local_conflict(name: Optional[str], base_url: Optional[str] = None, ba
     """
     if not name or not str(name).startswith(LOCAL_PREFIX):
         return
-    flag = f"--{url_flag}" if base_url else "--batch_api" if batch_api else None
+    given = [f"--{option}" for option, value in online.items() if value is not None]
+    flag = f"--{url_flag}" if base_url else "--batch_api" if batch_api else given[0] if given else None
     if flag is not None:
         raise ValueError(f"{flag} is for a model on a server, but {what} {name!r} runs in this process: drop {flag} "
                          f"or the {LOCAL_PREFIX} prefix")
@@ -77,9 +79,9 @@ def make_oracle(name: str, base_url: Optional[str] = None, *, max_new_tokens: in
     name is a model on an OpenAI-compatible server at `base_url` (OpenAI's API when None):
     `OpenAIOracle`, or `OpenAIBatchOracle` with `batch_api=True` (which takes `timeout`,
     `max_retries`, `backend` and `structured`). `local_without_base_url=True`: a name without
-    `base_url` runs here too (`reflectune eval`, the Tuna job). A blank name, or a `local:` name with
-    `base_url` or `batch_api` (`check_local_conflict`), or `batch_api` with an online-only option
-    (`check_batch_conflict`), raises `ValueError`.
+    `base_url` runs here too (`reflectune eval`, the Tuna job). A blank name, a `local:` name with
+    `base_url`, `batch_api` or an online-only option (`check_local_conflict`), or `batch_api` with
+    an online-only option (`check_batch_conflict`) raises `ValueError`.
     """
     from .batch import OpenAIBatchOracle
     from .openai_oracle import OpenAIOracle
@@ -87,9 +89,10 @@ def make_oracle(name: str, base_url: Optional[str] = None, *, max_new_tokens: in
     if not name or not name.strip():
         raise ValueError("make_oracle: a model name is required: a name on an OpenAI-compatible server "
                          f"(with base_url for vLLM, TGI, Ollama or llama.cpp) or {LOCAL_PREFIX}<model>")
-    check_local_conflict(name, base_url, batch_api)
-    check_batch_conflict(batch_api, requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute,
-                         context_window=context_window, context_tokenizer=context_tokenizer)
+    online = dict(requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute,
+                  context_window=context_window, context_tokenizer=context_tokenizer)
+    check_local_conflict(name, base_url, batch_api, **online)
+    check_batch_conflict(batch_api, **online)
     if local_without_base_url and not base_url and not name.startswith(LOCAL_PREFIX):
         name = LOCAL_PREFIX + name
     if name.startswith(LOCAL_PREFIX):
