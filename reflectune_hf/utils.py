@@ -33,7 +33,12 @@ def cache_root() -> Path:
         True
     """
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "reflectune_hf").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file at that path, or a folder we may not write
+        where = f"${CACHE_ENV}={root}" if os.environ.get(CACHE_ENV) else str(root)
+        raise NotADirectoryError(f"The reflectune_hf cache {where} cannot be a folder ({err.strerror or err}): "
+                                 f"point ${CACHE_ENV} at a folder you can write") from None
     return root
 
 

@@ -80,3 +80,18 @@ def test_several_processes_write_at_once(tmp_path):
     cache = OracleCache(path)
     assert len(cache) == 450
     assert cache.execute("PRAGMA journal_mode")[0][0] == "wal"
+
+
+def test_a_cache_path_that_cannot_be_used_is_named_with_what_to_do(tmp_path, monkeypatch):
+    """A folder as the oracle cache gave sqlite's bare `unable to open database file`; a file as
+    `$REFLECTUNE_HF_CACHE` gave `FileExistsError`: neither named the setting."""
+    from reflectune_hf.oracles.base import OracleConfigurationError
+    from reflectune_hf.utils import cache_root
+
+    monkeypatch.setenv("REFLECTUNE_HF_ORACLE_CACHE", str(tmp_path))
+    with pytest.raises(OracleConfigurationError, match=r"Cannot open the oracle cache .*REFLECTUNE_HF_ORACLE_CACHE"):
+        OracleCache().get_many(["k"])
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("REFLECTUNE_HF_CACHE", str(tmp_path / "file"))
+    with pytest.raises(NotADirectoryError, match=r"\$REFLECTUNE_HF_CACHE=.*file cannot be a folder"):
+        cache_root()

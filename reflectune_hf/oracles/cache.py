@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Iterable, Optional
 
 from ..sanitize import strip_url_secrets
 from ..utils import LazyState, cache_root
-from .base import ChatRequest, ChatResult, as_requests, usage_add
+from .base import ChatRequest, ChatResult, OracleConfigurationError, as_requests, usage_add
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,16 @@ class OracleCache(LazyState):
             return self._conn
         # A connection inherited through fork must not be used (nor closed) by the child.
         self._lock = threading.RLock()
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+        try:
+            if Path(self.path).is_dir():
+                raise IsADirectoryError("it is a folder")
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA user_version").fetchone()  # opens the file: a bad path fails here
+        except (OSError, sqlite3.Error) as err:
+            raise OracleConfigurationError(
+                f"Cannot open the oracle cache {self.path} ({getattr(err, 'strerror', None) or err}): give a "
+                f"database file path you can write (${CACHE_PATH_ENV}, or cache=<path>), or cache=False") from None
         for attempt in range(50):  # switching to WAL needs a moment alone with the file
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
