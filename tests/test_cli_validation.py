@@ -35,6 +35,10 @@ def test_nan_and_inf_are_refused(flags, message, capsys):
     ({"timeout": float("inf")}, "timeout must be a finite number > 0, got inf"),
     ({"requests_per_minute": float("nan")}, "requests_per_minute must be a finite number > 0, got nan"),
     ({"temperature": float("-inf")}, "temperature must be a finite number >= 0, got -inf"),
+    # A bool field took any value: "false" (from a hand-written dict or environment) was true.
+    ({"compress": "false"}, "compress takes True or False, got 'false'"),
+    ({"private": None}, "private takes True or False, got None"),
+    ({"require_below_one": 0}, "require_below_one takes True or False, got 0"),
 ])
 def test_python_configs_refuse_non_integers_and_non_finite_numbers(values, message):
     with pytest.raises(ValueError) as err:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -85,9 +85,14 @@ def integer_at_least(config, minimum: int, *names: str, optional: bool = False) 
 
 
 class _Checked:
-    """Runs the `_check` of every config class in the hierarchy when a config is made."""
+    """Runs the `_check` of every config class in the hierarchy when a config is made, after a
+    check that every `bool` field holds a bool (from Python, `compress="false"` would be true)."""
 
     def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in (bool, "bool") and not isinstance(value, bool):
+                raise ValueError(f"{f.name} takes True or False, got {value!r}")
         for cls in reversed(type(self).__mro__):
             check = cls.__dict__.get("_check")
             if check is not None:
