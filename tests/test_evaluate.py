@@ -292,6 +292,15 @@ def test_eval_script_rejects_inconsistent_flags():
     assert "usage: reflectune eval" in result.stderr
 
 
+@pytest.mark.parametrize("extra", [{"test_sets": ["vicuna"]}, {"eval_dir": "evals"}, {"base_url_b": "http://h/v1"}])
+def test_response_files_refuse_the_options_of_models_that_answer(extra):
+    """With two response files, --test_sets, --eval_dir and the models' servers were silently ignored."""
+    from reflectune_hf.cli import eval_job as eval_run
+
+    with pytest.raises(ValueError, match=f"--{next(iter(extra))} is for models that answer test sets"):
+        eval_run.EvalConfig(responses_a="a.jsonl", responses_b="b.jsonl", judge_model="j", **extra)
+
+
 def test_run_eval_with_response_files(tmp_path, monkeypatch):
     from reflectune_hf.cli import eval_job as eval_run
 

@@ -84,6 +84,10 @@ class EvalConfig:
             raise ValueError("Give both --responses_a and --responses_b, or neither")
         if all(files) and (self.model_a or self.model_b):
             raise ValueError("Give either two response files or two models, not both")
+        unused = [name for name in ("test_sets", "eval_dir", "base_url_a", "base_url_b") if getattr(self, name)]
+        if all(files) and unused:  # the questions and answers come from the files: these would be ignored
+            raise ValueError(f"--{unused[0]} is for models that answer test sets; two response files hold the "
+                             f"questions and answers: drop --{unused[0]}")
         if not all(files):
             if not (self.model_a and self.model_b):
                 raise ValueError("Give --model_a and --model_b (or --responses_a and --responses_b)")
