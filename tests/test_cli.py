@@ -43,7 +43,9 @@ def test_help_lists_every_command():
     (["reflect", "--data", "/no/such/file.jsonl", "--oracle_model", "m"], 1,
      "/no/such/file.jsonl: no such file or directory"),
     (["select", "--data", "sample"], 1, "lacks the variant split"),
-    (["push", "--data", "sample"], 2, "--push_to_hub"),
+    (["push", "--data", "."], 2, "--push_to_hub"),
+    (["push", "--data", "no-such-folder", "--push_to_hub", "me/x"], 2, "no such folder"),  # was a Hub lookup
+    (["push", "--data", "", "--push_to_hub", "me/x"], 2, "no such folder"),
     (["recycle", "--config", "/no/such.yaml"], 2, "/no/such.yaml"),
 ])
 def test_bad_arguments_exit_non_zero_with_a_clear_message(args, code, message, capsys):

@@ -195,6 +195,11 @@ class PushSource(_Checked):
     help_group = "data"
     data: str = field(default="reflectune-output", metadata=_help("the folder an earlier reflectune command wrote"))
 
+    def _check(self):  # a name that is no folder here was looked up as a Hub dataset
+        if not isinstance(self.data, str) or not self.data.strip() or not Path(self.data).expanduser().is_dir():
+            raise ValueError(f"push --data {self.data!r}: no such folder; push publishes the --output_dir folder "
+                             "an earlier reflectune command wrote")
+
 
 @dataclass
 class PushConfig(HubConfig, PushSource):
