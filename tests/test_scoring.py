@@ -127,6 +127,28 @@ def test_unicode_rows(scorer):
     assert_matches_reference(scorer, rows, got)
 
 
+def test_rifd_scores_the_whole_instruction_and_input_even_when_the_input_repeats_the_instruction(scorer):
+    """`ins_condition` scores every token of `instruction + input` after the reverse prompt (as
+    `ins_alone` scores them alone). The reference script starts the target at the *last*
+    occurrence of the instruction, so an input that repeats the instruction ("Fix" / "Fix the
+    typo: ...") moved the instruction into the context (r-IFD over the input only, said `ok`),
+    and an empty instruction with an input scored nothing (`no_scored_token`)."""
+    from reflectune_hf.prompts import get_scoring_template, reverse_prompt
+    from reflectune_hf.scoring.engine import Span, mean_token_losses
+    from reflectune_hf.scoring.spans import response_span
+
+    rows = [{"instruction": "Fix", "input": "Fix the typo: teh cat", "output": "The cat sat."},
+            {"instruction": "", "input": "What is two plus two?", "output": "Two plus two is four."}]
+    got = sibling(scorer)(batch_of(rows))
+    template, tok = get_scoring_template("vicuna"), scorer._tokenizer
+    for i, row in enumerate(rows):
+        assert got["score_status"][i] == "ok", got["score_status"][i]
+        reverse = template.no_input.format(instruction=reverse_prompt(row["output"]))
+        span = response_span(tok, reverse, row["instruction"] + row["input"], scorer.max_length)
+        want = mean_token_losses(scorer._model, [Span(span.ids, span.start)], tok.pad_token_id)[0]
+        assert_close(got["loss_ins_condition"][i], want, 1e-4)
+
+
 # -- undefined values --------------------------------------------------------------------------
 
 

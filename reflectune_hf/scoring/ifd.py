@@ -58,7 +58,7 @@ from .served_parse import ServedProblem
 logger = logging.getLogger(__name__)
 
 # Bump when the loss computation changes, so datasets' cache does not serve stale scores.
-SCORING_VERSION = 1
+SCORING_VERSION = 2  # 2: the r-IFD target is the whole `instruction + input`
 GPU_TOKENS_PER_BATCH = 16384  # default padded tokens per forward pass on a GPU
 CPU_TOKENS_PER_BATCH = 1024  # and on CPU: bigger micro-batches are slower there (cache misses, attention)
 MEMO_SPANS = 500_000  # losses kept for reuse (a 16-byte key and a float each); cleared when full
@@ -70,7 +70,12 @@ SCORE_COLUMNS = (
 )
 SCORE_FEATURES = {name: "string" if name == "score_status" else "float64" for name in SCORE_COLUMNS}
 def _row_texts(instruction: str, input: str, output: str, template) -> dict:
-    """The reference script's texts for one row; `*_prefix` is the text before the target."""
+    """The reference script's texts for one row; `*_prefix` is the text before the target.
+
+    The r-IFD target is the whole `instruction + input` after the reverse prompt (REFERENCE.md
+    §6). The reference script starts it at the *last* occurrence of the instruction, which, when
+    the input repeats the instruction, or the instruction is empty, leaves part or all of the
+    target unscored; for every other row both give the same boundary."""
     prompt = template.format(instruction, input)
     reverse = template.no_input.format(instruction=reverse_prompt(output))
     ins = join_input(instruction, input, NO_SEPARATOR)
@@ -78,7 +83,7 @@ def _row_texts(instruction: str, input: str, output: str, template) -> dict:
     whole = prompt + output
     return {
         "prompt": prompt, "reverse": reverse, "ins": ins, "out": output,
-        "whole_reverse": whole_reverse, "reverse_prefix": whole_reverse[: whole_reverse.rfind(instruction)],
+        "whole_reverse": whole_reverse, "reverse_prefix": reverse,
         "whole": whole, "prefix": whole[: whole.rfind(output)],
     }
 

@@ -9,8 +9,11 @@ as an independent check of `reflectune_hf.scoring.ifd.IFDScorer`:
 - the parity tests compare the fast scorer with it on the bundled sample;
 - `scripts/bench_ifd.py` times it as the baseline.
 
-It differs from the published script in one way: where the script turns an exception into a
-score of 0 (which then passes `< 1` filters), this returns NaN. Use `IFDScorer` for real work.
+It differs from the published script in two ways: where the script turns an exception into a
+score of 0 (which then passes `< 1` filters), this returns NaN; and the r-IFD target is the
+whole `instruction + input` (the script searches the last occurrence of the instruction alone,
+which an input that repeats it, or an empty instruction, moves; other rows are unchanged). Use
+`IFDScorer` for real work.
 
 Example:
     >>> from reflectune_hf.models import load_causal_lm
@@ -82,10 +85,11 @@ def reference_losses(
     prompt_len = len(tokenizer.encode(prompt, truncation=True, max_length=max_length))
     reverse = tmpl.no_input.format(instruction=reverse_prompt(output))
     reverse_len = len(tokenizer.encode(reverse, truncation=True, max_length=max_length))
+    ins = join_input(instruction, input, NO_SEPARATOR)
     return [
-        _whole_text_loss(model, tokenizer, join_input(instruction, input, NO_SEPARATOR), max_length - reverse_len + 1),
+        _whole_text_loss(model, tokenizer, ins, max_length - reverse_len + 1),
         _whole_text_loss(model, tokenizer, output, max_length - prompt_len + 1),
-        _part_text_loss(model, tokenizer, reverse + join_input(instruction, input, NO_SEPARATOR), instruction, max_length),
+        _part_text_loss(model, tokenizer, reverse + ins, ins, max_length),
         _part_text_loss(model, tokenizer, prompt + output, output, max_length),
     ]
 
