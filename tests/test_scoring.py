@@ -171,6 +171,19 @@ def test_blank_output_is_empty_not_scored_ok(scorer):
     assert all(math.isnan(v) for name in SCORE_COLUMNS[:-1] for v in got[name]), got
 
 
+def test_blank_instruction_is_empty_not_scored_ok(scorer):
+    """An instruction of whitespace only (and no input) is no instruction: `empty_instruction`,
+    as SelectIT calls it, every score NaN (it was scored `ok` when it spanned two tokens, with an
+    IFD < 1 that `ifd_below(1)` and top-k selected, or got a misleading `no_scored_token`)."""
+    rows = [{"instruction": ins, "input": inp, "output": "A fine answer."}
+            for ins, inp in ((" \n\n \t\n ", ""), ("", ""), ("   ", " \n"), ("", "What is 2+2?"))]
+    got = sibling(scorer)(batch_of(rows))
+    assert got["score_status"] == ["empty_instruction"] * 3 + ["ok"]
+    assert all(math.isnan(got[name][i]) for name in SCORE_COLUMNS[:-1] for i in range(3)), got
+    rows = [{"instruction": " ", "input": "", "output": " "}]
+    assert sibling(scorer)(batch_of(rows))["score_status"] == ["empty_instruction;empty_output"]
+
+
 def test_long_output_truncates_the_instruction_target_away(scorer):
     """With a response longer than max_length, the reverse text holds no instruction token: the
     r-IFD losses are NaN with a status (the reference's all-ignored labels), IFD stays defined."""

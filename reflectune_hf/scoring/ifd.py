@@ -19,7 +19,8 @@ splits share most texts (the original instruction of `reflect_response`, every r
 left unchanged), so the later splits reuse the earlier ones' losses (`reused_spans` counts them).
 
 Undefined values are NaN, never 0, and `score_status` says why: `ok`, or `;`-joined reasons
-among `empty_output` (empty or blank), `no_scored_token:<loss>` (nothing left to score after truncation),
+among `empty_instruction` (instruction and input empty or blank), `empty_output` (empty or blank),
+`no_scored_token:<loss>` (nothing left to score after truncation),
 `non_finite:<loss>`, `non_positive:<loss>` (a mean loss <= 0: its ratio would be 0 or undefined)
 and `error:<Type>: <message>` (the row raised; other rows go on).
 
@@ -58,7 +59,7 @@ from .served_parse import ServedProblem
 logger = logging.getLogger(__name__)
 
 # Bump when the loss computation changes, so datasets' cache does not serve stale scores.
-SCORING_VERSION = 2  # 2: the r-IFD target is the whole `instruction + input`
+SCORING_VERSION = 3  # 2: the r-IFD target is the whole `instruction + input`; 3: `empty_instruction`
 GPU_TOKENS_PER_BATCH = 16384  # default padded tokens per forward pass on a GPU
 CPU_TOKENS_PER_BATCH = 1024  # and on CPU: bigger micro-batches are slower there (cache misses, attention)
 MEMO_SPANS = 500_000  # losses kept for reuse (a 16-byte key and a float each); cleared when full
@@ -277,9 +278,12 @@ class IFDScorer(LazyState):
         n = len(outputs)
         losses = [[math.nan] * 4 for _ in range(n)]
         reasons: list[list[str]] = [[] for _ in range(n)]
-        todo = [i for i in range(n) if outputs[i].strip()]  # a blank response is no response
-        for i in set(range(n)) - set(todo):
-            reasons[i].append("empty_output")
+        for i in range(n):  # a blank instruction or response is none (SelectIT's statuses)
+            if not (instructions[i] + inputs[i]).strip():
+                reasons[i].append("empty_instruction")
+            if not outputs[i].strip():
+                reasons[i].append("empty_output")
+        todo = [i for i in range(n) if not reasons[i]]
         if todo:
             self.load(rank)
             texts = {i: _row_texts(instructions[i], inputs[i], outputs[i], self._template) for i in todo}
