@@ -184,6 +184,18 @@ def test_blank_instruction_is_empty_not_scored_ok(scorer):
     assert sibling(scorer)(batch_of(rows))["score_status"] == ["empty_instruction;empty_output"]
 
 
+def test_text_that_is_not_utf8_gets_a_status_not_a_crash_of_the_batch(scorer):
+    """A lone surrogate (a streaming dataset from a generator of decoded JSON carries them; Arrow
+    refuses them) made the tokenizer raise a TypeError that stopped the whole batch; the row now
+    says `invalid_text`, as the reflection and Tuna stages say it, and the others are scored."""
+    rows = [{"instruction": "Say hi\ud800", "input": "", "output": "Hi there."},
+            {"instruction": "Say hi.", "input": "\udc80", "output": "Hi there."},
+            {"instruction": "Say hi.", "input": "", "output": "Hi there."}]
+    got = sibling(scorer)(batch_of(rows))
+    assert got["score_status"] == ["invalid_text", "invalid_text", "ok"]
+    assert all(math.isnan(got[name][i]) for name in SCORE_COLUMNS[:-1] for i in range(2))
+
+
 def test_long_output_truncates_the_instruction_target_away(scorer):
     """With a response longer than max_length, the reverse text holds no instruction token: the
     r-IFD losses are NaN with a status (the reference's all-ignored labels), IFD stays defined."""

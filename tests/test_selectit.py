@@ -336,3 +336,12 @@ def test_one_example_with_a_none_instruction_or_output_is_flagged_not_a_crash():
     assert all(math.isnan(v) for v in list(scored["selectit_sentence"]) + list(scored["selectit_model"]))
     assert scorer({"instruction": None, "output": None})["selectit_status"] == "empty_instruction;empty_output"
     assert scorer._raters is None
+
+
+def test_text_that_is_not_utf8_gets_a_status_not_a_crash_of_the_batch(smol_raters):
+    """A lone surrogate (streaming data from a generator; Arrow refuses them) made the tokenizer
+    raise a TypeError that stopped the whole batch: the row now says `invalid_text`."""
+    rows = {"instruction": ["Name a colour\ud800", "Name a colour."], "input": ["", ""], "output": ["Blue.", "Blue."]}
+    out = _scorer(smol_raters, k=2)(rows)
+    assert out["selectit_status"] == ["invalid_text", "ok"]
+    assert math.isnan(out["selectit_sentence"][0]) and math.isnan(out["selectit_model"][0])

@@ -19,7 +19,7 @@ splits share most texts (the original instruction of `reflect_response`, every r
 left unchanged), so the later splits reuse the earlier ones' losses (`reused_spans` counts them).
 
 Undefined values are NaN, never 0, and `score_status` says why: `ok`, or `;`-joined reasons
-among `empty_instruction` (instruction and input empty or blank), `empty_output` (empty or blank),
+among `invalid_text` (a text is not valid UTF-8: a lone surrogate), `empty_instruction` (instruction and input empty or blank), `empty_output` (empty or blank),
 `no_scored_token:<loss>` (nothing left to score after truncation),
 `non_finite:<loss>`, `non_positive:<loss>` (a mean loss <= 0: its ratio would be 0 or undefined)
 and `error:<Type>: <message>` (the row raised; other rows go on).
@@ -50,6 +50,7 @@ from typing import Optional
 from ..data import add_empty_columns, batch_size_of, require_columns, text_column
 from ..models import default_device, load_causal_lm, load_tokenizer, model_identity, torch_dtype  # noqa: F401
 from ..prompts import NO_SEPARATOR, get_scoring_template, join_input, reverse_prompt
+from ..reflection.row_checks import is_valid_text
 from ..utils import LazyState, package_version, stable_hash, torch_threads
 from .engine import Span, check_model, mean_loss, mean_token_losses
 from .served import StudentServer
@@ -279,6 +280,9 @@ class IFDScorer(LazyState):
         losses = [[math.nan] * 4 for _ in range(n)]
         reasons: list[list[str]] = [[] for _ in range(n)]
         for i in range(n):  # a blank instruction or response is none (SelectIT's statuses)
+            if not all(is_valid_text(t) for t in (instructions[i], inputs[i], outputs[i])):
+                reasons[i].append("invalid_text")  # a lone surrogate: no tokenizer reads it
+                continue
             if not (instructions[i] + inputs[i]).strip():
                 reasons[i].append("empty_instruction")
             if not outputs[i].strip():

@@ -46,6 +46,7 @@ import numpy as np
 from ..data import batch_size_of, require_columns, text_column
 from ..models import default_device, load_causal_lm, load_tokenizer, model_identity, torch_dtype
 from ..prompts import NEWLINE_SEPARATOR, SELECTIT_RATING_LINES, join_input, selectit_prompt
+from ..reflection.row_checks import is_valid_text
 from ..utils import LazyState, package_version
 from .selectit_math import (FORMULAS, RATINGS, model_scores, model_weights, normalize_ratings,  # noqa: F401
                             rating_distribution, sentence_scores, token_scores)
@@ -200,9 +201,9 @@ class SelectITScorer(LazyState):
       `selectit_model`, their parameter-count-weighted sum: with one model, the sentence score
       itself, so a selection on `selectit_model` works whatever the number of models;
     - `selectit_status` (str): `"ok"`, or the `;`-joined reasons a score is NaN among
-      `empty_instruction`, `empty_output`, `too_long:<model>` (a prompt over `max_length`
-      tokens), `non_finite:<model>`, `rating_outside_top_k:<model>` (served) and
-      `error:<model>:<Type>: <message>`.
+      `invalid_text` (a text is not valid UTF-8: a lone surrogate), `empty_instruction`,
+      `empty_output`, `too_long:<model>` (a prompt over `max_length` tokens), `non_finite:<model>`,
+      `rating_outside_top_k:<model>` (served) and `error:<model>:<Type>: <message>`.
     Map it with `scoring.ifd.map_scores(data, scorer)` for a 0-row split to get these columns too.
 
     Args:
@@ -375,6 +376,9 @@ class SelectITScorer(LazyState):
         inputs = text_column(batch, "input", STAGE) if "input" in batch else [""] * n
         reasons: list[list[str]] = [[] for _ in range(n)]
         for row in range(n):
+            if not all(is_valid_text(t) for t in (instructions[row], inputs[row], outputs[row])):
+                reasons[row].append("invalid_text")  # a lone surrogate: no tokenizer reads it
+                continue
             if not instructions[row].strip():
                 reasons[row].append("empty_instruction")
             if not outputs[row].strip():
