@@ -19,10 +19,11 @@ splits share most texts (the original instruction of `reflect_response`, every r
 left unchanged), so the later splits reuse the earlier ones' losses (`reused_spans` counts them).
 
 Undefined values are NaN, never 0, and `score_status` says why: `ok`, or `;`-joined reasons
-among `invalid_text` (a text is not valid UTF-8: a lone surrogate), `empty_instruction` (instruction and input empty or blank), `empty_output` (empty or blank),
-`no_scored_token:<loss>` (nothing left to score after truncation),
-`non_finite:<loss>`, `non_positive:<loss>` (a mean loss <= 0: its ratio would be 0 or undefined)
-and `error:<Type>: <message>` (the row raised; other rows go on).
+among `invalid_text` (a text is not valid UTF-8: a lone surrogate), `empty_instruction`
+(instruction and input empty or blank), `empty_output` (empty or blank), `no_scored_token:<loss>`
+(nothing left to score after truncation), `non_finite:<loss>`, `non_positive:<loss>` (a mean
+loss <= 0: its ratio would be 0 or undefined) and `error:<Type>: <message>` (the row raised;
+other rows go on).
 
 `datasets` returns a 0-row dataset from `map` without calling the scorer, so it gets no score
 column and a later selection reports them missing; `map_scores(data, scorer)` is the same `map`
