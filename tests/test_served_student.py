@@ -71,6 +71,18 @@ def test_vllm_requests_are_token_ids_with_prompt_logprobs_and_losses_are_exact(t
         assert out["ifd"][r] == pytest.approx(math.exp(out["loss_out_condition"][r] - out["loss_out_alone"][r]))
 
 
+def test_clamped_log_probabilities_give_a_ratio_not_an_ok_nan(monkeypatch, tmp_path):
+    """vLLM clamps impossible tokens to -9999: every mean loss is 9999, every perplexity overflows a
+    float, and IFD = inf / inf was NaN in a row that said `ok`; exp(9999 - 9999) is 1."""
+    import vllm_loopback
+
+    monkeypatch.setattr(vllm_loopback, "fake_logprob", lambda previous, token: -9999.0)
+    with VllmLoopback() as server:
+        out = IFDScorer(MODEL, base_url=server.base_url, server_model="student", cache=str(tmp_path / "c"))(ROWS)
+    assert out["loss_out_alone"] == [9999.0, 9999.0] and math.isinf(out["ppl_out_alone"][0])
+    assert out["score_status"] == ["ok", "ok"] and out["ifd"] == [1.0, 1.0] and out["rifd"] == [1.0, 1.0]
+
+
 def test_failed_requests_are_statuses_and_a_rerun_sends_only_them_then_nothing():
     with VllmLoopback(fail_after=3) as server:
         scorer = IFDScorer(MODEL, base_url=server.base_url, server_model="student", max_retries=0)

@@ -61,7 +61,7 @@ from .served_parse import ServedProblem
 logger = logging.getLogger(__name__)
 
 # Bump when the loss computation changes, so datasets' cache does not serve stale scores.
-SCORING_VERSION = 3  # 2: the r-IFD target is the whole `instruction + input`; 3: `empty_instruction`
+SCORING_VERSION = 3  # 2: the r-IFD target is the whole `instruction + input`; 3: `empty_instruction`, exp ratios
 GPU_TOKENS_PER_BATCH = 16384  # default padded tokens per forward pass on a GPU
 CPU_TOKENS_PER_BATCH = 1024  # and on CPU: bigger micro-batches are slower there (cache misses, attention)
 MEMO_SPANS = 500_000  # losses kept for reuse (a 16-byte key and a float each); cleared when full
@@ -99,6 +99,14 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 def _exp(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
+
+
+def _ppl_ratio(loss: float, base_loss: float) -> float:
+    """`exp(loss) / exp(base_loss)` as `exp(loss - base_loss)`: defined where either perplexity
+    overflows a float (a mean loss >= ~710, e.g. a served student's clamped log-probabilities)."""
+    if not (math.isfinite(loss) and math.isfinite(base_loss)):
+        return math.nan
+    return _exp(loss - base_loss)
 
 
 def pick_device(device: Optional[str], rank: Optional[int]) -> str:
@@ -377,10 +385,13 @@ def _columns(losses: list[list[float]], reasons: list[list[str]]) -> dict:
         for name, loss, p in zip(LOSS_NAMES, row, ppl):
             columns[f"loss_{name}"].append(loss)
             columns[f"ppl_{name}"].append(p)
-        columns["ifd"].append(_ratio(ppl[3], ppl[1]))
-        columns["rifd"].append(_ratio(ppl[2], ppl[0]))
+        ifd, rifd = _ppl_ratio(row[3], row[1]), _ppl_ratio(row[2], row[0])
+        columns["ifd"].append(ifd if math.isfinite(ifd) else math.nan)
+        columns["rifd"].append(rifd if math.isfinite(rifd) else math.nan)
         columns["ifd_loss"].append(_ratio(row[3], row[1]))
         columns["rifd_loss"].append(_ratio(row[2], row[0]))
+        if not why:  # finite losses whose ratio overflows: not a score
+            why = [f"non_finite:{name}" for name, x in (("ifd", ifd), ("rifd", rifd)) if not math.isfinite(x)]
         columns["score_status"].append(";".join(why) if why else "ok")
     return columns
 
