@@ -54,6 +54,7 @@ from ..prompts import NO_SEPARATOR, get_scoring_template, join_input, reverse_pr
 from ..reflection.row_checks import is_valid_text
 from ..utils import LazyState, package_version, stable_hash, torch_threads
 from .engine import Span, check_model, mean_loss, mean_token_losses
+from .ifd_math import LOSS_NAMES, SCORE_COLUMNS, SCORE_FEATURES, score_columns  # noqa: F401  (public here too)
 from .served import StudentServer
 from .spans import response_span, truncate_ids
 from .served_parse import ServedProblem
@@ -65,13 +66,8 @@ SCORING_VERSION = 3  # 2: the r-IFD target is the whole `instruction + input`; 3
 GPU_TOKENS_PER_BATCH = 16384  # default padded tokens per forward pass on a GPU
 CPU_TOKENS_PER_BATCH = 1024  # and on CPU: bigger micro-batches are slower there (cache misses, attention)
 MEMO_SPANS = 500_000  # losses kept for reuse (a 16-byte key and a float each); cleared when full
-LOSS_NAMES = ("ins_alone", "out_alone", "ins_condition", "out_condition")  # the reference's order
-SCORE_COLUMNS = (
-    *(f"loss_{n}" for n in LOSS_NAMES),
-    *(f"ppl_{n}" for n in LOSS_NAMES),
-    "ifd", "rifd", "ifd_loss", "rifd_loss", "score_status",
-)
-SCORE_FEATURES = {name: "string" if name == "score_status" else "float64" for name in SCORE_COLUMNS}
+
+
 def _row_texts(instruction: str, input: str, output: str, template) -> dict:
     """The reference script's texts for one row; `*_prefix` is the text before the target.
 
@@ -89,24 +85,6 @@ def _row_texts(instruction: str, input: str, output: str, template) -> dict:
         "whole_reverse": whole_reverse, "reverse_prefix": reverse,
         "whole": whole, "prefix": whole[: whole.rfind(output)],
     }
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    if not (math.isfinite(numerator) and math.isfinite(denominator)) or denominator == 0:
-        return math.nan
-    return numerator / denominator
-
-
-def _exp(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf
-
-
-def _ppl_ratio(loss: float, base_loss: float) -> float:
-    """`exp(loss) / exp(base_loss)` as `exp(loss - base_loss)`: defined where either perplexity
-    overflows a float (a mean loss >= ~710, e.g. a served student's clamped log-probabilities)."""
-    if not (math.isfinite(loss) and math.isfinite(base_loss)):
-        return math.nan
-    return _exp(loss - base_loss)
 
 
 def pick_device(device: Optional[str], rank: Optional[int]) -> str:
@@ -326,7 +304,7 @@ class IFDScorer(LazyState):
                     reasons[i].append(f"non_positive:{LOSS_NAMES[kind]}")
                 else:
                     losses[i][kind] = value
-        return _columns(losses, reasons)
+        return score_columns(losses, reasons)
 
     def _span_losses(self, spans: list[Span], rank: Optional[int]) -> list:
         """The mean loss of each span (or the exception standing for it): reused when this scorer
@@ -376,24 +354,6 @@ def _span_key(span: Span) -> bytes:
     digest.update(span.start.to_bytes(4, "little"))
     digest.update(array("q", span.ids).tobytes())
     return digest.digest()
-
-
-def _columns(losses: list[list[float]], reasons: list[list[str]]) -> dict:
-    columns: dict = {name: [] for name in SCORE_COLUMNS}
-    for row, why in zip(losses, reasons):
-        ppl = [_exp(x) if math.isfinite(x) else math.nan for x in row]
-        for name, loss, p in zip(LOSS_NAMES, row, ppl):
-            columns[f"loss_{name}"].append(loss)
-            columns[f"ppl_{name}"].append(p)
-        ifd, rifd = _ppl_ratio(row[3], row[1]), _ppl_ratio(row[2], row[0])
-        columns["ifd"].append(ifd if math.isfinite(ifd) else math.nan)
-        columns["rifd"].append(rifd if math.isfinite(rifd) else math.nan)
-        columns["ifd_loss"].append(_ratio(row[3], row[1]))
-        columns["rifd_loss"].append(_ratio(row[2], row[0]))
-        if not why:  # finite losses whose ratio overflows: not a score
-            why = [f"non_finite:{name}" for name, x in (("ifd", ifd), ("rifd", rifd)) if not math.isfinite(x)]
-        columns["score_status"].append(";".join(why) if why else "ok")
-    return columns
 
 
 def map_scores(data, scorer, **map_kwargs):
