@@ -102,8 +102,8 @@ def _selection_rows(summary: dict) -> list[dict]:
         rows.append({"name": "V1: rows really reflected (status ok)", "rows": selection["v1"].get("reflection_ok")})
     v2 = selection.get("v2")
     if v2:
-        rows.append({"name": f"V2 (selective, ratio={v2.get('ratio')}, require_below_one={v2.get('require_below_one')})",
-                     "rows": v2.get("selected")})
+        options = f"ratio={v2.get('ratio')}, require_below_one={v2.get('require_below_one')}"
+        rows.append({"name": f"V2 (selective, {options})", "rows": v2.get("selected")})
         for source, n in (v2.get("by_source") or {}).items():
             rows.append({"name": f"V2 from `{source}`", "rows": n})
     return rows
@@ -118,7 +118,8 @@ def _quality_rows(quality: Optional[Mapping]) -> list[dict]:
         lengths = entry.get("lengths") or {}
         ppl = ((entry.get("perplexity") or {}).get("columns") or {}).get("ppl_out_condition")
         rows.append({"split": split, "rows": entry.get("rows"),
-                     "instruction": f"{stat(lengths.get('instruction'))} / {stat(lengths.get('instruction'), 'median')}",
+                     "instruction": f"{stat(lengths.get('instruction'))} / "
+                                    f"{stat(lengths.get('instruction'), 'median')}",
                      "response": f"{stat(lengths.get('response'))} / {stat(lengths.get('response'), 'median')}",
                      "perplexity": f"{stat(ppl)} / {stat(ppl, 'median')}{coverage(ppl, entry.get('rows'))}",
                      "coherence": stat(entry.get("coherence")) + coverage(entry.get("coherence"), entry.get("rows")),
