@@ -74,6 +74,14 @@ JUDGE_TEXTS = [
     ("1 - 8\n2 - 7", None),
     ("1 8\nAssistant 2 is better.", (1.0, 8.0)),                                # a plain pair line stays one
     ("8 7\n2 1", (8.0, 7.0)),
+    # labelled scores after prose that counts things per assistant: the counts are no scores
+    ("Assistant 1 is 2 paragraphs long and Assistant 2 is 5 paragraphs long.\nAssistant 1: 9\nAssistant 2: 6",
+     (9.0, 6.0)),
+    ("Assistant 1 gets 2 facts wrong. Assistant 2 gets 0 wrong.\nScores - Assistant 1: 4, Assistant 2: 9", (4.0, 9.0)),
+    ("Assistant 1 scores 2 points higher on detail.\nAssistant 1: 8\nAssistant 2: 6", (8.0, 6.0)),
+    ("Assistant 1 is 3 sentences long and Assistant 2 is 1 sentence long.", None),
+    ("Assistant 1: 8\nAssistant 2: 7\nAssistant 1 is 3 sentences long.", (8.0, 7.0)),
+    ("Assistant 2: 3 errors. Assistant 1: 1 error.\nAssistant 1: 8\nAssistant 2: 7", None),  # two values for one
 ]
 
 

@@ -35,6 +35,11 @@ _LABEL = r"assistant\s*(?:#\s*)?([12])\b"
 _FILLER = (r"(?:\s|[:=\-\u2013\u2014*_()\[\]]|'s|\bscored?\b|\bscores\b|\brating\b|\boverall\b|\breceives\b|"
            r"\bgets\b|\bis\b|\bof\b|\ba\b|\ban\b)*?")
 _LABELED = re.compile(_LABEL + _FILLER + "(" + _NUM + ")", re.IGNORECASE)
+# A label that states a score ("Assistant 1: 8", "Assistant 1's score is 8"), not a verb
+# ("Assistant 1 is 2 paragraphs long"): only after a verb is the next word checked.
+_STATED = re.compile(r"[:=\-\u2013\u2014]|\bscore\b|\brating\b", re.IGNORECASE)
+# The word after a number that is a count ("2 paragraphs", "2 points higher", "2 facts wrong").
+_COUNTED = re.compile(r"\s*(?!(?:and|but|while|whereas|vs|versus|assistant)\b)[^\W\d_]", re.IGNORECASE)
 _OUT_OF = re.compile(r"\s*(?:/|out\s+of)\s*10(?:\.0+)?(?!\d)", re.IGNORECASE)
 _MARKUP = re.compile(r"[*_`#>]")
 # A score line, its two numbers taken out: separators only, after an optional lead-in such as
@@ -97,7 +102,9 @@ def parse_judge_scores(text: Optional[str]) -> Optional[tuple[float, float]]:
        numbered like a list ("1 8\\n2 7": the pair (1, 8) or the items 8 and 7).
     3. Only when there is no score line, labelled scores anywhere: "Assistant 1: 8" ...
        "Assistant 2 receives a score of 7". Numbers the explanation puts after a label
-       ("Assistant 1 is 3 sentences long") never override the score line.
+       ("Assistant 1 is 3 sentences long") never override the score line; after a verb, a
+       number followed by a word is a count, no score ("Assistant 1 is 2 paragraphs long");
+       two different scores for one assistant are `None`.
 
     Example:
         >>> from reflectune_hf.evaluation.judge import parse_judge_scores
@@ -126,12 +133,14 @@ def parse_judge_scores(text: Optional[str]) -> Optional[tuple[float, float]]:
             if float(numbers[0]) == 1 and after is not None and float(after[0]) == 2:
                 return None  # "1 8\n2 7": the pair (1, 8) or a list's items 8 and 7
             return _in_range(numbers)
-    found: dict[str, str] = {}
+    found: dict[str, set[float]] = {}
     for match in _LABELED.finditer(clean):
-        found.setdefault(match.group(1), match.group(2))
-    if len(found) == 2:
-        return _in_range((found["1"], found["2"]))
-    return None
+        stated = _STATED.search(clean, match.end(1), match.start(2))
+        if stated or not _COUNTED.match(clean, match.end()):
+            found.setdefault(match.group(1), set()).add(float(match.group(2)))
+    if len(found) == 2 and all(len(values) == 1 for values in found.values()):
+        return _in_range((*found["1"], *found["2"]))
+    return None  # one label, or two values for one: the verdict could be flipped
 
 
 def _a_better(scores_ab: Sequence[float], scores_ba: Sequence[float]) -> tuple[int, int]:
