@@ -82,6 +82,9 @@ JUDGE_TEXTS = [
     ("Assistant 1 is 3 sentences long and Assistant 2 is 1 sentence long.", None),
     ("Assistant 1: 8\nAssistant 2: 7\nAssistant 1 is 3 sentences long.", (8.0, 7.0)),
     ("Assistant 2: 3 errors. Assistant 1: 1 error.\nAssistant 1: 8\nAssistant 2: 7", None),  # two values for one
+    ("Assistant 1: 8-9\nAssistant 2: 8", None),                                  # a range is no score
+    ("Assistant 1: 7 to 8, Assistant 2: 9", None),
+    ("Assistant 1: 7 - Assistant 2: 9", (7.0, 9.0)),
 ]
 
 

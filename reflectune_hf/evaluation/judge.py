@@ -40,6 +40,7 @@ _LABELED = re.compile(_LABEL + _FILLER + "(" + _NUM + ")", re.IGNORECASE)
 _STATED = re.compile(r"[:=\-\u2013\u2014]|\bscore\b|\brating\b", re.IGNORECASE)
 # The word after a number that is a count ("2 paragraphs", "2 points higher", "2 facts wrong").
 _COUNTED = re.compile(r"\s*(?!(?:and|but|while|whereas|vs|versus|assistant)\b)[^\W\d_]", re.IGNORECASE)
+_RANGE = re.compile(r"\s*(?:[-\u2013\u2014]|to\b)\s*\d", re.IGNORECASE)  # "7-8", "7 to 8": no one score
 _OUT_OF = re.compile(r"\s*(?:/|out\s+of)\s*10(?:\.0+)?(?!\d)", re.IGNORECASE)
 _MARKUP = re.compile(r"[*_`#>]")
 # A score line, its two numbers taken out: separators only, after an optional lead-in such as
@@ -104,7 +105,7 @@ def parse_judge_scores(text: Optional[str]) -> Optional[tuple[float, float]]:
        "Assistant 2 receives a score of 7". Numbers the explanation puts after a label
        ("Assistant 1 is 3 sentences long") never override the score line; after a verb, a
        number followed by a word is a count, no score ("Assistant 1 is 2 paragraphs long");
-       two different scores for one assistant are `None`.
+       two different scores for one assistant, or a range ("Assistant 1: 7-8"), are `None`.
 
     Example:
         >>> from reflectune_hf.evaluation.judge import parse_judge_scores
@@ -136,11 +137,13 @@ def parse_judge_scores(text: Optional[str]) -> Optional[tuple[float, float]]:
     found: dict[str, set[float]] = {}
     for match in _LABELED.finditer(clean):
         stated = _STATED.search(clean, match.end(1), match.start(2))
-        if stated or not _COUNTED.match(clean, match.end()):
+        if _RANGE.match(clean, match.end()):
+            found.setdefault(match.group(1), set()).add(math.nan)  # unreadable, as two values are
+        elif stated or not _COUNTED.match(clean, match.end()):
             found.setdefault(match.group(1), set()).add(float(match.group(2)))
     if len(found) == 2 and all(len(values) == 1 for values in found.values()):
         return _in_range((*found["1"], *found["2"]))
-    return None  # one label, or two values for one: the verdict could be flipped
+    return None  # one label, two values for one, or a range: the verdict could be flipped
 
 
 def _a_better(scores_ab: Sequence[float], scores_ba: Sequence[float]) -> tuple[int, int]:
