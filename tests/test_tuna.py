@@ -76,6 +76,9 @@ RANKINGS = [
     ("Ranking:\nI could not decide: Response 1 has 2 errors.", 5, [], False, [], []),  # prose, not a list
     ("rank: [i, j, k]\nResponse 0: 12\nResponse 1: 9", 5, [], False, [], []),  # score lines are no ranking
     ("rank:", 5, [], False, [], []),  # the label at the very end
+    # one bracket per index: the whole chain, not its first bracket alone
+    ("rank: [2] > [1] > [4] > [3]", 5, [2, 1, 4, 3], True, [], []),
+    ("Ranking: [4] > [0] > [2]\nResponse 4 is the best.", 5, [4, 0, 2], True, [], []),
 ]
 
 

@@ -51,7 +51,7 @@ class ParsedRanking:
 def parse_ranking(text: str, num_candidates: int) -> ParsedRanking:
     """Read the judge's ranking: the list after the last `rank:` or `ranking:` label that holds a
     number (any case, markdown bold allowed). The list is bracketed (`[4, 0, 2]`), the rest of the
-    label's line (`Response 3 > Response 1 > Response 2`), or, when that line holds no number,
+    label's line (`Response 3 > Response 1 > Response 2`, `[2] > [1] > [4]`), or, when that line holds no number,
     the lines below it: a numbered or bulleted list (`1. Response 4`, `- Response 2`, one index
     per item, its list number ignored) or a single ranking line. "Response k" gives the index k
     when present, so scores written beside it (`Response 4 (15 points)`) are not read as indices.
@@ -93,6 +93,8 @@ def _indices(span: str) -> list[int]:
 def _ranked_indices(rest: str) -> list[int]:
     """The indices of the ranking that starts right after a `rank:` label (`rest`: the text after it)."""
     first, *below = rest.split("\n")
+    if _RANK_LINE.fullmatch(_RESPONSE_INDEX.sub(r"\1", first)):  # "[2] > [1] > [4]": all, not "[2]" alone
+        return _indices(first)
     if rest.startswith(("[", "(")):
         close = rest.find("]" if rest[0] == "[" else ")")
         span = rest[1:close] if close >= 0 else first
