@@ -79,6 +79,10 @@ RANKINGS = [
     # one bracket per index: the whole chain, not its first bracket alone
     ("rank: [2] > [1] > [4] > [3]", 5, [2, 1, 4, 3], True, [], []),
     ("Ranking: [4] > [0] > [2]\nResponse 4 is the best.", 5, [4, 0, 2], True, [], []),
+    # a bare list, then prose naming a response on the same line: the list, not the prose's index
+    ("Final rank: 2, 1, 4, 3, 0. I gave Response 3 a 9.", 5, [2, 1, 4, 3, 0], True, [], []),
+    ("rank: 4, 0, 1 (Response 4 is my own)", 5, [4, 0, 1], True, [], []),
+    ("rank: [1st: Response 2, 2nd: Response 0]", 5, [2, 0], True, [], []),
 ]
 
 

@@ -85,9 +85,11 @@ def parse_ranking(text: str, num_candidates: int) -> ParsedRanking:
 
 
 def _indices(span: str) -> list[int]:
-    """The indices in a piece of a ranking: the numbers after "Response" when there are any, else all."""
-    labelled = _RESPONSE_INDEX.findall(span)
-    return [int(x) for x in (labelled or re.findall(_INDEX, span))]
+    """The indices in a piece of a ranking: the numbers after "Response" when there are any, else all;
+    but a list of bare numbers before the first "Response" ("2, 1, 4. Response 3 is short") is the ranking."""
+    first = _RESPONSE_INDEX.search(span)
+    bare = re.findall(_INDEX, span[:first.start()] if first else span)
+    return [int(x) for x in (bare if first is None or len(bare) > 1 else _RESPONSE_INDEX.findall(span))]
 
 
 def _ranked_indices(rest: str) -> list[int]:
