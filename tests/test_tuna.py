@@ -164,6 +164,17 @@ def test_contextual_rank_statuses_keep_every_row():
     assert "### Instruction:\nCapital of France?" in dict(first.messages[1])["content"]
 
 
+def test_contextual_rank_with_no_index_left_is_no_ranking():
+    # Every index out of range, or only the reference the judge did not write: nothing is ranked,
+    # so the row is no_ranking (re-asked once), never "repaired" with empty ranked_responses.
+    batch = {"id": [0, 1], "instruction": ["Capital of France?"] * 2, "responses": [["Paris.", "Lyon."]] * 2}
+    judge = Judge([ok("rank: [5, 6, 7]"), ok("rank: [2]"), ok("rank: [3, 4]"), ok("rank: [2, 2]")])
+    out = ContextualRank(judge, format_retries=1)(batch)
+    assert out["ranking_status"] == ["no_ranking", "no_ranking"] and list(map(list, out["rank"])) == [[], []]
+    assert "out-of-range indices [5, 6, 7]" in out["ranking_error"][0]  # the first answer is kept
+    assert "no reference response" in out["ranking_error"][1] and len(judge.requests) == 4
+
+
 def cut(text):
     return ChatResult(texts=[text], finish_reasons=["length"])
 

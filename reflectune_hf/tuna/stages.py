@@ -283,7 +283,8 @@ class ContextualRank(_TunaStage):
     `ranked_responses[i] == (responses + [reference_response])[rank[i]]`), `ranking_status`
     (`ok`; `repaired` when indices were dropped, the unwritten reference included; `partial` when
     the answer was cut by the token limit even after the re-asks, or its `rank: [...]` list is not
-    closed: `rank` holds the indices read so far, possibly not all; `no_ranking`, `no_responses`,
+    closed: `rank` holds the indices read so far, possibly not all; `no_ranking` (no list, or
+    no index left once those were dropped: re-asked as a missing one), `no_responses`,
     `oracle_error`; `empty_input` (blank instruction) and `invalid_text` rows send nothing) and
     `ranking_error` (what went wrong). `TunaTrainer` trains on the
     `ranked_responses` of every row, whatever its status (a `partial` ranking is the start of the
@@ -333,9 +334,12 @@ class ContextualRank(_TunaStage):
 
     @staticmethod
     def _answer_rank(text: str, num_candidates: int) -> int:
-        """0 for a full ranking, 1 for an unclosed `rank: [...]` list, 2 when none is found."""
+        """0 for a full ranking, 1 for an unclosed `rank: [...]` list, 2 when none is found or no
+        index is left (all out of range, or only the reference the judge did not write)."""
         parsed = parse_ranking(text, num_candidates)
-        return 2 if not parsed.found else 1 if parsed.unclosed else 0
+        ref = num_candidates - 1
+        usable = [k for k in parsed.rank if k != ref or extract_reference_response(text, ref)]
+        return 2 if not usable else 1 if parsed.unclosed else 0
 
     def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
         out = self._ids(batch, indices, required=True)
@@ -389,6 +393,8 @@ class ContextualRank(_TunaStage):
         if len(responses) in rank and not reference:  # nothing to train on for it: out of both columns
             rank = [k for k in rank if k != len(responses)]
             notes.append(f"index {len(responses)} is ranked but the judge wrote no reference response: dropped")
+        if not rank:  # nothing left to train on: no ranking, whatever was repaired
+            return [], reference, [], "no_ranking", "no usable index in the ranking: " + "; ".join(notes)
         incomplete = []
         if cut:
             incomplete.append("the judge's answer was cut by the token limit: the ranking may be incomplete")
