@@ -416,6 +416,22 @@ def test_run_eval_two_models_on_named_test_sets(tmp_path, monkeypatch, capsys):
     assert "koala" in capsys.readouterr().out
 
 
+def test_run_eval_refuses_two_test_sets_of_one_name(tmp_path, monkeypatch):
+    # Two versions of vicuna in two folders: one would overwrite the other's rows, file and summary.
+    from reflectune_hf.cli import eval_job as eval_run
+
+    for folder in ("v1", "v2"):
+        (tmp_path / folder).mkdir()
+        _write_jsonl(tmp_path / folder / "vicuna_test_set.jsonl", [{"question_id": 1, "text": f"good {folder}"}])
+    oracles = []
+    monkeypatch.setattr(eval_run, "make_oracle", lambda *a, **k: oracles.append(ScriptedOracle(word="good")) or oracles[-1])
+    config = eval_run.EvalConfig(test_sets=[str(tmp_path / f / "vicuna_test_set.jsonl") for f in ("v1", "v2")],
+                                 model_a="ma", model_b="mb", judge_model="j", output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="two test sets are named 'vicuna'"):
+        eval_run.run_eval(config)
+    assert not oracles  # refused before any model loads
+
+
 def test_doctests():
     assert doctest.testmod(evaluate_mod, optionflags=doctest.ELLIPSIS).failed == 0
 

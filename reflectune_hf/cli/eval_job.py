@@ -122,16 +122,23 @@ def make_parser(subparsers=None, prog: str | None = None):
 def _answered(config: EvalConfig) -> dict:
     """{test set name: Dataset with instruction, input, response_a, response_b (+ statuses)}."""
     server = {"timeout": config.timeout, "max_retries": config.max_retries, "local_without_base_url": True}
+    sets = {}
+    for spec in config.test_sets:  # all read first: a bad or repeated name fails before any model loads
+        ds = load_eval_set(spec, eval_dir=config.eval_dir, max_rows=config.max_rows)
+        name = ds[0]["test_set"]
+        if name in sets:
+            raise ValueError(f"two test sets are named {name!r} ({sets[name][0]!r} and {spec!r}): their rows, "
+                             f"{name}.jsonl and summary would overwrite each other; rename one file")
+        sets[name] = (spec, ds)
     oracle_a = make_oracle(config.model_a, config.base_url_a, max_new_tokens=config.max_new_tokens, **server)
     oracle_b = make_oracle(config.model_b, config.base_url_b, max_new_tokens=config.max_new_tokens, **server)
     out = {}
-    for spec in config.test_sets:
-        ds = load_eval_set(spec, eval_dir=config.eval_dir, max_rows=config.max_rows)
+    for name, (_, ds) in sets.items():
         for column, oracle in (("response_a", oracle_a), ("response_b", oracle_b)):
             stage = GenerateResponses(oracle, column=column, max_tokens=config.max_new_tokens,
                                       temperature=config.temperature)
-            ds = ds.map(stage, batched=True, batch_size=32, desc=f"Answering {ds[0]['test_set']} ({column})")
-        out[ds[0]["test_set"]] = ds
+            ds = ds.map(stage, batched=True, batch_size=32, desc=f"Answering {name} ({column})")
+        out[name] = ds
     return out
 
 
