@@ -264,6 +264,10 @@ def test_sample_responses_then_rank_by_logprob():
 def test_rank_by_logprob_ties_and_errors():
     out = rank_by_logprob({"responses": [["a", "b", "c"]], "avg_logprobs": [[-1.0, -0.5, -1.0]]})
     assert out["ranked_responses"] == [["b", "a", "c"]]  # a tie keeps the sampling order
+    # A blank response (whitespace tokens score high) is no response: never ranked, let alone first.
+    out = rank_by_logprob({"responses": [["a", " \n", "b"], ["", " "]], "avg_logprobs": [[-1.0, -0.1, -2.0],
+                                                                                      [-0.2, -0.3]]})
+    assert out["ranked_responses"] == [["a", "b"], []] and out["ranking_status"] == ["partial", "no_responses"]
     with pytest.raises(ColumnError, match="row 0 of the batch has 2 responses but 1"):
         rank_by_logprob({"responses": [["a", "b"]], "avg_logprobs": [[-1.0]]})
     with pytest.raises(ColumnError, match="batched=True"):

@@ -228,13 +228,13 @@ class SampleResponses(_TunaStage):
 def rank_by_logprob(batch: Mapping) -> dict:
     """Order each row's `responses` by `avg_logprobs`, highest first (Tuna's probabilistic ranking).
 
-    For `Dataset.map(rank_by_logprob, batched=True)`. Responses without a score (NaN) are left
-    out of the ranking; ties keep the sampling order.
+    For `Dataset.map(rank_by_logprob, batched=True)`. Responses without a score (NaN) and blank
+    ones are left out of the ranking; ties keep the sampling order.
 
     Input columns: `responses`, `avg_logprobs` (lists of the same length per row).
     Output columns: `ranked_responses` (list of str, best first), `ranked_avg_logprobs` (their
-    scores) and `ranking_status`: `ok`, `partial` (some responses had no score), `no_scores`
-    (none had) or `no_responses`. Every other column, `id` included, is kept.
+    scores) and `ranking_status`: `ok`, `partial` (some responses had no score or were blank),
+    `no_scores` (none had) or `no_responses` (none, or all blank). Every other column, `id` included, is kept.
 
     Example:
         >>> from reflectune_hf.tuna.stages import rank_by_logprob
@@ -249,11 +249,12 @@ def rank_by_logprob(batch: Mapping) -> dict:
         if len(texts) != len(values):
             raise ColumnError(f"{stage}: row {row} of the batch has {len(texts)} responses but "
                               f"{len(values)} avg_logprobs")
-        usable = [k for k, v in enumerate(values) if v is not None and not math.isnan(v)]
+        filled = [k for k, t in enumerate(texts) if str(t or "").strip()]  # a blank response is none
+        usable = [k for k in filled if values[k] is not None and not math.isnan(values[k])]
         order = sorted(usable, key=lambda k: -values[k])  # stable: ties keep the sampling order
         ranked.append([texts[k] for k in order])
         ranked_scores.append([float(values[k]) for k in order])
-        statuses.append("no_responses" if not texts else "ok" if len(usable) == len(texts)
+        statuses.append("no_responses" if not filled else "ok" if len(usable) == len(texts)
                         else "partial" if usable else "no_scores")
     return _typed({"ranked_responses": ranked, "ranked_avg_logprobs": ranked_scores, "ranking_status": statuses})
 
