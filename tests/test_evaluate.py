@@ -424,7 +424,8 @@ def test_run_eval_refuses_two_test_sets_of_one_name(tmp_path, monkeypatch):
         (tmp_path / folder).mkdir()
         _write_jsonl(tmp_path / folder / "vicuna_test_set.jsonl", [{"question_id": 1, "text": f"good {folder}"}])
     oracles = []
-    monkeypatch.setattr(eval_run, "make_oracle", lambda *a, **k: oracles.append(ScriptedOracle(word="good")) or oracles[-1])
+    monkeypatch.setattr(eval_run, "make_oracle",
+                        lambda *a, **k: oracles.append(ScriptedOracle(word="good")) or oracles[-1])
     config = eval_run.EvalConfig(test_sets=[str(tmp_path / f / "vicuna_test_set.jsonl") for f in ("v1", "v2")],
                                  model_a="ma", model_b="mb", judge_model="j", output_dir=str(tmp_path / "out"))
     with pytest.raises(ValueError, match="two test sets are named 'vicuna'"):
