@@ -134,15 +134,6 @@ def test_the_command_list_names_every_command(capsys):
         assert f"  {name} " in out
 
 
-def test_doctests_of_the_parsing_modules():
-    import doctest
-
-    from reflectune_hf.cli import arguments, configs, sft_job
-
-    for module in (arguments, configs, sft_job, cli):
-        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module.__name__
-
-
 # Flags that only say how oracle requests are sent (rate, concurrency, retries, batching): the
 # commands that send requests take them, `estimate` (which sends nothing) does not.
 SENDING_FLAGS = ("--max_concurrency", "--timeout", "--max_retries", "--requests_per_minute", "--tokens_per_minute",

@@ -3,7 +3,6 @@ small files and on the five public test sets, the eval script (REFERENCE.md §11
 
 from __future__ import annotations
 
-import doctest
 import json
 import math
 import os
@@ -16,7 +15,6 @@ import pytest
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 
-import reflectune_hf.evaluation.stages as evaluate_mod
 from reflectune_hf.data import ColumnError
 from reflectune_hf.evaluation.stages import GenerateResponses, PairwiseJudge, judge_summary, load_eval_set
 from reflectune_hf.oracles.base import ChatResult
@@ -431,10 +429,6 @@ def test_run_eval_refuses_two_test_sets_of_one_name(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="two test sets are named 'vicuna'"):
         eval_run.run_eval(config)
     assert not oracles  # refused before any model loads
-
-
-def test_doctests():
-    assert doctest.testmod(evaluate_mod, optionflags=doctest.ELLIPSIS).failed == 0
 
 
 def test_every_stage_that_calls_an_oracle_shares_one_loop():

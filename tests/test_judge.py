@@ -3,14 +3,12 @@ combinations, the summary and the stacked bar chart (REFERENCE.md §11)."""
 
 from __future__ import annotations
 
-import doctest
 import json
 import math
 
 import pytest
 from matplotlib.image import imread
 
-import reflectune_hf.evaluation.judge as judge_mod
 from reflectune_hf.evaluation.judge import format_judge_table, judge_summary, judge_verdict, parse_judge_scores, plot_judge
 
 # (judge text, expected (Assistant 1, Assistant 2) scores or None when unparseable)
@@ -162,7 +160,3 @@ def test_plot_judge_png_and_table(tmp_path):
     table = format_judge_table(summaries).splitlines()
     assert table[2].split() == ["vicuna", "40", "25", "12", "3", "1.364"]
     assert table[4].split()[-1] == "n/a"
-
-
-def test_doctests():
-    assert doctest.testmod(judge_mod, optionflags=doctest.ELLIPSIS).failed == 0

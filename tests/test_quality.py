@@ -3,7 +3,6 @@ token lengths, IFD, and what is said when something is omitted (REFERENCE.md §1
 
 from __future__ import annotations
 
-import doctest
 import json
 import math
 
@@ -199,10 +198,6 @@ def test_quality_report_student_perplexity(sample, student):
         with torch.inference_mode():
             loss = model(input_ids=ids, labels=labels).loss.item()
         assert value == pytest.approx(math.exp(loss), rel=1e-5)
-
-
-def test_doctests():
-    assert doctest.testmod(quality_mod, optionflags=doctest.ELLIPSIS).failed == 0
 
 
 # Rows whose response starts with characters SmolLM2's byte-level BPE merges with the prompt's

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import json
 from collections import Counter
 
@@ -12,7 +11,6 @@ from datasets import Dataset, DatasetDict
 from matplotlib.image import imread
 from synthetic_variants import is_valid, make_variants
 
-import reflectune_hf.publishing.report as report_mod
 from reflectune_hf import load_sample
 from reflectune_hf.publishing.report import plot_summary, summarize
 from reflectune_hf.selection.select import VARIANT_SPLITS, select_v2
@@ -130,10 +128,6 @@ def test_plot_summary_copes_with_empty_splits(variants, tmp_path):
         for path in paths:
             image = imread(path)
             assert image.shape[0] > 200 and image[..., :3].std() > 0.02, (name, path.name)
-
-
-def test_docstring_examples_run():
-    assert doctest.testmod(report_mod).failed == 0
 
 
 def test_format_rates_leave_out_the_selected_split():

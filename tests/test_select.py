@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from synthetic_variants import is_valid, make_variants
 
-import reflectune_hf.selection.select as select_mod
 from reflectune_hf.data import ColumnError
 from reflectune_hf.selection.select import (
     INSTRUCTION_NOT_REFLECTED,
@@ -371,10 +369,6 @@ def test_bench_script_agrees_with_per_row_loop():
     bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bench_select.py"))
     result = bench["main"](["--rows", "400", "--loop-rows", "400", "--missing", "0.1"])
     assert result["agree"] and result["selected"] > 0
-
-
-def test_docstring_examples_run():
-    assert doctest.testmod(select_mod).failed == 0
 
 
 def test_a_0_row_dataset_scored_with_map_scores_has_the_score_columns_and_selects_nothing():

@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import doctest
 
 import pytest
 
-import reflectune_hf.scoring.spans as spans_mod
 from reflectune_hf.models import load_tokenizer
 from reflectune_hf.prompts import get_scoring_template
 from reflectune_hf.scoring.spans import response_span, response_spans, truncate_ids
@@ -89,7 +87,3 @@ def test_bad_input_is_named(tok):
 
     with pytest.raises(ValueError, match="has no EOS token"):
         response_span(NoEos(), "a", "b", eos=True)
-
-
-def test_doctests():
-    assert doctest.testmod(spans_mod).failed == 0

@@ -318,11 +318,3 @@ def test_tuna_scores_the_tokens_and_loss_of_the_one_response_rule(smollm2_dir):
     assert counts.tolist() == [s.n_scored for s in spans]
     engine = mean_token_losses(model, spans, tok.pad_token_id, **check_model(model).kwargs())
     assert mean.tolist() == pytest.approx([-x for x in engine], rel=1e-5)
-
-
-def test_doctests():
-    import doctest
-
-    import reflectune_hf.tuna.trainer as trainer_mod
-
-    assert doctest.testmod(trainer_mod).failed == 0
