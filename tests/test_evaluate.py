@@ -147,6 +147,16 @@ def _pairs():
     })
 
 
+def test_pairwise_judge_sends_nothing_for_a_blank_question():
+    """A response file's row with a blank instruction was judged (the answers scored blind) and `ok`."""
+    oracle = ScriptedOracle()
+    rows = Dataset.from_dict({"instruction": ["Q0", "  "], "response_a": ["good one", "good one"],
+                              "response_b": ["poor one", ""]})
+    out = rows.map(PairwiseJudge(oracle, max_tokens=32), batched=True)
+    assert out["judge_status"] == ["ok", "empty_instruction"] and out["verdict"] == ["win", "error"]
+    assert out["judge_error"][1] == "empty instruction; empty answer in response_b" and len(oracle.requests) == 2
+
+
 def test_pairwise_judge_both_orders_verdicts_and_failures():
     oracle = ScriptedOracle()
     judge = PairwiseJudge(oracle, max_tokens=32)

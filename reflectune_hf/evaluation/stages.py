@@ -143,7 +143,8 @@ class PairwiseJudge(OracleCaller):
         `scores_ba` (list of 2 floats): (B, A) as scored with B first; `[nan, nan]` when absent;
         `verdict` (str): `win`, `tie` or `lose` for A against B, `error` when not judged;
         `judge_status` (str): `ok`, `unparseable` (a score line could not be read),
-        `oracle_error`, or `missing_response` (an empty answer; nothing was sent);
+        `oracle_error`, `missing_response` (an empty answer) or `empty_instruction` (a blank
+        question: nothing to judge the answers against); nothing was sent for the last two;
         `judge_ab`, `judge_ba` (str): the judge's raw answers (`""` when none);
         `judge_error` (str): what went wrong, per order (`""` when nothing did).
 
@@ -182,10 +183,14 @@ class PairwiseJudge(OracleCaller):
         out = {"scores_ab": [NAN_PAIR] * n, "scores_ba": [NAN_PAIR] * n, "verdict": ["error"] * n,
                "judge_status": ["missing_response"] * n, "judge_ab": [""] * n, "judge_ba": [""] * n,
                "judge_error": [""] * n}
-        todo = [i for i in range(n) if answers_a[i].strip() and answers_b[i].strip()]
+        todo = [i for i in range(n) if answers_a[i].strip() and answers_b[i].strip() and questions[i].strip()]
         for i in set(range(n)) - set(todo):
             empty = [c for c, a in zip(self.columns, (answers_a[i], answers_b[i])) if not a.strip()]
-            out["judge_error"][i] = f"empty answer in {', '.join(empty)}"
+            problems = [f"empty answer in {', '.join(empty)}"] if empty else []
+            if not questions[i].strip():  # response files can carry such rows: a judge would score blind
+                out["judge_status"][i] = "empty_instruction"
+                problems.insert(0, "empty instruction")
+            out["judge_error"][i] = "; ".join(problems)
         requests = []
         for i in todo:
             requests += [self.request(questions[i], answers_a[i], answers_b[i]),
