@@ -309,6 +309,19 @@ def test_response_files_refuse_the_options_of_models_that_answer(extra):
         eval_run.EvalConfig(responses_a="a.jsonl", responses_b="b.jsonl", judge_model="j", **extra)
 
 
+def test_response_files_with_a_repeated_id_are_refused(tmp_path):
+    """Paired by id, a repeated id in A judged one B answer twice and dropped another silently."""
+    from reflectune_hf.cli import eval_job as eval_run
+
+    rows = [{"id": i, "instruction": "Q", "response": "r"} for i in (0, 1, 2)]
+    _write_jsonl(tmp_path / "a.jsonl", [rows[0], rows[1], rows[1]])
+    _write_jsonl(tmp_path / "b.jsonl", rows)
+    config = eval_run.EvalConfig(responses_a=str(tmp_path / "a.jsonl"), responses_b=str(tmp_path / "b.jsonl"),
+                                 judge_model="j", output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"a\.jsonl repeats the ids \[1\]"):
+        eval_run.run_eval(config)
+
+
 def test_run_eval_with_response_files(tmp_path, monkeypatch):
     from reflectune_hf.cli import eval_job as eval_run
 

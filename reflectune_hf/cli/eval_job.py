@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -158,6 +159,11 @@ def _paired(config: EvalConfig) -> dict:
 
     (ds_a, col_a), (ds_b, col_b) = _read_responses(config.responses_a), _read_responses(config.responses_b)
     if "id" in ds_a.column_names and "id" in ds_b.column_names:
+        for path, ids in ((config.responses_a, ds_a["id"]), (config.responses_b, ds_b["id"])):
+            repeated = [i for i, count in Counter(ids).items() if count > 1]
+            if repeated:  # pairing by id would judge one answer twice and drop another
+                raise ValueError(f"{path} repeats the ids {repeated[:5]}: the two files are paired by id, so each "
+                                 "id must name one row")
         by_id = {i: k for k, i in enumerate(ds_b["id"])}
         missing = [i for i in ds_a["id"] if i not in by_id]
         if missing or len(ds_a) != len(ds_b):
