@@ -252,3 +252,13 @@ def test_an_unreachable_server_is_logged_without_its_query_secret(caplog):
     with caplog.at_level(logging.DEBUG, logger="reflectune_hf.oracles.backends"):
         assert backends.detect_backend("http://127.0.0.1:9/v1?api_key=qs3cret", timeout=1) is None
     assert "unreachable" in caplog.text and "qs3cret" not in caplog.text
+
+
+def test_a_json_answer_not_of_the_shape_is_parsed_as_its_decoded_text_not_its_escapes():
+    # Both fields inside one value (plus quotes, a newline, an accent): not convertible, so the marker
+    # parser reads it; it read the JSON source and kept `\"`, `\n` and `\u00e9` literally, as `ok`.
+    both = '[New Instruction] Say "hi" en français. [End]\n[New Answer] "Salut" à tous.\nBonne journée. [End]'
+    data = {"analysis": "", "new_instruction": both, "new_answer": "x"}
+    text = backends.decode_answer(SHAPE, json.dumps(data))
+    assert parse_instruction_reflection(text) == ('Say "hi" en français.', '"Salut" à tous.\nBonne journée.')
+    assert backends.decode_answer(SHAPE, "[New Instruction] A [End]") == "[New Instruction] A [End]"  # no JSON

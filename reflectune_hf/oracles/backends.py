@@ -258,13 +258,31 @@ def structured_fields(shape: AnswerFormat, backend: str, vllm_fields: str = "str
 
 
 def decode_answer(shape: AnswerFormat, text: str) -> str:
-    """The canonical marker text of a JSON answer; the text as it came when it is no JSON of the
-    shape (cut by `max_tokens`, say): the stage's parser and re-ask then handle it."""
+    """The canonical marker text of a JSON answer. An answer that is no JSON of the shape goes to
+    the stage's parser (and re-ask) as the text it holds: a JSON object's values decoded, one a
+    line (the parser must not read `\\"`, `\\n` or `\\u00e9` escapes as text), anything else
+    (cut by `max_tokens`, say) as it came.
+
+    Example:
+        >>> import json
+        >>> from reflectune_hf.oracles.backends import decode_answer
+        >>> from reflectune_hf.oracles.structured import Field, MarkedFields
+        >>> shape = MarkedFields((Field("Better Answer", 100),))
+        >>> print(decode_answer(shape, json.dumps({"better_answer": '[Better Answer] "Hi" [End]\\nBye'})))
+        [Better Answer] "Hi" [End]
+        Bye
+    """
     try:
         return shape.from_json(text)
     except ValueError as err:
-        logger.debug("structured answer kept as it came: %s", err)
+        logger.debug("structured answer not of its shape, parsed as text: %s", err)
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError):
         return text
+    if isinstance(data, dict):
+        return "\n".join(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in data.values())
+    return data if isinstance(data, str) else text
 
 
 class StructuredOutput:
