@@ -96,6 +96,20 @@ def test_ranking_round_trip():
     assert not re.fullmatch(shape.regex(), text.replace("rank: [4", "rank: [5"))
 
 
+
+def test_ranking_from_json_refuses_a_reference_the_parser_would_not_read_back_whole():
+    # A markdown heading ("## Step 2") ended the reference early, and a "###Response 4:" in the
+    # analysis gave the wrong one: the row was `ok` with that reference. Like `regex()`, no "#" there.
+    shape = RankingAnswer(num_responses=4, analysis_max_chars=200, reference_max_chars=300)
+    base = {"analysis": "Open-ended.", "reference_response": "Mix.", "scores": [1, 2, 3, 4, 15], "rank": [4, 0]}
+    for change in ({"reference_response": "Here is a plan.\n## Step 2\nBake."},
+                   {"analysis": "I write mine as ###Response 4: below.", "reference_response": "Blue."}):
+        with pytest.raises(ValueError, match="holds one of"):
+            shape.from_json(json.dumps({**base, **change}))
+    text = shape.from_json(json.dumps({**base, "reference_response": "Plan:\n\n1. Mix (2 [cups]).\n2. Bake."}))
+    assert extract_reference_response(text, 4) == "Plan:\n\n1. Mix (2 [cups]).\n2. Bake."
+    assert re.fullmatch(shape.regex(), text)
+
 def test_from_json_rejects_what_is_not_the_shape():
     with pytest.raises(ValueError, match="not JSON"):
         INSTRUCTION.from_json("[New Instruction] x [End]")

@@ -284,8 +284,9 @@ class ScoreLine:
 class RankingAnswer:
     """Tuna's contextual ranking of `num_responses` responses (indices 0..N-1) plus the judge's own
     reference response (index N): an analysis (no `#`, no bracket), `###Response N:` and the
-    reference, one `Response k: score` line per index 0..N (scores 0 to 15), and
-    `rank: [i, j, ...]` (1 to N+1 indices; repeats are repaired by the parser).
+    reference (no `#`: a heading would end it), one `Response k: score` line per index 0..N
+    (scores 0 to 15), and `rank: [i, j, ...]` (1 to N+1 indices; repeats are repaired by the parser).
+    `from_json` refuses a JSON answer whose analysis or reference holds what the text cannot.
 
     Example:
         >>> import re
@@ -376,6 +377,11 @@ class RankingAnswer:
             numbers[key] = value
         lines = []
         analysis = _string(data, "analysis", "RankingAnswer", required=False).strip() if self.analysis_max_chars else ""
+        # As in `regex()`: a "#" ("## Step 2", "###Response 4:") ends the reference early or starts another one.
+        for key, value, banned in (("reference_response", reference, "#"), ("analysis", analysis, "#[]")):
+            if any(c in value for c in banned):
+                raise ValueError(f"RankingAnswer: the JSON answer's {key!r} holds one of {banned!r}, which the "
+                                 "ranking text cannot hold there")
         if analysis:
             lines.append(analysis)
         lines += [f"###Response {self._n}:", reference, ""]
