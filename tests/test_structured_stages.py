@@ -146,6 +146,23 @@ def test_a_field_ended_by_its_length_bound_is_cut_not_ok():
     assert plain["reflection_finish_reason"] == ["stop"]  # no shape sent: no bound to reach
 
 
+def test_a_field_opening_with_a_lower_case_y_is_cut_at_its_bound_too():
+    """The regex's first unit of a field can hold up to 5 characters ("yes, " is "ye" then units,
+    so as not to open with "your "): an enforced field opening with "y" is cut one to four
+    characters past `max_chars`, and was `ok` with finish_reason "stop"."""
+    import re
+
+    from reflectune_hf.oracles.stage_formats import fields_at_bound
+    from reflectune_hf.oracles.structured import Field, MarkedFields
+
+    shape = MarkedFields((Field("Better Answer", 12),))
+    for body in ("yes, robins s", "yours is a robin", "Yes, robins "):
+        text = f"[Better Answer] {body} [End]"
+        assert re.fullmatch(shape.regex(), text) and not re.fullmatch(shape.regex(), text.replace(" [End]", "x [End]"))
+        assert fields_at_bound(shape, text) == ["Better Answer"], body
+    assert fields_at_bound(shape, "[Better Answer] yes, robins [End]") == []
+    assert fields_at_bound(shape, "[Better Answer] yes, robins! [End]") == ["Better Answer"]  # JSON, at maxLength
+
 def test_the_reask_log_line_says_how_many_answers_were_cut_and_how_many_did_not_parse(caplog):
     """The stages re-ask answers cut by a limit or a field's bound as well as unparsed ones; the
     log said "N answers that do not parse" for both (the quickstart's cut instructions read as

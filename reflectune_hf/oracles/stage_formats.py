@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from .structured import AnswerFormat, Field, MarkedFields, RankingAnswer, ScoreLine
+from .structured import FIELD_FIRST_RE, AnswerFormat, Field, MarkedFields, RankingAnswer, ScoreLine
 
 
 # --------------------------------------------------------------------------- the stages' shapes
@@ -89,7 +89,9 @@ def fields_at_bound(shape: Optional[AnswerFormat], text: str) -> list[str]:
         if found is None:
             break
         body = found.group(1)  # an enforced field holds max_chars units, a "[x" pair being one unit
-        if f.max_chars <= len(body) <= f.max_chars + body.count("["):
+        first = re.match(FIELD_FIRST_RE, body)  # under a regex its first unit holds up to 5 ("yes", "yours")
+        extra = len(first.group(0)) - 1 if first else 0  # (under a JSON schema, one: maxLength counts characters)
+        if f.max_chars <= len(body) <= f.max_chars + extra + body.count("["):
             cut.append(f.marker)
         start = found.end()
     return cut

@@ -49,7 +49,7 @@ from typing import Any, Mapping, Union
 _FIELD_UNIT_RE = r"([^\[]|\[[^\[ \t*_nNeEbBtT])"
 # A field opens with a non-space and never with the format's placeholder ("your answer", "your
 # instruction" in the paper's prompts): a lower-case "your " cannot start it ("Your task", "yours" can).
-_FIELD_FIRST_RE = r"([^\[\sy]|y[^\[o]|yo[^\[u]|you[^\[r]|your[^\[ ])"
+FIELD_FIRST_RE = r"([^\[\sy]|y[^\[o]|yo[^\[u]|you[^\[r]|your[^\[ ])"
 _ANALYSIS_UNIT_RE = r"[^\[\]#]"
 _FIELD_UNIT_GBNF = r'[^\[] | "[" [^\[ \t*_nNeEbBtT]'
 _FIELD_FIRST_GBNF = r'([^\[ \t\n\ry] | "y" [^\[o] | "yo" [^\[u] | "you" [^\[r] | "your" [^\[ ])'
@@ -182,7 +182,7 @@ class MarkedFields:
         for i, f in enumerate(self.fields):
             if i:
                 parts.append(r"\n\n?([1-9]\. ?)?")
-            parts.append(f"\\[{f.marker}\\] {_FIELD_FIRST_RE}{_FIELD_UNIT_RE}{{0,{f.max_chars - 1}}} \\[End\\]")
+            parts.append(f"\\[{f.marker}\\] {FIELD_FIRST_RE}{_FIELD_UNIT_RE}{{0,{f.max_chars - 1}}} \\[End\\]")
         return "".join(parts)
 
     def gbnf(self) -> str:
