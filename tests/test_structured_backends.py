@@ -262,3 +262,34 @@ def test_a_json_answer_not_of_the_shape_is_parsed_as_its_decoded_text_not_its_es
     text = backends.decode_answer(SHAPE, json.dumps(data))
     assert parse_instruction_reflection(text) == ('Say "hi" en français.', '"Salut" à tous.\nBonne journée.')
     assert backends.decode_answer(SHAPE, "[New Instruction] A [End]") == "[New Instruction] A [End]"  # no JSON
+
+
+def _raw_server(reply: bytes) -> str:
+    """A server that answers every connection with `reply`, whatever was asked; its base URL."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+
+    def run():
+        while True:
+            conn, _ = sock.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(reply)
+
+    threading.Thread(target=run, daemon=True).start()
+    return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def test_detection_survives_a_server_that_speaks_no_http_a_cut_body_or_an_odd_openapi():
+    """Detection raised http.client's BadStatusLine / IncompleteRead (a wrong port, a proxy that cut
+    the body) or an AttributeError (`info` not an object) out of `complete`, deep inside."""
+    no_http = _raw_server(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+    assert backends.detect_backend(no_http, timeout=2) is None and backends.cached_detection(no_http) is None
+    cut = _raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"data\"")
+    assert backends.detect_backend(cut, timeout=2) is None
+    odd = b'{"info": "x"}'
+    odd_url = _raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(odd), odd))
+    assert backends.detect_backend(odd_url, timeout=2) == backends.Detected("plain")

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import os
@@ -211,13 +212,14 @@ def detect_backend(base_url: str, api_key: Optional[str] = None, timeout: float 
             backend = identify_backend(models, base_url)
             if backend == "plain":
                 spec = _get_json(f"{root}/openapi.json", api_key, timeout, auth)
-                title = ((spec or {}).get("info") or {}).get("title") if isinstance(spec, dict) else None
+                info = spec.get("info") if isinstance(spec, dict) else None
+                title = str(info.get("title") or "") if isinstance(info, dict) else None
                 backend = identify_backend(models, base_url, title)
             version = None
             if backend == "vllm":
                 info = _get_json(f"{root}/version", api_key, timeout, auth)
                 version = str(info.get("version")) if isinstance(info, dict) and info.get("version") else None
-        except (OSError, urllib.error.URLError) as err:
+        except (OSError, urllib.error.URLError, http.client.HTTPException) as err:  # no HTTP, or a body cut
             logger.debug("backend detection: %s unreachable (%s)", redact_url(base_url), err)
             return None
         found = Detected(backend, version)
