@@ -163,6 +163,20 @@ def test_a_field_opening_with_a_lower_case_y_is_cut_at_its_bound_too():
     assert fields_at_bound(shape, "[Better Answer] yes, robins [End]") == []
     assert fields_at_bound(shape, "[Better Answer] yes, robins! [End]") == ["Better Answer"]  # JSON, at maxLength
 
+def test_a_json_value_cut_at_its_max_length_after_a_space_is_cut_not_ok():
+    """vLLM's JSON format ends a value at maxLength; from_json stripped the trailing space, so the
+    field looked shorter than its bound and the clipped instruction parsed `ok`."""
+    import json
+
+    from reflectune_hf.oracles.stage_formats import fields_at_bound
+    from reflectune_hf.oracles.structured import Field, MarkedFields
+    from reflectune_hf.reflection.extract import parse_instruction_reflection
+
+    shape = MarkedFields((Field("New Instruction", 12), Field("New Answer", 40)), analysis_max_chars=5)
+    text = shape.from_json(json.dumps({"analysis": "a", "new_instruction": "Name a bird ", "new_answer": "Robin. "}))
+    assert fields_at_bound(shape, text) == ["New Instruction"]
+    assert parse_instruction_reflection(text) == ("Name a bird", "Robin.")
+
 def test_the_reask_log_line_says_how_many_answers_were_cut_and_how_many_did_not_parse(caplog):
     """The stages re-ask answers cut by a limit or a field's bound as well as unparsed ones; the
     log said "N answers that do not parse" for both (the quickstart's cut instructions read as

@@ -220,8 +220,10 @@ class MarkedFields:
             if analysis:
                 lines.append(analysis)
         for f in self.fields:
-            text = _marker_free(_string(data, f.key, "MarkedFields").strip(), "MarkedFields", f.key, f.marker)
-            lines.append(f"[{f.marker}] {text} [End]")
+            value = _string(data, f.key, "MarkedFields")
+            text = _marker_free(value.strip(), "MarkedFields", f.key, f.marker)
+            # A value cut at maxLength keeps its trailing spaces, hence its length (`fields_at_bound`).
+            lines.append(f"[{f.marker}] {value.lstrip() if text == value.strip() else text} [End]")
         return "\n".join(lines)
 
 
