@@ -203,3 +203,41 @@ def test_rerun_of_a_clean_run_loads_no_local_model(tmp_path, smollm2_dir):
     rerun = map_stage(load_from_disk(str(tmp_path / "ds")), ReflectResponse(again, max_tokens=8, format_retries=0))
     assert list(rerun["reflection_raw"]) == list(out["reflection_raw"])
     assert getattr(again, "_model", None) is None  # served by the datasets cache: nothing loaded, nothing sent
+
+
+class _SwitchOracle:
+    """Fails prompts with "FAIL" while the class's `healthy` is False (not in the pickled state,
+    so not in the datasets fingerprint: a rerun after the outage has the same one); counts `sent`."""
+
+    healthy, sent = False, 0
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def complete(self, requests):
+        from reflectune_hf.oracles.base import ChatResult
+
+        type(self).sent += len(requests)
+        return [ChatResult.failure("429") if "FAIL" in r.message_dicts[-1]["content"] and not self.healthy
+                else ChatResult(texts=["[Better Answer] Fine. [End]"], finish_reasons=["stop"]) for r in requests]
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_map_stage_heals_a_replayed_cache_file_name(tmp_path, monkeypatch, on_disk):
+    """`map` replays a named `cache_file_name` whatever the fingerprint (in-memory datasets too):
+    map_stage looked for replays only next to the dataset's own files and froze the failures."""
+    from reflectune_hf import ReflectResponse, map_stage
+
+    ds = Dataset.from_dict({"instruction": ["Name a star.", "FAIL one"], "output": ["Sun", "x"]})
+    if on_disk:
+        ds = load_from_disk(_saved(ds, tmp_path))
+    named = str(tmp_path / "named" / "reflected.arrow")
+    os.makedirs(os.path.dirname(named))
+    monkeypatch.setattr(_SwitchOracle, "healthy", False)
+    run = lambda: map_stage(ds, ReflectResponse(_SwitchOracle(), format_retries=0), cache_file_name=named)  # noqa
+    assert [bool(e) for e in run()["reflection_error"]] == [False, True]
+    monkeypatch.setattr(_SwitchOracle, "healthy", True)
+    assert list(run()["reflection_error"]) == ["", ""]  # healed, under a name of its own
+    sent = _SwitchOracle.sent
+    assert list(run()["reflection_error"]) == ["", ""] and _SwitchOracle.sent == sent  # replayed, clean
+    assert os.path.getsize(named) > 0

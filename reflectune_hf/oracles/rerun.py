@@ -12,8 +12,10 @@ this call. Each content state has its own fingerprint, so maps after it (extract
 cached on a failed state are never reused for a healed one.
 
 A run that left no failed row replays from the cache: 0 requests, and a local oracle loads no
-model. In-memory datasets (no cache files), `IterableDataset`s and `load_from_cache_file=False`
-get a plain `map`. A 0-row dataset (which `map` returns without calling the stage) gets the
+model. With `cache_file_name=<path>` (which `map` replays whatever the fingerprint, in-memory
+datasets too) a heal is written next to it, as `<path stem>-heal-<fingerprint><suffix>`.
+In-memory datasets without it, `IterableDataset`s and `load_from_cache_file=False` get a plain
+`map`. A 0-row dataset (which `map` returns without calling the stage) gets the
 stage's output columns (`stage.output_features`) with 0 rows.
 
 A stage takes part when it has an `error_column` (non-empty exactly for the rows whose request
@@ -81,10 +83,16 @@ def failed_rows(dataset, stage: Any, failed: Optional[Callable[[Any], list[int]]
     return [i for i, error in enumerate(dataset[column]) if error]
 
 
-def _cache_snapshot(dataset) -> dict:
-    """`{path: mtime_ns}` of the Arrow files next to `dataset`'s cache files (where `map` writes)."""
+def _cache_snapshot(dataset, cache_file_name: Optional[str] = None) -> dict:
+    """`{path: mtime_ns}` of the Arrow files next to `dataset`'s cache files and `cache_file_name`
+    (where `map` writes)."""
     snapshot = {}
-    for folder in {os.path.dirname(f["filename"]) for f in dataset.cache_files}:
+    folders = {os.path.dirname(os.path.abspath(f["filename"])) for f in dataset.cache_files}
+    if cache_file_name:
+        folders.add(os.path.dirname(os.path.abspath(cache_file_name)))
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
         with os.scandir(folder) as entries:
             for entry in entries:
                 if entry.name.endswith(".arrow"):
@@ -94,7 +102,7 @@ def _cache_snapshot(dataset) -> dict:
 
 def _replayed(result, before: dict) -> bool:
     """True when every cache file of `result` existed, unchanged, before the map: a cache replay."""
-    files = [f["filename"] for f in result.cache_files]
+    files = [os.path.abspath(f["filename"]) for f in result.cache_files]
     if not files:
         return False
     for path in files:
@@ -137,11 +145,12 @@ def map_stage(dataset, stage: Any, *, failed: Optional[Callable[[Any], list[int]
         return dataset.map(stage, **{k: v for k, v in map_kwargs.items() if k in accepted})
     if len(dataset) == 0:
         return _empty_result(dataset, stage)
-    plain = (not dataset.cache_files or map_kwargs.get("load_from_cache_file") is False
+    cache_file_name = map_kwargs.get("cache_file_name")
+    plain = ((not dataset.cache_files and not cache_file_name) or map_kwargs.get("load_from_cache_file") is False
              or map_kwargs.get("keep_in_memory") or "new_fingerprint" in map_kwargs)
     if plain:
         return dataset.map(stage, **map_kwargs)
-    before = _cache_snapshot(dataset)
+    before = _cache_snapshot(dataset, cache_file_name)
     result = dataset.map(stage, **map_kwargs)
     while _replayed(result, before):
         rows = failed_rows(result, stage, failed)
@@ -150,6 +159,9 @@ def map_stage(dataset, stage: Any, *, failed: Optional[Callable[[Any], list[int]
         fingerprint = stable_hash({"heal": result._fingerprint, "failed": rows}, length=32)
         logger.info("%s: %d row(s) of the cached result failed; mapping again to retry them (fingerprint %s)",
                     getattr(stage, "stage_name", type(stage).__name__), len(rows), fingerprint)
-        before = _cache_snapshot(dataset)
+        if cache_file_name:  # `map` replays a named file whatever the fingerprint: the heal gets its own
+            stem, suffix = os.path.splitext(cache_file_name)
+            map_kwargs["cache_file_name"] = f"{stem}-heal-{fingerprint}{suffix}"
+        before = _cache_snapshot(dataset, cache_file_name)
         result = dataset.map(stage, new_fingerprint=fingerprint, **map_kwargs)
     return result
