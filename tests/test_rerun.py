@@ -241,3 +241,16 @@ def test_map_stage_heals_a_replayed_cache_file_name(tmp_path, monkeypatch, on_di
     sent = _SwitchOracle.sent
     assert list(run()["reflection_error"]) == ["", ""] and _SwitchOracle.sent == sent  # replayed, clean
     assert os.path.getsize(named) > 0
+
+
+def test_map_stage_heals_under_a_given_new_fingerprint(tmp_path, monkeypatch):
+    """`new_fingerprint=...` made map_stage a plain `map`: its cached failures were replayed forever."""
+    from reflectune_hf import ReflectResponse, map_stage
+
+    ds = load_from_disk(_saved(Dataset.from_dict({"instruction": ["Name a star.", "FAIL one"], "output": ["a", "b"]}),
+                               tmp_path))
+    monkeypatch.setattr(_SwitchOracle, "healthy", False)
+    run = lambda: map_stage(ds, ReflectResponse(_SwitchOracle(), format_retries=0), new_fingerprint="mine0")  # noqa
+    assert [bool(e) for e in run()["reflection_error"]] == [False, True]
+    monkeypatch.setattr(_SwitchOracle, "healthy", True)
+    assert list(run()["reflection_error"]) == ["", ""]

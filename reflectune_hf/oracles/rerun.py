@@ -147,11 +147,12 @@ def map_stage(dataset, stage: Any, *, failed: Optional[Callable[[Any], list[int]
         return _empty_result(dataset, stage)
     cache_file_name = map_kwargs.get("cache_file_name")
     plain = ((not dataset.cache_files and not cache_file_name) or map_kwargs.get("load_from_cache_file") is False
-             or map_kwargs.get("keep_in_memory") or "new_fingerprint" in map_kwargs)
+             or map_kwargs.get("keep_in_memory"))
     if plain:
         return dataset.map(stage, **map_kwargs)
     before = _cache_snapshot(dataset, cache_file_name)
     result = dataset.map(stage, **map_kwargs)
+    map_kwargs.pop("new_fingerprint", None)  # a given one names the first map; a heal has its own
     while _replayed(result, before):
         rows = failed_rows(result, stage, failed)
         if not rows:
