@@ -100,6 +100,23 @@ def test_failed_requests_are_statuses_and_a_rerun_sends_only_them_then_nothing()
     assert third == second
 
 
+def test_map_scores_rerun_scores_again_the_rows_whose_request_failed(tmp_path):
+    """The datasets cache replayed the `error:RequestFailed` rows of a served scoring forever
+    (nothing was sent again); a rerun now sends the failed requests and the rows are `ok`."""
+    from datasets import Dataset, load_from_disk
+
+    from reflectune_hf.scoring.ifd import map_scores
+
+    Dataset.from_dict(ROWS).save_to_disk(tmp_path / "ds")
+    with VllmLoopback(fail_after=3) as server:
+        run = lambda: map_scores(load_from_disk(str(tmp_path / "ds")), IFDScorer(  # noqa: E731
+            MODEL, base_url=server.base_url, server_model="student", max_retries=0, cache=str(tmp_path / "c")))
+        assert all(":RequestFailed: " in s for s in run()["score_status"])
+        server.fail_after = None
+        assert list(run()["score_status"]) == ["ok", "ok"] and len(server.bodies) == 8 + 5
+        assert list(run()["score_status"]) == ["ok", "ok"] and len(server.bodies) == 13  # replayed, clean
+
+
 KILLED_RUN = """
 import sys
 from reflectune_hf import load_sample

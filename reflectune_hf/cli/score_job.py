@@ -31,15 +31,16 @@ def _score_split(ds, scorer, config: ScoreConfig, state):
     from accelerate.utils import gather_object
 
     from ..data import add_empty_columns
-    from ..scoring.ifd import SCORE_COLUMNS
+    from ..scoring.ifd import SCORE_COLUMNS, map_scores
 
     if len(ds) == 0:  # nothing to score or gather: the typed score columns with 0 rows (map would add none)
         return add_empty_columns(ds.remove_columns([c for c in SCORE_COLUMNS if c in ds.column_names]),
                                  scorer.output_features)
     with state.split_between_processes(list(range(len(ds)))) as indices:
         shard = ds.select(indices).select_columns([c for c in TEXT_COLUMNS if c in ds.column_names])
-        scored = shard.map(scorer, batched=True, batch_size=config.score_batch_size, remove_columns=shard.column_names,
-                           desc=f"Scoring (process {state.process_index})")
+        # map_scores: rows whose served request failed are scored again when the datasets cache replays them
+        scored = map_scores(shard, scorer, batch_size=config.score_batch_size, remove_columns=shard.column_names,
+                            desc=f"Scoring (process {state.process_index})")
         scores = scored.to_list()
     if state.num_processes > 1:
         scores = gather_object(scores)  # concatenated in process order, i.e. the original row order

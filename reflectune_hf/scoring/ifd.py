@@ -48,7 +48,7 @@ from array import array
 from pathlib import Path
 from typing import Optional
 
-from ..data import add_empty_columns, batch_size_of, require_columns, text_column
+from ..data import batch_size_of, require_columns, text_column
 from ..models import default_device, load_causal_lm, load_tokenizer, model_identity, torch_dtype  # noqa: F401
 from ..prompts import NO_SEPARATOR, get_scoring_template, join_input, reverse_prompt
 from ..reflection.row_checks import is_valid_text
@@ -57,7 +57,7 @@ from .engine import Span, check_model, mean_loss, mean_token_losses
 from .ifd_math import LOSS_NAMES, SCORE_COLUMNS, SCORE_FEATURES, score_columns  # noqa: F401  (public here too)
 from .served import StudentServer
 from .spans import response_span, truncate_ids
-from .served_parse import ServedProblem
+from .served_parse import ServedProblem, request_failed_rows
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +336,10 @@ class IFDScorer(LazyState):
             return mean_token_losses(self._model, spans, self._tokenizer.pad_token_id, self.token_budget,
                                      **self._engine.kwargs())
 
+    def failed_rows(self, dataset) -> list[int]:
+        """Rows of a scored `dataset` whose served request failed: `map_scores` scores them again."""
+        return request_failed_rows(dataset, "score_status")
+
     def __call__(self, batch: dict, rank: Optional[int] = None) -> dict:
         require_columns(batch, ["instruction", "output"], "IFDScorer")
         single = isinstance(batch["output"], str) or batch["output"] is None
@@ -360,7 +364,9 @@ def map_scores(data, scorer, **map_kwargs):
     """`data.map(scorer, batched=True, **map_kwargs)` on a `Dataset` or `DatasetDict`, where a 0-row
     split gets the scorer's columns too (`scorer.output_features`, typed, 0 rows): `datasets`
     returns a 0-row dataset from `map` without calling the scorer, so a plain `map` leaves it
-    without them and a later selection (`select_v2`, `top_k_by`) finds them missing.
+    without them and a later selection (`select_v2`, `top_k_by`) finds them missing. Rows whose
+    served request failed (`scorer.failed_rows`) are scored again when the datasets cache replays
+    them (`oracles.rerun.map_stage`; the served answers that came are in the student's cache).
 
     Args:
         data: a `Dataset` or `DatasetDict` (an `IterableDataset` gets a plain lazy `map`).
@@ -375,12 +381,10 @@ def map_scores(data, scorer, **map_kwargs):
         >>> scored.num_rows, scored.column_names[-3:], scored.features["ifd"]
         (0, ['ifd_loss', 'rifd_loss', 'score_status'], Value('float64'))
     """
-    from datasets import Dataset, DatasetDict
+    from datasets import DatasetDict
 
-    map_kwargs.setdefault("batched", True)
+    from ..oracles.rerun import map_stage
+
     if isinstance(data, DatasetDict):
         return DatasetDict({name: map_scores(split, scorer, **map_kwargs) for name, split in data.items()})
-    result = data.map(scorer, **map_kwargs)
-    if isinstance(result, Dataset) and len(result) == 0:
-        result = add_empty_columns(result, scorer.output_features)
-    return result
+    return map_stage(data, scorer, **map_kwargs)  # a 0-row split: `scorer.output_features`

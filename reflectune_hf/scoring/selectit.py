@@ -51,6 +51,7 @@ from ..utils import LazyState, package_version
 from .selectit_math import (FORMULAS, RATINGS, model_scores, model_weights, normalize_ratings,  # noqa: F401
                             rating_distribution, sentence_scores, token_scores)
 from .served import StudentServer, StudentServerError
+from .served_parse import request_failed_rows
 
 logger = logging.getLogger(__name__)
 
@@ -363,6 +364,10 @@ class SelectITScorer(LazyState):
             token[row] = scores[j, 0]
             sentence[row] = sentence_scores(scores[j], self.alpha)
         return token, sentence
+
+    def failed_rows(self, dataset) -> list[int]:
+        """Rows of a scored `dataset` whose served request failed: `map_scores` scores them again."""
+        return request_failed_rows(dataset, "selectit_status")
 
     def __call__(self, batch: dict) -> dict:
         require_columns(batch, ["instruction", "output"], STAGE)

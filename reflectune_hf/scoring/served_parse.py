@@ -62,6 +62,15 @@ class RequestFailed(RuntimeError):
     """One request failed after the retries (not cached: a rerun sends it again)."""
 
 
+def request_failed_rows(dataset, column: str) -> list[int]:
+    """Positions of the rows of a scored `dataset` whose status `column` names a request that
+    failed after its retries (`RequestFailed`, never cached): the rows a rerun through
+    `scoring.ifd.map_scores` scores again, where the datasets cache would replay them."""
+    if column not in dataset.column_names:
+        return []
+    return [i for i, status in enumerate(dataset[column]) if status and f":{RequestFailed.__name__}: " in status]
+
+
 def guard(parse, answer):
     """`parse()`, or the exception standing for the answer (a failed request, a problem)."""
     if isinstance(answer, Exception):
