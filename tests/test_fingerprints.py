@@ -171,3 +171,13 @@ def test_hub_model_identity_has_its_cached_revision(tmp_path, monkeypatch):
     snapshot("b" * 40)
     assert Hasher.hash(TransformersOracle("me/oracle", cache=False)) != first
     assert TransformersOracle("me/oracle", cache=False)._identity()[0] != key  # the cache key follows the commit
+
+
+def test_llamacpp_decoding_revision_changes_the_fingerprint_as_the_cache_key(monkeypatch):
+    """A new `DECODING_REVISION` (the stop set changed) re-asked the oracle cache but not datasets':
+    the stage maps decoded the old way were replayed from the datasets cache."""
+    from reflectune_hf.oracles import LlamaCppOracle, llamacpp_local
+
+    before = Hasher.hash(ReflectResponse(LlamaCppOracle(cache=False)))
+    monkeypatch.setattr(llamacpp_local, "DECODING_REVISION", llamacpp_local.DECODING_REVISION + 1)
+    assert Hasher.hash(ReflectResponse(LlamaCppOracle(cache=False))) != before

@@ -218,12 +218,13 @@ class LlamaCppOracle(CachingOracle):
         return self._identity_cache, "local"
 
     def fingerprint_identity(self) -> dict:
-        """The package version, the engine and the GGUF's identity (a new file: a new fingerprint)."""
+        """The package version, the engine, its `DECODING_REVISION` (as in the cache key: answers
+        decoded otherwise are not replayed) and the GGUF's identity (a new file: a new fingerprint)."""
         try:
             weights = self._gguf_identity()
         except Exception:  # noqa: BLE001 - pickling must not fail; a missing model fails when loaded
             weights = None
-        return {**super().fingerprint_identity(), "weights": weights}
+        return {**super().fingerprint_identity(), "weights": weights, "decoding": DECODING_REVISION}
 
     def _prepare(self, request: ChatRequest) -> ChatRequest:
         """The request as sent and keyed: budget `min(max_tokens, max_new_tokens)`, and no answer
