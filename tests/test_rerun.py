@@ -254,3 +254,21 @@ def test_map_stage_heals_under_a_given_new_fingerprint(tmp_path, monkeypatch):
     assert [bool(e) for e in run()["reflection_error"]] == [False, True]
     monkeypatch.setattr(_SwitchOracle, "healthy", True)
     assert list(run()["reflection_error"]) == ["", ""]
+
+
+def test_map_stage_heals_every_split_of_a_dataset_dict(tmp_path, monkeypatch):
+    """A `DatasetDict` (what `load_dataset` returns) went to its own plain `map`: its failed rows
+    were replayed from the datasets cache forever."""
+    from datasets import DatasetDict
+
+    from reflectune_hf import ReflectResponse, map_stage
+
+    one = Dataset.from_dict({"instruction": ["Name a star.", "FAIL one"], "output": ["a", "b"]})
+    DatasetDict({"train": one, "test": one}).save_to_disk(tmp_path / "dd")
+    monkeypatch.setattr(_SwitchOracle, "healthy", False)
+    stage = ReflectResponse(_SwitchOracle(), format_retries=0)
+    run = lambda: map_stage(load_from_disk(str(tmp_path / "dd")), stage)  # noqa: E731
+    assert [bool(e) for e in run()["test"]["reflection_error"]] == [False, True]
+    monkeypatch.setattr(_SwitchOracle, "healthy", True)
+    assert {name: list(split["reflection_error"]) for name, split in run().items()} == {
+        "train": ["", ""], "test": ["", ""]}

@@ -125,8 +125,9 @@ def map_stage(dataset, stage: Any, *, failed: Optional[Callable[[Any], list[int]
     failed (see the module docstring): the one call to run an oracle stage.
 
     Args:
-        dataset: a `Dataset` (or `IterableDataset`: a plain lazy `map`, without the options
-            it does not take, such as `desc` or `num_proc`).
+        dataset: a `Dataset`, a `DatasetDict` (each split in turn; `cache_file_names` as
+            `DatasetDict.map` takes it) or an `IterableDataset` (a plain lazy `map`, without the
+            options it does not take, such as `desc` or `num_proc`).
         stage: an oracle stage (`CompressInstruction`, `ReflectInstruction`, `ReflectResponse`, or
             any callable with an `error_column` or a `failed_rows(dataset)` method).
         failed: the positions of the failed rows of a result (e.g. `status_failures(column)`),
@@ -137,9 +138,13 @@ def map_stage(dataset, stage: Any, *, failed: Optional[Callable[[Any], list[int]
     Returns:
         The mapped dataset: clean, or computed in this call (its failures are this run's).
     """
-    from datasets import Dataset
+    from datasets import Dataset, DatasetDict
 
     map_kwargs.setdefault("batched", True)
+    if isinstance(dataset, DatasetDict):  # its own `map` would be a plain one per split
+        names = map_kwargs.pop("cache_file_names", None) or {}
+        return DatasetDict({name: map_stage(split, stage, failed=failed, **map_kwargs, **(
+            {"cache_file_name": names[name]} if names.get(name) else {})) for name, split in dataset.items()})
     if not isinstance(dataset, Dataset):  # IterableDataset.map takes no desc, num_proc, cache options
         accepted = inspect.signature(dataset.map).parameters
         return dataset.map(stage, **{k: v for k, v in map_kwargs.items() if k in accepted})
