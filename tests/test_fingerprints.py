@@ -181,3 +181,17 @@ def test_llamacpp_decoding_revision_changes_the_fingerprint_as_the_cache_key(mon
     before = Hasher.hash(ReflectResponse(LlamaCppOracle(cache=False)))
     monkeypatch.setattr(llamacpp_local, "DECODING_REVISION", llamacpp_local.DECODING_REVISION + 1)
     assert Hasher.hash(ReflectResponse(LlamaCppOracle(cache=False))) != before
+
+
+def test_whole_number_sampling_parameters_are_the_same_request_and_stage_as_floats():
+    """`temperature=0` (Python) and 0.0 (the CLI) gave other oracle cache keys and stage fingerprints:
+    every identical request was sent, and paid for, again."""
+    from reflectune_hf.oracles import ChatRequest
+
+    messages = [{"role": "user", "content": "Hi"}]
+    assert ChatRequest(messages, temperature=0, top_p=1).key("m") == ChatRequest(messages, temperature=0.0).key("m")
+    oracle = ScriptedOracle()
+    for make in (ReflectResponse, SampleResponses, ContextualRank):
+        assert Hasher.hash(make(oracle, temperature=1, top_p=1)) == Hasher.hash(make(oracle, temperature=1.0)), make
+    assert Hasher.hash(ReflectResponse(oracle, retry_temperature=1)) == Hasher.hash(
+        ReflectResponse(oracle, retry_temperature=1.0))

@@ -163,6 +163,8 @@ class ChatRequest:
             value = getattr(self, name)
             if not _is_number(value) or math.isnan(value):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        for name in ("temperature", "top_p"):  # `temperature=0` is 0.0: one cache key for one request
+            object.__setattr__(self, name, float(getattr(self, name)))
         if not 0 <= self.temperature < math.inf:
             raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -90,6 +90,13 @@ class OracleCaller(LazyState):
                               "one with reflectune_hf.add_ids(ds) (or map with with_indices=True).")
         return {}
 
+    def _as_floats(self, *names: str) -> None:
+        """Whole-number sampling parameters as floats (`temperature=0` is 0.0): one fingerprint."""
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, float(value))
+
     def sampling(self, attempt: int) -> tuple:
         """`(temperature, seed)` of an attempt: as configured first, then distinct re-asks (the
         cache cannot return the same answer): seed + attempt, at least `retry_temperature`."""
@@ -188,6 +195,7 @@ class OracleStage(OracleCaller):
         elif not isinstance(self.prompt_set, PromptSet):
             raise TypeError(f"prompt_set must be a name or a PromptSet, got {type(self.prompt_set).__name__}")
         self._check_oracle()
+        self._as_floats("temperature", "top_p", "retry_temperature")
         if self.format_retries < 0:
             raise ValueError(f"format_retries must be >= 0, got {self.format_retries}")
         if self.max_tokens is not None and self.max_tokens < 1:

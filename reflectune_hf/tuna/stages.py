@@ -178,6 +178,7 @@ class SampleResponses(_TunaStage):
 
     def __post_init__(self):
         self._validate()
+        self._as_floats("temperature", "top_p")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
 
@@ -319,6 +320,7 @@ class ContextualRank(_TunaStage):
 
     def __post_init__(self):
         self._validate()
+        self._as_floats("temperature", "top_p", "retry_temperature")
         if self.format_retries < 0:
             raise ValueError(f"format_retries must be >= 0, got {self.format_retries}")
         self.structured = structured_mode(self.structured)
