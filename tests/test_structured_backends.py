@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -28,9 +29,9 @@ class Server(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, owned_by="llamacpp", version=None, title="FastAPI"):
+    def __init__(self, owned_by="llamacpp", version=None, title="FastAPI", models_delay=0.0):
         super().__init__(("127.0.0.1", 0), Handler)
-        self.owned_by, self.version, self.title = owned_by, version, title
+        self.owned_by, self.version, self.title, self.models_delay = owned_by, version, title, models_delay
         self.bodies, self.gets = [], []
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
 
@@ -65,6 +66,7 @@ class Handler(BaseHTTPRequestHandler):
         server = self.server
         server.gets.append(self.path)
         if self.path == "/v1/models":
+            time.sleep(server.models_delay)
             return self._json(200, {"object": "list", "data": [{"id": "m", "object": "model",
                                                                 "owned_by": server.owned_by}]})
         if self.path == "/version" and server.version:
@@ -183,6 +185,19 @@ def test_unrecognised_server_falls_back_to_plain_text_with_one_logged_note(caplo
         notes = [r for r in caplog.records if "Structured output is off" in r.getMessage()]
         assert len(notes) == 1 and notes[0].levelno == logging.WARNING
         assert "not recognised" in notes[0].getMessage()
+
+
+def test_a_server_that_does_not_answer_the_probe_gets_free_text_said_once_and_on_refused(caplog):
+    """A server whose GET /models timed out (chats answered) got free text with no note, and
+    `structured="on"` sent unenforced requests."""
+    with Server(models_delay=1.0) as server, caplog.at_level(logging.INFO):
+        first = OpenAIOracle("m", base_url=server.base_url, timeout=0.3, max_retries=0).complete([shaped("a")])
+        assert first[0].ok and only_structured(server.bodies[0]) == {}
+        notes = [r.getMessage() for r in caplog.records if "Structured output is off" in r.getMessage()]
+        assert len(notes) == 1 and "did not answer GET /models" in notes[0]
+        with pytest.raises(OracleConfigurationError, match="cannot enforce an answer format"):
+            OpenAIOracle("m", base_url=server.base_url, timeout=0.3, structured="on").complete([shaped("b")])
+        assert len(server.bodies) == 1
 
 
 def test_structured_on_raises_where_the_backend_cannot():

@@ -330,15 +330,18 @@ class StructuredOutput:
         the structured mode can be honoured; one logged note when answers will be free text."""
         if self.structured == "off" or all(r.answer_format is None for r in requests):
             return
+        probed = True
         if self.backend == "auto" and not self.fixed_backend and cached_detection(self.base_url) is None:
             key = self._api_key.value if self._api_key is not None else os.environ.get("OPENAI_API_KEY")
-            if detect_backend(self.base_url, key, timeout=min(self.timeout, 10.0),
-                              auth=getattr(self, "auth", None)) is None:
-                return  # unreachable: the first request reports it
+            probed = detect_backend(self.base_url, key, timeout=min(self.timeout, 10.0),
+                                    auth=getattr(self, "auth", None)) is not None
         if self._backend_now()[0] != "plain":
             return
+        # Not probed: no answer to GET /models (a server down fails its requests too; one that answers
+        # chats only gets free text, said here, as for a server not recognised).
         why = ("backend='plain'" if self.backend == "plain"
-               else "the server was not recognised as llama.cpp, vLLM or OpenAI")
+               else "the server was not recognised as llama.cpp, vLLM or OpenAI" if probed
+               else "the server did not answer GET /models (down or slow), which recognises it")
         if self.structured == "on":
             raise OracleConfigurationError(
                 f"structured='on' but {redact_url(self.base_url)} cannot enforce an answer format ({why}); pass "
