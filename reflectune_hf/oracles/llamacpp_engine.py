@@ -4,8 +4,9 @@
 stream of `n_ctx` cells, `n_threads` threads, freed on `close()` or garbage collection).
 `run_sequences` decodes a list of `Sequence`s on it: each `llama_decode` call carries the next
 token of every running sequence and then prompt tokens of newly admitted ones (up to `n_batch`
-tokens in all); a sequence that ends (an end-of-generation token, a stopped format matcher, its budget) is reported by
-`on_done`, its KV cells are removed and its slot goes to the next waiting sequence.
+tokens in all); a sequence that ends (an end-of-generation token, a stopped format matcher, its
+budget) is reported by `on_done`, its KV cells are removed and its slot goes to the next waiting
+sequence.
 
 Prompts are prefilled once per engine: when a prompt's last token has been decoded, its KV cells
 and its logits are kept in host memory (`PromptStates`, least recently used first out past

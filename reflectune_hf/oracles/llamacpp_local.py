@@ -313,7 +313,7 @@ class LlamaCppOracle(CachingOracle):
         show = self.progress if self.progress is not None else len(requests) > 1
         bar = tqdm(total=len(requests), desc=f"oracle {Path(self.model).name}", unit="req", disable=not show,
                    leave=False)
-        eos = {tokenizer.eos_token_id, engine.eos, *engine.eog}
+        eos = {tokenizer.eos_token_id, *engine.eog}  # the GGUF's EOS is one of its end-of-generation tokens
         parts: dict[int, list] = {}
 
         def finish(i: int, result: ChatResult) -> None:
