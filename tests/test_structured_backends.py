@@ -29,9 +29,10 @@ class Server(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, owned_by="llamacpp", version=None, title="FastAPI", models_delay=0.0):
+    def __init__(self, owned_by="llamacpp", version=None, title="FastAPI", models_delay=0.0, models_errors=()):
         super().__init__(("127.0.0.1", 0), Handler)
         self.owned_by, self.version, self.title, self.models_delay = owned_by, version, title, models_delay
+        self.models_errors = list(models_errors)  # HTTP statuses of the first GET /v1/models, in turn
         self.bodies, self.gets = [], []
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
 
@@ -67,6 +68,8 @@ class Handler(BaseHTTPRequestHandler):
         server.gets.append(self.path)
         if self.path == "/v1/models":
             time.sleep(server.models_delay)
+            if server.models_errors:
+                return self._json(server.models_errors.pop(0), {"error": {"message": "Loading model"}})
             return self._json(200, {"object": "list", "data": [{"id": "m", "object": "model",
                                                                 "owned_by": server.owned_by}]})
         if self.path == "/version" and server.version:
@@ -200,6 +203,21 @@ def test_a_server_that_does_not_answer_the_probe_gets_free_text_said_once_and_on
         assert len(server.bodies) == 1
 
 
+@pytest.mark.parametrize("status", [503, 401, 429])
+def test_an_http_error_on_the_probe_is_not_remembered_as_a_plain_server(status):
+    """llama.cpp's server answers 503 while it loads its model: the probe's answer was taken as
+    "not recognised" and kept for the process, so every later call sent free text to a server
+    that has the grammar. A missing route (404) is an answer: that server is plain."""
+    with Server(owned_by="llamacpp", models_errors=[status]) as server:
+        assert backends.detect_backend(server.base_url, timeout=2) is None
+        assert backends.cached_detection(server.base_url) is None
+        oracle = OpenAIOracle("m", base_url=server.base_url, max_retries=0)
+        oracle.complete([shaped("a")])
+        assert only_structured(server.bodies[0]) == {"grammar": SHAPE.gbnf()}
+    with Server(owned_by="llamacpp", models_errors=[404, 404]) as server:
+        assert backends.detect_backend(server.base_url, timeout=2) == backends.Detected("plain")
+
+
 def test_structured_on_raises_where_the_backend_cannot():
     with Server(owned_by="library") as server:
         with pytest.raises(OracleConfigurationError, match="cannot enforce an answer format"):
@@ -266,7 +284,7 @@ def test_an_unreachable_server_is_logged_without_its_query_secret(caplog):
     detection line that logged the URL as given rather than redacted."""
     with caplog.at_level(logging.DEBUG, logger="reflectune_hf.oracles.backends"):
         assert backends.detect_backend("http://127.0.0.1:9/v1?api_key=qs3cret", timeout=1) is None
-    assert "unreachable" in caplog.text and "qs3cret" not in caplog.text
+    assert "did not answer" in caplog.text and "qs3cret" not in caplog.text
 
 
 def test_a_json_answer_not_of_the_shape_is_parsed_as_its_decoded_text_not_its_escapes():

@@ -148,7 +148,9 @@ class Detected:
 
 
 def _get_json(url: str, api_key: Optional[str], timeout: float, auth: Optional[tuple] = None) -> Optional[Any]:
-    """GET `url` as JSON; None on an HTTP error or a body that is no JSON. Connection errors raise.
+    """GET `url` as JSON; None when the server has no such route (404, 405, 410) or the body is no
+    JSON. Connection errors raise, and so does any other HTTP error (a 503 while the server loads
+    its model, a 401, a 429): the server did not answer now, which is not an answer to remember.
     `auth`: `(user, password)` sent as HTTP basic auth (as the oracle's own client sends them)."""
     headers = {"Accept": "application/json"}
     if auth:
@@ -159,8 +161,10 @@ def _get_json(url: str, api_key: Optional[str], timeout: float, auth: Optional[t
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
             return json.loads(response.read().decode("utf-8", "replace"))
-    except urllib.error.HTTPError:
-        return None
+    except urllib.error.HTTPError as err:
+        if err.code in (404, 405, 410):
+            return None
+        raise
     except ValueError:
         return None
 
@@ -194,8 +198,10 @@ def note_plain_once(base_url: str, why: str) -> None:
 
 def detect_backend(base_url: str, api_key: Optional[str] = None, timeout: float = 10.0,
                    auth: Optional[tuple] = None) -> Optional[Detected]:
-    """Recognise the server at `base_url` (cached per process and URL); None when it cannot be
-    reached (nothing is cached then: the oracle reports the unreachable server itself).
+    """Recognise the server at `base_url` (cached per process and URL); None when it did not
+    answer: unreachable, or an HTTP error other than a missing route, e.g. a 503 while it loads its
+    model (nothing is cached then: the next call asks again; the oracle reports the unreachable
+    server itself).
 
     Reads `GET {base_url}/models`; for a server not recognised by `owned_by`, the title of
     `GET {root}/openapi.json` (llama-cpp-python's server); for vLLM, `GET {root}/version`.
@@ -220,7 +226,7 @@ def detect_backend(base_url: str, api_key: Optional[str] = None, timeout: float 
                 info = _get_json(f"{root}/version", api_key, timeout, auth)
                 version = str(info.get("version")) if isinstance(info, dict) and info.get("version") else None
         except (OSError, urllib.error.URLError, http.client.HTTPException) as err:  # no HTTP, or a body cut
-            logger.debug("backend detection: %s unreachable (%s)", redact_url(base_url), err)
+            logger.debug("backend detection: %s did not answer (%s)", redact_url(base_url), err)
             return None
         found = Detected(backend, version)
     logger.info("Oracle server %s recognised as %s%s", redact_url(base_url), found.backend,
@@ -341,7 +347,7 @@ class StructuredOutput:
         # chats only gets free text, said here, as for a server not recognised).
         why = ("backend='plain'" if self.backend == "plain"
                else "the server was not recognised as llama.cpp, vLLM or OpenAI" if probed
-               else "the server did not answer GET /models (down or slow), which recognises it")
+               else "the server did not answer GET /models (down, slow or an HTTP error), which recognises it")
         if self.structured == "on":
             raise OracleConfigurationError(
                 f"structured='on' but {redact_url(self.base_url)} cannot enforce an answer format ({why}); pass "
