@@ -326,3 +326,15 @@ def test_detection_survives_a_server_that_speaks_no_http_a_cut_body_or_an_odd_op
     odd = b'{"info": "x"}'
     odd_url = _raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(odd), odd))
     assert backends.detect_backend(odd_url, timeout=2) == backends.Detected("plain")
+
+
+def test_json_in_a_markdown_fence_is_read_as_its_json():
+    """A server that does not enforce the schema (backend='openai' set for a compatible API) may
+    wrap its JSON in ```json fences: the answer went to the marker parser as text, re-asked and
+    fell back, though it was of the shape."""
+    fenced = "```json\n" + json.dumps(AS_JSON, indent=1) + "\n```\n"
+    assert backends.decode_answer(SHAPE, fenced) == backends.decode_answer(SHAPE, json.dumps(AS_JSON))
+    assert parse_instruction_reflection(backends.decode_answer(SHAPE, fenced)) == (
+        "Explain tides.", "The Moon pulls the sea.")
+    code = "```\nprint('hi')\n```"  # not JSON inside: the answer as it came
+    assert backends.decode_answer(SHAPE, code) == code

@@ -265,11 +265,15 @@ def structured_fields(shape: AnswerFormat, backend: str, vllm_fields: str = "str
     return {}, False
 
 
+_FENCE_RE = re.compile(r"\A\s*```[ \t]*(?:json)?[ \t]*\n(.*)\n[ \t]*```\s*\Z", re.S | re.I)
+
+
 def decode_answer(shape: AnswerFormat, text: str) -> str:
     """The canonical marker text of a JSON answer. An answer that is no JSON of the shape goes to
     the stage's parser (and re-ask) as the text it holds: a JSON object's values decoded, one a
     line (the parser must not read `\\"`, `\\n` or `\\u00e9` escapes as text), anything else
-    (cut by `max_tokens`, say) as it came.
+    (cut by `max_tokens`, say) as it came. JSON in a markdown fence (a server that does not enforce
+    the schema itself may wrap it) is read as the JSON inside.
 
     Example:
         >>> import json
@@ -280,12 +284,14 @@ def decode_answer(shape: AnswerFormat, text: str) -> str:
         [Better Answer] "Hi" [End]
         Bye
     """
+    fenced = _FENCE_RE.match(text)
+    inner = fenced.group(1) if fenced else text
     try:
-        return shape.from_json(text)
+        return shape.from_json(inner)
     except ValueError as err:
         logger.debug("structured answer not of its shape, parsed as text: %s", err)
     try:
-        data = json.loads(text)
+        data = json.loads(inner)
     except (TypeError, ValueError):
         return text
     if isinstance(data, dict):
