@@ -158,7 +158,7 @@ class StudentServer(LazyState):
 
     # -- what the scorers ask ------------------------------------------------------------------
     def span_logprobs(self, tokenizer, spans: Sequence) -> list:
-        """For each `scoring_engine.Span` (with its `text` for text backends): the
+        """For each `engine.Span` (with its `text` for text backends): the
         log-probabilities of its scored tokens `ids[start:]`, or the exception that stands for
         them (`ServedProblem` with a status, `RequestFailed`)."""
         mode = self.mode()
