@@ -258,6 +258,17 @@ def test_card_of_unscored_data_has_no_score_section():
     assert "### Scores" not in card and "| `train` | 40 |" in card
 
 
+def test_card_of_data_no_oracle_rewrote_does_not_say_it_was_recycled():
+    """`reflectune score` on plain pairs: the card said an oracle had rewritten them."""
+    scored = load_sample().select(range(2)).add_column("ifd", [0.5, 0.7])
+    card = str(build_card(scored, {"source_dataset": "my.jsonl (local file)"}))
+    assert "were recycled with" not in card and "oracle LLM" not in card and "*_raw" not in card
+    assert "were scored by a student model" in card
+    assert "no oracle" in str(build_card(load_sample()))
+    reflected = str(build_card(make_variants(load_sample().select(range(4)))))
+    assert "were recycled with **Reflection-Tuning**" in reflected and "*_raw" in reflected
+
+
 def test_a_second_write_removes_what_only_the_first_wrote_and_nothing_else(tmp_path):
     """Splits then one Dataset into the same folder: the first write's `quality.json`, split folders,
     `dataset_dict.json` (which would reload the old splits) and split parquet files go; a file of

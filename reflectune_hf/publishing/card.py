@@ -200,6 +200,8 @@ def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[d
         license=license_text,
         repo_id=repo_id or "<your-namespace>/<dataset>",
         is_variants=is_variants,
+        # Only data an oracle went over is said to be recycled (`reflectune score` on plain pairs is not).
+        is_reflected=is_variants or any("reflection_status" in ds.column_names for ds in splits.values()),
         has_scores=any("ifd" in ds.column_names for ds in splits.values()),
         splits=[{"name": n, "rows": len(ds), "description": SPLIT_DESCRIPTIONS.get(n, "")} for n, ds in splits.items()],
         status_rows=_status_rows(splits),
