@@ -50,9 +50,9 @@ class RewritingOracle(ScriptedOracle):
         return f"1. Too short.\n2. [Better Answer] In short: {out} In more detail, {out.lower()} [End]"
 
 
-# The first 16 sample rows: 5 with an input to compress, weak and good rows, every task kind. The
-# student scores 4 x 16 texts; the whole 40-row sample (160) added time, not coverage.
-ROWS = 16
+# The first 12 sample rows: 4 with an input to compress, weak and good rows, every task kind. The
+# student scores 4 x 12 texts; the whole 40-row sample (160) added time, not coverage.
+ROWS = 12
 
 
 @pytest.mark.slow
@@ -63,7 +63,7 @@ def test_sample_variants_scores_select_v2_and_plots(sample, tmp_path):
     assert set(variants["reflect_both"]["reflection_status"]) == {"ok"}
     # Compression folded each input into its instruction: the text of the input is in it.
     compressed = [row for row in variants["origin"] if row["original_input"].strip()]
-    assert len(compressed) == 5 and {row["compress_status"] for row in compressed} == {"ok"}
+    assert len(compressed) == 4 and {row["compress_status"] for row in compressed} == {"ok"}
     for row in compressed:
         assert row["original_input"].strip() in row["instruction"] and row["input"] == ""
         assert row["instruction"].startswith(row["original_instruction"].strip())
