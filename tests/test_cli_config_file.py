@@ -131,3 +131,19 @@ def test_a_flag_with_one_dash_is_named_as_such(capsys):
     flag the command has, and its help lists."""
     code, line = run(["select", "--data", "scored", "-limit", "3"], capsys)
     assert code == 2 and "-limit: a flag takes two dashes (--limit)" in line, line
+
+
+def test_the_env_block_sets_strings_refuses_null_values_and_may_be_empty(tmp_path, capsys, monkeypatch):
+    """`env: {HF_HUB_OFFLINE: null}` set the variable to the string "None"; an `env:` block whose
+    entries are all commented out (YAML null) was refused as not a mapping."""
+    monkeypatch.setenv("REFLECTUNE_TEST_VAR", "x")  # recorded, so the variable is gone after the test
+    monkeypatch.delenv("REFLECTUNE_TEST_VAR")
+    code, line = run(["select", "--data", "scored", "--config",
+                      write(tmp_path, "env:\n  REFLECTUNE_TEST_VAR:\n")], capsys)
+    assert code == 2 and "`env` variable REFLECTUNE_TEST_VAR is null" in line, line
+    assert "REFLECTUNE_TEST_VAR" not in __import__("os").environ
+    empty = write(tmp_path, "limit: 2\nenv:\n  # HF_TOKEN: hf_...\n", "empty_env.yaml")
+    assert cli.parse_config("select", ["--config", empty, "--data", "scored"]).limit == 2
+    given = write(tmp_path, "env:\n  REFLECTUNE_TEST_VAR: 3\n", "env.yaml")
+    cli.parse_config("select", ["--config", given, "--data", "scored"])
+    assert __import__("os").environ["REFLECTUNE_TEST_VAR"] == "3"

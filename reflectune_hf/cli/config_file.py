@@ -68,7 +68,8 @@ def read_config(path: str) -> dict:
 
     Raises:
         ValueError: the file is not YAML (one line: where and what; undecodable bytes too), not a
-            mapping, or its `env` is not a mapping; `path` is a folder.
+            mapping, or its `env` is not a mapping of names to strings or numbers (a null
+            value is refused: it would set the variable to "None"); `path` is a folder.
         FileNotFoundError: no such file.
     """
     import yaml
@@ -85,9 +86,13 @@ def read_config(path: str) -> dict:
             raise ValueError(f"{path} is not valid YAML{where}: {problem}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must contain a YAML mapping of flag names to values")
-    env = values.pop("env", {})
+    env = values.pop("env", None) or {}  # `env:` with every entry commented out is YAML null: none
     if not isinstance(env, dict):
         raise ValueError(f"{path}: `env` must be a mapping of variable names to values")
+    for name, value in env.items():  # null became the string "None" in the environment
+        if not isinstance(value, (str, int, float)):
+            shown = "null" if value is None else repr(value)
+            raise ValueError(f"{path}: `env` variable {name} is {shown}: give it a string or number, or leave it out")
     os.environ.update({str(k): str(v) for k, v in env.items()})
     return values
 
