@@ -272,3 +272,24 @@ def test_map_stage_heals_every_split_of_a_dataset_dict(tmp_path, monkeypatch):
     monkeypatch.setattr(_SwitchOracle, "healthy", True)
     assert {name: list(split["reflection_error"]) for name, split in run().items()} == {
         "train": ["", ""], "test": ["", ""]}
+
+
+def test_map_stage_with_another_batch_size_replays_the_cache(tmp_path):
+    """datasets keys a map by its `batch_size`: `reflectune reflect --reflect_batch_size 8` after a
+    run with 16 asked the oracle again (and `--score_batch_size` scored every row again), though
+    the rows do not depend on it. `drop_last_batch` decides rows by the batch size: kept there."""
+    from scripted_oracle import demo_oracle
+
+    from reflectune_hf import ReflectResponse, map_stage
+
+    Dataset.from_dict({"instruction": [f"Task {i}." for i in range(5)], "output": ["x"] * 5}).save_to_disk(
+        tmp_path / "ds")
+    data = load_from_disk(tmp_path / "ds")
+    oracle = demo_oracle()
+    first = map_stage(data, ReflectResponse(oracle), batch_size=2)
+    assert oracle.calls == 3
+    again = map_stage(data, ReflectResponse(oracle), batch_size=4, desc="again", writer_batch_size=7)
+    assert oracle.calls == 3 and again._fingerprint == first._fingerprint
+    assert again["reflection_raw"] == first["reflection_raw"]
+    dropped = map_stage(data, ReflectResponse(oracle), batch_size=2, drop_last_batch=True)
+    assert oracle.calls == 5 and len(dropped) == 4

@@ -13,7 +13,9 @@ cached on a failed state are never reused for a healed one.
 
 A run that left no failed row replays from the cache: 0 requests, and a local oracle loads no
 model. With `cache_file_name=<path>` (which `map` replays whatever the fingerprint, in-memory
-datasets too) a heal is written next to it, as `<path stem>-heal-<fingerprint><suffix>`.
+datasets too) a heal is written next to it, as `<path stem>-heal-<fingerprint><suffix>`. The
+fingerprint leaves out the map arguments that change only how rows are computed (`batch_size`,
+`num_proc`: `stage_fingerprint`).
 In-memory datasets without it, `IterableDataset`s and `load_from_cache_file=False` get a plain
 `map`. A 0-row dataset (which `map` returns without calling the stage) gets the
 stage's output columns (`stage.output_features`) with 0 rows.
@@ -120,6 +122,24 @@ def _empty_result(dataset, stage: Any):
     return add_empty_columns(dataset, getattr(stage, "output_features", None) or {})
 
 
+# `Dataset.map` arguments that change how rows are computed, not what: left out of a stage's fingerprint.
+RUNTIME_MAP_KWARGS = frozenset({"batch_size", "writer_batch_size", "num_proc", "desc", "load_from_cache_file",
+                                "cache_file_name", "keep_in_memory", "new_fingerprint"})
+
+
+def stage_fingerprint(dataset, stage: Any, map_kwargs: dict) -> str:
+    """The fingerprint of `dataset.map(stage, **map_kwargs)` that `map_stage` gives it: as datasets'
+    own (the dataset's fingerprint, the pickled stage, the map arguments) but without the ones in
+    `RUNTIME_MAP_KWARGS`: datasets keys a map by its `batch_size`, so a rerun with another
+    `--reflect_batch_size` or `--score_batch_size` computed every row again (the stages' outputs do
+    not depend on it). With `drop_last_batch` the batch size decides which rows are kept: it stays."""
+    from datasets.fingerprint import Hasher
+
+    kept = {k: v for k, v in sorted(map_kwargs.items())
+            if k not in RUNTIME_MAP_KWARGS or (k == "batch_size" and map_kwargs.get("drop_last_batch"))}
+    return Hasher.hash({"map_stage": dataset._fingerprint, "function": stage, "kwargs": kept})
+
+
 def map_stage(dataset, stage: Any, *, failed: Optional[Callable[[Any], list[int]]] = None, **map_kwargs):
     """`dataset.map(stage, batched=True, **map_kwargs)`, healing rows the datasets cache replays as
     failed (see the module docstring): the one call to run an oracle stage.
@@ -155,6 +175,7 @@ def map_stage(dataset, stage: Any, *, failed: Optional[Callable[[Any], list[int]
              or map_kwargs.get("keep_in_memory"))
     if plain:
         return dataset.map(stage, **map_kwargs)
+    map_kwargs.setdefault("new_fingerprint", stage_fingerprint(dataset, stage, map_kwargs))
     before = _cache_snapshot(dataset, cache_file_name)
     result = dataset.map(stage, **map_kwargs)
     map_kwargs.pop("new_fingerprint", None)  # a given one names the first map; a heal has its own
