@@ -84,10 +84,12 @@ def text_column(batch: Mapping, name: str, stage: str) -> list[str]:
 
 
 def batch_size_of(batch: Mapping) -> int:
-    """Number of rows in a batch dict (0 for a batch with no columns)."""
-    for values in batch.values():
-        return len(values)
-    return 0
+    """Number of rows in a batch dict (0 for a batch with no columns); `ColumnError` for one example."""
+    for name, values in batch.items():  # a str or a scalar: mapped without batched=True
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+            raise ColumnError(f"column {name!r} holds one value ({type(values).__name__}), not a batch: map this "
+                              "function with batched=True (or run the stage with map_stage)")
+    return len(next(iter(batch.values()), ()))
 
 
 def _with_id(example, idx):

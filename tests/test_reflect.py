@@ -253,6 +253,17 @@ def test_ids_are_optional_or_taken_from_indices():
     assert list(out["id"]) == [0, 1]
 
 
+def test_a_map_without_batched_is_refused_not_split_into_characters():
+    # `ds.map(stage)` passes one example (strings, an int index): it was read as a batch of characters,
+    # writing list columns and a row's output as a list of its characters with 4 `failed` statuses.
+    ds = Dataset.from_dict({"instruction": ["abcd"], "output": ["wxyz"]})
+    for function in (ReflectResponse(demo_oracle()), CompressInstruction(demo_oracle())):
+        with pytest.raises(ColumnError, match="batched=True"):
+            function({"instruction": "abcd", "input": "x", "output": "wxyz"}, 0)
+    with pytest.raises(ColumnError, match="not a batch: map this function with batched=True"):
+        ds.map(lambda row: {"reflection_raw": "[Better Answer] x [End]"}).map(extract_response_reflection)
+
+
 def test_configuration_and_oracle_contract_errors():
     with pytest.raises(TypeError, match="complete"):
         ReflectResponse(object())

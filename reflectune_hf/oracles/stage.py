@@ -80,7 +80,9 @@ class OracleCaller(LazyState):
 
     def _ids(self, batch: Mapping, indices: Optional[Sequence[int]], required: bool = False) -> dict:
         """`{"id": indices}` when the batch has no ids and `map(..., with_indices=True)`, else `{}`;
-        `required` stages (their rows are joined by id later) refuse a batch without either."""
+        `required` stages (their rows are joined by id later) refuse a batch without either, and
+        every stage refuses one example (a map without `batched=True`: `batch_size_of`)."""
+        batch_size_of(batch)
         if ID_COLUMN in batch:
             return {}
         if indices is not None:
