@@ -483,6 +483,23 @@ def test_truncated_answers_are_reasked_and_never_ok():
     assert out["compress_status"] == ["truncated"] and out["instruction"] == ["COMP-CUT Translate.\n\nGood morning"]
 
 
+def test_an_answer_stopped_by_a_content_filter_is_reasked_and_never_ok():
+    # finish_reason "content_filter" keeps the text written before the filter cut it: it parsed as `ok`.
+    class Filtered:
+        def complete(self, requests):
+            text = "[New Instruction] Translate Good morning to" if "editor" in str(requests[0].messages) else \
+                "[New Instruction] Name a bird. [End]\n[New Answer] Robin, a"
+            return [ChatResult(texts=[text], finish_reasons=["content_filter"]) for _ in requests]
+
+    rows = _rows(instruction=["Name a bird."], output=["Cat."])
+    out = ReflectInstruction(Filtered())(rows)
+    assert out["reflection_attempts"] == [2] and out["reflection_finish_reason"] == ["content_filter"]
+    extracted = extract_instruction_reflection({**rows, **out})
+    assert extracted["reflection_status"] == ["truncated"] and extracted["output"] == ["Cat."]
+    out = CompressInstruction(Filtered())(_rows(instruction=["Translate."], input=["Good morning"]))
+    assert out["compress_status"] == ["truncated"] and out["instruction"] == ["Translate.\n\nGood morning"]
+
+
 def test_a_stage_alone_runs_on_plain_and_streaming_alpaca_rows(tmp_path):
     # Issue #16.8: no id column needed, streaming or not.
     from datasets import load_dataset

@@ -15,7 +15,7 @@ from ..prompts import PromptSet, get_prompt_set
 from ..utils import LazyState
 from .backends import structured_mode
 from .base import ChatRequest, ChatResult, usage_add
-from .stage_formats import fields_at_bound, stage_answer_format
+from .stage_formats import CUT_REASONS, fields_at_bound, stage_answer_format
 
 logger = logging.getLogger("reflectune_hf.reflection.stages")
 
@@ -111,7 +111,7 @@ class OracleCaller(LazyState):
         """Ask the oracle once per conversation, re-asking those whose answer ranks above 0.
 
         `rank(text)` scores an answer (0: usable), one function for all or one per conversation;
-        an answer cut by the token limit (`finish_reason == "length"`) scores `worst_rank` at
+        an answer cut by the token limit or a content filter (`CUT_REASONS`) scores `worst_rank` at
         best, so it is re-asked and any better-parsing answer replaces it. `request(i, attempt,
         longer)` builds the request of conversation `i` (default: `self.request(messages,
         attempt, longer)`). A failed request, first or re-ask, is recorded in `error` and not
@@ -140,7 +140,7 @@ class OracleCaller(LazyState):
                 if reason != "length" and fields_at_bound(getattr(sent, "answer_format", None), result.text):
                     reason = "length"  # the format's length bound ended a field, not the model
                 score = rankers[i](result.text)
-                if reason == "length":
+                if reason in CUT_REASONS:  # stopped before its end (token limit, content filter)
                     score = max(score, self.worst_rank)
                 if score < answer.rank:
                     answer.text, answer.rank, answer.finish_reason = result.text, score, reason

@@ -97,6 +97,11 @@ def fields_at_bound(shape: Optional[AnswerFormat], text: str) -> list[str]:
     return cut
 
 
+# Finish reasons of an answer stopped before its end: by the token limit, or by the provider's content filter
+# (its text is what came before the cut). Re-asked, and `truncated` when kept: never `ok`.
+CUT_REASONS = frozenset({"length", "content_filter"})
+
+
 # --------------------------------------------------------------------------- the measured format rate
 
 FORMAT_OUTCOMES = ("first_try", "after_reask", "fallback", "none")

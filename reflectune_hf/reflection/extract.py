@@ -14,8 +14,9 @@ module parses all of that and records what happened in `reflection_status`:
   was not, so the previous output is kept (the reference does the same; filter on the status to
   drop such pairs).
 - `failed`: the oracle answered but nothing usable was extracted; the row is unchanged.
-- `truncated`: the kept answer was cut by the token limit (`reflection_finish_reason` is
-  `"length"`): nothing is taken from it, the row is unchanged (`reflection_raw` keeps the text).
+- `truncated`: the kept answer was cut by the token limit or the provider's content filter
+  (`reflection_finish_reason` is `"length"` or `"content_filter"`): nothing is taken from it, the
+  row is unchanged (`reflection_raw` keeps the text).
 - `empty_input`: the instruction or the output is empty, None or blank: no request was sent, the
   row is unchanged.
 - `invalid_text`: a text of the row is not valid UTF-8 (a lone surrogate): no request was sent,
@@ -61,6 +62,7 @@ from bisect import bisect_left, bisect_right
 from typing import Mapping, Optional
 
 from ..data import batch_size_of, require_columns, text_column
+from ..oracles.stage_formats import CUT_REASONS
 from ..utils import versioned
 from .row_checks import is_valid_text, skip_reason
 
@@ -341,7 +343,7 @@ def _unparsed_status(skip: str, error: str, finish_reason: str) -> str:
         return skip
     if error:
         return "oracle_error"
-    return "truncated" if finish_reason == "length" else ""
+    return "truncated" if finish_reason in CUT_REASONS else ""
 
 
 @versioned

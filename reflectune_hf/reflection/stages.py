@@ -15,9 +15,9 @@ dataset gets the stage's output columns.
 Rows that cannot be sent get no request, keep their values and say why (`row_checks`):
 `empty_input` (an empty, None or blank instruction or output; for compression, a blank
 instruction with an input) and `invalid_text` (text that is not valid UTF-8, e.g. a lone
-surrogate). An answer cut by the token limit (`finish_reason == "length"`) counts as unparsed (it
-is re-asked, with twice the `max_tokens`) and, when kept, gives the status `truncated` with the
-previous text as fallback.
+surrogate). An answer cut by the token limit (`finish_reason == "length"`, re-asked with twice
+the `max_tokens`) or by a content filter (`"content_filter"`, re-asked) counts as unparsed and,
+when kept, gives the status `truncated` with the previous text as fallback.
 
 The `id` column is optional: the stages keep every row in order; with
 `map(..., with_indices=True)` and no `id` column, they add `id` from the indices.
@@ -61,6 +61,7 @@ from typing import ClassVar, Mapping, Optional, Sequence
 from ..data import ID_COLUMN, ColumnError, batch_size_of, require_columns, text_column
 from ..oracles.rerun import map_stage  # noqa: F401  (the one obvious call, documented here)
 from ..oracles.stage import NoOracle, OracleStage  # noqa: F401  (public here too)
+from ..oracles.stage_formats import CUT_REASONS
 from ..prompts import merge_input  # noqa: F401  (public here too)
 from .extract import instruction_status, parse_compressed_instruction, parse_instruction_reflection
 from .extract import parse_response_reflection
@@ -91,7 +92,7 @@ class CompressInstruction(OracleStage):
     Output columns: `instruction`, `input` (always `""`), `compress_status` in
     `COMPRESS_STATUSES`: `ok`, `no_input` (blank input: no request), `fallback_merged` (the answer
     does not parse), `input_lost` (the answer drops the input), `truncated` (the answer hit the
-    token limit), `empty_input` (blank instruction with an input: no request), `invalid_text`
+    token limit or a content filter), `empty_input` (blank instruction with an input: no request), `invalid_text`
     (not valid UTF-8: no request), `oracle_error`; `compress_raw` (the oracle's text, `""`
     without a call), `compress_error` (`""` unless the oracle failed), `original_instruction`,
     `original_input`. Every other column (`output`, `id`, ...) is kept.
@@ -152,7 +153,7 @@ class CompressInstruction(OracleStage):
             raws[i], errors[i] = answer.text, answer.error
             if answer.error:
                 statuses[i] = "oracle_error"
-            elif answer.finish_reason == "length":
+            elif answer.finish_reason in CUT_REASONS:
                 statuses[i] = "truncated"
             elif not parse_compressed_instruction(answer.text):
                 statuses[i] = "fallback_merged"
