@@ -41,7 +41,8 @@ def _columns_of(data) -> list[str]:
         return list(names)
     if isinstance(data, Mapping):
         return list(data.keys())
-    raise TypeError(f"Expected a Dataset or a batch dict, got {type(data).__name__}")
+    raise TypeError(f"Expected a Dataset or a batch dict, got {type(data).__name__}: map a stage with the whole "
+                    "batch (batched=True, without input_columns)")
 
 
 def require_columns(data, required: Iterable[str], stage: str) -> None:
