@@ -151,6 +151,10 @@ def test_in_memory_iterable_and_empty_datasets(tmp_path):
         assert len(out) == 0 and out.column_names == ["instruction", "output", "reflection_raw", "reflection_error",
                                                        "reflection_attempts", "reflection_finish_reason"]
         assert out.features["reflection_attempts"].dtype == "int64"
+        # remove_columns and the ids of with_indices apply to 0 rows too (an empty split kept `output`).
+        out = map_stage(empty, ReflectResponse(demo_oracle()), remove_columns=["output"], with_indices=True)
+        assert out.column_names == map_stage(ds, ReflectResponse(demo_oracle()), remove_columns=["output"],
+                                             with_indices=True).column_names
 
 
 def _saved(ds, tmp_path) -> str:

@@ -116,10 +116,18 @@ def _replayed(result, before: dict) -> bool:
     return True
 
 
-def _empty_result(dataset, stage: Any):
-    from ..data import add_empty_columns
+def _empty_result(dataset, stage: Any, map_kwargs: dict):
+    """What `dataset.map(stage, **map_kwargs)` of a 0-row `dataset` would hold: its columns less
+    `remove_columns`, plus the stage's output columns (and `id` where the stage adds it)."""
+    from ..data import ID_COLUMN, add_empty_columns
+    from .stage import OracleCaller
 
-    return add_empty_columns(dataset, getattr(stage, "output_features", None) or {})
+    columns = dict(getattr(stage, "output_features", None) or {})
+    if map_kwargs.get("with_indices") and isinstance(stage, OracleCaller) and ID_COLUMN not in dataset.column_names:
+        columns = {ID_COLUMN: "int64", **columns}
+    removed = map_kwargs.get("remove_columns") or []
+    removed = [removed] if isinstance(removed, str) else list(removed)
+    return add_empty_columns(dataset.remove_columns([c for c in removed if c not in columns]), columns)
 
 
 # `Dataset.map` arguments that change how rows are computed, not what: left out of a stage's fingerprint.
@@ -169,7 +177,7 @@ def map_stage(dataset, stage: Any, *, failed: Optional[Callable[[Any], list[int]
         accepted = inspect.signature(dataset.map).parameters
         return dataset.map(stage, **{k: v for k, v in map_kwargs.items() if k in accepted})
     if len(dataset) == 0:
-        return _empty_result(dataset, stage)
+        return _empty_result(dataset, stage, map_kwargs)
     cache_file_name = map_kwargs.get("cache_file_name")
     plain = ((not dataset.cache_files and not cache_file_name) or map_kwargs.get("load_from_cache_file") is False
              or map_kwargs.get("keep_in_memory"))
