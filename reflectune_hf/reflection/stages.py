@@ -187,11 +187,11 @@ class ReflectInstruction(OracleStage):
     re-sends the requests that failed.
 
     Input columns: `instruction`, `output`, optionally `input` (str) and `id`.
-    Output columns: `reflection_raw` (the oracle's text, `""` when it failed or no request was
-    sent), `reflection_error` (`""` unless the oracle failed), `reflection_attempts` (oracle
-    answers requested, 1 + re-asks; 0 for a row that gets no request: `empty_input`,
-    `invalid_text`), `reflection_finish_reason` (`"stop"`, `"length"`, ...); with
-    `merge_input=True` also `instruction` and `input`. Every other column is kept.
+    Output columns: `reflection_raw` (the best answer, kept when a re-ask failed; `""` when the
+    first request failed or none was sent), `reflection_error` (`""` unless a request failed),
+    `reflection_attempts` (oracle answers requested, 1 + re-asks; 0 for a row that gets no
+    request: `empty_input`, `invalid_text`), `reflection_finish_reason` (`"stop"`, `"length"`,
+    ...); with `merge_input=True` also `instruction` and `input`. Every other column is kept.
 
     Example:
         >>> from datasets import Dataset
