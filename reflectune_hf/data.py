@@ -27,6 +27,7 @@ from .utils import dataset_from_records, id_problem, versioned
 ALPACA_COLUMNS = ("instruction", "input", "output")
 ID_COLUMN = "id"
 SAMPLE_FILE = "sample_alpaca.jsonl"
+_BATCH_HINT = "map a stage with batched=True, without input_columns, on a dataset without a pandas or arrow format"
 
 
 class ColumnError(ValueError):
@@ -34,15 +35,14 @@ class ColumnError(ValueError):
 
 
 def _columns_of(data) -> list[str]:
-    if hasattr(data, "column_names"):
+    if hasattr(data, "column_names") and hasattr(data, "features"):  # a datasets object, not an arrow batch
         names = data.column_names
         if isinstance(names, dict):  # DatasetDict: the columns of its first split
             names = next(iter(names.values()), [])
         return list(names)
     if isinstance(data, Mapping):
         return list(data.keys())
-    raise TypeError(f"Expected a Dataset or a batch dict, got {type(data).__name__}: map a stage with the whole "
-                    "batch (batched=True, without input_columns)")
+    raise TypeError(f"Expected a Dataset or a batch dict, got {type(data).__name__}: {_BATCH_HINT}")
 
 
 def require_columns(data, required: Iterable[str], stage: str) -> None:

@@ -262,8 +262,11 @@ def test_a_map_without_batched_is_refused_not_split_into_characters():
             function({"instruction": "abcd", "input": "x", "output": "wxyz"}, 0)
     with pytest.raises(ColumnError, match="not a batch: map this function with batched=True"):
         ds.map(lambda row: {"reflection_raw": "[Better Answer] x [End]"}).map(extract_response_reflection)
-    with pytest.raises(TypeError, match="got list: map a stage with the whole batch .*without input_columns"):
+    with pytest.raises(TypeError, match="got list: map a stage with batched=True, without input_columns"):
         ds.map(ReflectResponse(demo_oracle()), batched=True, input_columns=["instruction", "output"])
+    for fmt in ("pandas", "arrow"):  # an arrow batch failed deep inside ('Table' object has no attribute 'items')
+        with pytest.raises(TypeError, match="got (DataFrame|Table): .*without a pandas or arrow format"):
+            ds.with_format(fmt).map(ReflectResponse(demo_oracle()), batched=True)
 
 
 def test_configuration_and_oracle_contract_errors():
