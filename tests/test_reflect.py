@@ -144,6 +144,14 @@ def test_merge_input_is_lossless():
 # --- ReflectInstruction / ReflectResponse ------------------------------------------------------
 
 
+def test_reflect_instruction_refusal_names_the_row_under_a_numpy_or_torch_format():
+    # `batch.get("id") or indices` asked an array for its truth value: a ValueError deep inside instead.
+    ds = Dataset.from_dict({"id": [5, 6], "instruction": ["a", "b"], "output": ["c", "d"], "input": ["", "x"]})
+    for fmt in ("numpy", "torch"):
+        with pytest.raises(ColumnError, match="1 row.* non-empty 'input' \\(first id .*6"):
+            ds.with_format(fmt).map(ReflectInstruction(demo_oracle()), batched=True)
+
+
 def test_reflect_instruction_refuses_input_unless_merged():
     batch = {"id": [10, 11], "instruction": ["Sort.", "Hi"], "input": ["", "3, 1"], "output": ["1, 3", "Hello"]}
     with pytest.raises(ColumnError, match=r"1 row\(s\).*first id 11.*CompressInstruction.*merge_input=True"):

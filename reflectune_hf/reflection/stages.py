@@ -218,7 +218,7 @@ class ReflectInstruction(OracleStage):
         out, n, instructions, outputs, inputs = self._pair_columns(batch, indices)
         with_input = [i for i in range(n) if inputs[i].strip()]
         if with_input and not self.merge_input:
-            ids = batch.get(ID_COLUMN) or indices or list(range(n))
+            ids = list(batch[ID_COLUMN] if ID_COLUMN in batch else range(n) if indices is None else indices)
             raise ColumnError(
                 f"{self.stage_name}: {len(with_input)} row(s) of this batch have a non-empty 'input' (first id "
                 f"{ids[with_input[0]]!r}); instruction reflection never shows the input to the oracle, so it would "
