@@ -59,7 +59,7 @@ class ScriptedOracle:
             return ChatResult.failure("connection reset")
         if "silent" in user:
             return ChatResult(texts=["  "], finish_reasons=["stop"], usage=usage)
-        reason = "length" if "long" in user else "stop"
+        reason = "length" if "long" in user else "content_filter" if "filtered" in user else "stop"
         return ChatResult(texts=[f"{self.word} answer to: {user}".strip()], finish_reasons=[reason], usage=usage)
 
 
@@ -93,6 +93,13 @@ def test_generate_responses_statuses_rows_and_requests():
     assert request.message_dicts[0] == {"role": "system", "content": "Be brief."}
     assert (request.max_tokens, request.temperature, request.top_p, request.seed) == (64, 0.7, 0.9, 3)
     assert stage.usage == {"prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60}
+
+
+def test_an_answer_stopped_by_a_content_filter_is_truncated_not_ok():
+    """The provider's content filter cut the answer (`finish_reason` "content_filter"): the text
+    written before the cut was `ok` and went to the judge as the model's whole answer."""
+    out = GenerateResponses(ScriptedOracle())({"instruction": ["Get filtered.", "Say hi."]})
+    assert out["response_status"] == ["truncated", "ok"] and out["response"][0] == "answer to: Get filtered."
 
 
 def test_generate_responses_bad_input_and_bad_oracle():

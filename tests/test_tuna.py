@@ -202,6 +202,14 @@ def test_a_ranking_cut_by_the_token_limit_is_reasked_longer_and_never_ok():
     assert out["ranking_error"][1] == ""
 
 
+def test_a_ranking_stopped_by_a_content_filter_is_partial_not_ok():
+    rows = {"id": [0], "instruction": ["Name a colour."], "responses": [["Red", "Sky"]]}
+    filtered = ChatResult(texts=["###Response 2:\nTeal.\n\nrank: [2, 0, 1]"], finish_reasons=["content_filter"])
+    out = ContextualRank(Judge([filtered, filtered]), structured="off", format_retries=1)(rows)
+    assert out["ranking_status"] == ["partial"] and out["rank"] == [[2, 0, 1]]
+    assert "content filter" in out["ranking_error"][0]
+
+
 def test_contextual_rank_needs_responses_lists_and_ids():
     stage = ContextualRank(Judge([]))
     with pytest.raises(ColumnError, match="responses"):

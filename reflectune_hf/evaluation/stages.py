@@ -37,7 +37,7 @@ from ..data import batch_size_of, read_records, require_columns, text_column
 from ..oracles.backends import structured_mode
 from ..oracles.base import ChatRequest
 from ..oracles.stage import OracleCaller
-from ..oracles.stage_formats import stage_answer_format
+from ..oracles.stage_formats import CUT_REASONS, stage_answer_format
 from ..prompts import join_input, judge_messages
 from .judge import VERDICTS, judge_summary, judge_verdict, parse_judge_scores, plot_judge
 from .quality import quality_report
@@ -64,8 +64,8 @@ class GenerateResponses(OracleCaller):
     Input columns: `instruction` (str), `input` (str, optional: appended after a blank line).
     Output columns (`column` is the name given):
         `{column}` (str): the answer, `""` when there is none;
-        `{column}_status` (str): `ok`, `truncated` (stopped by `max_tokens`), `empty` (blank
-        answer), `oracle_error`, or `empty_instruction` (nothing was sent);
+        `{column}_status` (str): `ok`, `truncated` (stopped by `max_tokens` or a content filter),
+        `empty` (blank answer), `oracle_error`, or `empty_instruction` (nothing was sent);
         `{column}_error` (str): the oracle's error message, `""` when none.
     Every row and every other column is kept.
 
@@ -124,8 +124,8 @@ class GenerateResponses(OracleCaller):
                 statuses[i] = "empty"
             else:
                 texts[i] = result.text
-                truncated = result.finish_reasons[:1] == ["length"]
-                statuses[i] = "truncated" if truncated else "ok"
+                reason = result.finish_reasons[0] if result.finish_reasons else None
+                statuses[i] = "truncated" if reason in CUT_REASONS else "ok"  # token limit, content filter
         return {self.column: texts, f"{self.column}_status": statuses, f"{self.column}_error": errors}
 
 

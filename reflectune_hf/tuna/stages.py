@@ -34,7 +34,7 @@ from ..data import ColumnError, batch_size_of, require_columns, text_column
 from ..oracles.backends import structured_mode
 from ..oracles.base import ChatRequest
 from ..oracles.stage import OracleCaller
-from ..oracles.stage_formats import stage_answer_format
+from ..oracles.stage_formats import CUT_REASONS, stage_answer_format
 from ..prompts import get_scoring_template, join_input, tuna_ranking_messages
 from ..reflection.row_checks import SKIP_STATUSES, is_valid_text, skip_reason
 from ..utils import versioned
@@ -284,7 +284,7 @@ class ContextualRank(_TunaStage):
     not write removed), `reference_response`, `ranked_responses` (the texts of `rank`, in order:
     `ranked_responses[i] == (responses + [reference_response])[rank[i]]`), `ranking_status`
     (`ok`; `repaired` when indices were dropped, the unwritten reference included; `partial` when
-    the answer was cut by the token limit even after the re-asks, or its `rank: [...]` list is not
+    the answer was cut by the token limit or a content filter even after the re-asks, or its `rank: [...]` list is not
     closed: `rank` holds the indices read so far, possibly not all; `no_ranking` (no list, or
     no index left once those were dropped: re-asked as a missing one), `no_responses`,
     `oracle_error`; `empty_input` (blank instruction) and `invalid_text` rows send nothing) and
@@ -361,7 +361,7 @@ class ContextualRank(_TunaStage):
         texts, errors, answered, cut = [""] * n, [""] * n, [False] * n, [False] * n
         for i, answer in zip(todo, answers):
             texts[i], errors[i], answered[i] = answer.text, answer.error, answer.attempts > 0 and not answer.error
-            cut[i] = answer.finish_reason == "length"
+            cut[i] = answer.finish_reason in CUT_REASONS  # the token limit or a content filter stopped it
         columns = {name: [] for name in ("ranking_raw", "rank", "reference_response", "ranked_responses",
                                          "ranking_status", "ranking_error")}
         for i in range(n):
@@ -378,7 +378,7 @@ class ContextualRank(_TunaStage):
     @staticmethod
     def _row(text: str, error: Optional[str], responses: list, cut: bool = False) -> tuple:
         """(rank, reference_response, ranked_responses, status, error) of one row; `error` is None
-        when the judge answered; `cut`: the answer kept was cut by the token limit."""
+        when the judge answered; `cut`: the answer kept was cut by the token limit or a content filter."""
         if not responses:
             return [], "", [], "no_responses", "the row has no responses to rank"
         if error is not None:
@@ -400,7 +400,8 @@ class ContextualRank(_TunaStage):
             return [], reference, [], "no_ranking", "no usable index in the ranking: " + "; ".join(notes)
         incomplete = []
         if cut:
-            incomplete.append("the judge's answer was cut by the token limit: the ranking may be incomplete")
+            incomplete.append("the judge's answer was cut by the token limit or a content filter: the ranking may "
+                              "be incomplete")
         elif parsed.unclosed:
             incomplete.append("the ranking list is not closed: it may be incomplete")
         status = "partial" if incomplete else "repaired" if notes else "ok"
