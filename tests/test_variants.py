@@ -172,3 +172,15 @@ def test_data_with_the_columns_build_variants_writes_is_refused_before_any_oracl
     with pytest.raises(ValueError, match=r"which build_variants writes .*remove_columns\(\['reflection_status'"):
         build_variants(earlier, oracle)
     assert oracle.requests is None
+
+
+def test_a_chat_column_beside_the_alpaca_pair_is_refused_before_any_oracle_call():
+    """A `messages` column next to `instruction` / `output` was kept unchanged in every split, so
+    `prepare_sft_dataset` and the published data trained on the pair before reflection."""
+    ds = Dataset.from_dict({"instruction": ["Name a star."], "output": ["Sun"],
+                            "messages": [[{"role": "user", "content": "Name a star."},
+                                          {"role": "assistant", "content": "Sun"}]]})
+    oracle = _oracle()
+    with pytest.raises(ValueError, match=r"\['messages'\] beside instruction / output.*remove_columns"):
+        build_variants(ds, oracle)
+    assert oracle.requests is None

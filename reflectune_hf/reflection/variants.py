@@ -58,6 +58,9 @@ REFLECTION_FIELDS = ("raw", "error", "attempts", "finish_reason", "status")
 # The columns build_variants writes and renames: input data that has one would clash with it.
 WRITTEN_COLUMNS = frozenset({"format_outcome"} | {f"{prefix}reflection_{field}" for prefix in ("", "instruction_",
                             "response_") for field in REFLECTION_FIELDS})
+# TRL's columns of the same pair: kept by the stages, they would describe the pair before reflection (and SFT or the
+# published data would train on it), so input data that has one besides `instruction` / `output` is refused.
+PAIR_COLUMNS = ("messages", "prompt", "completion")
 
 
 def check_variants(variants, columns: Sequence[str] = (), stage: str = "check_variants") -> None:
@@ -271,6 +274,11 @@ def build_variants(
         raise ColumnError(f"build_variants: the data has the column(s) {written}, which build_variants writes (the "
                           f"output of an earlier reflection?); rename or remove them first: "
                           f"ds.remove_columns({written})")
+    derived = [c for c in ds.column_names if c in PAIR_COLUMNS]
+    if derived:
+        raise ColumnError(f"build_variants: the data has the column(s) {derived} beside instruction / output: no stage "
+                          f"rewrites them, so they would keep the pair before reflection (and SFT would train on it); "
+                          f"remove them first: ds.remove_columns({derived})")
     options = dict(batched=True, batch_size=batch_size, num_proc=num_proc, load_from_cache_file=load_from_cache_file)
     if len(ds) == 0:  # `map` never calls a stage on 0 rows: the schema comes from a placeholder row
         splits = _reflect(_placeholder_row(ds), NoOracle(), compress, options, stage_kwargs)
