@@ -411,3 +411,15 @@ def test_selectit_scores_answer_to_selectit_status_not_to_the_ifd_status():
     assert list(ds.filter(is_scored(["selectit_model"]))["id"]) == [1, 2]
     assert list(ds.filter(is_scored(["selectit_model"]), batched=True)["id"]) == [1, 2]
     assert list(top_k_by(ds, "ifd")["id"]) == [2, 0]
+
+
+def test_a_source_column_of_the_users_is_refused_not_replaced(variants):
+    """The data's own `source` column (e.g. the dataset a row came from) was silently replaced by
+    the variant name in the selection; a saved folder's all-null padding is still dropped."""
+    theirs = DatasetDict({s: ds.add_column("source", ["dolly"] * len(ds)) for s, ds in variants.items()})
+    for select in (select_v1, select_v2):
+        with pytest.raises(ColumnError, match="'source' column of its own.*rename_column"):
+            select(theirs)
+    padded = DatasetDict({s: ds.add_column("source", [None] * len(ds), feature=Value("string"))
+                          for s, ds in variants.items()})
+    assert set(select_v1(padded)["source"]) == {"reflect_both"}

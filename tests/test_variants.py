@@ -184,3 +184,12 @@ def test_a_chat_column_beside_the_alpaca_pair_is_refused_before_any_oracle_call(
     with pytest.raises(ValueError, match=r"\['messages'\] beside instruction / output.*remove_columns"):
         build_variants(ds, oracle)
     assert oracle.requests is None
+
+
+def test_a_source_column_is_refused_before_any_oracle_call():
+    """The selection writes `source` (the split a selected row comes from): the data's own
+    `source` would be replaced after the oracle and the student had been paid for."""
+    oracle = _oracle()
+    with pytest.raises(ValueError, match=r"\['source'\], which the selection writes.*rename_column\('source'"):
+        build_variants(Dataset.from_dict({"instruction": ["Name a star."], "output": ["Sun"], "source": ["x"]}), oracle)
+    assert oracle.requests is None

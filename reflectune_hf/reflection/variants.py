@@ -61,6 +61,7 @@ WRITTEN_COLUMNS = frozenset({"format_outcome"} | {f"{prefix}reflection_{field}" 
 # TRL's columns of the same pair: kept by the stages, they would describe the pair before reflection (and SFT or the
 # published data would train on it), so input data that has one besides `instruction` / `output` is refused.
 PAIR_COLUMNS = ("messages", "prompt", "completion")
+SELECTION_COLUMNS = ("source",)  # select_v1 / select_v2 write it: the split a selected row comes from
 
 
 def check_variants(variants, columns: Sequence[str] = (), stage: str = "check_variants") -> None:
@@ -279,6 +280,10 @@ def build_variants(
         raise ColumnError(f"build_variants: the data has the column(s) {derived} beside instruction / output: no stage "
                           f"rewrites them, so they would keep the pair before reflection (and SFT would train on it); "
                           f"remove them first: ds.remove_columns({derived})")
+    if taken := [c for c in ds.column_names if c in SELECTION_COLUMNS]:
+        raise ColumnError(f"build_variants: the data has the column(s) {taken}, which the selection writes (the "
+                          f"split a selected row comes from) and would replace: rename them first, e.g. "
+                          f"ds.rename_column({taken[0]!r}, 'origin_{taken[0]}')")
     options = dict(batched=True, batch_size=batch_size, num_proc=num_proc, load_from_cache_file=load_from_cache_file)
     if len(ds) == 0:  # `map` never calls a stage on 0 rows: the schema comes from a placeholder row
         splits = _reflect(_placeholder_row(ds), NoOracle(), compress, options, stage_kwargs)

@@ -275,7 +275,10 @@ def explain_v2(variants, require_below_one: bool = True, ratio: str = "ppl"):
 
 
 def _with_source(ds, source: str):
-    if "source" in ds.column_names:
+    if "source" in ds.column_names:  # all null: what a saved folder's variant splits hold (one schema with `selected`)
+        if arrow_columns(ds, ["source"])["source"].null_count < len(ds):
+            raise ColumnError(f"{source}: the data has a 'source' column of its own, which the selection would replace "
+                              "with the split a row comes from: rename it first (ds.rename_column('source', ...))")
         ds = ds.remove_columns("source")
     return ds.add_column("source", [source] * len(ds))
 
