@@ -284,6 +284,22 @@ def test_to_messages_rows_and_batches(sample):
     assert with_system == [{"role": "system", "content": "Be brief."}, user("a"), assistant("b")]
 
 
+def test_system_reaches_a_messages_dataset_too():
+    """`system=` was dropped for a `messages` dataset, so for every reflectune output folder (all
+    carry `messages`): the model trained on the Vicuna system prompt instead of the one asked for."""
+    from datasets import Dataset
+
+    from reflectune_hf.training.sft import prepare_sft_dataset
+
+    ds = Dataset.from_dict({"instruction": ["a"], "output": ["b"], "messages": [[user("a"), assistant("b")]]})
+    assert prepare_sft_dataset(ds, system="Be brief.")["messages"] == [
+        [{"role": "system", "content": "Be brief."}, user("a"), assistant("b")]]
+    assert prepare_sft_dataset(ds)["messages"] == [[user("a"), assistant("b")]]
+    own = Dataset.from_dict({"messages": [[{"role": "system", "content": "Mine."}, user("a"), assistant("b")]]})
+    with pytest.raises(ValueError, match="system message of its own"):
+        prepare_sft_dataset(own, system="Be brief.")
+
+
 def test_to_messages_names_the_bad_row():
     with pytest.raises(ValueError, match=r"id=7 has an empty output"):
         to_messages({"id": 7, "instruction": "a", "input": "", "output": "  "})

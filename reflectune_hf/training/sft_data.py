@@ -136,22 +136,38 @@ def _warn_unreflected(ds) -> None:
                        sum(counts.values()), len(ds), dict(counts.most_common()))
 
 
+@versioned
+def with_system(batch: Mapping, system: str) -> dict:
+    """Map function (`batched=True`): `system` as the first message of every conversation of
+    `messages`; a conversation with a system message of its own raises `ValueError`."""
+    for k, messages in enumerate(batch["messages"]):
+        if messages and isinstance(messages[0], Mapping) and messages[0].get("role") == "system":
+            raise ValueError(f"{STAGE}: row {k} of the batch has a system message of its own, and system= was given: "
+                             "pass system=None to keep the data's, or remove them from `messages` first")
+    return {"messages": [[{"role": "system", "content": system}, *messages] for messages in batch["messages"]]}
+
+
 def prepare_sft_dataset(ds, system: Optional[str] = None):
     """Check `ds` (see `check_sft_dataset`) and return it as a `messages`-only dataset for TRL.
 
     Alpaca data is mapped with `to_messages`; other columns are dropped, so none of them (a
     `prompt`, `text` or `images` column) can change how TRL reads the data. A streaming
     `IterableDataset` cannot be checked without reading it all: its rows are checked as they
-    are read (`to_messages` names a bad row).
+    are read (`to_messages` names a bad row). `system` goes first in every conversation, of a
+    `messages` dataset too (`with_system`).
     """
     from datasets import IterableDataset
 
     if isinstance(ds, IterableDataset):
         if "messages" in (ds.column_names or []):
-            return ds.select_columns(["messages"])
+            ds = ds.select_columns(["messages"])
+            return ds if system is None else ds.map(with_system, batched=True, fn_kwargs={"system": system})
         return ds.map(to_messages, batched=True, fn_kwargs={"system": system}).select_columns(["messages"])
     check_sft_dataset(ds)
     _warn_unreflected(ds)
     if "messages" not in ds.column_names:
         ds = ds.map(to_messages, batched=True, fn_kwargs={"system": system}, desc="Alpaca -> messages")
+    elif system is not None:
+        ds = ds.select_columns(["messages"]).map(with_system, batched=True, fn_kwargs={"system": system},
+                                                 desc="system message")
     return ds.select_columns(["messages"])
