@@ -267,6 +267,12 @@ def test_card_of_data_no_oracle_rewrote_does_not_say_it_was_recycled():
     assert "no oracle" in str(build_card(load_sample()))
     reflected = str(build_card(make_variants(load_sample().select(range(4)))))
     assert "were recycled with **Reflection-Tuning**" in reflected and "*_raw" in reflected
+    # Nor is it titled or tagged as recycled data.
+    variants = make_variants(load_sample().select(range(4)))
+    titles = [build_card(d).data.pretty_name for d in (scored, load_sample(), variants)]
+    assert titles == ["IFD-scored instruction data", "Instruction data", "Reflection-Tuning recycled data"]
+    assert not {"data-recycling", "reflection-tuning"} & set(build_card(scored).data.tags)
+    assert {"data-recycling", "reflection-tuning"} <= set(build_card(variants).data.tags)
 
 
 def test_a_second_write_removes_what_only_the_first_wrote_and_nothing_else(tmp_path):

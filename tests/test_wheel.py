@@ -73,4 +73,4 @@ def test_a_card_renders_from_an_installed_wheel(installed):
     assert Path(out.stdout.strip().splitlines()[-1]).is_relative_to(site)
     card = (cwd / "out" / "README.md").read_text()
     assert card.startswith("---\n") and "source_datasets:\n- sample" in card
-    assert "# Reflection-Tuning recycled data" in card and "{{" not in card  # the template, rendered
+    assert "# Instruction data" in card and "{{" not in card  # the template, rendered (no oracle: not "recycled")

@@ -173,17 +173,22 @@ def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[d
     context = sanitize_context(card_context)
     summary = summary if summary is not None else summarize(splits)  # a Dataset is `train` here too
     is_variants = set(VARIANT_SPLITS) <= set(splits)
+    # Only data an oracle went over is said to be recycled (`reflectune score` on plain pairs is not).
+    is_reflected = is_variants or any("reflection_status" in ds.column_names for ds in splits.values())
+    has_scores = any("ifd" in ds.column_names for ds in splits.values())
+    title = ("Reflection-Tuning recycled data" if is_reflected else "IFD-scored instruction data" if has_scores
+             else "Instruction data")
     rows = max(len(ds) for ds in splits.values())
     license_id, license_text = _license(context.get("license"))
     card_data = DatasetCardData(
         license=license_id,
         language=context.get("language", ["en"]),
-        pretty_name=context.get("pretty_name", "Reflection-Tuning recycled data"),
+        pretty_name=context.get("pretty_name", title),
         size_categories=[_size_category(rows)],
         source_datasets=[context["source_dataset"]] if is_hub_id(context.get("source_dataset")) else None,
         task_categories=["text-generation"],
-        tags=sorted({"reflection-tuning", "instruction-tuning", "data-recycling", "reflectune_hf",
-                     *context.get("tags", [])}),
+        tags=sorted({"instruction-tuning", "reflectune_hf", *(("reflection-tuning", "data-recycling") if is_reflected
+                                                               else ()), *context.get("tags", [])}),
         configs=[{"config_name": "default",
                   "data_files": [{"split": name, "path": f"data/{name}-*"} for name in published_splits(splits)]}],
     )
@@ -200,9 +205,8 @@ def build_card(data, card_context: Optional[Mapping] = None, summary: Optional[d
         license=license_text,
         repo_id=repo_id or "<your-namespace>/<dataset>",
         is_variants=is_variants,
-        # Only data an oracle went over is said to be recycled (`reflectune score` on plain pairs is not).
-        is_reflected=is_variants or any("reflection_status" in ds.column_names for ds in splits.values()),
-        has_scores=any("ifd" in ds.column_names for ds in splits.values()),
+        is_reflected=is_reflected,
+        has_scores=has_scores,
         splits=[{"name": n, "rows": len(ds), "description": SPLIT_DESCRIPTIONS.get(n, "")} for n, ds in splits.items()],
         status_rows=_status_rows(splits),
         score_rows=_score_rows(summary),
