@@ -149,8 +149,8 @@ class OracleCaller(LazyState):
                     cut += answer.finish_reason == "length"
             if retry and attempt < self.format_retries:
                 logger.info("%s: re-asking %d of %d answers (%d cut by a length limit or a field's bound, "
-                            "with twice the budget; %d that do not parse)", self.stage_name, len(retry),
-                            len(pending), cut, len(retry) - cut)
+                            "with twice the budget; %d that do not parse or a content filter stopped)",
+                            self.stage_name, len(retry), len(pending), cut, len(retry) - cut)
             pending = retry
         return answers
 

@@ -284,10 +284,10 @@ class ContextualRank(_TunaStage):
     not write removed), `reference_response`, `ranked_responses` (the texts of `rank`, in order:
     `ranked_responses[i] == (responses + [reference_response])[rank[i]]`), `ranking_status`
     (`ok`; `repaired` when indices were dropped, the unwritten reference included; `partial` when
-    the answer was cut by the token limit or a content filter even after the re-asks, or its `rank: [...]` list is not
-    closed: `rank` holds the indices read so far, possibly not all; `no_ranking` (no list, or
-    no index left once those were dropped: re-asked as a missing one), `no_responses`,
-    `oracle_error`; `empty_input` (blank instruction) and `invalid_text` rows send nothing) and
+    the answer was cut by the token limit or a content filter even after the re-asks, or its
+    `rank: [...]` list is not closed: `rank` holds the indices read so far, possibly not all;
+    `no_ranking` (no list, or no index left once those were dropped: re-asked as a missing one),
+    `no_responses`, `oracle_error`; `empty_input` (blank instruction) and `invalid_text` rows send nothing) and
     `ranking_error` (what went wrong). `TunaTrainer` trains on the
     `ranked_responses` of every row, whatever its status (a `partial` ranking is the start of the
     judge's order); filter on `ranking_status` first to leave such rows out.
