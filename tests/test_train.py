@@ -300,6 +300,27 @@ def test_system_reaches_a_messages_dataset_too():
         prepare_sft_dataset(own, system="Be brief.")
 
 
+def test_a_rows_own_system_prompt_trains_and_publishes(tmp_path):
+    """TRL data with a system turn loads with a `system` column, but `to_messages` (SFT and the
+    published `messages`) ignored it: the rows trained with the Vicuna system prompt, silently."""
+    from reflectune_hf.data import load_data
+    from reflectune_hf.publishing.hub import with_messages
+    from reflectune_hf.training.sft import prepare_sft_dataset
+
+    path = tmp_path / "chat.jsonl"
+    turns = [{"role": "system", "content": "Be brief."}, user("Name a colour."), assistant("Blue.")]
+    path.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"messages": turns[1:]}) + "\n")
+    ds = load_data(str(path))
+    expected = [turns, turns[1:]]
+    assert to_messages(ds[0])["messages"] == turns
+    assert prepare_sft_dataset(ds)["messages"] == expected
+    assert with_messages(ds)["messages"] == expected
+    with pytest.raises(ValueError, match="system prompt of its own"):
+        prepare_sft_dataset(ds, system="Be long.")
+    with pytest.raises(ColumnError, match="non-string system"):
+        to_messages({"instruction": "a", "output": "b", "system": 3})
+
+
 def test_to_messages_names_the_bad_row():
     with pytest.raises(ValueError, match=r"id=7 has an empty output"):
         to_messages({"id": 7, "instruction": "a", "input": "", "output": "  "})

@@ -23,13 +23,20 @@ logger = logging.getLogger(__name__)
 STAGE = "vicuna_sft"
 
 
-def _one_row(instruction, input, output, system, where: str) -> list[dict]:
+def _one_row(instruction, input, output, system, where: str, own_system=None) -> list[dict]:
     for name, value in (("instruction", instruction), ("output", output), ("input", input)):
         if value is not None and not isinstance(value, str):
             raise ColumnError(f"{STAGE}: {where} has a non-string {name} ({type(value).__name__})")
         if name != "input" and not (value or "").strip():
             raise ValueError(f"{STAGE}: {where} has an empty {name} ({value!r}); SFT needs non-empty text")
     messages = [{"role": "system", "content": system}] if system is not None else []
+    if own_system is not None and not isinstance(own_system, str):
+        raise ColumnError(f"{STAGE}: {where} has a non-string system ({type(own_system).__name__})")
+    if own_system:
+        if system is not None:
+            raise ValueError(f"{STAGE}: {where} has a system prompt of its own (`system` column), and system= was "
+                             "given: pass system=None to keep the data's, or remove the `system` column first")
+        messages = [{"role": "system", "content": own_system}]
     messages.append({"role": "user", "content": join_input(instruction, input, VICUNA_INPUT_SEPARATOR)})
     messages.append({"role": "assistant", "content": output})
     return messages
@@ -41,9 +48,11 @@ def to_messages(example: Mapping, system: Optional[str] = None) -> dict:
 
     Input columns: `instruction`, `output` (non-empty strings), `input` (optional, may be empty).
     Output column: `messages`, `[{"role": "user", ...}, {"role": "assistant", "content": output}]`,
-    with a leading system message when `system` is given (the Vicuna template supplies the
-    Vicuna system prompt otherwise). Works with `map` and `map(batched=True)`; other columns are
-    kept. An empty instruction or output raises `ValueError` naming the row.
+    with a leading system message when `system` is given or the row has a non-empty `system` column
+    (TRL data loaded with a system turn keeps it there; a row with both raises `ValueError`); the
+    Vicuna template supplies the Vicuna system prompt otherwise. Works with `map` and
+    `map(batched=True)`; other columns are kept. An empty instruction or output raises
+    `ValueError` naming the row.
 
     Example:
         >>> from reflectune_hf.training.sft import to_messages
@@ -55,13 +64,15 @@ def to_messages(example: Mapping, system: Optional[str] = None) -> dict:
     if isinstance(example["instruction"], list):  # a batch
         n = len(example["instruction"])
         inputs = example.get("input") or [""] * n
+        systems = example.get("system") or [None] * n
         rows = [
-            _one_row(i, x, o, system, f"row id={ids[k]}" if ids is not None else f"row {k} of the batch")
-            for k, (i, x, o) in enumerate(zip(example["instruction"], inputs, example["output"]))
+            _one_row(i, x, o, system, f"row id={ids[k]}" if ids is not None else f"row {k} of the batch", s)
+            for k, (i, x, o, s) in enumerate(zip(example["instruction"], inputs, example["output"], systems))
         ]
         return {"messages": rows}
     where = f"row id={ids}" if ids is not None else "a row"
-    return {"messages": _one_row(example["instruction"], example.get("input"), example["output"], system, where)}
+    return {"messages": _one_row(example["instruction"], example.get("input"), example["output"], system, where,
+                                 example.get("system"))}
 
 
 def _messages_problem(messages) -> Optional[str]:
