@@ -589,3 +589,28 @@ def test_sft_eval_without_the_test_split_is_a_clear_error(tmp_path):
          str(tmp_path / "out"), "--eval_strategy", "steps", "--use_cpu", "true", "--report_to", "none"])
     with pytest.raises(ValueError, match=r"no split 'test' to evaluate on, only \['train'\].*--dataset_test_split"):
         sft_job.run_sft(*args)
+
+
+def tiny_llama():
+    """A tiny random Llama and the Llama tokenizer trained here: a trainer without any weights to load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = llama_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    return LlamaForCausalLM(config), tok
+
+
+def test_packed_rows_are_not_counted_as_dropped(tmp_path, sample, caplog):
+    """With `packing=True` TRL packs rows into fewer sequences and drops none: the card counted the
+    packed sequences as the rows trained and said the rest were dropped (and so did a warning)."""
+    model, tok = tiny_llama()
+    args = vicuna_sft_config(tmp_path / "out", max_length=512, packing=True, max_steps=1, per_device_train_batch_size=1,
+                             gradient_accumulation_steps=1, activation_checkpointing=False, use_cpu=True,
+                             report_to="none")
+    with caplog.at_level("WARNING", logger="reflectune_hf.training.sft"):
+        trainer = vicuna_sft_trainer(model, sample.select(range(8)), args, processing_class=tok, dataset_name="me/d")
+    assert len(trainer.train_dataset) < 8  # packed
+    card = str(trainer.model_card())
+    assert "(8 rows" in card and "dropped" not in card and "dropped" not in caplog.text

@@ -190,8 +190,9 @@ def _trainer_class():
         def __init__(self, *args, base_model_name: Optional[str] = None, dataset_name: Optional[str] = None,
                      num_rows: Optional[int] = None, **kwargs):
             super().__init__(*args, **kwargs)
-            # The card counts the rows that train (`num_rows` passed in, less those TRL dropped).
-            trained = None if num_rows is None else len(self.train_dataset)
+            # The card counts the rows that train (`num_rows` passed in, less those TRL dropped). Packed,
+            # the dataset holds sequences of several rows, and TRL drops none.
+            trained = None if num_rows is None else num_rows if self.args.packing else len(self.train_dataset)
             self.card_info = {"base_model": base_model_name, "dataset": dataset_name, "rows": trained,
                               "dropped_rows": None if num_rows is None else num_rows - trained}
 
@@ -226,7 +227,10 @@ def _log_truncation(trainer, n_rows: int) -> None:
 
     prepared = trainer.train_dataset
     max_length = trainer.args.max_length
-    if n_rows != len(prepared):
+    if trainer.args.packing:  # rows packed into fewer sequences, none dropped
+        logger.info("%s: %d rows packed into %d sequences of up to max_length=%s tokens", STAGE, n_rows,
+                    len(prepared), max_length)
+    elif n_rows != len(prepared):
         logger.warning("%s: %d of %d rows were dropped by TRL: their prompt alone fills max_length=%s, "
                        "leaving no assistant token to train on", STAGE, n_rows - len(prepared), n_rows, max_length)
     if max_length and "input_ids" in prepared.column_names and not trainer.args.packing:
