@@ -614,3 +614,15 @@ def test_packed_rows_are_not_counted_as_dropped(tmp_path, sample, caplog):
     assert len(trainer.train_dataset) < 8  # packed
     card = str(trainer.model_card())
     assert "(8 rows" in card and "dropped" not in card and "dropped" not in caplog.text
+
+
+def test_a_system_message_without_text_is_refused_before_training():
+    """A system message whose content is null passed the check, then failed deep in TRL's tokenizing
+    (jinja2 UndefinedError: 'dict object' has no attribute 'content')."""
+    from datasets import Dataset
+
+    turns = [user("a"), assistant("b")]
+    ds = Dataset.from_dict({"messages": [[{"role": "system", "content": None}, *turns],
+                                         [{"role": "system", "content": ""}, *turns]]})
+    with pytest.raises(ValueError, match=r"1 of 2 rows cannot be trained on: row 0: the system message has no text"):
+        check_sft_dataset(ds)

@@ -78,7 +78,10 @@ def to_messages(example: Mapping, system: Optional[str] = None) -> dict:
 def _messages_problem(messages) -> Optional[str]:
     if not isinstance(messages, list) or not messages:
         return "no messages"
-    turns = messages[1:] if isinstance(messages[0], Mapping) and messages[0].get("role") == "system" else messages
+    has_system = isinstance(messages[0], Mapping) and messages[0].get("role") == "system"
+    if has_system and not isinstance(messages[0].get("content"), str):  # "" is FastChat's empty system prompt
+        return "the system message has no text (content must be a string)"
+    turns = messages[1:] if has_system else messages
     for k, message in enumerate(turns):
         if not isinstance(message, Mapping):
             return f"message {k} is not a dict"
@@ -97,7 +100,7 @@ def check_sft_dataset(ds, stage: str = STAGE, purpose: str = "trained on", allow
     """Raise before training when a dataset cannot train: `ColumnError` for missing columns,
     `ValueError` for a dataset without rows (unless `allow_empty`) or listing the rows (by `id`
     when present) with an empty instruction or output, or `messages` that are empty, do not
-    alternate user/assistant, or have no assistant turn.
+    alternate user/assistant, have no assistant turn, or a system message without text.
 
     Accepts a `messages` dataset or an Alpaca one (`instruction`, `output`, optional `input`).
     `stage` and `purpose` word the error (`reflect: 1 of 2 rows cannot be recycled: ...`).
