@@ -626,3 +626,26 @@ def test_a_system_message_without_text_is_refused_before_training():
                                          [{"role": "system", "content": ""}, *turns]]})
     with pytest.raises(ValueError, match=r"1 of 2 rows cannot be trained on: row 0: the system message has no text"):
         check_sft_dataset(ds)
+
+
+def test_card_names_the_chat_template_that_trained(tmp_path, sample):
+    """With another `chat_template_path` the card still said it trained with FastChat's Vicuna v1.1
+    template (heading, text and `vicuna` tag), beside the other template it showed."""
+    model, tok = tiny_llama()
+    template = tmp_path / "my_chatml.jinja"
+    template.write_text("{%- for m in messages -%}{%- if m['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}"
+                        "{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}{%- else -%}"
+                        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '\\n' }}{%- endif -%}{%- endfor -%}"
+                        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+    args = vicuna_sft_config(tmp_path / "out", max_length=256, chat_template_path=str(template), max_steps=1,
+                             per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                             activation_checkpointing=False, use_cpu=True, report_to="none")
+    trainer = vicuna_sft_trainer(model, sample.select(range(2)), args, processing_class=tok)
+    card = str(trainer.model_card())
+    assert "## Chat template (my_chatml.jinja (local file))" in card and "Vicuna v1.1 conversation" not in card
+    assert "- vicuna\n" not in card.split("---")[1] and str(tmp_path) not in card
+    vicuna = str(vicuna_sft_trainer(tiny_llama()[0], sample.select(range(2)), vicuna_sft_config(
+        tmp_path / "v", max_length=256, max_steps=1, per_device_train_batch_size=1, gradient_accumulation_steps=1,
+        activation_checkpointing=False, use_cpu=True, report_to="none"), processing_class=tok).model_card())
+    assert "## Chat template (vicuna_v1.1)" in vicuna and "FastChat's Vicuna v1.1 conversation" in vicuna
+    assert "- vicuna\n" in vicuna.split("---")[1]

@@ -24,10 +24,12 @@ def _hub_id(name: Optional[str]) -> Optional[str]:
     return name
 
 
-def render_model_card(trainer, model_name=None, dataset_name=None, tags=None, template_name=None):
+def render_model_card(trainer, model_name=None, dataset_name=None, tags=None, template_name=None,
+                      vicuna: bool = True):
     """The `huggingface_hub.ModelCard` of a trained model, from `cards/model_card.md`: base model,
     dataset, recipe (the hyperparameters in effect) and the chat template with a rendered example.
-    `template_name` names the chat template in the card (the trainer passes its own)."""
+    `template_name` names the chat template in the card (the trainer passes its own); `vicuna`:
+    whether it is the packaged Vicuna v1.1 one (else the card does not say it trained with it)."""
     import datasets
     import torch
     import transformers
@@ -64,13 +66,13 @@ def render_model_card(trainer, model_name=None, dataset_name=None, tags=None, te
     card_data = ModelCardData(
         base_model=hub_base_model, datasets=[hub_dataset] if hub_dataset else None,
         library_name="transformers", pipeline_tag="text-generation", model_name=model_name,
-        tags=["reflectune_hf", "reflection-tuning", "vicuna", "trl", "sft", *(tags or [])],
+        tags=["reflectune_hf", "reflection-tuning", *(["vicuna"] if vicuna else []), "trl", "sft", *(tags or [])],
     )
     return ModelCard.from_template(
         card_data, template_path=str(card_template("model_card.md")),
         model_title=model_name or Path(args.output_dir).name, base_model_name=base_model, dataset_name=dataset,
         num_rows=info.get("rows"), dropped_rows=info.get("dropped_rows"), recipe=recipe, chat_template=template,
-        rendered_example=example,
+        rendered_example=example, vicuna=vicuna, assistant_only_loss=args.assistant_only_loss,
         template_name=template_name, hub_model_id=getattr(trainer, "hub_model_id", None) or Path(args.output_dir).name,
         versions={"reflectune_hf": package_version(), "TRL": trl.__version__, "Transformers": transformers.__version__,
                   "PyTorch": torch.__version__, "Datasets": datasets.__version__},

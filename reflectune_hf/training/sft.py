@@ -207,10 +207,15 @@ def _trainer_class():
                 card.save(os.path.join(self.args.output_dir, "README.md"))
 
         def model_card(self, model_name=None, dataset_name=None, tags=None):
+            from ..sanitize import public_name
             from .model_card import render_model_card
 
+            # The card names the template that trained: another `chat_template_path` is not Vicuna's.
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            vicuna = tokenizer.chat_template == vicuna_chat_template()
+            name = TEMPLATE_NAME if vicuna else public_name(self.args.chat_template_path or "the tokenizer's own")
             return render_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags,
-                                     template_name=TEMPLATE_NAME)
+                                     template_name=name, vicuna=vicuna)
 
     VicunaSFTTrainer.__qualname__ = "VicunaSFTTrainer"  # importable (and picklable) as reflectune_hf.training.sft.VicunaSFTTrainer
     return VicunaSFTTrainer
