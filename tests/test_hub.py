@@ -391,3 +391,13 @@ def _whitespace_tokenizer():
         def __call__(self, texts, add_special_tokens=False):
             return {"input_ids": [t.split() for t in texts]}
     return Tokenizer()
+
+
+def test_a_column_all_null_in_the_first_split_takes_the_type_of_another(tmp_path):
+    """A column with no value in the first split is typed null there: the other splits were cast to
+    null and the write failed deep in datasets (`Couldn't cast array of type double to null`)."""
+    first = Dataset.from_dict({"instruction": ["a", "b"], "output": ["x", "y"], "ifd": [None, None]})
+    second = Dataset.from_dict({"instruction": ["c"], "output": ["z"], "ifd": [0.5]})
+    out = save_local(DatasetDict({"origin": first, "selected": second}), tmp_path / "out")
+    reloaded = load_from_disk(str(out / "arrow"))
+    assert reloaded["selected"]["ifd"] == [0.5] and reloaded["origin"]["ifd"] == [None, None]

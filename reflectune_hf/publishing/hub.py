@@ -74,15 +74,17 @@ def _messages_or_null(batch: dict) -> dict:
 
 def _same_columns(splits: dict) -> dict:
     """One schema for all splits (the Hub loads the splits of a config with one schema): a column
-    missing from a split is added as nulls, in the column order of the first split that has it."""
-    from datasets import Features
+    missing from a split is added as nulls, in the column order of the first split that has it. A
+    column without any value in a split (typed `null` there) takes its type from another split."""
+    from datasets import Features, Value
 
     from ..data import empty_dataset
 
     features: dict = {}
     for ds in splits.values():
         for name in ds.column_names:
-            features.setdefault(name, ds.features[name])
+            if features.get(name, Value("null")) == Value("null"):
+                features[name] = ds.features[name]
     out = {}
     for name, ds in splits.items():
         if len(ds) == 0:  # built from the schema: add_column fails on an empty selection of a bigger table
