@@ -148,6 +148,7 @@ def test_compute_loss_is_nan_safe_when_a_candidate_is_truncated_away(tiny, tmp_p
 def test_tokenize_truncates_and_drops_rows_without_candidates(tmp_path, caplog):
     from datasets import Dataset
 
+    from reflectune_hf.data import ColumnError
     from reflectune_hf.models import load_tokenizer
     from reflectune_hf.tuna.trainer import TunaTokenize
 
@@ -174,6 +175,12 @@ def test_tokenize_truncates_and_drops_rows_without_candidates(tmp_path, caplog):
                                       "dataset_num_proc": None}, "train")
     with pytest.raises(ValueError, match="ce_candidates"):
         TunaConfig(str(tmp_path), ce_candidates="worst")
+    # A bad row is named by its index in the data, not in its map batch of 1000 (it said "row 1" for row 1001).
+    bad = Dataset.from_dict({"instruction": ["x"] * 1002, "ranked_responses": [["a"]] * 1001 + [["a", None]]})
+    with pytest.raises(ColumnError, match=r"ranked_responses of row 1001 must be a list of strings"):
+        TunaTrainer._prepare_dataset(bad, tokenizer, TunaConfig(str(tmp_path)),
+                                     {"template": "alpaca", "max_length": 40, "max_candidates": None,
+                                      "dataset_num_proc": None}, "train")
 
 
 def test_recipes_parse():

@@ -153,8 +153,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 @dataclass
 class TunaTokenize(LazyState):  # LazyState: hashed with the package version
-    """`Dataset.map` function: `instruction`, optional `input`, `ranked_responses` -> `prompt_ids`,
-    `candidate_ids`, `candidate_prompt_lengths` and `candidate_label_offsets`.
+    """`Dataset.map` function (`batched=True`, `with_indices=True` to name a bad row by its index):
+    `instruction`, optional `input`, `ranked_responses` -> `prompt_ids`, `candidate_ids`,
+    `candidate_prompt_lengths` and `candidate_label_offsets`.
 
     Each candidate is `scoring.spans.response_span(tokenizer, prompt, response, max_length,
     eos=True)`: prompt and response tokenised as ONE string, as the reference does, so its tokens
@@ -187,7 +188,7 @@ class TunaTokenize(LazyState):  # LazyState: hashed with the package version
     def fingerprint_identity(self) -> dict:  # rows cached under the common-prefix rule are not reused
         return {**super().fingerprint_identity(), "labels": "response_span"}
 
-    def __call__(self, batch: Mapping) -> dict:
+    def __call__(self, batch: Mapping, indices: Optional[Sequence[int]] = None) -> dict:
         from ..scoring.spans import response_spans
         from .stages import format_prompt
 
@@ -200,7 +201,8 @@ class TunaTokenize(LazyState):  # LazyState: hashed with the package version
         for row, (prompt, ids, ranked) in enumerate(zip(prompts, full_prompts, batch["ranked_responses"])):
             ranked = list(ranked or [])[:self.max_candidates]
             if any(not isinstance(r, str) for r in ranked):
-                raise ColumnError(f"TunaTrainer: ranked_responses of row {row} must be a list of strings")
+                where = f"row {indices[row]}" if indices is not None else f"row {row} of the batch"
+                raise ColumnError(f"TunaTrainer: ranked_responses of {where} must be a list of strings")
             spans = response_spans(self.tokenizer, [prompt] * len(ranked), ranked, self.max_length, eos=True)
             candidates, lengths, offsets = [], [], []
             for span in spans:
@@ -350,7 +352,7 @@ class TunaTrainer(Trainer):
         if not ("prompt_ids" in columns and "candidate_ids" in columns):
             tokenize = TunaTokenize(tokenizer, tuna["template"], tuna["max_length"], tuna["max_candidates"])
             with args.main_process_first(desc=f"Tokenizing the {name} dataset"):
-                dataset = dataset.map(tokenize, batched=True, remove_columns=columns,
+                dataset = dataset.map(tokenize, batched=True, with_indices=True, remove_columns=columns,
                                       num_proc=tuna["dataset_num_proc"], desc=f"Tuna: tokenizing {name} candidates")
         empty = dataset.filter(lambda c: len(c) == 0, input_columns="candidate_ids").num_rows
         if empty:
