@@ -183,6 +183,38 @@ def test_tokenize_truncates_and_drops_rows_without_candidates(tmp_path, caplog):
                                       "dataset_num_proc": None}, "train")
 
 
+def test_rows_with_a_system_prompt_of_their_own_train_with_a_warning(tmp_path, caplog):
+    """TRL data with a system turn keeps it in a `system` column: Tuna's Alpaca prompt has no place
+    for it, and the rows trained without it, silently (`reflectune tuna` even dropped the column)."""
+    import json
+
+    from datasets import Dataset
+
+    from reflectune_hf.cli import tuna_job
+    from reflectune_hf.models import load_tokenizer
+
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+             {"role": "assistant", "content": "Hello."}]
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("".join(json.dumps({"messages": m, "ranked_responses": ["Hi.", "Yo."]}) + "\n"
+                            for m in (turns, turns[1:])))
+    loaded = tuna_job.load_ranked_data(tuna_job.TunaScriptArguments(dataset_name=str(path)), "unused")
+    assert loaded["system"] == ["Be brief.", ""]
+    with caplog.at_level("WARNING", logger="reflectune_hf.tuna.trainer"):
+        prepared = TunaTrainer._prepare_dataset(loaded, load_tokenizer("smollm2-135m-instruct"), TunaConfig(
+            str(tmp_path)), {"template": "alpaca", "max_length": 64, "max_candidates": None, "dataset_num_proc": None},
+            "train")
+    assert len(prepared) == 2 and "1 of 2 train rows have a system prompt of their own" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="reflectune_hf.tuna.trainer"):
+        TunaTrainer._prepare_dataset(Dataset.from_dict({"instruction": ["Hi?"], "system": [""],
+                                                        "ranked_responses": [["Hi."]]}),
+                                     load_tokenizer("smollm2-135m-instruct"), TunaConfig(str(tmp_path)),
+                                     {"template": "alpaca", "max_length": 64, "max_candidates": None,
+                                      "dataset_num_proc": None}, "train")
+    assert "system prompt" not in caplog.text
+
+
 def test_recipes_parse():
     from pathlib import Path
 

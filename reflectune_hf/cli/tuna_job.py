@@ -144,7 +144,9 @@ def load_ranked_data(script_args, student_model: str):
         ds = rank_dataset(ds, script_args, student_model)
         if script_args.ranked_dataset_path:
             ds.save_to_disk(script_args.ranked_dataset_path)
-    ds = ds.select_columns([c for c in ("id", "instruction", "input", "ranked_responses") if c in ds.column_names])
+    # `system` (a row's own system prompt, from TRL data) is kept for TunaTrainer to count: it trains without it.
+    ds = ds.select_columns([c for c in ("id", "instruction", "input", "system", "ranked_responses")
+                            if c in ds.column_names])
     if script_args.mix_original:  # the reference adds the original Alpaca pairs "for regularization"
         original = base.map(lambda out: {"ranked_responses": [out]}, input_columns="output")
         ds = datasets.concatenate_datasets([ds, original.select_columns(ds.column_names).cast(ds.features)])

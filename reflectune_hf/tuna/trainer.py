@@ -288,6 +288,8 @@ class TunaTrainer(Trainer):
             `ranked_responses` (best first: from `rank_by_logprob` or `ContextualRank`), or already
             tokenized (`prompt_ids`, `candidate_ids`). Rows without any candidate are dropped with
             a warning; a row with one candidate trains CE only (mix in original Alpaca rows this way).
+            A row's own system prompt (`system` column) has no place in Tuna's prompt: such rows
+            train without it, and a warning counts them.
         processing_class: the tokenizer (default: the model's, with EOS as padding when it has none).
         data_collator: default `DataCollatorForTuna`.
 
@@ -349,6 +351,12 @@ class TunaTrainer(Trainer):
         if dataset is None:
             return None
         columns = dataset.column_names
+        if "system" in columns:  # TRL data with a system turn: Tuna's prompt template has no place for it
+            own = sum(1 for s in dataset["system"] if s)
+            if own:
+                logger.warning("TunaTrainer: %d of %d %s rows have a system prompt of their own (`system` column): "
+                               "Tuna's %r prompt has none, so they train without it", own, len(dataset), name,
+                               tuna["template"])
         if not ("prompt_ids" in columns and "candidate_ids" in columns):
             tokenize = TunaTokenize(tokenizer, tuna["template"], tuna["max_length"], tuna["max_candidates"])
             with args.main_process_first(desc=f"Tokenizing the {name} dataset"):
