@@ -98,6 +98,7 @@ def test_a_hub_refusal_is_one_line(tmp_path, monkeypatch, capsys):
     """A push the Hub refuses (403) printed huggingface_hub's five-line message."""
     import httpx2
     from datasets import Dataset
+    from huggingface_hub import HfApi
     from huggingface_hub.utils import hf_raise_for_status
 
     from reflectune_hf import load_sample
@@ -111,6 +112,7 @@ def test_a_hub_refusal_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     save_local(load_sample(), tmp_path / "out")
     monkeypatch.setattr(Dataset, "push_to_hub", refuse)
+    monkeypatch.setattr(HfApi, "repo_exists", lambda self, repo_id, **kw: False)
     assert cli.main(["push", "--data", str(tmp_path / "out"), "--push_to_hub", "me/data"]) == 1
     err = capsys.readouterr().err
     line = err[err.index("reflectune push: error:"):]
@@ -465,6 +467,7 @@ def hub_sent(monkeypatch):
     monkeypatch.setattr(Dataset, "push_to_hub", lambda self, repo_id, **kw: sent.append(("data", ["train"])))
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: sent.append(("plots", kw["repo_id"])))
     monkeypatch.setattr(DatasetCard, "push_to_hub", lambda self, repo_id, **kw: sent.append(("card", str(self))))
+    monkeypatch.setattr(HfApi, "repo_exists", lambda self, repo_id, **kw: False)  # a new repo: created private
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     return sent
 

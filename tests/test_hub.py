@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -39,6 +40,7 @@ def variants():
 class Recorder:
     def __init__(self):
         self.calls = []
+        self.public = set()  # dataset repos that exist, public
 
 
 @pytest.fixture
@@ -63,6 +65,8 @@ def hub_calls(monkeypatch):
     monkeypatch.setattr(Dataset, "push_to_hub", data_push)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(DatasetCard, "push_to_hub", card_push)
+    monkeypatch.setattr(HfApi, "repo_exists", lambda self, repo_id, **kwargs: repo_id in calls.public)
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, **kwargs: SimpleNamespace(private=False))
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")  # push_to_hub checks for a token before sending anything
     return calls
 
@@ -401,3 +405,14 @@ def test_a_column_all_null_in_the_first_split_takes_the_type_of_another(tmp_path
     out = save_local(DatasetDict({"origin": first, "selected": second}), tmp_path / "out")
     reloaded = load_from_disk(str(out / "arrow"))
     assert reloaded["selected"]["ifd"] == [0.5] and reloaded["origin"]["ifd"] == [None, None]
+
+
+def test_an_existing_public_repo_is_not_pushed_to_as_if_private(hub_calls):
+    """`private` (the default) only applies to a repo the push creates: pushing to an existing public
+    repo published the data, silently. It is refused before anything is sent, unless private=False."""
+    hub_calls.public.add("me/public")
+    with pytest.raises(PermissionError, match=r"me/public exists and is public.*private=False \(--no_private\)"):
+        push_to_hub(load_sample(), "me/public")
+    assert hub_calls.calls == []
+    push_to_hub(load_sample(), "me/public", private=False)
+    assert [c[0] for c in hub_calls.calls] == ["data", "folder", "card"]

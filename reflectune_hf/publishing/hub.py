@@ -193,9 +193,10 @@ def push_to_hub(data, repo_id: str, private: bool = True, token: Optional[str] =
 
     Three commits: the data (datasets' own `push_to_hub`, parquet shards under `data/`), the
     plots under `plots/`, then the README card, which links the plots and declares the splits.
-    The repository is private unless `private=False`. Without a token (`token`, `HF_TOKEN` or
-    `hf auth login`) it stops before sending anything and says how to log in. Returns the
-    repository URL.
+    The repository is private unless `private=False`; `private` only applies to a repository it
+    creates, so an existing public one is refused unless `private=False`. Without a token (`token`,
+    `HF_TOKEN` or `hf auth login`) it stops before sending anything and says how to log in. Returns
+    the repository URL.
 
     Example:
         >>> from reflectune_hf.publishing.hub import push_to_hub
@@ -206,10 +207,16 @@ def push_to_hub(data, repo_id: str, private: bool = True, token: Optional[str] =
 
     token = require_token(token)
     data, _, published, summary = _prepare(data, tokenizer, card_context)  # the type checks, before sending
+    api = HfApi(token=token)
+    # datasets' `private` is ignored for a repository that exists: it would publish the data, silently.
+    if private and api.repo_exists(repo_id, repo_type="dataset") and not api.repo_info(
+            repo_id, repo_type="dataset").private:
+        raise PermissionError(f"The dataset repo {repo_id} exists and is public: the data would be public, as "
+                              "`private` only applies to a new repo. Make it private on the Hub, push to another "
+                              "repo, or pass private=False (--no_private) to publish it publicly; nothing was sent")
     message = commit_message or "Upload data recycled with reflectune_hf"
     (DatasetDict(published) if isinstance(data, DatasetDict) else published["train"]).push_to_hub(
         repo_id, private=private, token=token, commit_message=message)
-    api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         plots = _write_plots(data, summary, Path(tmp))
         api.upload_folder(folder_path=str(Path(tmp) / "plots"), path_in_repo="plots", repo_id=repo_id,
