@@ -649,3 +649,18 @@ def test_card_names_the_chat_template_that_trained(tmp_path, sample):
         activation_checkpointing=False, use_cpu=True, report_to="none"), processing_class=tok).model_card())
     assert "## Chat template (vicuna_v1.1)" in vicuna and "FastChat's Vicuna v1.1 conversation" in vicuna
     assert "- vicuna\n" in vicuna.split("---")[1]
+
+
+def test_eval_rows_trl_drops_or_cuts_are_counted_too(tmp_path, caplog):
+    """TRL drops eval rows whose prompt fills max_length as it does train rows: only the train
+    ones were said, so the eval loss silently covered fewer rows."""
+    from datasets import Dataset
+
+    model, tok = tiny_llama()
+    ds = Dataset.from_dict({"instruction": ["Say hi.", "word " * 200], "output": ["Hi!", "ok"]})
+    args = vicuna_sft_config(tmp_path / "out", max_length=128, max_steps=1, per_device_train_batch_size=1,
+                             gradient_accumulation_steps=1, activation_checkpointing=False, use_cpu=True,
+                             report_to="none", eval_strategy="steps", eval_steps=1)
+    with caplog.at_level("WARNING", logger="reflectune_hf.training.sft"):
+        vicuna_sft_trainer(model, ds.select([0]), args, eval_dataset=ds, processing_class=tok)
+    assert "1 of 2 eval rows were dropped by TRL" in caplog.text

@@ -227,22 +227,23 @@ def __getattr__(name):  # `VicunaSFTTrainer` is built on first use, so importing
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _log_truncation(trainer, n_rows: int) -> None:
+def _log_truncation(prepared, n_rows: int, args, name: str = "train") -> None:
+    """Say how many of the `n_rows` rows of `name` TRL dropped (their prompt fills max_length) or cut."""
     import pyarrow.compute as pc
 
-    prepared = trainer.train_dataset
-    max_length = trainer.args.max_length
-    if trainer.args.packing:  # rows packed into fewer sequences, none dropped
-        logger.info("%s: %d rows packed into %d sequences of up to max_length=%s tokens", STAGE, n_rows,
+    max_length = args.max_length
+    if args.packing:  # rows packed into fewer sequences, none dropped
+        logger.info("%s: %d %s rows packed into %d sequences of up to max_length=%s tokens", STAGE, n_rows, name,
                     len(prepared), max_length)
     elif n_rows != len(prepared):
-        logger.warning("%s: %d of %d rows were dropped by TRL: their prompt alone fills max_length=%s, "
-                       "leaving no assistant token to train on", STAGE, n_rows - len(prepared), n_rows, max_length)
-    if max_length and "input_ids" in prepared.column_names and not trainer.args.packing:
+        logger.warning("%s: %d of %d %s rows were dropped by TRL: their prompt alone fills max_length=%s, leaving "
+                       "no assistant token to train on", STAGE, n_rows - len(prepared), n_rows, name, max_length)
+    if max_length and "input_ids" in prepared.column_names and not args.packing:
         lengths = pc.list_value_length(prepared.with_format("arrow")["input_ids"])
         cut = pc.sum(pc.greater_equal(lengths, max_length)).as_py() or 0
         if cut:
-            logger.warning("%s: %d of %d rows are truncated to max_length=%d tokens", STAGE, cut, len(prepared), max_length)
+            logger.warning("%s: %d of %d %s rows are truncated to max_length=%d tokens", STAGE, cut, len(prepared),
+                           name, max_length)
 
 
 def vicuna_sft_trainer(model, train_dataset, args=None, *, eval_dataset=None, system: Optional[str] = None,
@@ -272,6 +273,9 @@ def vicuna_sft_trainer(model, train_dataset, args=None, *, eval_dataset=None, sy
         raise ValueError(f"{STAGE}: no model to train: pass one (--model_name_or_path with `reflectune sft`), an "
                          "embedded alias such as smollm2-135m-instruct, a Hub id or a local directory")
     n_rows = len(train_dataset) if hasattr(train_dataset, "__len__") else None
+    evals = (eval_dataset if isinstance(eval_dataset, Mapping) else {} if eval_dataset is None
+             else {"eval": eval_dataset})
+    n_eval = {name: len(ds) for name, ds in evals.items() if hasattr(ds, "__len__")}
     with global_then_local_main_first():  # as TRL prepares data: one process writes the map cache first
         train_dataset = prepare_sft_dataset(train_dataset, system=system)
         if isinstance(eval_dataset, Mapping):
@@ -286,5 +290,8 @@ def vicuna_sft_trainer(model, train_dataset, args=None, *, eval_dataset=None, sy
         base_model_name=base_model_name, dataset_name=dataset_name, num_rows=n_rows, **trainer_kwargs,
     )
     if n_rows is not None:
-        _log_truncation(trainer, n_rows)
+        _log_truncation(trainer.train_dataset, n_rows, trainer.args)
+    prepared = trainer.eval_dataset if isinstance(trainer.eval_dataset, Mapping) else {"eval": trainer.eval_dataset}
+    for name, rows in n_eval.items():
+        _log_truncation(prepared[name], rows, trainer.args, name)
     return trainer
