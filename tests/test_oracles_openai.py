@@ -315,3 +315,19 @@ def test_a_usage_that_is_not_an_object_counts_nothing_and_fails_nothing():
         oracle = OpenAIOracle("echo", base_url=server.base_url, cache=False)
         results = oracle.complete(ask("list", "number"))
         assert [r.text for r in results] == ["echo: list", "echo: number"] and all(r.ok for r in results)
+
+
+def test_an_error_sent_with_http_200_keeps_the_servers_message():
+    """A proxy answering `200 {"error": {...}}` failed the row as a bare "malformed response body":
+    the server's reason (here a context overflow) was lost."""
+    class ErrorAs200(LoopbackServer):
+        def completion(self, body, prompt):
+            if prompt == "too long":
+                return {"error": {"message": "maximum context length is 4096 tokens", "type": "invalid_request_error"}}
+            return super().completion(body, prompt)
+
+    with ErrorAs200() as server:
+        oracle = OpenAIOracle("echo", base_url=server.base_url, cache=False, max_retries=0)
+        bad, fine = oracle.complete(ask("too long", "fine"))
+        assert not bad.ok and "maximum context length is 4096 tokens" in bad.error and "HTTP 200" in bad.error
+        assert fine.ok and fine.text == "echo: fine"

@@ -14,8 +14,9 @@ The same transport checks each HTTP 200 of `POST .../chat/completions`: a body t
 completion (truncated or invalid JSON, not an object, no `choices`) is a fault of the exchange, not
 an answer, so the SDK receives it as an HTTP 502 marked with the `MALFORMED_HEADER` header and
 retries it exactly like a 5xx: the same `max_retries` budget (shared with 429s, 5xx and
-timeouts), the same backoff, the same `x-stainless-retry-count`. A valid body is parsed once
-here and handed over in `response.extensions[PARSED_JSON]`.
+timeouts), the same backoff, the same `x-stainless-retry-count`; an error the server sent as an
+HTTP 200 (`{"error": {"message": ...}}`) keeps its message. A valid body is parsed once here and
+handed over in `response.extensions[PARSED_JSON]`.
 
 Credentials written in a URL (`http://user:key@host/v1`) never go into the SDK: `split_userinfo`
 takes them out, and `in_flight_client(..., auth=(user, key))` sends them as HTTP basic auth, which
@@ -65,6 +66,8 @@ def chat_body_problem(content: bytes) -> tuple[Any, Optional[str]]:
         True
         >>> chat_body_problem(b'{"id": "x"}')[1], chat_body_problem(b'[1]')[1]
         ('a JSON object without choices', 'a JSON list, not an object')
+        >>> chat_body_problem(b'{"error": {"message": "context too long"}}')[1]
+        'a JSON object without choices (error: context too long)'
     """
     try:
         data = json.loads(content)
@@ -74,7 +77,9 @@ def chat_body_problem(content: bytes) -> tuple[Any, Optional[str]]:
         return None, f"a JSON {type(data).__name__}, not an object"
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices:
-        return None, "a JSON object without choices"
+        error = data.get("error")  # a server that reports its error with an HTTP 200
+        message = error.get("message") if isinstance(error, dict) else error
+        return None, "a JSON object without choices" + (f" (error: {message!s:.300})" if message else "")
     if not all(isinstance(c, dict) for c in choices):
         return None, "choices that are not objects"
     return data, None
