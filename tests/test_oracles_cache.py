@@ -95,3 +95,23 @@ def test_a_cache_path_that_cannot_be_used_is_named_with_what_to_do(tmp_path, mon
     monkeypatch.setenv("REFLECTUNE_HF_CACHE", str(tmp_path / "file"))
     with pytest.raises(NotADirectoryError, match=r"\$REFLECTUNE_HF_CACHE=.*file cannot be a folder"):
         cache_root()
+
+
+def test_a_damaged_cache_file_is_one_clear_error_naming_it(tmp_path):
+    """A cache file damaged after it was opened once (a copy taken mid-write, a full disk) raised
+    sqlite's bare `DatabaseError: database disk image is malformed` from the first lookup."""
+    from reflectune_hf.oracles.base import OracleConfigurationError
+
+    path = tmp_path / "c.sqlite"
+    cache = OracleCache(path)
+    keys = [f"key-{i}" for i in range(200)]
+    cache.executemany("INSERT INTO responses VALUES (?,?,?,?,?,?)",
+                      [(k, "m", "", None, '{"texts": ["%s"]}' % ("x" * 300), 0.0) for k in keys])
+    cache.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    cache.close()
+    data = bytearray(path.read_bytes())
+    for page in range(2 * 4096, len(data), 4096):  # page 1 (the header and schema) stays readable
+        data[page:page + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    with pytest.raises(OracleConfigurationError, match=r"oracle cache .*c\.sqlite is damaged.*cache=False"):
+        OracleCache(path).get_many(keys)

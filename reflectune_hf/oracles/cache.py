@@ -89,6 +89,8 @@ class OracleCache(LazyState):
             conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA user_version").fetchone()  # opens the file: a bad path fails here
         except (OSError, sqlite3.Error) as err:
+            if type(err) is sqlite3.DatabaseError:  # "file is not a database"
+                raise self._damaged(err) from None
             raise OracleConfigurationError(
                 f"Cannot open the oracle cache {self.path} ({getattr(err, 'strerror', None) or err}): give a "
                 f"database file path you can write (${CACHE_PATH_ENV}, or cache=<path>), or cache=False") from None
@@ -108,17 +110,33 @@ class OracleCache(LazyState):
         self._conn, self._pid = conn, os.getpid()
         return conn
 
+    def _damaged(self, err: sqlite3.DatabaseError) -> OracleConfigurationError:
+        return OracleConfigurationError(
+            f"The oracle cache {self.path} is damaged ({err}): move it away (its answers are asked again), or use "
+            f"another file (${CACHE_PATH_ENV}, or cache=<path>), or cache=False")
+
+    @contextlib.contextmanager
+    def _intact(self):
+        """SQLite's plain `DatabaseError` (a malformed or foreign file) as one clear error; its
+        subclasses (a locked or read-only database, a constraint) as they are."""
+        try:
+            yield
+        except sqlite3.DatabaseError as err:
+            if type(err) is not sqlite3.DatabaseError:
+                raise
+            raise self._damaged(err) from None
+
     def execute(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         """Run one SQL statement on the cache database and return its rows (for extensions)."""
         conn = self._connection()
-        with self._lock:
+        with self._lock, self._intact():
             return conn.execute(sql, tuple(params)).fetchall()
 
     @contextlib.contextmanager
     def transaction(self):
         """`with cache.transaction() as conn:` several statements committed together (or none)."""
         conn = self._connection()
-        with self._lock:
+        with self._lock, self._intact():
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
