@@ -115,3 +115,18 @@ def test_a_damaged_cache_file_is_one_clear_error_naming_it(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(OracleConfigurationError, match=r"oracle cache .*c\.sqlite is damaged.*cache=False"):
         OracleCache(path).get_many(keys)
+
+
+def test_an_empty_oracle_cache_given_as_cache_is_used(tmp_path):
+    """`cache=OracleCache(path)` on a new file was falsy (`len() == 0`): the oracle cached nothing,
+    ever, and `OpenAIBatchOracle` refused it as "needs the cache"."""
+    from loopback import LoopbackServer
+
+    from reflectune_hf.oracles import OpenAIBatchOracle, OpenAIOracle
+
+    cache = OracleCache(tmp_path / "new.sqlite")
+    with LoopbackServer() as server:
+        oracle = OpenAIOracle("echo", base_url=server.base_url, cache=cache)
+        assert oracle.complete([REQ])[0].text == "echo: Hi" and len(cache) == 1
+        assert oracle.complete([REQ])[0].cached and len(server.chat_requests) == 1
+    assert OpenAIBatchOracle("m", base_url="http://127.0.0.1:9/v1", cache=OracleCache(tmp_path / "b.sqlite")).cache

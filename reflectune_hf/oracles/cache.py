@@ -196,6 +196,9 @@ class OracleCache(LazyState):
     def __len__(self) -> int:
         return self.execute("SELECT COUNT(*) FROM responses")[0][0]
 
+    def __bool__(self) -> bool:
+        return True  # a cache given as `cache=` is on, empty or not (not `len() > 0`)
+
 
 def resolve_cache(cache) -> Optional[OracleCache]:
     """`True` -> the default cache, a path -> that file, an `OracleCache` -> itself, falsy -> None."""
