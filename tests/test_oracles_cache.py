@@ -130,3 +130,19 @@ def test_an_empty_oracle_cache_given_as_cache_is_used(tmp_path):
         assert oracle.complete([REQ])[0].text == "echo: Hi" and len(cache) == 1
         assert oracle.complete([REQ])[0].cached and len(server.chat_requests) == 1
     assert OpenAIBatchOracle("m", base_url="http://127.0.0.1:9/v1", cache=OracleCache(tmp_path / "b.sqlite")).cache
+
+
+def test_a_cache_that_cannot_be_written_stops_the_run_with_a_clear_error(tmp_path):
+    """A read-only (or full) cache file let the first answer's `put` raise sqlite's bare
+    `OperationalError: attempt to write a readonly database`, naming no file, out of `complete`."""
+    from loopback import LoopbackServer
+
+    from reflectune_hf.oracles import OpenAIOracle
+    from reflectune_hf.oracles.base import OracleConfigurationError
+
+    cache = OracleCache(tmp_path / "ro.sqlite")
+    cache.execute("PRAGMA query_only = 1")  # what a file this user cannot write does (root writes any file)
+    with LoopbackServer() as server:
+        oracle = OpenAIOracle("echo", base_url=server.base_url, cache=cache)
+        with pytest.raises(OracleConfigurationError, match=r"Cannot write the oracle cache .*ro\.sqlite.*readonly"):
+            oracle.complete([REQ])

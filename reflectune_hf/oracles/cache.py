@@ -175,16 +175,26 @@ class OracleCache(LazyState):
 
     def put(self, key: str, result: ChatResult, request: Optional[ChatRequest] = None, model: str = "",
             base_url: Optional[str] = None) -> None:
-        """Store a successful result (failures are refused: they must be retried, not replayed)."""
+        """Store a successful result (failures are refused: they must be retried, not replayed).
+
+        Raises:
+            OracleConfigurationError: the file cannot be written (read-only, disk full, locked).
+        """
         if not result.ok:
             raise ValueError("only successful results are cached")
         data = {"texts": result.texts, "finish_reasons": result.finish_reasons, "usage": result.usage,
                 "logprobs": result.logprobs}
-        self.execute(
-            "INSERT OR REPLACE INTO responses (key, model, base_url, request, result, created) VALUES (?,?,?,?,?,?)",
-            (key, model, redact_url(base_url), json.dumps(request.to_dict()) if request else None,
-             json.dumps(data), time.time()),
-        )
+        try:
+            self.execute(
+                "INSERT OR REPLACE INTO responses (key, model, base_url, request, result, created) "
+                "VALUES (?,?,?,?,?,?)",
+                (key, model, redact_url(base_url), json.dumps(request.to_dict()) if request else None,
+                 json.dumps(data), time.time()),
+            )
+        except sqlite3.OperationalError as err:
+            raise OracleConfigurationError(
+                f"Cannot write the oracle cache {self.path} ({err}): make it writable, or give another file "
+                f"(${CACHE_PATH_ENV}, or cache=<path>), or cache=False") from None
 
     def delete(self, keys: Iterable[str]) -> None:
         """Forget the given keys (e.g. to force a request to be sent again)."""
