@@ -133,6 +133,14 @@ def test_base_url_and_api_key_are_read_from_the_environment(monkeypatch):
         OpenAIOracle("gpt-4o-mini")._key_value()
 
 
+def test_a_base_url_with_a_bad_port_is_refused_when_the_oracle_is_built():
+    """A mistyped port (`:80000`) built the oracle, then `complete` died in the socket layer with an
+    `ExceptionGroup` around `OverflowError: connect(): port must be 0-65535`."""
+    with pytest.raises(ValueError, match=r"base_url has a bad port \(127\.0\.0\.1:80000") as err:
+        OpenAIOracle("m", base_url="http://me:s3cret@127.0.0.1:80000/v1")
+    assert "s3cret" not in str(err.value)
+
+
 @pytest.fixture
 def fresh_response_class():
     http_response_class.cache_clear()
