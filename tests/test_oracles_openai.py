@@ -331,3 +331,24 @@ def test_an_error_sent_with_http_200_keeps_the_servers_message():
         bad, fine = oracle.complete(ask("too long", "fine"))
         assert not bad.ok and "maximum context length is 4096 tokens" in bad.error and "HTTP 200" in bad.error
         assert fine.ok and fine.text == "echo: fine"
+
+
+def test_an_answer_the_server_ended_on_an_error_is_a_failure_not_a_cached_answer():
+    """OpenRouter (an `error` in the choice, `finish_reason: "error"`) and vLLM (`"abort"`: engine
+    shutdown, sleep mode) answer HTTP 200 with the partial text: it was `ok` and cached for good."""
+    class Aborts(LoopbackServer):
+        def completion(self, body, prompt):
+            data = super().completion(body, prompt)
+            choice = data["choices"][0]
+            if prompt == "errored":
+                choice.update(finish_reason="error", error={"code": 502, "message": "provider disconnected"})
+            elif prompt == "aborted":
+                choice.update(finish_reason="abort")
+            return data
+
+    with Aborts() as server:
+        oracle = OpenAIOracle("echo", base_url=server.base_url)
+        errored, aborted, fine = oracle.complete(ask("errored", "aborted", "fine"))
+        assert not errored.ok and "'error'" in errored.error and "provider disconnected" in errored.error
+        assert not aborted.ok and "'abort'" in aborted.error and fine.ok
+        assert oracle.cached(ask("errored", "aborted", "fine")) == [False, False, True]

@@ -58,6 +58,7 @@ from .runtime import RateLimiter, Secret, run_sync, run_workers, token_guess
 logger = logging.getLogger(__name__)
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
+FAILED_FINISH_REASONS = ("error", "abort")  # OpenRouter's failed generation, vLLM's aborted one (a partial text)
 
 
 def parse_logprobs(choice: dict) -> Optional[list]:
@@ -77,12 +78,17 @@ def parse_logprobs(choice: dict) -> Optional[list]:
 
 
 def parse_choices(data: dict, want: int, with_logprobs: bool) -> list[tuple]:
-    """`(text, finish_reason, logprobs)` of up to `want` choices; ValueError when unusable."""
+    """`(text, finish_reason, logprobs)` of up to `want` choices; ValueError when unusable (a choice the
+    server ended on an error, `FAILED_FINISH_REASONS` or an `error` object, is: its text is partial)."""
     choices = data.get("choices")
     if not choices:
         raise ValueError("no choices")
     got = []
     for choice in choices[:want]:
+        reason, error = choice.get("finish_reason"), choice.get("error")
+        if reason in FAILED_FINISH_REASONS or error:
+            detail = (error.get("message") if isinstance(error, dict) else error) or "no message"
+            raise ValueError(f"the server ended the answer with finish_reason {reason!r} ({detail!s:.200})")
         parsed = parse_logprobs(choice) if with_logprobs else None
         if with_logprobs and parsed is None:
             raise ValueError("the server returned no logprobs although logprobs=True was asked")
