@@ -352,3 +352,21 @@ def test_an_answer_the_server_ended_on_an_error_is_a_failure_not_a_cached_answer
         assert not errored.ok and "'error'" in errored.error and "provider disconnected" in errored.error
         assert not aborted.ok and "'abort'" in aborted.error and fine.ok
         assert oracle.cached(ask("errored", "aborted", "fine")) == [False, False, True]
+
+
+@pytest.mark.parametrize("key", ["sk-secret-abc\n", "sk-secret-abc\r", "sk-secret-é"])
+def test_an_api_key_no_header_can_carry_is_refused_without_showing_it(key, monkeypatch, caplog):
+    """A key read from a file with its newline was quoted whole in the error and the log
+    (`LocalProtocolError: Illegal header value b'Bearer sk-...\\n'`); a non-ASCII one raised a bare
+    `UnicodeEncodeError`."""
+    from reflectune_hf.oracles import OpenAIBatchOracle
+
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    with LoopbackServer() as server:
+        for oracle in (OpenAIOracle("echo", base_url=server.base_url, cache=False),
+                       OpenAIBatchOracle("echo", base_url=server.base_url)):
+            with pytest.raises(OracleConfigurationError, match="API key .* line break or a non-ASCII") as err:
+                oracle.complete(ask("a"))
+            assert "sk-secret" not in str(err.value)
+        assert not server.log
+    assert "sk-secret" not in caplog.text

@@ -33,6 +33,8 @@ import json
 from typing import Any, Optional
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from .base import OracleConfigurationError
+
 MALFORMED_HEADER = "x-reflectune-malformed-body"  # on the 502 that stands for a malformed 200
 PARSED_JSON = "reflectune_parsed_json"  # response.extensions key of the parsed body of a valid 200
 CHAT_PATH = "/chat/completions"
@@ -55,6 +57,22 @@ def split_userinfo(url: str) -> tuple[str, Optional[tuple[str, str]]]:
     user, _, password = userinfo.partition(":")
     clean = urlunsplit((parts.scheme, hostport, parts.path, parts.query, parts.fragment))
     return clean, (unquote(user), unquote(password))
+
+
+def check_api_key(key: str) -> str:
+    """`key` when an HTTP header can carry it (printable ASCII, no space); else an
+    `OracleConfigurationError` that does not show it (the HTTP library's own error quotes the header).
+
+    Example:
+        >>> from reflectune_hf.oracles.http import check_api_key
+        >>> check_api_key("sk-abc123")
+        'sk-abc123'
+    """
+    if all("!" <= c <= "~" for c in key):
+        return key
+    raise OracleConfigurationError(
+        "The API key (api_key= or $OPENAI_API_KEY) holds a space, a line break or a non-ASCII character, which no "
+        "HTTP header can carry: remove it (a key read from a file keeps its trailing newline)")
 
 
 def chat_body_problem(content: bytes) -> tuple[Any, Optional[str]]:

@@ -52,7 +52,8 @@ from . import backends
 from .base import ChatRequest, ChatResult, OracleConfigurationError, usage_add
 from .budget import PromptCounter, completion_budget
 from .cache import CachingOracle, redact_url
-from .http import MALFORMED_HEADER, PARSED_JSON, http_response_class, in_flight_client, split_userinfo
+from .http import (MALFORMED_HEADER, PARSED_JSON, check_api_key, http_response_class, in_flight_client,
+                   split_userinfo)
 from .runtime import RateLimiter, Secret, run_sync, run_workers, token_guess
 
 logger = logging.getLogger(__name__)
@@ -202,14 +203,10 @@ class OpenAIOracle(backends.StructuredOutput, CachingOracle):
         return (urlsplit(self.base_url).hostname or "").endswith("api.openai.com")
 
     def _key_value(self) -> str:
-        if self._api_key is not None:
-            return self._api_key.value
-        key = os.environ.get("OPENAI_API_KEY")
-        if key:
-            return key
-        if self._is_openai:
+        key = self._api_key.value if self._api_key is not None else os.environ.get("OPENAI_API_KEY")
+        if not key and self._is_openai:
             raise OracleConfigurationError("No API key for OpenAI: set OPENAI_API_KEY or pass api_key=...")
-        return "not-needed"  # local servers accept any key
+        return check_api_key(key) if key else "not-needed"  # local servers accept any key
 
     def _redact(self, text: str) -> str:
         key = self._api_key.value if self._api_key is not None else os.environ.get("OPENAI_API_KEY")
@@ -260,6 +257,7 @@ class OpenAIOracle(backends.StructuredOutput, CachingOracle):
 
     # -- sending ------------------------------------------------------------------------------
     def _send(self, requests: list[ChatRequest], on_result) -> list[ChatResult]:
+        self._key_value()  # a key no HTTP header can carry fails here, before the server is probed
         self._detect_backend(requests)
         return run_sync(lambda: self._run(requests, on_result))
 
