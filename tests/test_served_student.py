@@ -365,3 +365,16 @@ def test_llamacpp_server_selectit_ratings_are_close_to_the_local_ones(llama_serv
     # measured: 0.347 vs 0.397 and 0.761 vs 0.729 (Q4_1 weights on the server, fp32 here)
     for a, b in zip(served["selectit_token"], local["selectit_token"]):
         assert abs(a - b) <= 0.15
+
+
+def test_an_api_key_no_header_can_carry_is_refused_without_showing_it(monkeypatch):
+    """A key with a trailing newline (read from a file) failed every request as a 'connection
+    error' after the retries, the rows `request_failed`, instead of saying what is wrong."""
+    from reflectune_hf.oracles.base import OracleConfigurationError
+
+    with VllmLoopback() as server:
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123\n")
+        scorer = IFDScorer(MODEL, base_url=server.base_url, server_model="student", max_retries=0)
+        with pytest.raises(OracleConfigurationError, match="line break") as err:
+            scorer(ROWS)
+        assert "sk-secret" not in str(err.value) and not server.bodies

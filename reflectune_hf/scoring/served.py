@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 from ..oracles.backends import check_choice, detect_backend
 from ..oracles.cache import resolve_cache
-from ..oracles.http import http_response_class, in_flight_client, split_userinfo
+from ..oracles.http import check_api_key, http_response_class, in_flight_client, split_userinfo
 from ..oracles.runtime import Secret, run_sync, run_workers
 from ..sanitize import strip_url_secrets
 from ..utils import LazyState, stable_hash
@@ -132,9 +132,8 @@ class StudentServer(LazyState):
         return None if self._userinfo is None else self._userinfo.value
 
     def _key(self) -> str:
-        if self._api_key is not None:
-            return self._api_key.value
-        return os.environ.get("OPENAI_API_KEY") or "not-needed"
+        key = self._api_key.value if self._api_key is not None else os.environ.get("OPENAI_API_KEY")
+        return check_api_key(key) if key else "not-needed"  # one clear error, the key not shown
 
     def mode(self) -> str:
         """The backend in use: the setting, or what the server was recognised as (`vllm`,
