@@ -10,7 +10,7 @@ Example:
     40
 """
 
-__version__ = "0.3.5"
+__version__ = "0.3.6"
 
 from .data import add_ids, load_data, load_sample, to_alpaca  # noqa: E402
 from .evaluation.stages import GenerateResponses, PairwiseJudge, judge_summary, load_eval_set, plot_judge, quality_report  # noqa: E402
