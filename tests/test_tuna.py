@@ -222,6 +222,15 @@ def test_contextual_rank_needs_responses_lists_and_ids():
         ContextualRank(object())
 
 
+def test_contextual_rank_names_a_bad_row_by_its_id_not_its_place_in_the_batch():
+    """A non-string response was reported as '(row 1)' for the row with id 1001 (its place in
+    its map batch), so the user looked at the wrong row."""
+    with pytest.raises(ColumnError, match=r"row id=1001\)"):
+        ContextualRank(Judge([]))({"id": [1000, 1001], "instruction": ["x", "y"], "responses": [["a"], ["b", 3]]})
+    with pytest.raises(ColumnError, match=r"row id=7\)"):
+        ContextualRank(Judge([]))({"instruction": ["x"], "responses": [[3]]}, [7])
+
+
 # --- SampleResponses and rank_by_logprob -----------------------------------------------------------
 
 
