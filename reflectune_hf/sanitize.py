@@ -85,6 +85,9 @@ def sanitize_config(config: Optional[Mapping[str, Any]]) -> dict:
         >>> sanitize_config({"base_url": "http://u:p@127.0.0.1:8000/v1", "api_key": "sk-1", "max_new_tokens": 64})
         {'base_url': 'http://127.0.0.1:8000/v1', 'max_new_tokens': 64}
     """
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError(f"the configuration (card_context) must be a mapping of settings, e.g. {{'oracle_model': "
+                        f"'gpt-4o-mini'}}, got a {type(config).__name__}: pass a Hub id as repo_id=")
     clean = {}
     for key, value in (config or {}).items():
         if not is_secret_key(key):

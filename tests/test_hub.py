@@ -257,6 +257,16 @@ def test_push_without_a_token_says_how_to_log_in_and_sends_nothing(hub_calls, mo
     assert hub_calls.calls[0][2]["token"] == "hf_given"
 
 
+def test_a_card_context_that_is_not_a_mapping_is_one_clear_error(hub_calls):
+    """build_card(ds, "me/data") (the repo id where the settings go) died deep in sanitize_config
+    with "'str' object has no attribute 'items'"."""
+    with pytest.raises(TypeError, match="mapping of settings.*got a str: pass a Hub id as repo_id="):
+        build_card(load_sample().select(range(2)), "me/data")
+    with pytest.raises(TypeError, match="mapping of settings"):
+        push_to_hub(load_sample().select(range(2)), "me/data", card_context="me/data", token="hf_x")
+    assert not hub_calls.calls
+
+
 def test_card_of_unscored_data_has_no_score_section():
     card = str(build_card(load_sample()))
     assert "### Scores" not in card and "| `train` | 40 |" in card

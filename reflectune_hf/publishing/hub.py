@@ -99,6 +99,7 @@ def _same_columns(splits: dict) -> dict:
 
 def _prepare(data, tokenizer, context: Optional[Mapping] = None):
     """`with_messages(data)`, its splits, those with rows (warning about the others), its summary (V2 by `context`)."""
+    sanitize_config(context)  # a context that is no mapping: one TypeError, before anything is written or sent
     data = with_messages(data)
     splits = splits_of(data)
     published = published_splits(splits)
