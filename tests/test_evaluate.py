@@ -329,6 +329,21 @@ def test_response_files_with_a_repeated_id_are_refused(tmp_path):
         eval_run.run_eval(config)
 
 
+def test_response_files_paired_by_row_compare_the_inputs_too(tmp_path):
+    """Only the instructions were compared: rows asking one instruction of different inputs (a
+    classification set) paired A's answer to one input with B's answer to the other, silently."""
+    from reflectune_hf.cli import eval_job as eval_run
+
+    _write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Classify", "input": "I love it", "response": "positive"},
+                                        {"instruction": "Classify", "input": "I hate it", "response": "negative"}])
+    _write_jsonl(tmp_path / "b.jsonl", [{"instruction": "Classify", "input": "I hate it", "response": "neg"},
+                                        {"instruction": "Classify", "input": "I love it", "response": "pos"}])
+    config = eval_run.EvalConfig(responses_a=str(tmp_path / "a.jsonl"), responses_b=str(tmp_path / "b.jsonl"),
+                                 judge_model="j", output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="Row 0 asks different questions.*'I love it' vs 'I hate it'"):
+        eval_run._paired(config)
+
+
 def test_run_eval_with_response_files(tmp_path, monkeypatch):
     from reflectune_hf.cli import eval_job as eval_run
 

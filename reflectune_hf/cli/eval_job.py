@@ -174,9 +174,11 @@ def _paired(config: EvalConfig) -> dict:
         raise ValueError(f"{config.responses_a} has {len(ds_a)} rows but {config.responses_b} has {len(ds_b)}")
     rows = []
     for k, (a, b) in enumerate(zip(ds_a, ds_b)):
-        if a["instruction"] != b["instruction"]:
-            raise ValueError(f"Row {k} asks different questions in the two files: {a['instruction'][:60]!r} vs "
-                             f"{b['instruction'][:60]!r}")
+        question_a, question_b = ((r["instruction"], r.get("input") or "") for r in (a, b))
+        if question_a != question_b:  # one instruction may be asked of several inputs
+            which = 0 if question_a[0] != question_b[0] else 1
+            raise ValueError(f"Row {k} asks different questions in the two files: {question_a[which][:60]!r} vs "
+                             f"{question_b[which][:60]!r}")
         rows.append({"id": a.get("id", k), "instruction": a["instruction"], "input": a.get("input") or "",
                      "test_set": a.get("test_set") or Path(config.responses_a).stem,
                      "response_a": a[col_a] or "", "response_b": b[col_b] or ""})
