@@ -275,6 +275,15 @@ def test_load_eval_set_names_arrays_limits_and_errors(tmp_path, monkeypatch):
         load_eval_set(_write_jsonl(tmp_path / "num.jsonl", [{"text": 5}]))
 
 
+def test_alpaca_rows_with_a_text_column_are_read_by_their_instruction(tmp_path):
+    """tatsu-lab/alpaca rows carry `text`, the whole prompt with the reference answer: detected as
+    vicuna, that prompt (answer included) became the question the models answered and were judged on."""
+    row = {"instruction": "Give a tip.", "input": "", "output": "Sleep.", "prompt": "P",
+           "text": "Below is an instruction...\n### Instruction:\nGive a tip.\n\n### Response:\nSleep."}
+    ds = load_eval_set(_write_jsonl(tmp_path / "alpaca_test_set.jsonl", [row]))
+    assert (ds[0]["instruction"], ds[0]["input"]) == ("Give a tip.", "")
+
+
 def test_load_eval_set_the_five_public_sets(shared_data):
     sizes = {"vicuna": 80, "wizardlm": 218, "koala": 180, "sinstruct": 252, "lima": 300}
     for name, size in sizes.items():

@@ -219,14 +219,15 @@ class PairwiseJudge(OracleCaller):
 
 # --------------------------------------------------------------------------- test sets
 
-# format: (the column that marks it, the question column, the id column)
+# format: (the column that marks it, the question column, the id column), in detection order: an
+# `instruction` column wins (Alpaca rows often carry `text` or `prompt`: the whole prompt, answer included)
 EVAL_FORMATS = {
     "sinstruct": ("instances", "instruction", "id"),
+    "alpaca": ("instruction", "instruction", "id"),
     "lima": ("conversations", "conversations", None),
     "wizardlm": ("Instruction", "Instruction", "idx"),
     "koala": ("prompt", "prompt", "id"),
     "vicuna": ("text", "text", "question_id"),
-    "alpaca": ("instruction", "instruction", "id"),
 }
 EVAL_DIR_ENV = "REFLECTUNE_HF_EVAL_DIR"
 
@@ -280,8 +281,9 @@ def load_eval_set(path_or_name, format: Optional[str] = None, eval_dir=None, max
     Formats (detected from the first row's keys, or named with `format`): `vicuna` (`text`),
     `wizardlm` (`Instruction`), `koala` (`prompt`), `sinstruct` (Self-Instruct: `instruction`
     and the first of `instances` gives `input`), `lima` (`conversations`: a string, or a list
-    whose first turn is the question) and plain `alpaca` (`instruction`, `input`).
-    `max_rows` keeps the first N rows (None: all; below 1 is a `ValueError`).
+    whose first turn is the question) and plain `alpaca` (`instruction`, `input`). A row with an
+    `instruction` is Self-Instruct or Alpaca whatever else it holds (Alpaca's `text` is the whole
+    prompt, answer included). `max_rows` keeps the first N rows (None: all; below 1 is a `ValueError`).
 
     Returns:
         A Dataset with `id` (int, the row number), `instruction`, `input` (str), `test_set` (the
