@@ -284,6 +284,14 @@ def test_alpaca_rows_with_a_text_column_are_read_by_their_instruction(tmp_path):
     assert (ds[0]["instruction"], ds[0]["input"]) == ("Give a tip.", "")
 
 
+@pytest.mark.parametrize("instances", [["just a string"], {"input": "x"}, "x"])
+def test_self_instruct_instances_of_another_shape_are_a_clear_error(tmp_path, instances):
+    """`instances` that is not a list of objects died deep inside (AttributeError / KeyError)."""
+    path = _write_jsonl(tmp_path / "si_test_set.jsonl", [{"instruction": "Q", "instances": instances}])
+    with pytest.raises(ValueError, match=r"row 0: 'instances' must be a list of objects"):
+        load_eval_set(path)
+
+
 def test_load_eval_set_the_five_public_sets(shared_data):
     sizes = {"vicuna": 80, "wizardlm": 218, "koala": 180, "sinstruct": 252, "lima": 300}
     for name, size in sizes.items():

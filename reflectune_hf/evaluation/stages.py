@@ -251,6 +251,9 @@ def _question(row: dict, fmt: str, index: int, path: Path) -> tuple[str, str]:
         value = value[0] if value else ""
     if fmt == "sinstruct":
         instances = row.get("instances") or [{}]
+        if not isinstance(instances, list) or not isinstance(instances[0], dict):
+            raise ValueError(f"{path}: row {index}: 'instances' must be a list of objects (the first one's 'input' "
+                             f"is the question's input), got {instances!r:.60}")
         extra = instances[0].get("input") or ""
     elif fmt == "alpaca":
         extra = row.get("input") or ""
