@@ -378,3 +378,10 @@ def test_an_api_key_no_header_can_carry_is_refused_without_showing_it(monkeypatc
         with pytest.raises(OracleConfigurationError, match="line break") as err:
             scorer(ROWS)
         assert "sk-secret" not in str(err.value) and not server.bodies
+
+
+def test_a_base_url_with_a_bad_port_is_refused_when_the_scorer_is_built():
+    """`:80000` built the served student, then its first probe failed with a bare 'Port out of range'."""
+    with pytest.raises(ValueError, match=r"base_url has a bad port \(127\.0\.0\.1:80000") as err:
+        IFDScorer(MODEL, base_url="http://me:s3cret@127.0.0.1:80000/v1", server_model="student")
+    assert "s3cret" not in str(err.value)

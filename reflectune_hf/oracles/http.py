@@ -41,7 +41,9 @@ CHAT_PATH = "/chat/completions"
 
 
 def split_userinfo(url: str) -> tuple[str, Optional[tuple[str, str]]]:
-    """`(url without user:password@, (user, password) or None)`, percent-decoded as HTTP libraries do.
+    """`(url without user:password@, (user, password) or None)`, percent-decoded as HTTP libraries do;
+    a `ValueError` naming the host:port (credentials left out) when the port is not a number in range,
+    which the socket layer would only report deep inside a request.
 
     Example:
         >>> from reflectune_hf.oracles.http import split_userinfo
@@ -51,9 +53,13 @@ def split_userinfo(url: str) -> tuple[str, Optional[tuple[str, str]]]:
         ('http://127.0.0.1:8000/v1', None)
     """
     parts = urlsplit(url)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    try:
+        parts.port
+    except ValueError as err:
+        raise ValueError(f"base_url has a bad port ({hostport}: {err}), e.g. http://127.0.0.1:8000/v1") from None
     if "@" not in parts.netloc:
         return url, None
-    userinfo, _, hostport = parts.netloc.rpartition("@")
     user, _, password = userinfo.partition(":")
     clean = urlunsplit((parts.scheme, hostport, parts.path, parts.query, parts.fragment))
     return clean, (unquote(user), unquote(password))

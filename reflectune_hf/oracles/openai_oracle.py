@@ -173,11 +173,6 @@ class OpenAIOracle(backends.StructuredOutput, CachingOracle):
         self.model = str(model)
         url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
         self.base_url, userinfo = split_userinfo(url)
-        try:
-            urlsplit(self.base_url).port  # out of range: a clear error here, not an OverflowError in the socket layer
-        except ValueError as err:
-            raise ValueError(f"base_url has a bad port ({urlsplit(self.base_url).netloc}: {err}), "
-                             "e.g. http://127.0.0.1:8000/v1") from None
         self._userinfo = Secret(userinfo) if userinfo else None
         self._api_key = Secret(api_key) if api_key else None
         self.max_concurrency = int(max_concurrency)

@@ -348,11 +348,11 @@ class ContextualRank(_TunaStage):
         out = self._ids(batch, indices, required=True)
         prompts = self._prompts(batch)
         responses = [["" if r is None else r for r in row] for row in _list_column(batch, "responses", self.stage_name)]
-        ids = batch.get("id") or out.get("id") or []
+        ids = batch["id"] if "id" in batch else out["id"]  # `_ids(required=True)`: one or the other
         for row, texts in enumerate(responses):
             if any(not isinstance(r, str) for r in texts):
-                raise ColumnError(f"{self.stage_name}: column 'responses' must hold lists of strings (row id="
-                                  f"{ids[row] if row < len(ids) else row})")
+                raise ColumnError(f"{self.stage_name}: column 'responses' must hold lists of strings "
+                                  f"(row id={ids[row]})")
         n, skips = len(prompts), self._skips(batch, responses)
         todo = [i for i in range(n) if responses[i] and not skips[i]]
         conversations = [tuna_ranking_messages(prompts[i], responses[i]) for i in todo]
